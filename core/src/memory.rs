@@ -1,0 +1,384 @@
+//! Guest memory as hpmig sees it: the region layout, the page size, and the
+//! flat page numbering that dirty bitmaps, worker shares and the wire agree on.
+//!
+//! Guest memory itself is vm-memory's [`GuestMemoryMmap`]: the source uses
+//! the [`AtomicBitmap`] flavour so that host writes through the vm-memory API
+//! are tracked ([`SourceMemory`]); the destination needs no bitmap
+//! ([`DestMemory`]).
+//!
+//! Flat page numbering: region `r` owns bitmap words
+//! `word_base[r] .. word_base[r] + ceil(pages_r / 64)`, so every region starts
+//! on a 64-page word boundary and a bitmap word never spans two regions. A
+//! flat page index is `word * 64 + bit`; padding bits past a region's end are
+//! never set.
+
+use std::fmt;
+
+use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Guest memory on the source: tracked by vm-memory's atomic dirty bitmap.
+pub type SourceMemory = GuestMemoryMmap<AtomicBitmap>;
+/// Guest memory on the destination: written only by the applier.
+pub type DestMemory = GuestMemoryMmap<()>;
+
+/// Most regions a layout may have (also the wire cap).
+pub const MAX_REGIONS: usize = 64;
+
+/// The host page size, read from the system once (never assumed to be 4096).
+pub fn host_page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no memory-safety preconditions; a failure returns -1, checked below.
+        let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if v > 0 {
+            v as usize
+        } else {
+            4096
+        }
+    })
+}
+
+/// Errors of layout construction and address lookup.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum MemoryError {
+    /// page size {0} is not a power of two between 512 and 1 MiB
+    #[error("page size {0} is not a power of two between 512 and 1 MiB")]
+    BadPageSize(usize),
+    /// the layout has no regions or more than MAX_REGIONS
+    #[error("a layout needs 1 to {MAX_REGIONS} regions, got {0}")]
+    RegionCount(usize),
+    /// a region is empty, unaligned, overlapping or out of order
+    #[error("region {index} (base {base:#x}, size {size:#x}) is empty, not page-aligned, overflows, or overlaps/precedes the previous one")]
+    BadRegion { index: usize, base: u64, size: u64 },
+    /// an address range is not inside one page of one region
+    #[error("guest range {gpa:#x}+{len} is not inside one page of guest memory")]
+    OutOfRange { gpa: u64, len: u64 },
+    /// vm-memory could not allocate guest memory
+    #[error("allocating guest memory: {0}")]
+    Alloc(String),
+}
+
+/// One guest memory region: guest physical base and length in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionSpec {
+    pub base: GuestAddress,
+    pub size: u64,
+}
+
+/// A flat page index (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageIndex(pub u64);
+
+/// Where one page lives: its region, its byte offset in that region, and its
+/// guest physical address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLoc {
+    pub region: usize,
+    pub offset: u64,
+    pub gpa: GuestAddress,
+}
+
+/// The guest memory layout both ends agree on at the handshake.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Layout {
+    page_size: usize,
+    page_shift: u32,
+    regions: Vec<RegionSpec>,
+    /// First bitmap word of each region, plus the total word count at the end.
+    word_base: Vec<usize>,
+}
+
+impl fmt::Debug for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Layout")
+            .field("page_size", &self.page_size)
+            .field("regions", &self.regions)
+            .finish()
+    }
+}
+
+impl Layout {
+    /// Checks and builds a layout: regions sorted, disjoint, page-aligned, non-empty.
+    pub fn new(page_size: usize, regions: Vec<RegionSpec>) -> Result<Self, MemoryError> {
+        if !page_size.is_power_of_two() || !(512..=1 << 20).contains(&page_size) {
+            return Err(MemoryError::BadPageSize(page_size));
+        }
+        if regions.is_empty() || regions.len() > MAX_REGIONS {
+            return Err(MemoryError::RegionCount(regions.len()));
+        }
+        let ps = page_size as u64;
+        let mut word_base = Vec::with_capacity(regions.len() + 1);
+        let mut words = 0usize;
+        let mut prev_end = 0u64;
+        for (index, r) in regions.iter().enumerate() {
+            let base = r.base.raw_value();
+            let bad = MemoryError::BadRegion {
+                index,
+                base,
+                size: r.size,
+            };
+            let end = base.checked_add(r.size).ok_or(bad.clone())?;
+            if r.size == 0 || base % ps != 0 || r.size % ps != 0 || (index > 0 && base < prev_end) {
+                return Err(bad);
+            }
+            prev_end = end;
+            word_base.push(words);
+            let pages = usize::try_from(r.size / ps).map_err(|_| bad.clone())?;
+            words = words.checked_add(pages.div_ceil(64)).ok_or(bad)?;
+        }
+        word_base.push(words);
+        Ok(Layout {
+            page_size,
+            page_shift: page_size.trailing_zeros(),
+            regions,
+            word_base,
+        })
+    }
+
+    /// The layout of existing vm-memory guest memory, with the host page size.
+    pub fn of<M: GuestMemoryBackend>(memory: &M) -> Result<Self, MemoryError> {
+        let regions = memory
+            .iter()
+            .map(|r| RegionSpec {
+                base: r.start_addr(),
+                size: r.len(),
+            })
+            .collect();
+        Layout::new(host_page_size(), regions)
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    pub fn regions(&self) -> &[RegionSpec] {
+        &self.regions
+    }
+
+    /// Total guest memory in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Total guest pages (padding bits excluded).
+    pub fn total_pages(&self) -> u64 {
+        self.total_bytes() >> self.page_shift
+    }
+
+    /// Number of 64-bit words in a dirty bitmap of this layout.
+    pub fn bitmap_words(&self) -> usize {
+        self.word_base[self.regions.len()]
+    }
+
+    /// First bitmap word of region `r`.
+    pub fn region_word_base(&self, r: usize) -> usize {
+        self.word_base[r]
+    }
+
+    /// Pages in region `r`.
+    pub fn region_pages(&self, r: usize) -> u64 {
+        self.regions[r].size >> self.page_shift
+    }
+
+    /// Region that owns bitmap word `word` (regions are few: a linear scan
+    /// from a hint is cheaper than a search).
+    fn region_of_word(&self, word: usize) -> Option<usize> {
+        (0..self.regions.len()).find(|&r| word >= self.word_base[r] && word < self.word_base[r + 1])
+    }
+
+    /// Locates a flat page index; `None` for padding bits or past the end.
+    pub fn page(&self, page: PageIndex) -> Option<PageLoc> {
+        let word = usize::try_from(page.0 / 64).ok()?;
+        let region = self.region_of_word(word)?;
+        let index_in_region = page.0 - (self.word_base[region] as u64) * 64;
+        if index_in_region >= self.region_pages(region) {
+            return None;
+        }
+        let offset = index_in_region << self.page_shift;
+        let gpa = self.regions[region].base.checked_add(offset)?;
+        Some(PageLoc {
+            region,
+            offset,
+            gpa,
+        })
+    }
+
+    /// Finds the page that holds `[gpa, gpa + len)`, which must not cross a
+    /// page end and must lie inside a region. This is the check every record
+    /// from the wire passes before any byte is written.
+    pub fn locate(&self, gpa: u64, len: u64) -> Result<(PageIndex, PageLoc), MemoryError> {
+        let err = MemoryError::OutOfRange { gpa, len };
+        let in_page = gpa & (self.page_size as u64 - 1);
+        if in_page
+            .checked_add(len)
+            .is_none_or(|end| end > self.page_size as u64)
+        {
+            return Err(err);
+        }
+        for (region, r) in self.regions.iter().enumerate() {
+            let base = r.base.raw_value();
+            if gpa >= base && gpa - base < r.size {
+                let offset = (gpa - base) & !(self.page_size as u64 - 1);
+                let page =
+                    PageIndex(self.word_base[region] as u64 * 64 + (offset >> self.page_shift));
+                let page_gpa = GuestAddress(base + offset);
+                return Ok((
+                    page,
+                    PageLoc {
+                        region,
+                        offset,
+                        gpa: page_gpa,
+                    },
+                ));
+            }
+        }
+        Err(err)
+    }
+
+    /// Allocates zeroed anonymous guest memory with this layout.
+    pub fn allocate<B: vm_memory::bitmap::NewBitmap>(
+        &self,
+    ) -> Result<GuestMemoryMmap<B>, MemoryError> {
+        let ranges: Vec<(GuestAddress, usize)> = self
+            .regions
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.base,
+                    usize::try_from(r.size)
+                        .map_err(|_| MemoryError::Alloc("region too large".into()))?,
+                ))
+            })
+            .collect::<Result<_, MemoryError>>()?;
+        GuestMemoryMmap::<B>::from_ranges(&ranges).map_err(|e| MemoryError::Alloc(e.to_string()))
+    }
+}
+
+/// The bitmap words owned by worker `w` of `n`: a fixed, contiguous share for
+/// the whole migration, computed the same way at both ends.
+pub fn worker_share(total_words: usize, w: usize, n: usize) -> std::ops::Range<usize> {
+    let n = n.max(1);
+    (total_words * w / n)..(total_words * (w + 1) / n)
+}
+
+/// A BLAKE3 digest of all guest memory, regions in layout order.
+///
+/// # Safety
+/// Nothing may write to `memory` during the call (the guest is paused, or
+/// not yet running, and no stream is applying records).
+pub unsafe fn digest<M: GuestMemoryBackend>(memory: &M) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for region in memory.iter() {
+        let Ok(slice) = region.as_volatile_slice() else {
+            continue;
+        };
+        let guard = slice.ptr_guard();
+        // SAFETY: the slice covers the whole mapped region (vm-memory checked
+        // its bounds); the caller guarantees no concurrent writer, so a shared
+        // byte slice over it is sound for the duration of the hash.
+        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
+        hasher.update(bytes);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_regions() -> Layout {
+        Layout::new(
+            4096,
+            vec![
+                RegionSpec {
+                    base: GuestAddress(0),
+                    size: 100 * 4096,
+                },
+                RegionSpec {
+                    base: GuestAddress(1 << 32),
+                    size: 3 * 4096,
+                },
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn words_start_each_region_on_a_word_boundary() {
+        let l = two_regions();
+        assert_eq!(l.region_word_base(0), 0);
+        assert_eq!(l.region_word_base(1), 2);
+        assert_eq!(l.bitmap_words(), 3);
+        assert_eq!(l.total_pages(), 103);
+        assert_eq!(l.page(PageIndex(99)).unwrap().gpa, GuestAddress(99 * 4096));
+        assert_eq!(l.page(PageIndex(100)), None, "padding bit");
+        assert_eq!(
+            l.page(PageIndex(129)).unwrap().gpa,
+            GuestAddress((1 << 32) + 4096)
+        );
+        assert_eq!(l.page(PageIndex(131)), None, "past the end");
+    }
+
+    #[test]
+    fn locate_rejects_ranges_outside_one_page() {
+        let l = two_regions();
+        assert_eq!(l.locate(4096 + 10, 20).unwrap().0, PageIndex(1));
+        assert_eq!(
+            l.locate((1 << 32) + 2 * 4096, 4096).unwrap().0,
+            PageIndex(130)
+        );
+        assert!(l.locate(4096 + 10, 4096).is_err(), "crosses a page end");
+        assert!(l.locate(100 * 4096, 8).is_err(), "hole between regions");
+        assert!(
+            l.locate(u64::MAX - 3, 2).is_err(),
+            "near the top of the address space"
+        );
+        assert!(
+            l.locate((1 << 32) + 3 * 4096, 1).is_err(),
+            "past the last region"
+        );
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let r = |b, s| RegionSpec {
+            base: GuestAddress(b),
+            size: s,
+        };
+        assert!(matches!(
+            Layout::new(4000, vec![r(0, 4096)]),
+            Err(MemoryError::BadPageSize(4000))
+        ));
+        assert!(matches!(
+            Layout::new(4096, vec![]),
+            Err(MemoryError::RegionCount(0))
+        ));
+        assert!(matches!(
+            Layout::new(4096, vec![r(0, 4095)]),
+            Err(MemoryError::BadRegion { .. })
+        ));
+        assert!(matches!(
+            Layout::new(4096, vec![r(0, 8192), r(4096, 4096)]),
+            Err(MemoryError::BadRegion { .. })
+        ));
+        assert!(matches!(
+            Layout::new(4096, vec![r(u64::MAX - 4095, 8192)]),
+            Err(MemoryError::BadRegion { .. })
+        ));
+    }
+
+    #[test]
+    fn shares_cover_every_word_once() {
+        for n in 1..9 {
+            let mut next = 0;
+            for w in 0..n {
+                let s = worker_share(1000, w, n);
+                assert_eq!(s.start, next);
+                next = s.end;
+            }
+            assert_eq!(next, 1000);
+        }
+    }
+}

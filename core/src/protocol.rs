@@ -1,0 +1,739 @@
+//! Wire protocol: every byte that crosses between source and destination.
+//!
+//! ```text
+//!  source                                              destination
+//!    | control: Hello {magic, version, page size,            |
+//!    |   granularity, features, streams, layout, auth}  ---> | check all, allocate nothing before
+//!    | <--- Welcome {version, features, auth} or Error       |
+//!    |                                                       |
+//!    | stream s (one per worker, each owns fixed pages):     |
+//!    |   round r: Segment | Zero | Page | PageZstd ...  ---> | bounds-check, write in place
+//!    |            RoundEnd {r, records, checksum}       ---> | verify count + checksum
+//!    |   ... rounds 0..n, the last one's RoundEnd FINAL      |
+//!    | control: State {vCPU state}                      ---> |
+//!    | control: Complete {final round, source digest}   ---> | wait for every stream's FINAL,
+//!    | <--- Ack {destination digest, verified}  or Error     | digest guest memory, compare
+//!    | source keeps its guest paused (moved)                 | destination may now resume
+//! ```
+//!
+//! Every record is a 16-byte header followed by `len` payload bytes:
+//!
+//! ```text
+//!  0      1      2        4        8                16
+//!  | kind | flags| 0 (u16)| len u32| arg u64         | payload ...
+//! ```
+//!
+//! Integers are little-endian. `arg` is the guest physical address for data
+//! records, the round for `RoundEnd`, the vCPU count for `State`, the final
+//! round for `Complete`, the error code for `Error`. [`Header::decode`] caps
+//! `len` per kind before anyone allocates or reads a payload, so decoding
+//! never panics and never allocates more than [`MAX_STATE`] for any input.
+//!
+//! Versioning: the source offers its [`VERSION`] and the oldest it can speak
+//! ([`MIN_VERSION`]); the destination answers with the highest version both
+//! support, or an `Error` naming the versions when there is none. A change to
+//! any record's layout bumps the version.
+//!
+//! Record order: a page's records always travel on the stream that owns the
+//! page (its worker's fixed share of bitmap words, see
+//! [`crate::memory::worker_share`]), and a stream is ordered, so round r's
+//! bytes for a page can never overtake round r+1's. The destination rejects a
+//! record for a page its stream does not own.
+
+use thiserror::Error;
+use vm_memory::GuestAddress;
+
+use crate::memory::{Layout, RegionSpec, MAX_REGIONS};
+use crate::segment::Granularity;
+
+/// Bytes in every record header.
+pub const HEADER_LEN: usize = 16;
+/// First bytes of a Hello.
+pub const MAGIC: [u8; 8] = *b"HPMIG\r\n\x1a";
+/// The protocol version this build speaks best.
+pub const VERSION: u16 = 1;
+/// The oldest version this build still speaks.
+pub const MIN_VERSION: u16 = 1;
+/// Largest vCPU state record.
+pub const MAX_STATE: u32 = 16 << 20;
+/// Largest error message.
+pub const MAX_ERROR_MESSAGE: u32 = 4096;
+/// Most data streams a migration may use.
+pub const MAX_STREAMS: u16 = 256;
+/// Bytes of the fixed part of a Hello, before the regions.
+const HELLO_FIXED: usize = 8 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 32;
+/// Largest Hello.
+pub const MAX_HELLO: u32 = (HELLO_FIXED + MAX_REGIONS * 16) as u32;
+/// Bytes of a Welcome.
+const WELCOME_LEN: u32 = 2 + 2 + 4 + 16 + 32;
+/// Bytes of a RoundEnd payload.
+pub const ROUND_END_LEN: usize = 16;
+/// Bytes of a digest.
+pub const DIGEST_LEN: usize = 32;
+
+/// Feature bit: wide pages may travel zstd-compressed.
+pub const FEATURE_ZSTD: u32 = 1;
+/// Features this build understands.
+pub const KNOWN_FEATURES: u32 = FEATURE_ZSTD;
+
+/// RoundEnd flag: this is the stream's last round.
+pub const FLAG_FINAL: u8 = 1;
+/// Ack flag: the destination's digest equals the source's.
+pub const FLAG_VERIFIED: u8 = 1;
+/// Complete flag: the source sent a digest to verify.
+pub const FLAG_HAS_DIGEST: u8 = 1;
+
+/// Errors of decoding and checking what came from the peer. Each names what
+/// was wrong, so a refusal says why.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// the input ended inside a record
+    #[error("truncated record: needed {needed} bytes, had {had}")]
+    Truncated { needed: usize, had: usize },
+    /// the kind byte names no record
+    #[error("unknown record type {0}")]
+    UnknownKind(u8),
+    /// reserved header bits were not zero
+    #[error("reserved header bits set in a {0:?} record")]
+    Reserved(Kind),
+    /// a length above what its kind allows
+    #[error("{kind:?} record of {len} bytes, limit {max}")]
+    Oversized { kind: Kind, len: u32, max: u32 },
+    /// a length below what its kind needs
+    #[error("{kind:?} record of {len} bytes, needs {min}")]
+    Undersized { kind: Kind, len: u32, min: u32 },
+    /// not an hpmig peer
+    #[error("bad magic: not an hpmig peer")]
+    BadMagic,
+    /// no protocol version in common
+    #[error("protocol version mismatch: peer speaks {peer_min}..={peer_max}, we speak {MIN_VERSION}..={VERSION}")]
+    Version { peer_min: u16, peer_max: u16 },
+    /// the peer's guest memory layout differs from ours
+    #[error("memory layout mismatch: source has {source_layout}, destination has {dest_layout}")]
+    Layout {
+        source_layout: String,
+        dest_layout: String,
+    },
+    /// the peer named an unknown granularity
+    #[error("unknown granularity {0}")]
+    Granularity(u8),
+    /// the peer asked for features we do not have
+    #[error("unknown feature bits {0:#x}")]
+    Features(u32),
+    /// the stream count is zero or too large
+    #[error("stream count {0} is not in 1..={MAX_STREAMS}")]
+    Streams(u16),
+    /// a record arrived where the exchange does not allow it
+    #[error("unexpected {got:?} record, expected {expected}")]
+    Unexpected { got: Kind, expected: &'static str },
+    /// the peer's error message is not text
+    #[error("error message is not UTF-8")]
+    NotUtf8,
+}
+
+/// Record kinds. 0 is never valid, so zeroed memory is never a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Invalid = 0,
+    Hello = 1,
+    Welcome = 2,
+    Segment = 3,
+    Zero = 4,
+    Page = 5,
+    PageZstd = 6,
+    RoundEnd = 7,
+    State = 8,
+    Complete = 9,
+    Ack = 10,
+    Error = 11,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Result<Kind, ProtocolError> {
+        Ok(match v {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Segment,
+            4 => Kind::Zero,
+            5 => Kind::Page,
+            6 => Kind::PageZstd,
+            7 => Kind::RoundEnd,
+            8 => Kind::State,
+            9 => Kind::Complete,
+            10 => Kind::Ack,
+            11 => Kind::Error,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        })
+    }
+
+    /// Records that carry guest memory on a data stream.
+    pub fn is_data(self) -> bool {
+        matches!(
+            self,
+            Kind::Segment | Kind::Zero | Kind::Page | Kind::PageZstd
+        )
+    }
+
+    /// Payload length bounds `(min, max)` for this kind.
+    fn len_bounds(self, page_size: u32) -> (u32, u32) {
+        match self {
+            Kind::Invalid => (0, 0),
+            Kind::Hello => (HELLO_FIXED as u32, MAX_HELLO),
+            Kind::Welcome => (WELCOME_LEN, WELCOME_LEN),
+            Kind::Segment => (1, page_size),
+            Kind::Zero => (0, 0),
+            Kind::Page => (page_size, page_size),
+            Kind::PageZstd => (1, page_size),
+            Kind::RoundEnd => (ROUND_END_LEN as u32, ROUND_END_LEN as u32),
+            Kind::State => (0, MAX_STATE),
+            Kind::Complete | Kind::Ack => (DIGEST_LEN as u32, DIGEST_LEN as u32),
+            Kind::Error => (0, MAX_ERROR_MESSAGE),
+        }
+    }
+}
+
+/// A decoded, length-checked record header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub flags: u8,
+    pub len: u32,
+    pub arg: u64,
+}
+
+impl Header {
+    pub fn new(kind: Kind, flags: u8, len: u32, arg: u64) -> Self {
+        Header {
+            kind,
+            flags,
+            len,
+            arg,
+        }
+    }
+
+    /// A segment of `len` bytes at guest address `gpa`.
+    pub fn segment(gpa: u64, len: u32) -> Self {
+        Header::new(Kind::Segment, 0, len, gpa)
+    }
+
+    /// A page that is all zero at `gpa`.
+    pub fn zero(gpa: u64) -> Self {
+        Header::new(Kind::Zero, 0, 0, gpa)
+    }
+
+    /// A whole page at `gpa`.
+    pub fn page(gpa: u64, page_size: u32) -> Self {
+        Header::new(Kind::Page, 0, page_size, gpa)
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = self.kind as u8;
+        b[1] = self.flags;
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.arg.to_le_bytes());
+        b
+    }
+
+    /// Decodes and caps a header. `page_size` bounds the data records; use
+    /// the negotiated one (any value before the handshake: data records are
+    /// refused there anyway).
+    pub fn decode(b: &[u8; HEADER_LEN], page_size: u32) -> Result<Header, ProtocolError> {
+        let kind = Kind::from_u8(b[0])?;
+        if b[2] != 0 || b[3] != 0 {
+            return Err(ProtocolError::Reserved(kind));
+        }
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let arg = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        let (min, max) = kind.len_bounds(page_size);
+        if len > max {
+            return Err(ProtocolError::Oversized { kind, len, max });
+        }
+        if len < min {
+            return Err(ProtocolError::Undersized { kind, len, min });
+        }
+        Ok(Header {
+            kind,
+            flags: b[1],
+            len,
+            arg,
+        })
+    }
+}
+
+/// Iterates the records of a byte buffer (a batch from one stream).
+#[derive(Debug)]
+pub struct Records<'a> {
+    buf: &'a [u8],
+    page_size: u32,
+}
+
+impl<'a> Records<'a> {
+    pub fn new(buf: &'a [u8], page_size: u32) -> Self {
+        Records { buf, page_size }
+    }
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<(Header, &'a [u8]), ProtocolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let Some((head, rest)) = self.buf.split_first_chunk::<HEADER_LEN>() else {
+            let had = self.buf.len();
+            self.buf = &[];
+            return Some(Err(ProtocolError::Truncated {
+                needed: HEADER_LEN,
+                had,
+            }));
+        };
+        let header = match Header::decode(head, self.page_size) {
+            Ok(h) => h,
+            Err(e) => {
+                self.buf = &[];
+                return Some(Err(e));
+            }
+        };
+        let len = header.len as usize;
+        if rest.len() < len {
+            let had = rest.len();
+            self.buf = &[];
+            return Some(Err(ProtocolError::Truncated { needed: len, had }));
+        }
+        let (payload, rest) = rest.split_at(len);
+        self.buf = rest;
+        Some(Ok((header, payload)))
+    }
+}
+
+/// The source's opening offer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub min_version: u16,
+    pub granularity: Granularity,
+    pub streams: u16,
+    pub features: u32,
+    pub layout: Layout,
+    /// The source's nonce and proof of the shared secret (zero when the
+    /// transport has no authentication).
+    pub nonce: [u8; 16],
+    pub auth: [u8; 32],
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let regions = self.layout.regions();
+        let len = HELLO_FIXED + regions.len() * 16;
+        let mut b = Vec::with_capacity(HEADER_LEN + len);
+        b.extend_from_slice(&Header::new(Kind::Hello, 0, len as u32, 0).encode());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.min_version.to_le_bytes());
+        b.push(self.granularity as u8);
+        b.push(0);
+        b.extend_from_slice(&self.streams.to_le_bytes());
+        b.extend_from_slice(&(self.layout.page_size() as u32).to_le_bytes());
+        b.extend_from_slice(&self.features.to_le_bytes());
+        b.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(&self.auth);
+        for r in regions {
+            b.extend_from_slice(&r.base.0.to_le_bytes());
+            b.extend_from_slice(&r.size.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes a Hello payload. Checks the magic, the version range, the
+    /// granularity, the stream count, the feature bits and the layout's own
+    /// consistency; comparing the layout with ours is the destination's job.
+    pub fn decode(p: &[u8]) -> Result<Hello, ProtocolError> {
+        let mut r = Reader::new(p);
+        if r.bytes::<8>()? != MAGIC {
+            return Err(ProtocolError::BadMagic);
+        }
+        let version = r.u16()?;
+        let min_version = r.u16()?;
+        if min_version > VERSION || version < MIN_VERSION || min_version > version {
+            return Err(ProtocolError::Version {
+                peer_min: min_version,
+                peer_max: version,
+            });
+        }
+        let g = r.u8()?;
+        let granularity = Granularity::from_u8(g).ok_or(ProtocolError::Granularity(g))?;
+        let _reserved = r.u8()?;
+        let streams = r.u16()?;
+        if streams == 0 || streams > MAX_STREAMS {
+            return Err(ProtocolError::Streams(streams));
+        }
+        let page_size = r.u32()?;
+        let features = r.u32()?;
+        if features & !KNOWN_FEATURES != 0 {
+            return Err(ProtocolError::Features(features & !KNOWN_FEATURES));
+        }
+        let count = r.u32()? as usize;
+        let nonce = r.bytes::<16>()?;
+        let auth = r.bytes::<32>()?;
+        if count > MAX_REGIONS {
+            return Err(ProtocolError::Oversized {
+                kind: Kind::Hello,
+                len: count as u32,
+                max: MAX_REGIONS as u32,
+            });
+        }
+        let mut regions = Vec::with_capacity(count);
+        for _ in 0..count {
+            regions.push(RegionSpec {
+                base: GuestAddress(r.u64()?),
+                size: r.u64()?,
+            });
+        }
+        let layout =
+            Layout::new(page_size as usize, regions).map_err(|e| ProtocolError::Layout {
+                source_layout: e.to_string(),
+                dest_layout: "-".into(),
+            })?;
+        Ok(Hello {
+            version,
+            min_version,
+            granularity,
+            streams,
+            features,
+            layout,
+            nonce,
+            auth,
+        })
+    }
+
+    /// The version to speak with a peer that offered this Hello.
+    pub fn agreed_version(&self) -> u16 {
+        self.version.min(VERSION)
+    }
+}
+
+/// The destination's acceptance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub version: u16,
+    pub features: u32,
+    pub nonce: [u8; 16],
+    pub auth: [u8; 32],
+}
+
+impl Welcome {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEADER_LEN + WELCOME_LEN as usize);
+        b.extend_from_slice(&Header::new(Kind::Welcome, 0, WELCOME_LEN, 0).encode());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&self.features.to_le_bytes());
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(&self.auth);
+        b
+    }
+
+    pub fn decode(p: &[u8]) -> Result<Welcome, ProtocolError> {
+        let mut r = Reader::new(p);
+        let version = r.u16()?;
+        let _ = r.u16()?;
+        let features = r.u32()?;
+        Ok(Welcome {
+            version,
+            features,
+            nonce: r.bytes()?,
+            auth: r.bytes()?,
+        })
+    }
+}
+
+/// A stream's round-end record: how many data records it sent this round and
+/// the CRC-32 of all their bytes (headers and payloads, in order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundEnd {
+    pub round: u32,
+    pub last: bool,
+    pub records: u64,
+    pub checksum: u32,
+}
+
+impl RoundEnd {
+    pub fn encode(&self) -> [u8; HEADER_LEN + ROUND_END_LEN] {
+        let mut b = [0u8; HEADER_LEN + ROUND_END_LEN];
+        let flags = if self.last { FLAG_FINAL } else { 0 };
+        b[..HEADER_LEN].copy_from_slice(
+            &Header::new(
+                Kind::RoundEnd,
+                flags,
+                ROUND_END_LEN as u32,
+                self.round.into(),
+            )
+            .encode(),
+        );
+        b[16..24].copy_from_slice(&self.records.to_le_bytes());
+        b[24..28].copy_from_slice(&self.checksum.to_le_bytes());
+        b
+    }
+
+    pub fn decode(h: &Header, p: &[u8]) -> Result<RoundEnd, ProtocolError> {
+        let mut r = Reader::new(p);
+        let round = u32::try_from(h.arg).map_err(|_| ProtocolError::Oversized {
+            kind: Kind::RoundEnd,
+            len: u32::MAX,
+            max: u32::MAX - 1,
+        })?;
+        Ok(RoundEnd {
+            round,
+            last: h.flags & FLAG_FINAL != 0,
+            records: r.u64()?,
+            checksum: r.u32()?,
+        })
+    }
+}
+
+/// Encodes a control record with an arbitrary payload.
+pub fn encode_record(kind: Kind, flags: u8, arg: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HEADER_LEN + payload.len());
+    b.extend_from_slice(&Header::new(kind, flags, payload.len() as u32, arg).encode());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// Error codes carried in `Error` records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ErrorCode {
+    Refused = 1,
+    Protocol = 2,
+    Apply = 3,
+    DigestMismatch = 4,
+    Aborted = 5,
+}
+
+/// An `Error` record with a message capped at [`MAX_ERROR_MESSAGE`] bytes.
+pub fn encode_error(code: ErrorCode, message: &str) -> Vec<u8> {
+    let mut end = message.len().min(MAX_ERROR_MESSAGE as usize);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    encode_record(Kind::Error, 0, code as u64, &message.as_bytes()[..end])
+}
+
+/// Little-endian reader that turns running out of bytes into `Truncated`.
+struct Reader<'a> {
+    p: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(p: &'a [u8]) -> Self {
+        Reader { p }
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let (head, rest) = self
+            .p
+            .split_first_chunk::<N>()
+            .ok_or(ProtocolError::Truncated {
+                needed: N,
+                had: self.p.len(),
+            })?;
+        self.p = rest;
+        Ok(*head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.bytes::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        self.bytes().map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        self.bytes().map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        self.bytes().map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: VERSION,
+            min_version: MIN_VERSION,
+            granularity: Granularity::Segment,
+            streams: 4,
+            features: FEATURE_ZSTD,
+            layout: Layout::new(
+                4096,
+                vec![
+                    RegionSpec {
+                        base: GuestAddress(0),
+                        size: 1 << 20,
+                    },
+                    RegionSpec {
+                        base: GuestAddress(1 << 32),
+                        size: 1 << 16,
+                    },
+                ],
+            )
+            .unwrap(),
+            nonce: [7; 16],
+            auth: [9; 32],
+        }
+    }
+
+    fn one_record(bytes: &[u8]) -> Result<(Header, &[u8]), ProtocolError> {
+        let mut it = Records::new(bytes, 4096);
+        let r = it.next().expect("a record");
+        assert!(it.next().is_none());
+        r
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        let h = hello();
+        let bytes = h.encode();
+        let (head, payload) = one_record(&bytes).unwrap();
+        assert_eq!(head.kind, Kind::Hello);
+        assert_eq!(Hello::decode(payload).unwrap(), h);
+    }
+
+    #[test]
+    fn welcome_and_round_end_round_trip() {
+        let w = Welcome {
+            version: 1,
+            features: 0,
+            nonce: [1; 16],
+            auth: [2; 32],
+        };
+        let bytes = w.encode();
+        let (_, p) = one_record(&bytes).unwrap();
+        assert_eq!(Welcome::decode(p).unwrap(), w);
+        let e = RoundEnd {
+            round: 7,
+            last: true,
+            records: 12345,
+            checksum: 0xdead_beef,
+        };
+        let bytes = e.encode();
+        let (h, p) = one_record(&bytes).unwrap();
+        assert_eq!(RoundEnd::decode(&h, p).unwrap(), e);
+    }
+
+    #[test]
+    fn hello_refusals_are_distinct() {
+        let good = hello().encode();
+        let payload = &good[HEADER_LEN..];
+        let mut bad = payload.to_vec();
+        bad[0] ^= 1;
+        assert_eq!(Hello::decode(&bad), Err(ProtocolError::BadMagic));
+        let mut bad = payload.to_vec();
+        bad[8..10].copy_from_slice(&9u16.to_le_bytes());
+        bad[10..12].copy_from_slice(&9u16.to_le_bytes());
+        assert_eq!(
+            Hello::decode(&bad),
+            Err(ProtocolError::Version {
+                peer_min: 9,
+                peer_max: 9
+            })
+        );
+        let mut bad = payload.to_vec();
+        bad[12] = 77;
+        assert_eq!(Hello::decode(&bad), Err(ProtocolError::Granularity(77)));
+        let mut bad = payload.to_vec();
+        bad[14..16].copy_from_slice(&0u16.to_le_bytes());
+        assert_eq!(Hello::decode(&bad), Err(ProtocolError::Streams(0)));
+        let mut bad = payload.to_vec();
+        bad[20..24].copy_from_slice(&0x80u32.to_le_bytes());
+        assert_eq!(Hello::decode(&bad), Err(ProtocolError::Features(0x80)));
+        assert!(matches!(
+            Hello::decode(&payload[..payload.len() - 1]),
+            Err(ProtocolError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn decoder_rejects_truncated_oversized_and_unknown() {
+        let seg = [&Header::segment(4096, 8).encode()[..], &[1u8; 8]].concat();
+        assert!(one_record(&seg).is_ok());
+        assert_eq!(
+            one_record(&seg[..10]),
+            Err(ProtocolError::Truncated {
+                needed: 16,
+                had: 10
+            })
+        );
+        assert_eq!(
+            one_record(&seg[..20]),
+            Err(ProtocolError::Truncated { needed: 8, had: 4 })
+        );
+        let big = Header::segment(0, 4097).encode();
+        assert_eq!(
+            one_record(&big),
+            Err(ProtocolError::Oversized {
+                kind: Kind::Segment,
+                len: 4097,
+                max: 4096
+            })
+        );
+        let mut unknown = Header::zero(0).encode();
+        unknown[0] = 200;
+        assert_eq!(one_record(&unknown), Err(ProtocolError::UnknownKind(200)));
+        let mut reserved = Header::zero(0).encode();
+        reserved[3] = 1;
+        assert_eq!(
+            one_record(&reserved),
+            Err(ProtocolError::Reserved(Kind::Zero))
+        );
+        let state = Header::new(Kind::State, 0, MAX_STATE + 1, 1).encode();
+        assert!(matches!(
+            one_record(&state),
+            Err(ProtocolError::Oversized {
+                kind: Kind::State,
+                ..
+            })
+        ));
+        let short_page = Header::new(Kind::Page, 0, 100, 0).encode();
+        assert!(matches!(
+            one_record(&short_page),
+            Err(ProtocolError::Undersized {
+                kind: Kind::Page,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn error_messages_are_capped_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let bytes = encode_error(ErrorCode::Refused, &long);
+        let (h, p) = one_record(&bytes).unwrap();
+        assert!(h.len <= MAX_ERROR_MESSAGE);
+        assert!(std::str::from_utf8(p).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            for r in Records::new(&bytes, 4096) {
+                if let Ok((h, p)) = r {
+                    prop_assert_eq!(p.len(), h.len as usize);
+                    let _ = Hello::decode(p);
+                    let _ = Welcome::decode(p);
+                    let _ = RoundEnd::decode(&h, p);
+                }
+            }
+        }
+    }
+}

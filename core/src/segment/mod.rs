@@ -1,0 +1,348 @@
+//! The paper's method: a dirty page becomes dirty offset segments.
+//!
+//! For each dirty page a worker copies the live page once into a snapshot,
+//! asks [`PageEncoder::plan`] how to send it, writes the records with
+//! [`PageEncoder::write`] (payloads cut from the snapshot) and brings the
+//! shadow up to date with [`PageEncoder::update_shadow`] (from the same
+//! snapshot). The plan is the cheapest of:
+//!
+//! - nothing, when the snapshot equals the shadow (a write that put the old
+//!   value back, or a page dirtied by a write of the same bytes);
+//! - a zero marker (header only), when the page became all zero;
+//! - segments `(page, offset, length)`, one header each, gaps of up to one
+//!   header merged ([`diff`]);
+//! - the whole page ("wide"), when the segments would cost at least
+//!   `wide_percent` % of a whole-page record: then one record beats many.
+//!
+//! [`Granularity::Page`] is classic pre-copy (every dirty page whole, zero
+//! pages as markers) so both methods can be compared on the same run.
+
+pub mod diff;
+pub mod shadow;
+
+use crate::protocol::{Header, HEADER_LEN};
+use diff::{Differ, Span};
+
+/// What a dirty page is sent as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Granularity {
+    /// Classic pre-copy: every dirty page goes whole.
+    Page = 1,
+    /// The paper: only the dirty offset segments inside each page.
+    Segment = 2,
+}
+
+impl Granularity {
+    pub fn from_u8(v: u8) -> Option<Granularity> {
+        match v {
+            1 => Some(Granularity::Page),
+            2 => Some(Granularity::Segment),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Page => "page",
+            Granularity::Segment => "segment",
+        }
+    }
+}
+
+impl std::str::FromStr for Granularity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "page" => Ok(Granularity::Page),
+            "segment" => Ok(Granularity::Segment),
+            other => Err(format!(
+                "unknown granularity '{other}' (expected page or segment)"
+            )),
+        }
+    }
+}
+
+/// How pages are encoded.
+#[derive(Clone, Copy, Debug)]
+pub struct EncoderConfig {
+    pub granularity: Granularity,
+    /// Gaps of at most this many bytes join two segments (default: one header).
+    pub merge_gap: u32,
+    /// A page whose segments cost at least this percentage of a whole-page
+    /// record goes whole.
+    pub wide_percent: u32,
+}
+
+impl EncoderConfig {
+    pub fn new(granularity: Granularity) -> Self {
+        EncoderConfig {
+            granularity,
+            merge_gap: HEADER_LEN as u32,
+            wide_percent: 90,
+        }
+    }
+}
+
+/// How one dirty page will be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan {
+    Unchanged,
+    Zero,
+    Whole,
+    /// The spans are in the encoder until the next `plan`.
+    Segments {
+        count: u32,
+        covered: u32,
+    },
+}
+
+/// Per-worker page encoder: owns the span buffer, reused for every page.
+#[derive(Debug)]
+pub struct PageEncoder {
+    cfg: EncoderConfig,
+    differ: Differ,
+    spans: Vec<Span>,
+    page_size: usize,
+}
+
+impl PageEncoder {
+    pub fn new(cfg: EncoderConfig, page_size: usize) -> Self {
+        Self::with_differ(cfg, page_size, Differ::detect())
+    }
+
+    pub fn with_differ(cfg: EncoderConfig, page_size: usize, differ: Differ) -> Self {
+        PageEncoder {
+            cfg,
+            differ,
+            spans: Vec::with_capacity(page_size / 16),
+            page_size,
+        }
+    }
+
+    pub fn granularity(&self) -> Granularity {
+        self.cfg.granularity
+    }
+
+    /// The spans of the last `Segments` plan.
+    pub fn spans(&self) -> &[Span] {
+        &self.spans
+    }
+
+    /// Decides how to send `snapshot`, given the destination's copy
+    /// (`shadow`, or `None` when the page has no shadow and must go whole).
+    pub fn plan(&mut self, snapshot: &[u8], shadow: Option<&[u8]>) -> Plan {
+        let shadow = match (self.cfg.granularity, shadow) {
+            (Granularity::Segment, Some(s)) => s,
+            _ => {
+                return if self.differ.is_zero(snapshot) {
+                    Plan::Zero
+                } else {
+                    Plan::Whole
+                };
+            }
+        };
+        let covered = self
+            .differ
+            .diff(shadow, snapshot, self.cfg.merge_gap, &mut self.spans);
+        if self.spans.is_empty() {
+            return Plan::Unchanged;
+        }
+        if self.differ.is_zero(snapshot) {
+            return Plan::Zero;
+        }
+        let count = self.spans.len() as u32;
+        let segments_cost = u64::from(count) * HEADER_LEN as u64 + u64::from(covered);
+        let whole_cost = (HEADER_LEN + self.page_size) as u64;
+        if segments_cost * 100 >= whole_cost * u64::from(self.cfg.wide_percent) {
+            Plan::Whole
+        } else {
+            Plan::Segments { count, covered }
+        }
+    }
+
+    /// Bytes `write` will produce for `plan`.
+    pub fn encoded_len(&self, plan: Plan) -> usize {
+        match plan {
+            Plan::Unchanged => 0,
+            Plan::Zero => HEADER_LEN,
+            Plan::Whole => HEADER_LEN + self.page_size,
+            Plan::Segments { count, covered } => count as usize * HEADER_LEN + covered as usize,
+        }
+    }
+
+    /// Payload bytes of `plan`: its share of the round's work set.
+    pub fn work_set_bytes(&self, plan: Plan) -> u64 {
+        match plan {
+            Plan::Unchanged | Plan::Zero => 0,
+            Plan::Whole => self.page_size as u64,
+            Plan::Segments { covered, .. } => covered.into(),
+        }
+    }
+
+    /// Writes the records of `plan` for the page at guest address `gpa` into
+    /// `out`, which must hold at least [`PageEncoder::encoded_len`] bytes.
+    /// Returns the bytes written (0 if `out` is too small: nothing is written).
+    pub fn write(&self, plan: Plan, gpa: u64, snapshot: &[u8], out: &mut [u8]) -> usize {
+        let need = self.encoded_len(plan);
+        if out.len() < need {
+            return 0;
+        }
+        match plan {
+            Plan::Unchanged => {}
+            Plan::Zero => out[..HEADER_LEN].copy_from_slice(&Header::zero(gpa).encode()),
+            Plan::Whole => {
+                out[..HEADER_LEN]
+                    .copy_from_slice(&Header::page(gpa, self.page_size as u32).encode());
+                out[HEADER_LEN..need].copy_from_slice(&snapshot[..self.page_size]);
+            }
+            Plan::Segments { .. } => {
+                let mut at = 0;
+                for s in &self.spans {
+                    let (start, end) = (s.start as usize, s.end as usize);
+                    out[at..at + HEADER_LEN]
+                        .copy_from_slice(&Header::segment(gpa + s.start as u64, s.len()).encode());
+                    at += HEADER_LEN;
+                    out[at..at + (end - start)].copy_from_slice(&snapshot[start..end]);
+                    at += end - start;
+                }
+            }
+        }
+        need
+    }
+
+    /// Makes `shadow` hold what the destination holds after `plan`.
+    pub fn update_shadow(&self, plan: Plan, snapshot: &[u8], shadow: &mut [u8]) {
+        match plan {
+            Plan::Unchanged => {}
+            Plan::Zero => shadow.fill(0),
+            Plan::Whole => shadow.copy_from_slice(snapshot),
+            Plan::Segments { .. } => {
+                for s in &self.spans {
+                    let r = s.start as usize..s.end as usize;
+                    shadow[r.clone()].copy_from_slice(&snapshot[r]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Kind, Records};
+    use proptest::prelude::*;
+
+    const P: usize = 4096;
+
+    /// Applies decoded records to `page` (the destination's view).
+    fn apply(page: &mut [u8], gpa: u64, bytes: &[u8]) {
+        for r in Records::new(bytes, P as u32) {
+            let (h, payload) = r.unwrap();
+            let off = (h.arg - gpa) as usize;
+            match h.kind {
+                Kind::Segment | Kind::Page => {
+                    page[off..off + payload.len()].copy_from_slice(payload)
+                }
+                Kind::Zero => page.fill(0),
+                k => panic!("unexpected {k:?}"),
+            }
+        }
+    }
+
+    fn page_pair() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+        (
+            proptest::collection::vec(any::<u8>(), P),
+            proptest::collection::vec((0usize..P, 1usize..64, any::<u8>()), 0..30),
+            any::<bool>(),
+        )
+            .prop_map(|(old, edits, zero_new)| {
+                let mut new = old.clone();
+                for (at, len, v) in edits {
+                    let end = (at + len).min(P);
+                    new[at..end].fill(v);
+                }
+                if zero_new {
+                    new.fill(0);
+                }
+                (old, new)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn segments_rebuild_the_new_page((old, new) in page_pair(), gpa_page in 0u64..1000) {
+            let gpa = gpa_page * P as u64;
+            let mut enc = PageEncoder::new(EncoderConfig::new(Granularity::Segment), P);
+            let plan = enc.plan(&new, Some(&old));
+            let mut out = vec![0u8; 2 * P];
+            let n = enc.write(plan, gpa, &new, &mut out);
+            prop_assert_eq!(n, enc.encoded_len(plan));
+            // Never larger than page mode's record plus one header.
+            prop_assert!(n <= 2 * HEADER_LEN + P);
+            let mut dest = old.clone();
+            apply(&mut dest, gpa, &out[..n]);
+            prop_assert_eq!(&dest, &new);
+            let mut shadow = old.clone();
+            enc.update_shadow(plan, &new, &mut shadow);
+            prop_assert_eq!(&shadow, &new);
+            if let Plan::Segments { count, .. } = plan {
+                let spans = enc.spans();
+                prop_assert_eq!(spans.len() as u32, count);
+                for w in spans.windows(2) {
+                    prop_assert!(w[0].end < w[1].start, "sorted and disjoint");
+                }
+                for s in spans {
+                    prop_assert!(s.start < s.end && s.end as usize <= P, "inside the page");
+                }
+            }
+        }
+
+        #[test]
+        fn page_mode_always_sends_the_page((old, new) in page_pair()) {
+            let mut enc = PageEncoder::new(EncoderConfig::new(Granularity::Page), P);
+            let plan = enc.plan(&new, Some(&old));
+            prop_assert!(matches!(plan, Plan::Whole | Plan::Zero));
+            let mut out = vec![0u8; 2 * P];
+            let n = enc.write(plan, 0, &new, &mut out);
+            let mut dest = old.clone();
+            apply(&mut dest, 0, &out[..n]);
+            prop_assert_eq!(&dest, &new);
+        }
+    }
+
+    #[test]
+    fn sparse_writes_cost_bytes_not_pages() {
+        let old = vec![5u8; P];
+        let mut new = old.clone();
+        new[8..16].copy_from_slice(&[1; 8]);
+        new[2048..2056].copy_from_slice(&[2; 8]);
+        let mut enc = PageEncoder::new(EncoderConfig::new(Granularity::Segment), P);
+        let plan = enc.plan(&new, Some(&old));
+        assert_eq!(
+            plan,
+            Plan::Segments {
+                count: 2,
+                covered: 16
+            }
+        );
+        assert_eq!(enc.encoded_len(plan), 2 * HEADER_LEN + 16);
+        assert_eq!(
+            enc.plan(&old, Some(&old)),
+            Plan::Unchanged,
+            "aba: old value restored"
+        );
+        assert_eq!(enc.plan(&vec![0; P], Some(&old)), Plan::Zero);
+        assert_eq!(enc.plan(&new, None), Plan::Whole, "no shadow: whole");
+        let dense: Vec<u8> = (0..P).map(|i| i as u8 ^ 0x5a).collect();
+        assert_eq!(enc.plan(&dense, Some(&old)), Plan::Whole, "wide page");
+    }
+
+    #[test]
+    fn write_refuses_a_short_buffer() {
+        let enc = PageEncoder::new(EncoderConfig::new(Granularity::Page), P);
+        let mut out = vec![0u8; P];
+        assert_eq!(enc.write(Plan::Whole, 0, &vec![1; P], &mut out), 0);
+    }
+}
