@@ -188,6 +188,14 @@ impl Layout {
         (0..self.regions.len()).find(|&r| word >= self.word_base[r] && word < self.word_base[r + 1])
     }
 
+    /// The region that owns bitmap word `word` and the guest address of the
+    /// word's first page; `None` past the end.
+    pub fn word_start(&self, word: usize) -> Option<(usize, u64)> {
+        let region = self.region_of_word(word)?;
+        let first = ((word - self.word_base[region]) as u64 * 64) << self.page_shift;
+        Some((region, first))
+    }
+
     /// Locates a flat page index; `None` for padding bits or past the end.
     pub fn page(&self, page: PageIndex) -> Option<PageLoc> {
         let word = usize::try_from(page.0 / 64).ok()?;

@@ -1,0 +1,293 @@
+//! The pre-copy controller: a pure function of the rounds so far that says
+//! whether to run another round, stop and copy, or give up.
+//!
+//! The work set is the round's dirty *bytes* (payload bytes it had to send),
+//! as in the paper, not its dirty pages. The projection for the next round
+//! scales the pages dirty right now by the bytes per dirty page of the last
+//! round, so segment mode, whose pages cost a few bytes each, projects a
+//! small work set where page mode projects whole pages.
+
+use std::time::Duration;
+
+/// What to do when rounds stop paying off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStall {
+    /// Pause the guest and send what is left, however long that takes.
+    ForceStop,
+    /// Give up: the guest keeps running on the source.
+    Abort,
+}
+
+/// The user's stop criteria.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Longest acceptable pause of the guest.
+    pub downtime_target: Duration,
+    /// Stop as soon as the projected work set is at most this many bytes.
+    pub min_work_set: u64,
+    /// Most pre-copy rounds (round 0 included) before `on_stall` applies.
+    pub max_rounds: u32,
+    /// Rounds without a new smallest work set before `on_stall` applies.
+    pub stall_rounds: u32,
+    pub on_stall: OnStall,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            downtime_target: Duration::from_millis(300),
+            min_work_set: 256 << 10,
+            max_rounds: 30,
+            stall_rounds: 5,
+            on_stall: OnStall::ForceStop,
+        }
+    }
+}
+
+/// The figures of one completed round.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundMetrics {
+    pub round: u32,
+    pub dirty_pages: u64,
+    /// Payload bytes the round had to send (the paper's work set).
+    pub work_set_bytes: u64,
+    /// Bytes the round put on the wire (headers included).
+    pub wire_bytes: u64,
+    pub duration: Duration,
+}
+
+/// Why pre-copy ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Nothing is dirty.
+    Clean,
+    /// The projected work set is under the byte threshold.
+    SmallWorkSet,
+    /// The projected downtime fits the target.
+    DowntimeFits,
+    /// The work set has not shrunk for `stall_rounds` rounds.
+    Stalled,
+    /// `max_rounds` were run.
+    RoundCap,
+}
+
+impl StopReason {
+    /// True when pre-copy converged (rather than being cut short).
+    pub fn converged(self) -> bool {
+        matches!(
+            self,
+            StopReason::Clean | StopReason::SmallWorkSet | StopReason::DowntimeFits
+        )
+    }
+}
+
+/// The controller's verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Continue,
+    StopAndCopy(StopReason),
+    Abort(StopReason),
+}
+
+/// The projection the decision was made on (reported with every round).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Projection {
+    pub work_set_bytes: u64,
+    pub wire_bytes: u64,
+    /// Bytes per second measured over all rounds so far.
+    pub rate: f64,
+    pub downtime: Duration,
+}
+
+/// Projects the next round from `rounds` (non-empty, oldest first) and the
+/// pages dirty now.
+pub fn project(rounds: &[RoundMetrics], dirty_now: u64, page_size: u64) -> Projection {
+    let Some(last) = rounds.last() else {
+        return Projection::default();
+    };
+    let per_page = |bytes: u64, fallback: u64| {
+        if last.dirty_pages == 0 {
+            fallback as f64
+        } else {
+            bytes as f64 / last.dirty_pages as f64
+        }
+    };
+    let work_set_bytes = (dirty_now as f64 * per_page(last.work_set_bytes, page_size)) as u64;
+    let wire_bytes = (dirty_now as f64 * per_page(last.wire_bytes, page_size + 16)) as u64;
+    let (bytes, secs) = rounds.iter().fold((0u64, 0f64), |(b, s), r| {
+        (b + r.wire_bytes, s + r.duration.as_secs_f64())
+    });
+    let rate = if secs > 0.0 && bytes > 0 {
+        bytes as f64 / secs
+    } else {
+        f64::INFINITY
+    };
+    let downtime = Duration::from_secs_f64((wire_bytes as f64 / rate).min(1e9));
+    Projection {
+        work_set_bytes,
+        wire_bytes,
+        rate,
+        downtime,
+    }
+}
+
+/// Decides after a round. Criteria, in the order they are checked:
+///
+/// 1. `Clean`: no page is dirty now, stop and copy (only state remains).
+/// 2. `SmallWorkSet`: projected work set ≤ `min_work_set`, stop and copy.
+/// 3. `DowntimeFits`: projected wire bytes ÷ measured rate ≤
+///    `downtime_target`, stop and copy. The rate is total wire bytes over
+///    total round time, so one quick small round does not inflate it.
+/// 4. `RoundCap`: `max_rounds` rounds done, apply `on_stall`.
+/// 5. `Stalled`: among rounds after round 0 (which sends all memory and says
+///    nothing about the dirty rate), none of the last `stall_rounds` set a new
+///    smallest work set, apply `on_stall`.
+pub fn decide(
+    policy: &Policy,
+    rounds: &[RoundMetrics],
+    dirty_now: u64,
+    page_size: u64,
+) -> (Decision, Projection) {
+    let p = project(rounds, dirty_now, page_size);
+    let stop = |reason| (Decision::StopAndCopy(reason), p);
+    if dirty_now == 0 {
+        return stop(StopReason::Clean);
+    }
+    if p.work_set_bytes <= policy.min_work_set {
+        return stop(StopReason::SmallWorkSet);
+    }
+    if p.downtime <= policy.downtime_target {
+        return stop(StopReason::DowntimeFits);
+    }
+    let give_up = |reason| match policy.on_stall {
+        OnStall::ForceStop => (Decision::StopAndCopy(reason), p),
+        OnStall::Abort => (Decision::Abort(reason), p),
+    };
+    if rounds.len() as u32 >= policy.max_rounds {
+        return give_up(StopReason::RoundCap);
+    }
+    let k = policy.stall_rounds.max(1) as usize;
+    let later = rounds.get(1..).unwrap_or(&[]);
+    if later.len() > k {
+        let (before, recent) = later.split_at(later.len() - k);
+        let best_before = before
+            .iter()
+            .map(|r| r.work_set_bytes)
+            .min()
+            .unwrap_or(u64::MAX);
+        if recent.iter().all(|r| r.work_set_bytes >= best_before) {
+            return give_up(StopReason::Stalled);
+        }
+    }
+    (Decision::Continue, p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(round: u32, dirty_pages: u64, work: u64, ms: u64) -> RoundMetrics {
+        RoundMetrics {
+            round,
+            dirty_pages,
+            work_set_bytes: work,
+            wire_bytes: work + dirty_pages * 16,
+            duration: Duration::from_millis(ms),
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            downtime_target: Duration::from_millis(10),
+            min_work_set: 1000,
+            max_rounds: 10,
+            stall_rounds: 2,
+            on_stall: OnStall::Abort,
+        }
+    }
+
+    #[test]
+    fn each_criterion_fires() {
+        let p = policy();
+        // 100 MB in 1 s: 100 MB/s.
+        let r0 = [round(0, 25_000, 100_000_000, 1000)];
+        assert_eq!(
+            decide(&p, &r0, 0, 4096).0,
+            Decision::StopAndCopy(StopReason::Clean)
+        );
+        // 4000 bytes per page × 10 pages = 40 KB > 1000 B; 40 KB / 100 MB/s = 0.4 ms.
+        assert_eq!(
+            decide(&p, &r0, 10, 4096).0,
+            Decision::StopAndCopy(StopReason::DowntimeFits)
+        );
+        // 1 page: 4000 B work set, still > 1000.
+        let small = [
+            round(0, 25_000, 100_000_000, 1000),
+            round(1, 1000, 8000, 10),
+        ];
+        assert_eq!(
+            decide(&p, &small, 100, 4096).0,
+            Decision::StopAndCopy(StopReason::SmallWorkSet)
+        );
+        // 10k dirty pages of 4 KB = 40 MB → 400 ms > 10 ms: continue.
+        assert_eq!(decide(&p, &r0, 10_000, 4096).0, Decision::Continue);
+        let capped: Vec<_> = (0..10)
+            .map(|i| round(i, 25_000, 100_000_000 - u64::from(i), 1000))
+            .collect();
+        assert_eq!(
+            decide(&p, &capped, 10_000, 4096).0,
+            Decision::Abort(StopReason::RoundCap)
+        );
+    }
+
+    #[test]
+    fn stall_needs_k_rounds_without_a_new_minimum() {
+        let p = policy();
+        let mut rs = vec![
+            round(0, 25_000, 100_000_000, 1000),
+            round(1, 10_000, 40_000_000, 400),
+        ];
+        rs.push(round(2, 9_000, 36_000_000, 400));
+        assert_eq!(
+            decide(&p, &rs, 10_000, 4096).0,
+            Decision::Continue,
+            "still shrinking"
+        );
+        rs.push(round(3, 9_500, 38_000_000, 400));
+        rs.push(round(4, 9_500, 38_000_000, 400));
+        assert_eq!(
+            decide(&p, &rs, 10_000, 4096).0,
+            Decision::Abort(StopReason::Stalled)
+        );
+        let force = Policy {
+            on_stall: OnStall::ForceStop,
+            ..p
+        };
+        assert_eq!(
+            decide(&force, &rs, 10_000, 4096).0,
+            Decision::StopAndCopy(StopReason::Stalled)
+        );
+    }
+
+    #[test]
+    fn segment_mode_projects_bytes_not_pages() {
+        let p = Policy {
+            min_work_set: 0,
+            downtime_target: Duration::from_millis(1),
+            ..policy()
+        };
+        // The same 10k dirty pages, but only 16 bytes each were dirty last round.
+        let seg = [
+            round(0, 25_000, 100_000_000, 1000),
+            round(1, 10_000, 160_000, 10),
+        ];
+        let (_, proj) = decide(&p, &seg, 10_000, 4096);
+        assert_eq!(proj.work_set_bytes, 160_000);
+        let page = [
+            round(0, 25_000, 100_000_000, 1000),
+            round(1, 10_000, 40_960_000, 400),
+        ];
+        let (_, proj_page) = decide(&p, &page, 10_000, 4096);
+        assert!(proj_page.work_set_bytes > 100 * proj.work_set_bytes);
+    }
+}

@@ -1,0 +1,286 @@
+//! The emulated guest: one host thread per "vCPU" running a [`Workload`]
+//! through vm-memory, so every write lands in the VMM dirty bitmap. It
+//! stands in for the KVM micro-VM where there is no /dev/kvm, and drives the
+//! engine's own tests.
+//!
+//! Page 0 is the guest's own: vCPU `i` keeps its heartbeat counter at byte
+//! `8 * i` there, and workloads never write page 0 otherwise. A guest started
+//! on memory that already holds heartbeats (a migrated guest) continues from
+//! them, so a heartbeat read after migration shows the guest kept running.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::{Guest, GuestError, Workload};
+
+/// Most emulated vCPUs (their heartbeats share page 0).
+pub const MAX_VCPUS: u32 = 64;
+/// Pages rewritten by the hotspot workload.
+pub const HOTSPOT_PAGES: u64 = 64;
+const BATCH: u64 = 256;
+
+/// The heartbeat of vCPU `vcpu` as stored in guest memory.
+pub fn heartbeat<B: Bitmap + 'static>(memory: &GuestMemoryMmap<B>, vcpu: u32) -> u64 {
+    let base = memory.iter().next().map(|r| r.start_addr().0).unwrap_or(0);
+    memory
+        .read_obj::<u64>(GuestAddress(base + 8 * u64::from(vcpu)))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pause: AtomicBool,
+    stop: AtomicBool,
+    parked: AtomicU32,
+    writes: AtomicU64,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+/// A running emulated guest.
+#[derive(Debug)]
+pub struct EmulatedGuest {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    vcpus: u32,
+    paused: bool,
+}
+
+/// How to start an emulated guest.
+#[derive(Clone, Copy, Debug)]
+pub struct EmulatedConfig {
+    pub workload: Workload,
+    pub vcpus: u32,
+    /// Writes per second over all vCPUs; `None` runs flat out.
+    pub dirty_rate: Option<u64>,
+    pub seed: u64,
+}
+
+impl EmulatedGuest {
+    pub fn start<B: Bitmap + Send + Sync + 'static>(
+        memory: GuestMemoryMmap<B>,
+        cfg: EmulatedConfig,
+    ) -> Result<Self, GuestError> {
+        let vcpus = cfg.vcpus.clamp(1, MAX_VCPUS);
+        let shared = Arc::new(Shared::default());
+        let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let page = crate::memory::host_page_size() as u64;
+        if regions.iter().map(|r| r.1).sum::<u64>() < (HOTSPOT_PAGES + 2) * page {
+            return Err(GuestError::State(
+                "emulated guests need at least 66 pages".into(),
+            ));
+        }
+        let threads = (0..vcpus)
+            .map(|i| {
+                let vcpu = Vcpu {
+                    memory: memory.clone(),
+                    regions: regions.clone(),
+                    page,
+                    index: i,
+                    rate: cfg.dirty_rate.map(|r| (r / u64::from(vcpus)).max(1)),
+                    rng: cfg
+                        .seed
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        .wrapping_add(u64::from(i) + 1)
+                        | 1,
+                    shared: Arc::clone(&shared),
+                };
+                std::thread::Builder::new()
+                    .name(format!("vcpu{i}"))
+                    .spawn(move || vcpu.run(cfg.workload))
+                    .map_err(|e| GuestError::Resume(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(EmulatedGuest {
+            shared,
+            threads,
+            vcpus,
+            paused: false,
+        })
+    }
+
+    /// Total workload writes so far (the guest's own progress).
+    pub fn writes(&self) -> u64 {
+        self.shared.writes.load(Ordering::Relaxed)
+    }
+}
+
+impl Guest for EmulatedGuest {
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.shared.pause.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.shared.parked.load(Ordering::SeqCst) < self.vcpus {
+            if Instant::now() > deadline {
+                return Err(GuestError::Pause(
+                    "vCPU threads did not stop within 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        let _g = self
+            .shared
+            .lock
+            .lock()
+            .map_err(|e| GuestError::Resume(e.to_string()))?;
+        self.shared.pause.store(false, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        self.paused = false;
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        if !self.paused {
+            return Err(GuestError::State("state read while running".into()));
+        }
+        // The emulated vCPUs keep all their state in guest memory.
+        Ok(b"hpmig-emulated-v1".to_vec())
+    }
+
+    fn vcpus(&self) -> u32 {
+        self.vcpus
+    }
+}
+
+impl Drop for EmulatedGuest {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = self.resume();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Vcpu<B: Bitmap + 'static> {
+    memory: GuestMemoryMmap<B>,
+    regions: Vec<(u64, u64)>,
+    page: u64,
+    index: u32,
+    rate: Option<u64>,
+    rng: u64,
+    shared: Arc<Shared>,
+}
+
+impl<B: Bitmap + 'static> Vcpu<B> {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Guest address of byte `offset` of the flat memory (regions in order).
+    fn addr(&self, mut offset: u64) -> GuestAddress {
+        for &(base, size) in &self.regions {
+            if offset < size {
+                return GuestAddress(base + offset);
+            }
+            offset -= size;
+        }
+        GuestAddress(self.regions[0].0 + self.page)
+    }
+
+    fn total(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+
+    /// A random 8-aligned offset in `[first_page, first_page + pages)`, never page 0.
+    fn random_offset(&mut self, first_page: u64, pages: u64) -> u64 {
+        let span = pages * self.page / 8;
+        (first_page * self.page) + (self.next() % span) * 8
+    }
+
+    fn park_if_asked(&self) -> bool {
+        if self.shared.pause.load(Ordering::Relaxed) {
+            let Ok(mut g) = self.shared.lock.lock() else {
+                return true;
+            };
+            self.shared.parked.fetch_add(1, Ordering::SeqCst);
+            while self.shared.pause.load(Ordering::SeqCst) {
+                g = match self.shared.wake.wait(g) {
+                    Ok(g) => g,
+                    Err(_) => return true,
+                };
+            }
+            self.shared.parked.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.shared.stop.load(Ordering::Relaxed)
+    }
+
+    fn run(mut self, workload: Workload) {
+        let hb = self.addr(8 * u64::from(self.index));
+        let mut beat = self.memory.read_obj::<u64>(hb).unwrap_or(0);
+        let pages = self.total() / self.page;
+        let mut dense_page = 1u64;
+        let mut page_buf = vec![0u8; self.page as usize];
+        let mut aba: Vec<(GuestAddress, u64)> = Vec::with_capacity(64);
+        let start = Instant::now();
+        let mut done = 0u64;
+        loop {
+            if self.park_if_asked() {
+                return;
+            }
+            let mut writes = 0;
+            match workload {
+                Workload::Idle => std::thread::sleep(Duration::from_millis(1)),
+                Workload::Sparse | Workload::Hotspot | Workload::Aba => {
+                    let (first, n) = if workload == Workload::Hotspot {
+                        (1, HOTSPOT_PAGES)
+                    } else {
+                        (1, pages - 1)
+                    };
+                    for _ in 0..BATCH {
+                        let off = self.random_offset(first, n);
+                        let a = self.addr(off);
+                        let v = self.next();
+                        if workload == Workload::Aba {
+                            let old = self.memory.read_obj::<u64>(a).unwrap_or(0);
+                            if aba.len() == aba.capacity() {
+                                let (ra, rv) = aba.remove(0);
+                                let _ = self.memory.write_obj(rv, ra);
+                            }
+                            aba.push((a, old));
+                        }
+                        let _ = self.memory.write_obj(v, a);
+                    }
+                    writes = BATCH;
+                }
+                Workload::Dense => {
+                    let fill = self.next();
+                    for (i, c) in page_buf.chunks_exact_mut(8).enumerate() {
+                        c.copy_from_slice(&(fill ^ i as u64).to_le_bytes());
+                    }
+                    let a = self.addr(dense_page * self.page);
+                    let _ = self.memory.write_slice(&page_buf, a);
+                    dense_page = if dense_page + 1 >= pages {
+                        1
+                    } else {
+                        dense_page + 1
+                    };
+                    writes = self.page / 8;
+                }
+            }
+            beat += 1;
+            let _ = self.memory.write_obj(beat, hb);
+            self.shared.writes.fetch_add(writes, Ordering::Relaxed);
+            done += writes;
+            if let Some(rate) = self.rate {
+                let due = Duration::from_secs_f64(done as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait.min(Duration::from_millis(50)));
+                }
+            }
+        }
+    }
+}
