@@ -105,6 +105,7 @@ impl<T: StreamTx> Worker<'_, T> {
     pub fn run(mut self, cmds: Receiver<RoundCmd>, done: Sender<Done>) {
         let page_size = self.layout.page_size();
         let mut snapshot = vec![0u8; page_size];
+        let zero_page = vec![0u8; page_size];
         let mut buf = match self.tx.take_free() {
             Ok(b) => b,
             Err(e) => {
@@ -129,6 +130,7 @@ impl<T: StreamTx> Worker<'_, T> {
                 &mut self.shadow,
                 &mut self.encoder,
                 &mut snapshot,
+                &zero_page,
                 &cmd,
             );
             drop(cmd.bitmap);
@@ -151,6 +153,7 @@ fn round<T: StreamTx>(
     shadow: &mut Option<ShadowPart<'_>>,
     enc: &mut PageEncoder,
     snapshot: &mut [u8],
+    zero_page: &[u8],
     cmd: &RoundCmd,
 ) -> Result<WorkerStats, Cause> {
     let ps = layout.page_size();
@@ -184,6 +187,14 @@ fn round<T: StreamTx>(
                     let plan = enc.plan(snapshot, Some(sh));
                     emit(em, enc, plan, gpa, snapshot)?;
                     enc.update_shadow(plan, snapshot, sh);
+                    plan
+                }
+                Some(Shadow::Zero(slot)) => {
+                    let plan = enc.plan(snapshot, Some(zero_page));
+                    emit(em, enc, plan, gpa, snapshot)?;
+                    if plan != Plan::Unchanged {
+                        enc.update_shadow(plan, snapshot, slot.into_bytes());
+                    }
                     plan
                 }
                 Some(Shadow::Fresh(sh)) => {

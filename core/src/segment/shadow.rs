@@ -20,6 +20,22 @@ use crate::memory::{worker_share, Layout, PageIndex};
 
 const NO_SLOT: u32 = u32::MAX;
 
+/// A never-written shadow slot (see [`Shadow::Zero`]).
+#[derive(Debug)]
+pub struct ZeroSlot<'a> {
+    bytes: &'a mut [u8],
+    word: &'a mut u64,
+    mask: u64,
+}
+
+impl<'a> ZeroSlot<'a> {
+    /// The slot, to be written; from now on the page counts as written.
+    pub fn into_bytes(self) -> &'a mut [u8] {
+        *self.word |= self.mask;
+        self.bytes
+    }
+}
+
 /// The shadow of all guest pages, before it is cut into worker parts.
 #[derive(Debug)]
 pub struct ShadowStore {
@@ -35,6 +51,9 @@ pub struct ShadowStore {
 pub enum Shadow<'a> {
     /// The bytes the destination holds: diff against them.
     Known(&'a mut [u8]),
+    /// The destination holds zeros and the slot was never written: diff
+    /// against zeros, and write the slot only through [`ZeroSlot::into_bytes`].
+    Zero(ZeroSlot<'a>),
     /// A slot just given to this page: its bytes mean nothing, send the page
     /// whole and fill the slot from the snapshot.
     Fresh(&'a mut [u8]),
@@ -92,11 +111,17 @@ impl ShadowStore {
             };
             let (data, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
             rest = tail;
+            let written = if slot_of.is_none() {
+                vec![0u64; share.len()]
+            } else {
+                Vec::new()
+            };
             parts.push(ShadowPart {
                 data,
                 first_page,
                 pages,
                 slot_of,
+                written,
                 next_slot: 0,
                 page_size: ps,
             });
@@ -113,6 +138,8 @@ pub struct ShadowPart<'a> {
     pages: u64,
     /// Page -> slot, only under a budget.
     slot_of: Option<Vec<u32>>,
+    /// Full store only: one bit per page, set once its slot was written.
+    written: Vec<u64>,
     next_slot: u32,
     page_size: usize,
 }
@@ -132,7 +159,14 @@ impl ShadowPart<'_> {
         match &mut self.slot_of {
             None => {
                 let at = local as usize * ps;
-                Shadow::Known(&mut self.data[at..at + ps])
+                let bytes = &mut self.data[at..at + ps];
+                let word = &mut self.written[(local / 64) as usize];
+                let mask = 1u64 << (local % 64);
+                if *word & mask != 0 {
+                    Shadow::Known(bytes)
+                } else {
+                    Shadow::Zero(ZeroSlot { bytes, word, mask })
+                }
             }
             Some(slot_of) => {
                 let slot = slot_of[local as usize];
@@ -175,21 +209,26 @@ mod tests {
     fn full_store_starts_zero_and_parts_are_disjoint() {
         let mut store = ShadowStore::full(&layout(256)).unwrap();
         let mut parts = store.parts(2);
-        let Shadow::Known(a) = parts[0].lookup(PageIndex(5), false) else {
-            panic!("page 5 has a shadow")
+        let Shadow::Zero(a) = parts[0].lookup(PageIndex(5), false) else {
+            panic!("page 5 starts zero")
         };
+        let a = a.into_bytes();
         assert!(a.iter().all(|&b| b == 0));
         a[0] = 1;
         assert!(
             matches!(parts[0].lookup(PageIndex(200), false), Shadow::None),
             "page 200 is worker 1's"
         );
-        let Shadow::Known(b) = parts[1].lookup(PageIndex(200), false) else {
-            panic!("worker 1 owns page 200")
-        };
-        assert_eq!(b[0], 0);
+        assert!(
+            matches!(parts[1].lookup(PageIndex(200), false), Shadow::Zero(_)),
+            "worker 1 owns page 200"
+        );
+        assert!(
+            matches!(parts[0].lookup(PageIndex(6), false), Shadow::Zero(_)),
+            "a zero slot not taken stays zero"
+        );
         let Shadow::Known(a) = parts[0].lookup(PageIndex(5), false) else {
-            panic!()
+            panic!("page 5 was written")
         };
         assert_eq!(a[0], 1, "writes stay with their page");
     }
