@@ -70,42 +70,119 @@ impl Differ {
     /// bytes they cover. `old` and `new` must have the same length, a multiple
     /// of 64 (every page size is). No allocation once `out` has grown.
     pub fn diff(&self, old: &[u8], new: &[u8], merge_gap: u32, out: &mut Vec<Span>) -> u32 {
+        let limit = Limit {
+            span_cost: 0,
+            max_cost: u64::MAX,
+        };
+        self.diff_limited(old, new, merge_gap, limit, out)
+            .unwrap_or(0)
+    }
+
+    /// Like [`Differ::diff`], but gives up with `None` as soon as the spans
+    /// found so far cost more than `limit.max_cost` (each span costs
+    /// `limit.span_cost` plus its length): such a page goes whole, and the
+    /// rest of it need not be scanned.
+    pub fn diff_limited(
+        &self,
+        old: &[u8],
+        new: &[u8],
+        merge_gap: u32,
+        limit: Limit,
+        out: &mut Vec<Span>,
+    ) -> Option<u32> {
         out.clear();
         let merge_gap = merge_gap.max(MIN_MERGE_GAP);
         let len = old.len().min(new.len()) & !(BLOCK - 1);
-        let mut block = 0;
-        while block < len {
-            let o = &old[block..block + BLOCK];
-            let n = &new[block..block + BLOCK];
-            if !self.block_equal(o, n) {
-                words_diff(o, n, block as u32, merge_gap, out);
-            }
-            block += BLOCK;
+        let (old, new) = (&old[..len], &new[..len]);
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2") said so.
+            return unsafe { scan_avx2(old, new, merge_gap, limit, out) };
         }
-        out.iter().map(Span::len).sum()
+        scan(old, new, merge_gap, limit, out, block_equal_words)
     }
 
     /// True when every byte of `page` is zero.
     pub fn is_zero(&self, page: &[u8]) -> bool {
         let (blocks, tail) = page.split_at(page.len() & !(BLOCK - 1));
-        tail.iter().all(|&b| b == 0)
-            && blocks.chunks_exact(BLOCK).all(|b| {
-                // Reuse the block comparator against a zero block.
-                self.block_equal(b, &ZERO_BLOCK)
-            })
-    }
-
-    #[inline(always)]
-    fn block_equal(&self, a: &[u8], b: &[u8]) -> bool {
-        debug_assert!(a.len() == BLOCK && b.len() == BLOCK);
+        if tail.iter().any(|&b| b != 0) {
+            return false;
+        }
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2")
-            // said so, and both slices are exactly BLOCK (64) bytes long.
-            return unsafe { block_equal_avx2(a, b) };
+            // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2") said so.
+            return unsafe { zero_avx2(blocks) };
         }
-        block_equal_words(a, b)
+        blocks
+            .chunks_exact(BLOCK)
+            .all(|b| block_equal_words(b, &ZERO_BLOCK))
     }
+}
+
+/// When to stop diffing a page that is going whole anyway.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    /// What one more span costs beyond its bytes (a record header).
+    pub span_cost: u64,
+    /// Give up once the spans cost more than this.
+    pub max_cost: u64,
+}
+
+/// The page scan, generic over the block comparator so that each target's
+/// comparator is inlined into its own copy of the loop.
+#[inline(always)]
+fn scan(
+    old: &[u8],
+    new: &[u8],
+    merge_gap: u32,
+    limit: Limit,
+    out: &mut Vec<Span>,
+    equal: impl Fn(&[u8], &[u8]) -> bool,
+) -> Option<u32> {
+    let mut block = 0;
+    let mut cost = 0u64;
+    while block < old.len() {
+        let o = &old[block..block + BLOCK];
+        let n = &new[block..block + BLOCK];
+        if !equal(o, n) {
+            cost += words_diff(o, n, block as u32, merge_gap, limit.span_cost, out);
+            if cost > limit.max_cost {
+                return None;
+            }
+        }
+        block += BLOCK;
+    }
+    Some(out.iter().map(Span::len).sum())
+}
+
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn scan_avx2(
+    old: &[u8],
+    new: &[u8],
+    merge_gap: u32,
+    limit: Limit,
+    out: &mut Vec<Span>,
+) -> Option<u32> {
+    let equal = |a: &[u8], b: &[u8]| {
+        // SAFETY: this function only runs with AVX2 present (its contract),
+        // and `scan` passes 64-byte blocks.
+        unsafe { block_equal_avx2(a, b) }
+    };
+    scan(old, new, merge_gap, limit, out, equal)
+}
+
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn zero_avx2(blocks: &[u8]) -> bool {
+    blocks.chunks_exact(BLOCK).all(|b| {
+        // SAFETY: AVX2 is present (this function's contract) and every chunk is 64 bytes.
+        unsafe { block_equal_avx2(b, &ZERO_BLOCK) }
+    })
 }
 
 static ZERO_BLOCK: [u8; BLOCK] = [0; BLOCK];
@@ -126,8 +203,11 @@ fn block_equal_words(a: &[u8], b: &[u8]) -> bool {
     acc == 0
 }
 
+/// # Safety
+/// The CPU must have AVX2 and both slices must be 64 bytes long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn block_equal_avx2(a: &[u8], b: &[u8]) -> bool {
     use std::arch::x86_64::*;
     let (pa, pb) = (a.as_ptr() as *const __m256i, b.as_ptr() as *const __m256i);
@@ -142,9 +222,18 @@ unsafe fn block_equal_avx2(a: &[u8], b: &[u8]) -> bool {
     _mm256_testz_si256(x, x) == 1
 }
 
-/// Word-level scan of one differing block starting at byte `base`.
+/// Word-level scan of one differing block starting at byte `base`; returns
+/// what it added to the spans' cost (bytes, plus `span_cost` per new span).
 #[inline(never)]
-fn words_diff(old: &[u8], new: &[u8], base: u32, merge_gap: u32, out: &mut Vec<Span>) {
+fn words_diff(
+    old: &[u8],
+    new: &[u8],
+    base: u32,
+    merge_gap: u32,
+    span_cost: u64,
+    out: &mut Vec<Span>,
+) -> u64 {
+    let mut added = 0u64;
     for i in 0..BLOCK / WORD {
         let x = load(old, i) ^ load(new, i);
         if x == 0 {
@@ -154,10 +243,17 @@ fn words_diff(old: &[u8], new: &[u8], base: u32, merge_gap: u32, out: &mut Vec<S
         let start = base + (i * WORD) as u32 + x.trailing_zeros() / 8;
         let end = base + ((i + 1) * WORD) as u32 - x.leading_zeros() / 8;
         match out.last_mut() {
-            Some(last) if start - last.end <= merge_gap => last.end = end,
-            _ => out.push(Span { start, end }),
+            Some(last) if start - last.end <= merge_gap => {
+                added += u64::from(end - last.end);
+                last.end = end;
+            }
+            _ => {
+                added += span_cost + u64::from(end - start);
+                out.push(Span { start, end });
+            }
         }
     }
+    added
 }
 
 #[cfg(test)]

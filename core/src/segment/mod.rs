@@ -21,7 +21,7 @@ pub mod diff;
 pub mod shadow;
 
 use crate::protocol::{Header, HEADER_LEN};
-use diff::{Differ, Span};
+use diff::{Differ, Limit, Span};
 
 /// What a dirty page is sent as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,9 +143,17 @@ impl PageEncoder {
                 };
             }
         };
-        let covered = self
-            .differ
-            .diff(shadow, snapshot, self.cfg.merge_gap, &mut self.spans);
+        let whole_cost = (HEADER_LEN + self.page_size) as u64;
+        let wide = |cost: u64| cost * 100 >= whole_cost * u64::from(self.cfg.wide_percent);
+        // Once the spans cost more than this, the page goes whole whatever the
+        // rest of it holds: stop diffing there.
+        let limit = Limit {
+            span_cost: HEADER_LEN as u64,
+            max_cost: whole_cost * u64::from(self.cfg.wide_percent) / 100,
+        };
+        let covered =
+            self.differ
+                .diff_limited(shadow, snapshot, self.cfg.merge_gap, limit, &mut self.spans);
         if self.spans.is_empty() {
             return Plan::Unchanged;
         }
@@ -153,12 +161,11 @@ impl PageEncoder {
             return Plan::Zero;
         }
         let count = self.spans.len() as u32;
-        let segments_cost = u64::from(count) * HEADER_LEN as u64 + u64::from(covered);
-        let whole_cost = (HEADER_LEN + self.page_size) as u64;
-        if segments_cost * 100 >= whole_cost * u64::from(self.cfg.wide_percent) {
-            Plan::Whole
-        } else {
-            Plan::Segments { count, covered }
+        match covered {
+            Some(covered) if !wide(u64::from(count) * HEADER_LEN as u64 + u64::from(covered)) => {
+                Plan::Segments { count, covered }
+            }
+            _ => Plan::Whole,
         }
     }
 
