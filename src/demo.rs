@@ -215,8 +215,9 @@ fn print_summary(
         r.total_time.as_secs_f64() * 1e3
     );
     println!(
-        "  downtime:      {:.1} ms (guest paused until the destination acknowledged)",
-        r.downtime.as_secs_f64() * 1e3
+        "  downtime:      {:.1} ms (guest paused until the destination acknowledged; {:.1} ms of it digesting memory to verify)",
+        r.downtime.as_secs_f64() * 1e3,
+        r.verify_time.as_secs_f64() * 1e3
     );
     println!(
         "  on the wire:   {} total, {} after round 0",
@@ -285,6 +286,7 @@ fn write_json(
         "summary": {
             "total_time_ms": r.total_time.as_secs_f64() * 1e3,
             "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+            "verify_ms": r.verify_time.as_secs_f64() * 1e3,
             "wire_bytes": r.wire_bytes,
             "wire_bytes_after_round0": r.wire_bytes_after_round0(),
             "rounds": r.rounds.len(),

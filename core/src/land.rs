@@ -378,7 +378,8 @@ fn receive_inner<T: DestTransport>(
     let interrupt = transport.interrupt();
     let zstd = features & protocol::FEATURE_ZSTD != 0;
 
-    let (state, complete, stats) = std::thread::scope(|scope| {
+    let control = transport.control();
+    let (state, complete, stats, digest) = std::thread::scope(|scope| {
         let handles: Vec<_> = rxs
             .into_iter()
             .enumerate()
@@ -390,13 +391,23 @@ fn receive_inner<T: DestTransport>(
                 })
             })
             .collect();
-        let control = control_until_complete(transport.control());
-        if control.is_err() {
-            interrupt.trigger();
-        }
+        // The control exchange runs beside the streams, so the digest below
+        // can start as soon as the last stream ends, while the source is
+        // still digesting its own memory.
+        let control = {
+            let interrupt = interrupt.clone();
+            scope.spawn(move || {
+                let r = control_until_complete(control);
+                if r.is_err() {
+                    interrupt.trigger();
+                }
+                r
+            })
+        };
         let mut stats = LandStats::default();
         let mut finals = Vec::with_capacity(streams);
         let mut stream_err = None;
+        let mut interrupted = false;
         for (stream, h) in handles.into_iter().enumerate() {
             match h.join() {
                 Ok(Ok((last, s))) => {
@@ -408,7 +419,7 @@ fn receive_inner<T: DestTransport>(
                     stats.segments += s.segments;
                     stats.rounds = stats.rounds.max(s.rounds);
                 }
-                Ok(Err(ApplyError::Transport(TransportError::Interrupted))) => {}
+                Ok(Err(ApplyError::Transport(TransportError::Interrupted))) => interrupted = true,
                 Ok(Err(cause)) => {
                     stream_err.get_or_insert(LandError::Stream { stream, cause });
                 }
@@ -420,9 +431,25 @@ fn receive_inner<T: DestTransport>(
         }
         // A stream's own error is the root cause; the control error it caused is not.
         if let Some(e) = stream_err {
+            interrupt.trigger();
+            let _ = control.join();
             return Err(e);
         }
-        let (state, complete) = control?;
+        if interrupted {
+            // The control exchange failed first; its error is the cause.
+            let control = control
+                .join()
+                .map_err(|_| LandError::Peer("control thread panicked".into()))?;
+            return Err(control
+                .err()
+                .unwrap_or(LandError::Control(TransportError::Interrupted)));
+        }
+        // SAFETY: every lander thread has been joined and the guest has not
+        // been started, so nothing writes guest memory during the digest.
+        let digest = unsafe { crate::memory::digest(memory) };
+        let (state, complete) = control
+            .join()
+            .map_err(|_| LandError::Peer("control thread panicked".into()))??;
         for (stream, &last) in finals.iter().enumerate() {
             if last != complete.0 {
                 return Err(LandError::FinalRound {
@@ -432,14 +459,10 @@ fn receive_inner<T: DestTransport>(
                 });
             }
         }
-        Ok((state, complete, stats))
+        Ok((state, complete, stats, digest))
     })?;
     let (vcpus, state) = state.ok_or(LandError::NoState)?;
     let (final_round, source_digest) = complete;
-
-    // SAFETY: every lander thread has been joined and the guest has not been
-    // started, so nothing writes guest memory during the digest.
-    let digest = unsafe { crate::memory::digest(memory) };
     let verified = match source_digest {
         Some(d) if d != digest => return Err(LandError::DigestMismatch),
         Some(_) => true,

@@ -161,6 +161,9 @@ pub struct MigrationReport {
     pub total_time: Duration,
     /// From pausing the guest to the destination's acknowledgement.
     pub downtime: Duration,
+    /// The part of the downtime spent digesting memory for verification
+    /// (the source's digest; the destination digests at the same time).
+    pub verify_time: Duration,
     pub wire_bytes: u64,
     pub verified: bool,
     pub digest: Option<[u8; DIGEST_LEN]>,
@@ -480,6 +483,7 @@ fn run<T: SourceTransport>(
                 &state,
             ))
             .map_err(fail(Phase::State, round))?;
+        let verify_start = Instant::now();
         let digest = if cfg.verify {
             // SAFETY: the guest is paused (guest.pause() above succeeded) and
             // every worker finished its last round, so nothing writes guest memory.
@@ -487,6 +491,7 @@ fn run<T: SourceTransport>(
         } else {
             None
         };
+        let verify_time = verify_start.elapsed();
         let (flags, payload) = match digest {
             Some(d) => (FLAG_HAS_DIGEST, d),
             None => (0, [0; DIGEST_LEN]),
@@ -529,6 +534,7 @@ fn run<T: SourceTransport>(
             stop,
             total_time: start.elapsed(),
             downtime,
+            verify_time,
             wire_bytes,
             verified,
             digest,

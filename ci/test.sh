@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# hpmig's test command (the README names it): installs what it needs when it
+# is missing, then checks formatting, lints, runs every test and a smoke run
+# of the demo. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Rust toolchain: cargo with rustfmt and clippy.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "ci/test.sh: cargo not found; install Rust (https://rustup.rs) and run again" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        step "installing $component"
+        rustup component add "$component"
+    fi
+done
+
+# System packages: a C compiler for the -sys crates.
+apt_need=()
+command -v cc >/dev/null 2>&1 || apt_need+=(build-essential)
+if [ ${#apt_need[@]} -gt 0 ]; then
+    step "installing ${apt_need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${apt_need[@]}"
+fi
+
+# KVM tests must not skip where /dev/kvm exists.
+if [ -e /dev/kvm ]; then
+    export HPMIG_REQUIRE_KVM=1
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "benchmarks build"
+cargo bench --workspace --no-run
+
+step "demo smoke run (release build)"
+cargo run --release --quiet -- demo --memory 64M --warmup 100ms
