@@ -44,10 +44,16 @@ step "cargo clippy --workspace --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test --workspace"
-cargo test --workspace
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+cargo test --workspace 2>&1 | tee "$test_log"
 
 step "benchmarks build"
 cargo bench --workspace --no-run
 
 step "demo smoke run (release build)"
 cargo run --release --quiet -- demo --memory 64M --warmup 100ms
+
+# One closing line over every test binary (cargo prints one line per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "\n%d passed, %d failed\n", p, f }' "$test_log"
