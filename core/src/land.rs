@@ -20,11 +20,13 @@ use std::ops::Range;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::auth::{Secret, Session};
 use crate::memory::{worker_share, DestMemory, Layout, MemoryError};
 use crate::protocol::{
     self, ErrorCode, Header, Hello, Kind, ProtocolError, RoundEnd, Welcome, DIGEST_LEN,
     FLAG_HAS_DIGEST, FLAG_VERIFIED, KNOWN_FEATURES, ROUND_END_LEN,
 };
+use crate::segment::compress::PageDecompressor;
 use crate::segment::Granularity;
 use crate::transport::{Control, DestTransport, Interrupt, StreamRx, TransportError};
 
@@ -51,6 +53,9 @@ pub enum ApplyError {
     /// a record type that has no place on a data stream
     #[error("unexpected {0:?} record on a data stream")]
     Unexpected(Kind),
+    /// a compressed page that does not decompress to exactly one page
+    #[error("{0}")]
+    Corrupt(String),
     /// a compressed page without the zstd feature
     #[error("compressed page received, but zstd was not negotiated")]
     NotNegotiated,
@@ -90,17 +95,29 @@ pub enum LandError {
     /// the source completed without sending vCPU state
     #[error("source completed without sending vCPU state")]
     NoState,
+    /// the source could not prove it holds the token
+    #[error("the source failed authentication (wrong or missing token)")]
+    Auth,
+    /// the source's guest is larger than this destination accepts
+    #[error(
+        "the source's guest has {bytes} bytes of memory, this destination accepts at most {max}"
+    )]
+    TooLarge { bytes: u64, max: u64 },
     /// the memory digest differs from the source's
     #[error("guest memory digest differs from the source's")]
     DigestMismatch,
 }
 
 /// What the destination accepts.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct DestConfig {
     pub max_streams: u16,
     /// Feature bits this destination can serve.
     pub features: u32,
+    /// The shared secret the source must prove it holds.
+    pub secret: Secret,
+    /// Largest guest this destination will allocate memory for.
+    pub max_memory: u64,
 }
 
 impl Default for DestConfig {
@@ -108,8 +125,19 @@ impl Default for DestConfig {
         DestConfig {
             max_streams: protocol::MAX_STREAMS,
             features: KNOWN_FEATURES,
+            secret: Secret::none(),
+            max_memory: 1 << 40,
         }
     }
+}
+
+/// A source that passed the handshake: its offer, and the session it opened.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub hello: Hello,
+    /// The features both ends use.
+    pub features: u32,
+    session: Session,
 }
 
 /// Counts from one stream (summed over streams in [`Received`]).
@@ -119,6 +147,7 @@ pub struct LandStats {
     pub payload_bytes: u64,
     pub zero_pages: u64,
     pub whole_pages: u64,
+    pub zstd_pages: u64,
     pub segments: u64,
     pub rounds: u32,
 }
@@ -196,6 +225,10 @@ pub struct StreamLander<'a> {
     pages: &'a GuestPages,
     share: Range<usize>,
     zstd: bool,
+    /// Made on the first compressed page, with the buffer its payload lands
+    /// in (compressed bytes cannot land in place).
+    decompressor: Option<PageDecompressor>,
+    scratch: Vec<u8>,
     crc: crc32fast::Hasher,
     records: u64,
     next_round: u32,
@@ -216,6 +249,8 @@ impl<'a> StreamLander<'a> {
             pages,
             share: worker_share(layout.bitmap_words(), stream, streams),
             zstd,
+            decompressor: None,
+            scratch: Vec::new(),
             crc: crc32fast::Hasher::new(),
             records: 0,
             next_round: 0,
@@ -313,8 +348,27 @@ impl<'a> StreamLander<'a> {
                 dst.fill(0);
                 self.stats.zero_pages += 1;
             }
-            // Refused above until zstd is negotiated and implemented.
-            _ => return Err(ApplyError::NotNegotiated),
+            Kind::PageZstd => {
+                if self.scratch.len() < ps as usize {
+                    self.scratch.resize(ps as usize, 0);
+                }
+                let src = &mut self.scratch[..h.len as usize];
+                rx.read_payload(src)?;
+                self.crc.update(src);
+                let d = match &mut self.decompressor {
+                    Some(d) => d,
+                    None => self.decompressor.insert(
+                        PageDecompressor::new()
+                            .map_err(|e| ApplyError::Corrupt(format!("zstd: {e}")))?,
+                    ),
+                };
+                d.decompress(src, dst).map_err(ApplyError::Corrupt)?;
+                self.stats.whole_pages += 1;
+                self.stats.zstd_pages += 1;
+                self.stats.payload_bytes += ps;
+            }
+            // Only data kinds reach here (checked by the caller).
+            other => return Err(ApplyError::Unexpected(other)),
         }
         self.records += 1;
         self.stats.records += 1;
@@ -322,58 +376,156 @@ impl<'a> StreamLander<'a> {
     }
 }
 
-/// Receives one migration into `memory` (which must start zeroed).
+/// Answers the handshake: checks the Hello (version, magic, features,
+/// stream count, guest size against `max_memory`, the token), sends Welcome
+/// and checks the source's Proof. Nothing is allocated for the guest before
+/// this succeeds. With `expected`, a source whose layout differs is refused
+/// here too. On failure the source is told why.
+pub fn accept<T: DestTransport>(
+    transport: &mut T,
+    cfg: &DestConfig,
+    expected: Option<&Layout>,
+) -> Result<Accepted, LandError> {
+    let result = accept_inner(transport, cfg, expected);
+    tell_source(transport, &result);
+    result
+}
+
+fn accept_inner<T: DestTransport>(
+    transport: &mut T,
+    cfg: &DestConfig,
+    expected: Option<&Layout>,
+) -> Result<Accepted, LandError> {
+    let refused = |e: ProtocolError| LandError::Refused(e);
+    let first = transport.control().recv()?;
+    if first.header.kind != Kind::Hello {
+        return Err(refused(ProtocolError::Unexpected {
+            got: first.header.kind,
+            expected: "Hello",
+        }));
+    }
+    let hello = Hello::decode(&first.payload).map_err(refused)?;
+    if !Secret::verify(cfg.secret.hello(&hello.nonce), &hello.auth) {
+        return Err(LandError::Auth);
+    }
+    if hello.streams > cfg.max_streams {
+        return Err(refused(ProtocolError::Streams(hello.streams)));
+    }
+    if let Some(ours) = expected.filter(|l| **l != hello.layout) {
+        return Err(refused(layout_mismatch(&hello.layout, ours)));
+    }
+    if hello.layout.total_bytes() > cfg.max_memory {
+        return Err(LandError::TooLarge {
+            bytes: hello.layout.total_bytes(),
+            max: cfg.max_memory,
+        });
+    }
+    let features = hello.features & cfg.features;
+    let nonce_d = crate::auth::nonce();
+    let welcome = Welcome {
+        version: hello.agreed_version(),
+        features,
+        nonce: nonce_d,
+        auth: cfg.secret.welcome(&hello.nonce, &nonce_d),
+    };
+    transport.control().send(&welcome.encode())?;
+    let proof = transport.control().recv()?;
+    match proof.header.kind {
+        Kind::Proof if Secret::verify(cfg.secret.proof(&hello.nonce, &nonce_d), &proof.payload) => {
+        }
+        Kind::Proof => return Err(LandError::Auth),
+        Kind::Error => {
+            return Err(LandError::Peer(
+                String::from_utf8_lossy(&proof.payload).into_owned(),
+            ))
+        }
+        got => {
+            return Err(refused(ProtocolError::Unexpected {
+                got,
+                expected: "Proof",
+            }))
+        }
+    }
+    let session = cfg.secret.session(hello.nonce, nonce_d);
+    Ok(Accepted {
+        hello,
+        features,
+        session,
+    })
+}
+
+/// Receives one migration into `memory` (which must start zeroed): the
+/// handshake, then everything [`receive_accepted`] does.
 pub fn receive<T: DestTransport>(
     memory: &DestMemory,
     transport: &mut T,
     cfg: &DestConfig,
 ) -> Result<Received, LandError> {
-    let result = receive_inner(memory, transport, cfg);
-    if let Err(e) = &result {
-        let code = match e {
-            LandError::Refused(_) => ErrorCode::Refused,
-            LandError::DigestMismatch => ErrorCode::DigestMismatch,
-            _ => ErrorCode::Apply,
-        };
-        // Best effort: tell the source why (it may be gone already).
-        let _ = transport
-            .control()
-            .send(&protocol::encode_error(code, &e.to_string()));
-    }
-    result
+    let layout = Layout::of(memory).map_err(|e| {
+        LandError::Refused(ProtocolError::Layout {
+            source_layout: "-".into(),
+            dest_layout: e.to_string(),
+        })
+    })?;
+    let accepted = accept(transport, cfg, Some(&layout))?;
+    receive_accepted(&accepted, memory, transport, cfg)
 }
 
-fn receive_inner<T: DestTransport>(
+/// Lands an accepted migration into `memory`, which must have the Hello's
+/// layout and start zeroed (see [`Layout::allocate`]).
+pub fn receive_accepted<T: DestTransport>(
+    accepted: &Accepted,
     memory: &DestMemory,
     transport: &mut T,
     cfg: &DestConfig,
 ) -> Result<Received, LandError> {
+    let result = receive_inner(accepted, memory, transport, cfg);
+    tell_source(transport, &result);
+    result
+}
+
+fn layout_mismatch(source: &Layout, dest: &Layout) -> ProtocolError {
+    ProtocolError::Layout {
+        source_layout: format!("{source:?}"),
+        dest_layout: format!("{dest:?}"),
+    }
+}
+
+/// Best effort: tell the source why we failed (it may be gone already).
+fn tell_source<T: DestTransport, R>(transport: &mut T, result: &Result<R, LandError>) {
+    if let Err(e) = result {
+        let code = match e {
+            LandError::Refused(_) | LandError::Auth | LandError::TooLarge { .. } => {
+                ErrorCode::Refused
+            }
+            LandError::DigestMismatch => ErrorCode::DigestMismatch,
+            _ => ErrorCode::Apply,
+        };
+        let _ = transport
+            .control()
+            .send(&protocol::encode_error(code, &e.to_string()));
+    }
+}
+
+fn receive_inner<T: DestTransport>(
+    accepted: &Accepted,
+    memory: &DestMemory,
+    transport: &mut T,
+    _cfg: &DestConfig,
+) -> Result<Received, LandError> {
+    let hello = &accepted.hello;
     let ours = Layout::of(memory).map_err(|e| {
         LandError::Refused(ProtocolError::Layout {
-            source_layout: "?".into(),
+            source_layout: format!("{:?}", hello.layout),
             dest_layout: e.to_string(),
         })
     })?;
-    let first = transport.control().recv()?;
-    if first.header.kind != Kind::Hello {
-        return Err(LandError::Refused(ProtocolError::Unexpected {
-            got: first.header.kind,
-            expected: "Hello",
-        }));
+    if hello.layout != ours {
+        return Err(LandError::Refused(layout_mismatch(&hello.layout, &ours)));
     }
-    let hello = Hello::decode(&first.payload).map_err(LandError::Refused)?;
-    check_hello(&hello, &ours, cfg).map_err(LandError::Refused)?;
-    let features = hello.features & cfg.features;
-    let welcome = Welcome {
-        version: hello.agreed_version(),
-        features,
-        nonce: [0; 16],
-        auth: [0; 32],
-    };
-    transport.control().send(&welcome.encode())?;
-
+    let features = accepted.features;
     let streams = usize::from(hello.streams);
-    let rxs = transport.accept_streams(streams)?;
+    let rxs = transport.accept_streams(streams, &accepted.session)?;
     let pages = GuestPages::new(memory);
     let interrupt = transport.interrupt();
     let zstd = features & protocol::FEATURE_ZSTD != 0;
@@ -416,6 +568,7 @@ fn receive_inner<T: DestTransport>(
                     stats.payload_bytes += s.payload_bytes;
                     stats.zero_pages += s.zero_pages;
                     stats.whole_pages += s.whole_pages;
+                    stats.zstd_pages += s.zstd_pages;
                     stats.segments += s.segments;
                     stats.rounds = stats.rounds.max(s.rounds);
                 }
@@ -484,19 +637,6 @@ fn receive_inner<T: DestTransport>(
         digest,
         stats,
     })
-}
-
-fn check_hello(hello: &Hello, ours: &Layout, cfg: &DestConfig) -> Result<(), ProtocolError> {
-    if hello.layout != *ours {
-        return Err(ProtocolError::Layout {
-            source_layout: format!("{:?}", hello.layout),
-            dest_layout: format!("{ours:?}"),
-        });
-    }
-    if hello.streams > cfg.max_streams {
-        return Err(ProtocolError::Streams(hello.streams));
-    }
-    Ok(())
 }
 
 type StateRecord = Option<(u32, Vec<u8>)>;

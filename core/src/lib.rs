@@ -20,6 +20,7 @@
 //! the dirty data inside pages, found by comparing each dirty page with the
 //! copy last sent, instead of whole dirty pages.
 
+pub mod auth;
 pub mod dirty;
 pub mod land;
 pub mod memory;

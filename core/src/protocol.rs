@@ -5,6 +5,7 @@
 //!    | control: Hello {magic, version, page size,            |
 //!    |   granularity, features, streams, layout, auth}  ---> | check all, allocate nothing before
 //!    | <--- Welcome {version, features, auth} or Error       |
+//!    | control: Proof {auth}                             ---> | check, then allocate guest memory
 //!    |                                                       |
 //!    | stream s (one per worker, each owns fixed pages):     |
 //!    |   round r: Segment | Zero | Page | PageZstd ...  ---> | bounds-check, write in place
@@ -147,6 +148,7 @@ pub enum Kind {
     Complete = 9,
     Ack = 10,
     Error = 11,
+    Proof = 12,
 }
 
 impl Kind {
@@ -163,6 +165,7 @@ impl Kind {
             9 => Kind::Complete,
             10 => Kind::Ack,
             11 => Kind::Error,
+            12 => Kind::Proof,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -187,7 +190,7 @@ impl Kind {
             Kind::PageZstd => (1, page_size),
             Kind::RoundEnd => (ROUND_END_LEN as u32, ROUND_END_LEN as u32),
             Kind::State => (0, MAX_STATE),
-            Kind::Complete | Kind::Ack => (DIGEST_LEN as u32, DIGEST_LEN as u32),
+            Kind::Complete | Kind::Ack | Kind::Proof => (DIGEST_LEN as u32, DIGEST_LEN as u32),
             Kind::Error => (0, MAX_ERROR_MESSAGE),
         }
     }

@@ -312,3 +312,82 @@ fn a_cut_during_stop_and_copy_resumes_the_paused_guest() {
     assert!(run.dest.is_err());
     assert_guest_runs(&guest.inner);
 }
+
+#[test]
+fn zstd_on_and_auto_are_byte_exact_and_on_compresses() {
+    use hpmig_core::segment::compress::ZstdMode;
+    for (mode, granularity) in [
+        (ZstdMode::On, Granularity::Page),
+        (ZstdMode::On, Granularity::Segment),
+        (ZstdMode::Auto, Granularity::Page),
+    ] {
+        let memory = source_memory();
+        let mut guest = start(&memory, Workload::Dense, 1);
+        let mut cfg = config(granularity, 2);
+        cfg.zstd = mode;
+        // A cap makes `auto` see a link slower than compression.
+        cfg.bandwidth = Some(400 << 20);
+        let run = run(&memory, &mut guest, &cfg, Faults::none());
+        let report = run.report.unwrap();
+        assert!(
+            report.verified && run.dest.as_ref().unwrap().verified,
+            "{mode:?}"
+        );
+        let zstd_pages: u64 = report.rounds.iter().map(|r| r.stats.zstd_pages).sum();
+        assert!(
+            zstd_pages > 0,
+            "{mode:?}/{granularity:?}: no page went compressed"
+        );
+        assert_eq!(run.dest.unwrap().stats.zstd_pages, zstd_pages);
+    }
+}
+
+#[test]
+fn a_wrong_token_is_refused_before_anything_is_sent() {
+    use hpmig_core::auth::Secret;
+    let memory = source_memory();
+    let mut guest = start(&memory, Workload::Sparse, 1);
+    let layout = Layout::of(&memory).unwrap();
+    for (src_token, dst_token) in [
+        (&b"right"[..], &b"wrong"[..]),
+        (&b""[..], &b"right"[..]),
+        (&b"right"[..], &b""[..]),
+    ] {
+        let dest_memory: DestMemory = layout.allocate().unwrap();
+        let (mut src, mut dst) = pair(Faults::none());
+        let dcfg = DestConfig {
+            secret: Secret::from_token(dst_token),
+            ..DestConfig::default()
+        };
+        let dest = thread::spawn(move || receive(&dest_memory, &mut dst, &dcfg));
+        let mut cfg = config(Granularity::Segment, 2);
+        cfg.secret = Secret::from_token(src_token);
+        let mut dirty = VmmBitmap::new(memory.clone(), layout.clone()).unwrap();
+        let err =
+            migrate(&memory, &mut dirty, &mut guest, &mut src, &cfg, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MigrateError::Failed {
+                    phase: Phase::Handshake,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let derr = dest.join().unwrap().unwrap_err();
+        // A token mismatch is found by whichever end checks first.
+        assert!(
+            matches!(derr, LandError::Auth)
+                || matches!(
+                    err,
+                    MigrateError::Failed {
+                        cause: Cause::Auth,
+                        ..
+                    }
+                ),
+            "{derr} / {err}"
+        );
+        assert_guest_runs(&guest);
+    }
+}

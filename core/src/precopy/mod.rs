@@ -8,6 +8,7 @@
 //! paused on the source: it now runs on the destination.
 
 pub mod controller;
+pub mod limiter;
 pub(crate) mod worker;
 
 use std::time::{Duration, Instant};
@@ -16,12 +17,14 @@ use crossbeam_channel::{bounded, unbounded};
 use thiserror::Error;
 use vm_memory::GuestMemoryBackend;
 
+use crate::auth::Secret;
 use crate::dirty::{DirtyBitmap, DirtyError, DirtySource};
 use crate::memory::{worker_share, Layout, MemoryError, SourceMemory};
 use crate::protocol::{
     self, ErrorCode, Hello, Kind, Welcome, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_VERIFIED, HEADER_LEN,
 };
 use crate::ring::Ring;
+use crate::segment::compress::{PageCompressor, ZstdMode};
 use crate::segment::shadow::ShadowStore;
 use crate::segment::{EncoderConfig, Granularity, PageEncoder};
 use crate::transport::{Control, SourceTransport, TransportError};
@@ -46,6 +49,12 @@ pub struct SourceConfig {
     pub verify: bool,
     /// Feature bits to offer (protocol::FEATURE_*).
     pub features: u32,
+    /// The shared secret both ends prove they hold.
+    pub secret: Secret,
+    /// zstd for wide pages (offered to the destination unless `Off`).
+    pub zstd: ZstdMode,
+    /// Cap on the bytes all streams together put on the wire per second.
+    pub bandwidth: Option<u64>,
 }
 
 impl SourceConfig {
@@ -60,6 +69,9 @@ impl SourceConfig {
             slot_size: 256 << 10,
             verify: true,
             features: 0,
+            secret: Secret::none(),
+            zstd: ZstdMode::Off,
+            bandwidth: None,
         }
     }
 }
@@ -133,6 +145,9 @@ pub enum Cause {
     /// memory could not be set up
     #[error("{0}")]
     Setup(String),
+    /// the destination could not prove it holds the token
+    #[error("the destination failed authentication (wrong or missing token)")]
+    Auth,
     /// the controller gave up (abort policy)
     #[error("the controller gave up: {0:?}")]
     Aborted(StopReason),
@@ -268,36 +283,60 @@ fn run<T: SourceTransport>(
         ))));
     }
 
-    // Handshake.
+    // Handshake (see crate::auth for what the MACs prove).
+    let offered = cfg.features
+        | if cfg.zstd == ZstdMode::Off {
+            0
+        } else {
+            protocol::FEATURE_ZSTD
+        };
+    let nonce_s = crate::auth::nonce();
     let hello = Hello {
         version: protocol::VERSION,
         min_version: protocol::MIN_VERSION,
         granularity: cfg.encoder.granularity,
         streams: workers as u16,
-        features: cfg.features,
+        features: offered,
         layout: layout.clone(),
-        nonce: [0; 16],
-        auth: [0; 32],
+        nonce: nonce_s,
+        auth: cfg.secret.hello(&nonce_s),
     };
+    let handshake = fail(Phase::Handshake, 0);
     let control = transport.control();
     control
         .send(&hello.encode())
         .map_err(fail(Phase::Handshake, 0))?;
     let reply = control.recv().map_err(fail(Phase::Handshake, 0))?;
-    match reply.header.kind {
-        Kind::Welcome => {
-            Welcome::decode(&reply.payload).map_err(fail(Phase::Handshake, 0))?;
-        }
-        Kind::Error => return Err(fail(Phase::Handshake, 0)(peer_error(&reply.payload))),
+    let welcome = match reply.header.kind {
+        Kind::Welcome => Welcome::decode(&reply.payload).map_err(fail(Phase::Handshake, 0))?,
+        Kind::Error => return Err(handshake(peer_error(&reply.payload))),
         got => {
-            return Err(fail(Phase::Handshake, 0)(
+            return Err(handshake(
                 protocol::ProtocolError::Unexpected {
                     got,
                     expected: "Welcome",
-                },
-            ));
+                }
+                .into(),
+            ))
         }
+    };
+    if !Secret::verify(cfg.secret.welcome(&nonce_s, &welcome.nonce), &welcome.auth) {
+        return Err(handshake(Cause::Auth));
     }
+    if welcome.features & !offered != 0 {
+        return Err(handshake(
+            protocol::ProtocolError::Features(welcome.features & !offered).into(),
+        ));
+    }
+    let proof = cfg.secret.proof(&nonce_s, &welcome.nonce);
+    control
+        .send(&protocol::encode_record(Kind::Proof, 0, 0, &proof))
+        .map_err(fail(Phase::Handshake, 0))?;
+    let session = cfg.secret.session(nonce_s, welcome.nonce);
+    let zstd = welcome.features & protocol::FEATURE_ZSTD != 0 && cfg.zstd != ZstdMode::Off;
+    let limiter = cfg
+        .bandwidth
+        .map(|b| std::sync::Arc::new(limiter::RateLimiter::new(b)));
 
     // Rings, streams, shadow.
     let rings = (0..workers)
@@ -305,7 +344,7 @@ fn run<T: SourceTransport>(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| fail(Phase::Setup, 0)(Cause::Setup(e.to_string())))?;
     let streams = transport
-        .open_streams(rings)
+        .open_streams(rings, &session)
         .map_err(fail(Phase::Setup, 0))?;
     let mut store = match (cfg.encoder.granularity, cfg.shadow_budget) {
         (Granularity::Page, _) => None,
@@ -331,15 +370,24 @@ fn run<T: SourceTransport>(
         for (index, tx) in streams.into_iter().enumerate() {
             let (cmd_tx, cmd_rx) = bounded(1);
             cmd_txs.push(cmd_tx);
-            let w = worker::Worker {
-                index,
-                regions: regions.clone(),
-                layout: &layout,
-                share: worker_share(layout.bitmap_words(), index, workers),
-                shadow: shadow_parts.as_mut().and_then(|p| p[index].take()),
-                encoder: PageEncoder::new(cfg.encoder, page_size),
-                tx,
-            };
+            let w =
+                worker::Worker {
+                    index,
+                    regions: regions.clone(),
+                    layout: &layout,
+                    share: worker_share(layout.bitmap_words(), index, workers),
+                    shadow: shadow_parts.as_mut().and_then(|p| p[index].take()),
+                    encoder: PageEncoder::new(cfg.encoder, page_size),
+                    compressor: if zstd {
+                        Some(PageCompressor::new().map_err(|e| {
+                            fail(Phase::Setup, 0)(Cause::Setup(format!("zstd: {e}")))
+                        })?)
+                    } else {
+                        None
+                    },
+                    limiter: limiter.clone(),
+                    tx,
+                };
             let done_tx = done_tx.clone();
             let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
             scope.spawn(move || {
@@ -356,6 +404,7 @@ fn run<T: SourceTransport>(
         let mut bitmap = std::sync::Arc::new(DirtyBitmap::new(&layout));
         let mut round: u32 = 0;
         let mut pause_at = None;
+        let mut best_plain_rate: Option<f64> = None;
 
         let result = (|| -> Result<StopReason, Failure> {
             // Start tracking before the first read, then send everything.
@@ -374,10 +423,18 @@ fn run<T: SourceTransport>(
                     Phase::PreCopy
                 };
                 let t0 = Instant::now();
+                let compress = zstd
+                    && compress_this_round(
+                        cfg.zstd,
+                        cfg.bandwidth,
+                        best_plain_rate,
+                        zstd_rate(&rounds, workers),
+                    );
                 for tx in &cmd_txs {
                     let cmd = worker::RoundCmd {
                         round,
                         last,
+                        compress,
                         bitmap: bitmap.clone(),
                     };
                     tx.send(cmd)
@@ -416,6 +473,11 @@ fn run<T: SourceTransport>(
                     wire_bytes: stats.wire_bytes,
                     duration: t0.elapsed(),
                 };
+                let secs = metrics.duration.as_secs_f64();
+                if !compress && secs > 0.0 && metrics.wire_bytes > 0 {
+                    let rate = metrics.wire_bytes as f64 / secs;
+                    best_plain_rate = Some(best_plain_rate.map_or(rate, |b: f64| b.max(rate)));
+                }
                 if last {
                     let report = RoundReport {
                         metrics,
@@ -540,6 +602,45 @@ fn run<T: SourceTransport>(
             digest,
         })
     })
+}
+
+/// Whether wide pages go zstd-compressed in the next round.
+///
+/// `On` always, `Off` never. `Auto` compresses while the link is slower than
+/// compression: the link's rate is the bandwidth cap when one is set, else
+/// the best wire rate measured in a round that did not compress (so without
+/// a cap round 0 goes uncompressed and measures the link); compression's
+/// rate is what all workers together fed zstd per second of compressing, as
+/// measured so far. With no measurement yet, compression is tried, which
+/// measures it.
+pub fn compress_this_round(
+    mode: ZstdMode,
+    cap: Option<u64>,
+    best_plain_rate: Option<f64>,
+    zstd_rate: Option<f64>,
+) -> bool {
+    match mode {
+        ZstdMode::Off => false,
+        ZstdMode::On => true,
+        ZstdMode::Auto => {
+            let link = match (cap, best_plain_rate) {
+                (Some(c), Some(r)) => (c as f64).min(r),
+                (Some(c), None) => c as f64,
+                (None, Some(r)) => r,
+                (None, None) => return false,
+            };
+            zstd_rate.is_none_or(|z| link < z)
+        }
+    }
+}
+
+/// Compression throughput of all `workers` together, from the rounds so far.
+fn zstd_rate(rounds: &[RoundReport], workers: usize) -> Option<f64> {
+    let (bytes, secs) = rounds.iter().fold((0u64, 0f64), |(b, s), r| {
+        (b + r.stats.zstd_bytes_in, s + r.stats.zstd_secs)
+    });
+    // Workers compress in parallel: each worker's seconds are its own.
+    (bytes > 0 && secs > 0.0).then(|| bytes as f64 / secs * workers as f64)
 }
 
 fn peer_error(payload: &[u8]) -> Cause {

@@ -3,8 +3,8 @@
 //! scans its words with `trailing_zeros`, and for every dirty page copies the
 //! live page once into the snapshot, plans, writes records into its current
 //! ring slot, and updates the shadow from the snapshot. Nothing is allocated,
-//! locked or called into the kernel per page; a slot is submitted only when
-//! full and at the round's end.
+//! locked or called into the kernel per page; a slot is submitted (and the
+//! bandwidth cap consulted) only when full and at the round's end.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -13,11 +13,13 @@ use crossbeam_channel::{Receiver, Sender};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
 
+use super::limiter::RateLimiter;
 use super::Cause;
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Layout, PageIndex};
-use crate::protocol::{RoundEnd, HEADER_LEN, ROUND_END_LEN};
+use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
 use crate::ring::SendBuf;
+use crate::segment::compress::PageCompressor;
 use crate::segment::shadow::{Shadow, ShadowPart};
 use crate::segment::{PageEncoder, Plan};
 use crate::transport::{StreamTx, TransportError};
@@ -27,20 +29,27 @@ use crate::transport::{StreamTx, TransportError};
 pub(crate) struct RoundCmd {
     pub round: u32,
     pub last: bool,
+    /// Compress wide pages this round (zstd negotiated and worth it).
+    pub compress: bool,
     pub bitmap: Arc<DirtyBitmap>,
 }
 
 /// One round's counts from one worker (summed over workers in reports).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct WorkerStats {
     pub dirty_pages: u64,
     pub unchanged_pages: u64,
     pub zero_pages: u64,
     pub whole_pages: u64,
+    /// Whole pages that went zstd-compressed.
+    pub zstd_pages: u64,
     pub segment_pages: u64,
     pub segments: u64,
     pub work_set_bytes: u64,
     pub wire_bytes: u64,
+    /// Page bytes fed to zstd and seconds spent compressing them.
+    pub zstd_bytes_in: u64,
+    pub zstd_secs: f64,
 }
 
 impl std::ops::AddAssign for WorkerStats {
@@ -49,10 +58,13 @@ impl std::ops::AddAssign for WorkerStats {
         self.unchanged_pages += o.unchanged_pages;
         self.zero_pages += o.zero_pages;
         self.whole_pages += o.whole_pages;
+        self.zstd_pages += o.zstd_pages;
         self.segment_pages += o.segment_pages;
         self.segments += o.segments;
         self.work_set_bytes += o.work_set_bytes;
         self.wire_bytes += o.wire_bytes;
+        self.zstd_bytes_in += o.zstd_bytes_in;
+        self.zstd_secs += o.zstd_secs;
     }
 }
 
@@ -65,12 +77,13 @@ pub(crate) struct Worker<'a, T: StreamTx> {
     pub share: Range<usize>,
     pub shadow: Option<ShadowPart<'a>>,
     pub encoder: PageEncoder,
+    pub compressor: Option<PageCompressor>,
+    pub limiter: Option<Arc<RateLimiter>>,
     pub tx: T,
 }
 
-/// Per-round emission state: the slot being filled and its checksum.
-struct Emitter<'t, T: StreamTx> {
-    tx: &'t mut T,
+/// The slot being filled, its round's checksum and counts.
+struct Emitter {
     buf: SendBuf,
     crc: crc32fast::Hasher,
     hashed: usize,
@@ -78,63 +91,28 @@ struct Emitter<'t, T: StreamTx> {
     wire: u64,
 }
 
-impl<T: StreamTx> Emitter<'_, T> {
-    /// Submits the current slot and takes a free one.
-    fn flush(&mut self) -> Result<(), TransportError> {
-        self.crc.update(&self.buf.filled()[self.hashed..]);
-        self.hashed = 0;
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let next = self.tx.take_free()?;
-        let full = std::mem::replace(&mut self.buf, next);
-        self.wire += full.len() as u64;
-        self.tx.submit(full)
-    }
-
-    /// Room for `n` more bytes in the current slot.
-    fn reserve(&mut self, n: usize) -> Result<&mut [u8], TransportError> {
-        if self.buf.remaining() < n {
-            self.flush()?;
-        }
-        Ok(self.buf.spare())
-    }
-}
-
 impl<T: StreamTx> Worker<'_, T> {
     pub fn run(mut self, cmds: Receiver<RoundCmd>, done: Sender<Done>) {
         let page_size = self.layout.page_size();
         let mut snapshot = vec![0u8; page_size];
         let zero_page = vec![0u8; page_size];
-        let mut buf = match self.tx.take_free() {
+        let buf = match self.tx.take_free() {
             Ok(b) => b,
             Err(e) => {
                 let _ = done.send((self.index, Err(e.into())));
                 return;
             }
         };
+        let mut em = Emitter {
+            buf,
+            crc: crc32fast::Hasher::new(),
+            hashed: 0,
+            records: 0,
+            wire: 0,
+        };
         while let Ok(cmd) = cmds.recv() {
-            let mut em = Emitter {
-                tx: &mut self.tx,
-                buf,
-                crc: crc32fast::Hasher::new(),
-                hashed: 0,
-                records: 0,
-                wire: 0,
-            };
-            let result = round(
-                &mut em,
-                &self.regions,
-                self.layout,
-                self.share.clone(),
-                &mut self.shadow,
-                &mut self.encoder,
-                &mut snapshot,
-                &zero_page,
-                &cmd,
-            );
+            let result = self.round(&mut em, &mut snapshot, &zero_page, &cmd);
             drop(cmd.bitmap);
-            buf = em.buf;
             let failed = result.is_err();
             let _ = done.send((self.index, result));
             if failed {
@@ -142,120 +120,159 @@ impl<T: StreamTx> Worker<'_, T> {
             }
         }
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-fn round<T: StreamTx>(
-    em: &mut Emitter<'_, T>,
-    regions: &[&GuestRegionMmap<AtomicBitmap>],
-    layout: &Layout,
-    share: Range<usize>,
-    shadow: &mut Option<ShadowPart<'_>>,
-    enc: &mut PageEncoder,
-    snapshot: &mut [u8],
-    zero_page: &[u8],
-    cmd: &RoundCmd,
-) -> Result<WorkerStats, Cause> {
-    let ps = layout.page_size();
-    let mut st = WorkerStats::default();
-    let words = cmd.bitmap.words();
-    for w in share {
-        let mut bits = words[w];
-        if bits == 0 {
-            continue;
+    /// Submits the current slot and takes a free one.
+    fn flush(&mut self, em: &mut Emitter) -> Result<(), TransportError> {
+        em.crc.update(&em.buf.filled()[em.hashed..]);
+        em.hashed = 0;
+        if em.buf.is_empty() {
+            return Ok(());
         }
-        let Some((region, first_offset)) = layout.word_start(w) else {
-            continue;
-        };
-        let r = regions[region];
-        let base = r.start_addr().0;
-        while bits != 0 {
-            let bit = bits.trailing_zeros() as u64;
-            bits &= bits - 1;
-            let offset = first_offset + bit * ps as u64;
-            // Harvest order: the bit was cleared before this read, so a write
-            // racing with the copy re-dirties the page for the next round.
-            let live = r.get_slice(MemoryRegionAddress(offset), ps).map_err(|e| {
-                Cause::Setup(format!("reading guest page {:#x}: {e}", base + offset))
-            })?;
-            live.copy_to(snapshot);
-            st.dirty_pages += 1;
-            let page = PageIndex(w as u64 * 64 + bit);
-            let gpa = base + offset;
-            let plan = match shadow.as_mut().map(|s| s.lookup(page, cmd.round > 0)) {
-                Some(Shadow::Known(sh)) => {
-                    let plan = enc.plan(snapshot, Some(sh));
-                    emit(em, enc, plan, gpa, snapshot)?;
-                    enc.update_shadow(plan, snapshot, sh);
-                    plan
-                }
-                Some(Shadow::Zero(slot)) => {
-                    let plan = enc.plan(snapshot, Some(zero_page));
-                    emit(em, enc, plan, gpa, snapshot)?;
-                    if plan != Plan::Unchanged {
-                        enc.update_shadow(plan, snapshot, slot.into_bytes());
-                    }
-                    plan
-                }
-                Some(Shadow::Fresh(sh)) => {
-                    let plan = enc.plan(snapshot, None);
-                    emit(em, enc, plan, gpa, snapshot)?;
-                    sh.copy_from_slice(snapshot);
-                    plan
-                }
-                Some(Shadow::None) | None => {
-                    let plan = enc.plan(snapshot, None);
-                    emit(em, enc, plan, gpa, snapshot)?;
-                    plan
-                }
+        let next = self.tx.take_free()?;
+        let full = std::mem::replace(&mut em.buf, next);
+        if let Some(l) = &self.limiter {
+            l.acquire(full.len());
+        }
+        em.wire += full.len() as u64;
+        self.tx.submit(full)
+    }
+
+    /// Makes room for `n` more bytes in the current slot.
+    fn reserve(&mut self, em: &mut Emitter, n: usize) -> Result<(), TransportError> {
+        if em.buf.remaining() < n {
+            self.flush(em)?;
+        }
+        Ok(())
+    }
+
+    fn round(
+        &mut self,
+        em: &mut Emitter,
+        snapshot: &mut [u8],
+        zero_page: &[u8],
+        cmd: &RoundCmd,
+    ) -> Result<WorkerStats, Cause> {
+        let ps = self.layout.page_size();
+        let mut st = WorkerStats::default();
+        let (zstd_in, zstd_secs) = self
+            .compressor
+            .as_ref()
+            .map_or((0, 0.0), |c| (c.bytes_in, c.secs));
+        em.records = 0;
+        em.wire = 0;
+        let words = cmd.bitmap.words();
+        for w in self.share.clone() {
+            let mut bits = words[w];
+            if bits == 0 {
+                continue;
+            }
+            let Some((region, first_offset)) = self.layout.word_start(w) else {
+                continue;
             };
-            st.work_set_bytes += enc.work_set_bytes(plan);
-            match plan {
-                Plan::Unchanged => st.unchanged_pages += 1,
-                Plan::Zero => st.zero_pages += 1,
-                Plan::Whole => st.whole_pages += 1,
-                Plan::Segments { count, .. } => {
-                    st.segment_pages += 1;
-                    st.segments += u64::from(count);
+            let r = self.regions[region];
+            let base = r.start_addr().0;
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let offset = first_offset + bit * ps as u64;
+                // Harvest order: the bit was cleared before this read, so a
+                // write racing with the copy re-dirties the page next round.
+                let live = r.get_slice(MemoryRegionAddress(offset), ps).map_err(|e| {
+                    Cause::Setup(format!("reading guest page {:#x}: {e}", base + offset))
+                })?;
+                live.copy_to(snapshot);
+                st.dirty_pages += 1;
+                let page = PageIndex(w as u64 * 64 + bit);
+                let gpa = base + offset;
+                let plan = match self.shadow.as_mut().map(|s| s.lookup(page, cmd.round > 0)) {
+                    Some(Shadow::Known(sh)) => {
+                        let plan = self.encoder.plan(snapshot, Some(sh));
+                        self.encoder.update_shadow(plan, snapshot, sh);
+                        plan
+                    }
+                    Some(Shadow::Zero(slot)) => {
+                        let plan = self.encoder.plan(snapshot, Some(zero_page));
+                        if plan != Plan::Unchanged {
+                            self.encoder
+                                .update_shadow(plan, snapshot, slot.into_bytes());
+                        }
+                        plan
+                    }
+                    Some(Shadow::Fresh(sh)) => {
+                        sh.copy_from_slice(snapshot);
+                        self.encoder.plan(snapshot, None)
+                    }
+                    Some(Shadow::None) | None => self.encoder.plan(snapshot, None),
+                };
+                let compressed = self.emit(em, plan, gpa, snapshot, cmd.compress)?;
+                st.work_set_bytes += self.encoder.work_set_bytes(plan);
+                match plan {
+                    Plan::Unchanged => st.unchanged_pages += 1,
+                    Plan::Zero => st.zero_pages += 1,
+                    Plan::Whole => {
+                        st.whole_pages += 1;
+                        st.zstd_pages += u64::from(compressed);
+                    }
+                    Plan::Segments { count, .. } => {
+                        st.segment_pages += 1;
+                        st.segments += u64::from(count);
+                    }
                 }
             }
         }
+        // Close the round: checksum everything before the RoundEnd, then send.
+        self.reserve(em, HEADER_LEN + ROUND_END_LEN)?;
+        em.crc.update(&em.buf.filled()[em.hashed..]);
+        let checksum = std::mem::take(&mut em.crc).finalize();
+        let end = RoundEnd {
+            round: cmd.round,
+            last: cmd.last,
+            records: em.records,
+            checksum,
+        };
+        em.buf.push(&end.encode());
+        em.hashed = em.buf.len();
+        self.flush(em)?;
+        st.wire_bytes = em.wire;
+        if let Some(c) = &self.compressor {
+            st.zstd_bytes_in = c.bytes_in - zstd_in;
+            st.zstd_secs = c.secs - zstd_secs;
+        }
+        Ok(st)
     }
-    // Close the round: checksum everything before the RoundEnd, then send.
-    em.reserve(HEADER_LEN + ROUND_END_LEN)?;
-    em.crc.update(&em.buf.filled()[em.hashed..]);
-    let checksum = std::mem::take(&mut em.crc).finalize();
-    let end = RoundEnd {
-        round: cmd.round,
-        last: cmd.last,
-        records: em.records,
-        checksum,
-    };
-    em.buf.push(&end.encode());
-    em.hashed = em.buf.len();
-    em.flush()?;
-    em.crc = crc32fast::Hasher::new();
-    st.wire_bytes = em.wire;
-    Ok(st)
-}
 
-fn emit<T: StreamTx>(
-    em: &mut Emitter<'_, T>,
-    enc: &PageEncoder,
-    plan: Plan,
-    gpa: u64,
-    snapshot: &[u8],
-) -> Result<(), TransportError> {
-    let need = enc.encoded_len(plan);
-    if need == 0 {
-        return Ok(());
+    /// Writes `plan`'s records; returns whether a whole page went compressed.
+    fn emit(
+        &mut self,
+        em: &mut Emitter,
+        plan: Plan,
+        gpa: u64,
+        snapshot: &[u8],
+        compress: bool,
+    ) -> Result<bool, TransportError> {
+        let need = self.encoder.encoded_len(plan);
+        if need == 0 {
+            return Ok(false);
+        }
+        self.reserve(em, need)?;
+        let mut compressed = false;
+        if let (Plan::Whole, true, Some(c)) = (plan, compress, self.compressor.as_mut()) {
+            let out = em.buf.spare();
+            if let Some(n) = c.compress(snapshot, &mut out[HEADER_LEN..need]) {
+                out[..HEADER_LEN]
+                    .copy_from_slice(&Header::new(Kind::PageZstd, 0, n as u32, gpa).encode());
+                em.buf.advance(HEADER_LEN + n);
+                compressed = true;
+            }
+        }
+        if !compressed {
+            let n = self.encoder.write(plan, gpa, snapshot, em.buf.spare());
+            em.buf.advance(n);
+        }
+        em.records += match plan {
+            Plan::Segments { count, .. } => u64::from(count),
+            _ => 1,
+        };
+        Ok(compressed)
     }
-    let out = em.reserve(need)?;
-    let n = enc.write(plan, gpa, snapshot, out);
-    em.buf.advance(n);
-    em.records += match plan {
-        Plan::Segments { count, .. } => u64::from(count),
-        _ => 1,
-    };
-    Ok(())
 }

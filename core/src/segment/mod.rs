@@ -17,6 +17,7 @@
 //! [`Granularity::Page`] is classic pre-copy (every dirty page whole, zero
 //! pages as markers) so both methods can be compared on the same run.
 
+pub mod compress;
 pub mod diff;
 pub mod shadow;
 

@@ -157,7 +157,11 @@ impl SourceTransport for InProcSource {
         &mut self.control
     }
 
-    fn open_streams(&mut self, rings: Vec<Ring>) -> Result<Vec<InProcTx>, TransportError> {
+    fn open_streams(
+        &mut self,
+        rings: Vec<Ring>,
+        _session: &Session,
+    ) -> Result<Vec<InProcTx>, TransportError> {
         let mut out = Vec::with_capacity(rings.len());
         for ring in rings {
             let bufs = ring.into_bufs();
@@ -200,7 +204,11 @@ impl DestTransport for InProcDest {
         &mut self.control
     }
 
-    fn accept_streams(&mut self, n: usize) -> Result<Vec<InProcRx>, TransportError> {
+    fn accept_streams(
+        &mut self,
+        n: usize,
+        _session: &Session,
+    ) -> Result<Vec<InProcRx>, TransportError> {
         (0..n)
             .map(|_| {
                 let (full, free) = recv_polling(&self.streams, &self.interrupt)?;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
+use crate::auth::Session;
 use crate::protocol::{Header, ProtocolError};
 use crate::ring::{Ring, SendBuf};
 
@@ -83,8 +84,13 @@ pub trait SourceTransport {
     type Control: Control;
     type Tx: StreamTx + 'static;
     fn control(&mut self) -> &mut Self::Control;
-    /// Opens one data stream per ring (the ring's slots become the stream's).
-    fn open_streams(&mut self, rings: Vec<Ring>) -> Result<Vec<Self::Tx>, TransportError>;
+    /// Opens one data stream per ring (the ring's slots become the
+    /// stream's), bound to the handshake's `session`.
+    fn open_streams(
+        &mut self,
+        rings: Vec<Ring>,
+        session: &Session,
+    ) -> Result<Vec<Self::Tx>, TransportError>;
     fn interrupt(&self) -> Interrupt;
 }
 
@@ -93,8 +99,13 @@ pub trait DestTransport {
     type Control: Control;
     type Rx: StreamRx + 'static;
     fn control(&mut self) -> &mut Self::Control;
-    /// Accepts the `n` data streams the source announced in its Hello.
-    fn accept_streams(&mut self, n: usize) -> Result<Vec<Self::Rx>, TransportError>;
+    /// Accepts the `n` data streams the source announced in its Hello; a
+    /// connection that cannot show `session`'s tag is refused.
+    fn accept_streams(
+        &mut self,
+        n: usize,
+        session: &Session,
+    ) -> Result<Vec<Self::Rx>, TransportError>;
     fn interrupt(&self) -> Interrupt;
 }
 
