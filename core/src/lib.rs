@@ -28,5 +28,7 @@ pub mod precopy;
 pub mod protocol;
 pub mod ring;
 pub mod segment;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod transport;
 pub mod vm;

@@ -13,31 +13,16 @@ use hpmig_core::memory::{digest, host_page_size, DestMemory, Layout, SourceMemor
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, Cause, MigrateError, MigrationReport, Phase, SourceConfig};
 use hpmig_core::segment::Granularity;
+use hpmig_core::testing::{assert_guest_runs, assert_same_memory, pattern_memory};
 use hpmig_core::transport::inproc::{pair, Faults};
 use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
 use hpmig_core::vm::{Guest, GuestError, Workload};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const MIB: usize = 1 << 20;
 
-/// Two regions with a hole between them, filled with a non-zero pattern on
-/// some pages and left zero on others.
+/// Two regions with a hole between them, a pattern on every third page.
 fn source_memory() -> SourceMemory {
-    let mem = SourceMemory::from_ranges(&[
-        (GuestAddress(0), 24 * MIB),
-        (GuestAddress(1 << 32), 4 * MIB),
-    ])
-    .unwrap();
-    let ps = host_page_size();
-    let page: Vec<u8> = (0..ps).map(|i| (i * 7 + 3) as u8).collect();
-    for r in mem.iter() {
-        let pages = r.len() as usize / ps;
-        for p in (1..pages).step_by(3) {
-            mem.write_slice(&page, GuestAddress(r.start_addr().0 + (p * ps) as u64))
-                .unwrap();
-        }
-    }
-    mem
+    pattern_memory(&[(0, 24 * MIB), (1 << 32, 4 * MIB)])
 }
 
 fn config(granularity: Granularity, workers: usize) -> SourceConfig {
@@ -116,17 +101,7 @@ fn migrate_running(
         "{workload:?}/{granularity:?}: destination memory differs"
     );
     // An independent check that does not trust the digest code.
-    for (rs, rd) in memory.iter().zip(run.dest_memory.iter()) {
-        let mut x = vec![0u8; rs.len() as usize];
-        let mut y = vec![0u8; rd.len() as usize];
-        memory.read_slice(&mut x, rs.start_addr()).unwrap();
-        run.dest_memory.read_slice(&mut y, rd.start_addr()).unwrap();
-        assert!(
-            x == y,
-            "{workload:?}/{granularity:?}: region at {:#x} differs",
-            rs.start_addr().0
-        );
-    }
+    assert_same_memory(&memory, &run.dest_memory);
     // The guest goes on running on the destination, from its heartbeat.
     let before = heartbeat(&run.dest_memory, 0);
     assert_eq!(before, heartbeat(&memory, 0));
@@ -216,15 +191,6 @@ fn a_refused_handshake_leaves_the_guest_running() {
     }
     assert!(matches!(dest.join().unwrap(), Err(LandError::Refused(_))));
     assert_guest_runs(&guest);
-}
-
-fn assert_guest_runs(guest: &EmulatedGuest) {
-    let w = guest.writes();
-    let t = std::time::Instant::now();
-    while guest.writes() == w && t.elapsed() < Duration::from_secs(5) {
-        thread::sleep(Duration::from_millis(5));
-    }
-    assert!(guest.writes() > w, "the source guest keeps running");
 }
 
 #[test]
