@@ -1,7 +1,11 @@
 //! The `hpmig` command line. Everything it runs lives in the library crates;
-//! this file only parses flags and prints.
+//! these files parse flags, wire the pieces together and print.
 
+mod args;
 mod demo;
+mod dest;
+mod report;
+mod source;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -19,14 +23,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot a guest, let it dirty memory, migrate it live, and verify the copy.
+    /// Boot a guest, let it dirty memory, migrate it live in this process, verify the copy.
     Demo(demo::DemoArgs),
+    /// Boot a guest and migrate it to a waiting `hpmig dest`.
+    Source(source::SourceArgs),
+    /// Wait for one migration, then run the guest it brought.
+    Dest(dest::DestArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo(args) => demo::run(&args),
+        Command::Demo(a) => demo::run(&a),
+        Command::Source(a) => source::run(&a),
+        Command::Dest(a) => dest::run(&a),
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,

@@ -49,6 +49,7 @@ pub struct EmulatedGuest {
     threads: Vec<JoinHandle<()>>,
     vcpus: u32,
     paused: bool,
+    config: EmulatedConfig,
 }
 
 /// How to start an emulated guest.
@@ -59,6 +60,48 @@ pub struct EmulatedConfig {
     /// Writes per second over all vCPUs; `None` runs flat out.
     pub dirty_rate: Option<u64>,
     pub seed: u64,
+}
+
+const STATE_TAG: &str = "hpmig-emulated-v1";
+
+impl EmulatedConfig {
+    /// The state record an emulated guest migrates with.
+    pub fn state_record(&self) -> Vec<u8> {
+        let rate = self.dirty_rate.map_or("max".to_string(), |r| r.to_string());
+        format!(
+            "{STATE_TAG} workload={} vcpus={} rate={rate}",
+            self.workload.as_str(),
+            self.vcpus
+        )
+        .into_bytes()
+    }
+
+    /// Reads a state record back; `None` if it is not an emulated guest's.
+    pub fn from_state_record(record: &[u8], seed: u64) -> Option<EmulatedConfig> {
+        let text = std::str::from_utf8(record).ok()?;
+        let mut words = text.split(' ');
+        if words.next()? != STATE_TAG {
+            return None;
+        }
+        let mut cfg = EmulatedConfig {
+            workload: Workload::Idle,
+            vcpus: 1,
+            dirty_rate: None,
+            seed,
+        };
+        for w in words {
+            match w.split_once('=')? {
+                ("workload", v) => cfg.workload = v.parse().ok()?,
+                ("vcpus", v) => {
+                    cfg.vcpus = v.parse().ok().filter(|n| (1..=MAX_VCPUS).contains(n))?
+                }
+                ("rate", "max") => cfg.dirty_rate = None,
+                ("rate", v) => cfg.dirty_rate = Some(v.parse().ok()?),
+                _ => return None,
+            }
+        }
+        Some(cfg)
+    }
 }
 
 impl EmulatedGuest {
@@ -101,6 +144,7 @@ impl EmulatedGuest {
             threads,
             vcpus,
             paused: false,
+            config: EmulatedConfig { vcpus, ..cfg },
         })
     }
 
@@ -142,8 +186,9 @@ impl Guest for EmulatedGuest {
         if !self.paused {
             return Err(GuestError::State("state read while running".into()));
         }
-        // The emulated vCPUs keep all their state in guest memory.
-        Ok(b"hpmig-emulated-v1".to_vec())
+        // The emulated vCPUs keep their registers in guest memory (the
+        // heartbeats); the record says how to run them on.
+        Ok(self.config.state_record())
     }
 
     fn vcpus(&self) -> u32 {
@@ -282,5 +327,38 @@ impl<B: Bitmap + 'static> Vcpu<B> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_records_round_trip_and_reject_strangers() {
+        let cfg = EmulatedConfig {
+            workload: Workload::Aba,
+            vcpus: 3,
+            dirty_rate: Some(5000),
+            seed: 1,
+        };
+        let back = EmulatedConfig::from_state_record(&cfg.state_record(), 1).unwrap();
+        assert_eq!(
+            (back.workload, back.vcpus, back.dirty_rate),
+            (Workload::Aba, 3, Some(5000))
+        );
+        let flat = EmulatedConfig {
+            dirty_rate: None,
+            ..cfg
+        };
+        assert_eq!(
+            EmulatedConfig::from_state_record(&flat.state_record(), 1)
+                .unwrap()
+                .dirty_rate,
+            None
+        );
+        assert!(EmulatedConfig::from_state_record(b"kvm-state", 1).is_none());
+        assert!(EmulatedConfig::from_state_record(b"hpmig-emulated-v1 vcpus=999", 1).is_none());
+        assert!(EmulatedConfig::from_state_record(&[0xff, 0xfe], 1).is_none());
     }
 }

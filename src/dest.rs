@@ -1,0 +1,106 @@
+//! `hpmig dest --listen ADDR`: wait for one migration, run the guest it
+//! brought, and show that it runs on.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hpmig_core::land::{accept, receive_accepted, DestConfig};
+use hpmig_core::memory::DestMemory;
+use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
+use hpmig_transport_tcp::{TcpDest, TcpOptions};
+
+use crate::args::TokenArgs;
+use crate::units::{human, parse_bytes, parse_millis};
+
+#[derive(Args, Debug)]
+pub struct DestArgs {
+    /// Address to listen on (HOST:PORT).
+    #[arg(long)]
+    listen: String,
+    #[command(flatten)]
+    token: TokenArgs,
+    /// Refuse guests larger than this.
+    #[arg(long, default_value = "64G", value_parser = parse_bytes)]
+    max_memory: u64,
+    /// How long to run the received guest before exiting.
+    #[arg(long, default_value = "2s", value_parser = parse_millis)]
+    run_for: Duration,
+    /// Give up when the source makes no progress for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    io_timeout: Duration,
+}
+
+pub fn run(a: &DestArgs) -> Result<bool> {
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    println!(
+        "hpmig dest: waiting for one migration on {}",
+        listener.local_addr()?
+    );
+    if !a.token.secret().is_set() {
+        println!("  no token: any peer that can reach this port may migrate a guest here");
+    }
+    let opts = TcpOptions {
+        io_timeout: a.io_timeout,
+        ..TcpOptions::default()
+    };
+    let mut transport = TcpDest::accept(listener, opts).context("accepting the source")?;
+    let cfg = DestConfig {
+        secret: a.token.secret(),
+        max_memory: a.max_memory,
+        ..DestConfig::default()
+    };
+    let accepted = match accept(&mut transport, &cfg, None) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("refused {}: {e}", transport.peer());
+            return Ok(false);
+        }
+    };
+    let hello = &accepted.hello;
+    println!(
+        "  source {}: {} guest, {} granularity, {} stream(s)",
+        transport.peer(),
+        human(hello.layout.total_bytes()),
+        hello.granularity.as_str(),
+        hello.streams
+    );
+    let memory: DestMemory = hello.layout.allocate()?;
+    let received = match receive_accepted(&accepted, &memory, &mut transport, &cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("migration FAILED: {e}; the partial guest is discarded");
+            return Ok(false);
+        }
+    };
+    println!(
+        "  received: final round {}, {} records, digest {}",
+        received.final_round,
+        received.stats.records,
+        if received.verified {
+            "verified"
+        } else {
+            "not checked"
+        }
+    );
+    let Some(cfg) = EmulatedConfig::from_state_record(&received.state, 2) else {
+        bail!("the guest state is not an emulated guest's; this build cannot run it");
+    };
+    let before = heartbeat(&memory, 0);
+    let guest = EmulatedGuest::start(memory.clone(), cfg)?;
+    std::thread::sleep(a.run_for);
+    let after = heartbeat(&memory, 0);
+    drop(guest);
+    println!(
+        "  guest resumed: heartbeat {before} at arrival, {after} after {:?} ({})",
+        a.run_for,
+        if after > before {
+            "runs on"
+        } else {
+            "did NOT advance"
+        }
+    );
+    Ok(after > before)
+}

@@ -1,0 +1,158 @@
+//! What the commands print and write: the per-round table, the summary, the
+//! JSON report.
+
+use anyhow::{Context, Result};
+use hpmig_core::precopy::{MigrationReport, RoundReport};
+
+use crate::units::human;
+
+pub fn table_header() {
+    println!();
+    println!(
+        "{:>5} {:>11} {:>13} {:>13} {:>9} {:>10}  decision",
+        "round", "dirty pages", "work set", "on the wire", "ms", "MB/s"
+    );
+}
+
+pub fn table_row(r: &RoundReport) {
+    let m = &r.metrics;
+    let secs = m.duration.as_secs_f64();
+    let rate = if secs > 0.0 {
+        m.wire_bytes as f64 / secs / 1e6
+    } else {
+        0.0
+    };
+    let decision = if r.last {
+        "stop-and-copy round".to_string()
+    } else {
+        format!("{:?}", r.decision)
+    };
+    println!(
+        "{:>5} {:>11} {:>13} {:>13} {:>9.1} {:>10.1}  {decision}",
+        m.round,
+        m.dirty_pages,
+        human(m.work_set_bytes),
+        human(m.wire_bytes),
+        secs * 1e3,
+        rate
+    );
+}
+
+/// What the guest did around the migration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestFigures {
+    pub heartbeat_before: u64,
+    /// Read on the destination after it resumed; `None` when this process
+    /// cannot see the destination.
+    pub heartbeat_after: Option<u64>,
+    pub rate_before: f64,
+    pub rate_during: f64,
+}
+
+pub fn summary(r: &MigrationReport, g: &GuestFigures) {
+    println!();
+    println!(
+        "  total time:    {:.1} ms",
+        r.total_time.as_secs_f64() * 1e3
+    );
+    println!(
+        "  downtime:      {:.1} ms (guest paused until the destination acknowledged; {:.1} ms of it digesting memory to verify)",
+        r.downtime.as_secs_f64() * 1e3,
+        r.verify_time.as_secs_f64() * 1e3
+    );
+    println!(
+        "  on the wire:   {} total, {} after round 0",
+        human(r.wire_bytes),
+        human(r.wire_bytes_after_round0())
+    );
+    let zstd: u64 = r.rounds.iter().map(|x| x.stats.zstd_pages).sum();
+    if zstd > 0 {
+        println!("  zstd:          {zstd} wide pages went compressed");
+    }
+    println!(
+        "  rounds:        {} ({}, stop: {:?})",
+        r.rounds.len(),
+        if r.converged() {
+            "converged"
+        } else {
+            "did NOT converge"
+        },
+        r.stop
+    );
+    println!(
+        "  digest:        {}",
+        if r.verified {
+            "verified, destination equals source"
+        } else {
+            "NOT verified"
+        }
+    );
+    match g.heartbeat_after {
+        Some(after) => println!(
+            "  heartbeat:     {} at switch-over, {after} on the destination afterwards ({})",
+            g.heartbeat_before,
+            if after > g.heartbeat_before {
+                "guest runs on"
+            } else {
+                "did NOT advance"
+            }
+        ),
+        None => println!(
+            "  heartbeat:     {} at switch-over (the destination prints where it goes on)",
+            g.heartbeat_before
+        ),
+    }
+    println!(
+        "  guest writes:  {:.0}/s before, {:.0}/s during migration ({:.0}%)",
+        g.rate_before,
+        g.rate_during,
+        if g.rate_before > 0.0 {
+            100.0 * g.rate_during / g.rate_before
+        } else {
+            0.0
+        }
+    );
+}
+
+pub fn write_json(path: &std::path::Path, r: &MigrationReport, g: &GuestFigures) -> Result<()> {
+    let rounds: Vec<_> = r
+        .rounds
+        .iter()
+        .map(|x| {
+            serde_json::json!({
+                "round": x.metrics.round,
+                "dirty_pages": x.metrics.dirty_pages,
+                "work_set_bytes": x.metrics.work_set_bytes,
+                "wire_bytes": x.metrics.wire_bytes,
+                "duration_ms": x.metrics.duration.as_secs_f64() * 1e3,
+                "segments": x.stats.segments,
+                "whole_pages": x.stats.whole_pages,
+                "zstd_pages": x.stats.zstd_pages,
+                "zero_pages": x.stats.zero_pages,
+                "unchanged_pages": x.stats.unchanged_pages,
+                "stop_and_copy": x.last,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "granularity": r.granularity.as_str(),
+        "rounds": rounds,
+        "summary": {
+            "total_time_ms": r.total_time.as_secs_f64() * 1e3,
+            "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+            "verify_ms": r.verify_time.as_secs_f64() * 1e3,
+            "wire_bytes": r.wire_bytes,
+            "wire_bytes_after_round0": r.wire_bytes_after_round0(),
+            "rounds": r.rounds.len(),
+            "converged": r.converged(),
+            "stop_reason": format!("{:?}", r.stop),
+            "verified": r.verified,
+            "heartbeat_before": g.heartbeat_before,
+            "heartbeat_after": g.heartbeat_after,
+            "guest_rate_before": g.rate_before,
+            "guest_rate_during": g.rate_during,
+        }
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
