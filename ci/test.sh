@@ -25,6 +25,7 @@ done
 # System packages: a C compiler for the -sys crates.
 apt_need=()
 command -v cc >/dev/null 2>&1 || apt_need+=(build-essential)
+command -v ip >/dev/null 2>&1 || apt_need+=(iproute2)
 if [ ${#apt_need[@]} -gt 0 ]; then
     step "installing ${apt_need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -53,6 +54,9 @@ cargo bench --workspace --no-run
 
 step "demo smoke run (release build)"
 cargo run --release --quiet -- demo --memory 64M --warmup 100ms
+
+step "source and destination on two hosts (network namespaces)"
+bash ci/two-hosts.sh target/release/hpmig --zstd auto
 
 # One closing line over every test binary (cargo prints one line per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }

@@ -32,6 +32,10 @@ pub struct GuestArgs {
     /// How long the guest runs before migration starts.
     #[arg(long, default_value = "500ms", value_parser = parse_millis)]
     pub warmup: Duration,
+    /// Fill all guest memory with random bytes before the guest starts (a
+    /// guest whose every page holds data, for throughput runs).
+    #[arg(long)]
+    pub prefill: bool,
 }
 
 impl GuestArgs {

@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// The wire between source and destination.
     #[arg(long, value_enum, default_value = "tcp")]
     wire: Wire,
+    /// Fault the destination's guest memory in before migrating (like
+    /// QEMU's -mem-prealloc).
+    #[arg(long)]
+    prefault: bool,
 }
 
 pub fn run(a: &DemoArgs) -> Result<bool> {
@@ -45,7 +49,14 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
     describe(&a.guest, &a.migration, wire);
     let mut booted = boot(&a.guest)?;
     let layout = Layout::of(&booted.memory)?;
-    let dest_memory: DestMemory = layout.allocate()?;
+    let dest_memory: DestMemory = if a.prefault {
+        hpmig_core::memory::allocate_prefaulted(
+            &layout,
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )?
+    } else {
+        layout.allocate()?
+    };
     let cfg = a.migration.config(Default::default());
     let dm = dest_memory.clone();
 

@@ -12,6 +12,7 @@ use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
 use hpmig_transport_tcp::{TcpDest, TcpOptions};
 
 use crate::args::TokenArgs;
+use crate::report;
 use crate::units::{human, parse_bytes, parse_millis};
 
 #[derive(Args, Debug)]
@@ -27,6 +28,10 @@ pub struct DestArgs {
     /// How long to run the received guest before exiting.
     #[arg(long, default_value = "2s", value_parser = parse_millis)]
     run_for: Duration,
+    /// Fault all guest memory in before receiving (faster receive, full
+    /// resident size from the start; like QEMU's -mem-prealloc).
+    #[arg(long)]
+    prefault: bool,
     /// Give up when the source makes no progress for this long.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     io_timeout: Duration,
@@ -67,7 +72,20 @@ pub fn run(a: &DestArgs) -> Result<bool> {
         hello.granularity.as_str(),
         hello.streams
     );
-    let memory: DestMemory = hello.layout.allocate()?;
+    let memory: DestMemory = if a.prefault {
+        let t = std::time::Instant::now();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let m = hpmig_core::memory::allocate_prefaulted(&hello.layout, threads)?;
+        println!(
+            "  prefaulted {} of guest memory in {:.0} ms",
+            human(hello.layout.total_bytes()),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        m
+    } else {
+        hello.layout.allocate()?
+    };
+    let cpu0 = report::cpu_seconds();
     let received = match receive_accepted(&accepted, &memory, &mut transport, &cfg) {
         Ok(r) => r,
         Err(e) => {
@@ -84,6 +102,10 @@ pub fn run(a: &DestArgs) -> Result<bool> {
         } else {
             "not checked"
         }
+    );
+    println!(
+        "  dest cpu: {}",
+        report::cpu_line(report::cpu_seconds() - cpu0, received.stats.wire_bytes)
     );
     let Some(cfg) = EmulatedConfig::from_state_record(&received.state, 2) else {
         bail!("the guest state is not an emulated guest's; this build cannot run it");

@@ -45,6 +45,9 @@ pub fn boot(g: &GuestArgs) -> Result<Booted> {
     g.check()?;
     let memory = SourceMemory::from_ranges(&[(GuestAddress(0), g.memory as usize)])
         .context("allocating guest memory")?;
+    if g.prefill {
+        hpmig_core::memory::fill_random(&memory, 1);
+    }
     let cfg = EmulatedConfig {
         workload: g.workload,
         vcpus: g.vcpus,
@@ -84,7 +87,7 @@ pub fn migrate_booted<T: SourceTransport>(
 ) -> Result<(Result<MigrationReport, MigrateError>, GuestFigures)> {
     let mut dirty = VmmBitmap::new(b.memory.clone(), Layout::of(&b.memory)?)?;
     report::table_header();
-    let (w0, t0) = (b.guest.writes(), Instant::now());
+    let (w0, t0, cpu0) = (b.guest.writes(), Instant::now(), report::cpu_seconds());
     let outcome = migrate(
         &b.memory,
         &mut dirty,
@@ -99,6 +102,7 @@ pub fn migrate_booted<T: SourceTransport>(
         heartbeat_after: None,
         rate_before: b.rate_before,
         rate_during,
+        cpu_seconds: report::cpu_seconds() - cpu0,
     };
     Ok((outcome, figures))
 }

@@ -24,7 +24,7 @@ use crate::auth::{Secret, Session};
 use crate::memory::{worker_share, DestMemory, Layout, MemoryError};
 use crate::protocol::{
     self, ErrorCode, Header, Hello, Kind, ProtocolError, RoundEnd, Welcome, DIGEST_LEN,
-    FLAG_HAS_DIGEST, FLAG_VERIFIED, KNOWN_FEATURES, ROUND_END_LEN,
+    FLAG_HAS_DIGEST, FLAG_VERIFIED, HEADER_LEN, KNOWN_FEATURES, ROUND_END_LEN,
 };
 use crate::segment::compress::PageDecompressor;
 use crate::segment::Granularity;
@@ -144,6 +144,8 @@ pub struct Accepted {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LandStats {
     pub records: u64,
+    /// Bytes received on the data streams, headers included.
+    pub wire_bytes: u64,
     pub payload_bytes: u64,
     pub zero_pages: u64,
     pub whole_pages: u64,
@@ -233,6 +235,10 @@ pub struct StreamLander<'a> {
     records: u64,
     next_round: u32,
     stats: LandStats,
+    /// One bit per page of the share, set once the page was written: a zero
+    /// record for a page never written needs no write (and no page fault),
+    /// since destination memory starts zeroed.
+    written: Vec<u64>,
 }
 
 impl<'a> StreamLander<'a> {
@@ -255,6 +261,7 @@ impl<'a> StreamLander<'a> {
             records: 0,
             next_round: 0,
             stats: LandStats::default(),
+            written: vec![0; worker_share(layout.bitmap_words(), stream, streams).len()],
         }
     }
 
@@ -292,6 +299,7 @@ impl<'a> StreamLander<'a> {
                     });
                 }
                 self.records = 0;
+                self.stats.wire_bytes += (HEADER_LEN + ROUND_END_LEN) as u64;
                 self.next_round += 1;
                 self.stats.rounds = self.next_round;
                 Ok(Some(end))
@@ -328,6 +336,12 @@ impl<'a> StreamLander<'a> {
                 len,
             }));
         };
+        let local = page.0 - self.share.start as u64 * 64;
+        let (word, bit) = ((local / 64) as usize, 1u64 << (local % 64));
+        let was_written = self.written[word] & bit != 0;
+        if h.kind != Kind::Zero {
+            self.written[word] |= bit;
+        }
         self.crc.update(&h.encode());
         match h.kind {
             Kind::Segment => {
@@ -345,7 +359,9 @@ impl<'a> StreamLander<'a> {
                 self.stats.payload_bytes += ps;
             }
             Kind::Zero => {
-                dst.fill(0);
+                if was_written {
+                    dst.fill(0);
+                }
                 self.stats.zero_pages += 1;
             }
             Kind::PageZstd => {
@@ -372,6 +388,7 @@ impl<'a> StreamLander<'a> {
         }
         self.records += 1;
         self.stats.records += 1;
+        self.stats.wire_bytes += (HEADER_LEN + h.len as usize) as u64;
         Ok(())
     }
 }
@@ -526,6 +543,10 @@ fn receive_inner<T: DestTransport>(
     let features = accepted.features;
     let streams = usize::from(hello.streams);
     let rxs = transport.accept_streams(streams, &accepted.session)?;
+    // Memory is allocated and every stream accepted: round 0 may start.
+    transport
+        .control()
+        .send(&protocol::encode_record(Kind::Ready, 0, 0, &[]))?;
     let pages = GuestPages::new(memory);
     let interrupt = transport.interrupt();
     let zstd = features & protocol::FEATURE_ZSTD != 0;
@@ -565,6 +586,7 @@ fn receive_inner<T: DestTransport>(
                 Ok(Ok((last, s))) => {
                     finals.push(last);
                     stats.records += s.records;
+                    stats.wire_bytes += s.wire_bytes;
                     stats.payload_bytes += s.payload_bytes;
                     stats.zero_pages += s.zero_pages;
                     stats.whole_pages += s.whole_pages;

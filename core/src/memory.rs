@@ -264,6 +264,57 @@ impl Layout {
     }
 }
 
+/// Allocates zeroed destination memory for `layout` and faults every page in
+/// with `threads` threads, so that receiving does not pay for first-touch
+/// page faults (like QEMU's `-mem-prealloc`). Costs the guest's full size in
+/// resident memory.
+pub fn allocate_prefaulted(layout: &Layout, threads: usize) -> Result<DestMemory, MemoryError> {
+    use vm_memory::Bytes;
+    let memory: DestMemory = layout.allocate()?;
+    let ps = layout.page_size() as u64;
+    let threads = threads.max(1) as u64;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let memory = &memory;
+            s.spawn(move || {
+                for r in memory.iter() {
+                    let pages = r.len() / ps;
+                    for p in (pages * t / threads)..(pages * (t + 1) / threads) {
+                        // Fresh memory is zero: writing a zero byte changes nothing
+                        // but makes the kernel back the page now.
+                        let _ = memory.write_obj(0u8, GuestAddress(r.start_addr().0 + p * ps));
+                    }
+                }
+            });
+        }
+    });
+    Ok(memory)
+}
+
+/// Fills every region with pseudo-random bytes (xorshift from `seed`): a
+/// guest whose every page holds data that does not compress.
+pub fn fill_random<B: vm_memory::bitmap::Bitmap + 'static>(memory: &GuestMemoryMmap<B>, seed: u64) {
+    use vm_memory::Bytes;
+    let mut x = seed | 1;
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for r in memory.iter() {
+        let mut off = 0u64;
+        while off < r.len() {
+            let n = (chunk.len() as u64).min(r.len() - off) as usize;
+            // Both ranges lie inside the region, so the write cannot fail.
+            let _ = memory.write_slice(&chunk[..n], GuestAddress(r.start_addr().0 + off));
+            off += n as u64;
+        }
+    }
+}
+
 /// The bitmap words owned by worker `w` of `n`: a fixed, contiguous share for
 /// the whole migration, computed the same way at both ends.
 pub fn worker_share(total_words: usize, w: usize, n: usize) -> std::ops::Range<usize> {

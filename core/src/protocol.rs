@@ -6,6 +6,8 @@
 //!    |   granularity, features, streams, layout, auth}  ---> | check all, allocate nothing before
 //!    | <--- Welcome {version, features, auth} or Error       |
 //!    | control: Proof {auth}                             ---> | check, then allocate guest memory
+//!    | (data connections open)                               | accept every stream
+//!    | <--- Ready                                            | memory ready to land in
 //!    |                                                       |
 //!    | stream s (one per worker, each owns fixed pages):     |
 //!    |   round r: Segment | Zero | Page | PageZstd ...  ---> | bounds-check, write in place
@@ -149,6 +151,7 @@ pub enum Kind {
     Ack = 10,
     Error = 11,
     Proof = 12,
+    Ready = 13,
 }
 
 impl Kind {
@@ -166,6 +169,7 @@ impl Kind {
             10 => Kind::Ack,
             11 => Kind::Error,
             12 => Kind::Proof,
+            13 => Kind::Ready,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -185,7 +189,7 @@ impl Kind {
             Kind::Hello => (HELLO_FIXED as u32, MAX_HELLO),
             Kind::Welcome => (WELCOME_LEN, WELCOME_LEN),
             Kind::Segment => (1, page_size),
-            Kind::Zero => (0, 0),
+            Kind::Zero | Kind::Ready => (0, 0),
             Kind::Page => (page_size, page_size),
             Kind::PageZstd => (1, page_size),
             Kind::RoundEnd => (ROUND_END_LEN as u32, ROUND_END_LEN as u32),

@@ -30,20 +30,7 @@ pub fn pattern_memory(regions: &[(u64, usize)]) -> SourceMemory {
 /// Source memory with every page non-zero and incompressible-ish.
 pub fn dense_memory(bytes: usize) -> SourceMemory {
     let mem = SourceMemory::from_ranges(&[(GuestAddress(0), bytes)]).expect("test guest memory");
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let chunk: Vec<u8> = (0..1 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    for off in (0..bytes).step_by(chunk.len()) {
-        let n = chunk.len().min(bytes - off);
-        mem.write_slice(&chunk[..n], GuestAddress(off as u64))
-            .expect("in range");
-    }
+    crate::memory::fill_random(&mem, 0x2545_f491_4f6c_dd1d);
     mem
 }
 

@@ -363,6 +363,20 @@ fn run<T: SourceTransport>(
         Vec::new()
     };
     let interrupt = transport.interrupt();
+    // No data before the destination can land it.
+    let ready = transport.control().recv().map_err(fail(Phase::Setup, 0))?;
+    match ready.header.kind {
+        Kind::Ready => {}
+        Kind::Error => return Err(fail(Phase::Setup, 0)(peer_error(&ready.payload))),
+        got => {
+            return Err(fail(Phase::Setup, 0)(Cause::Protocol(
+                protocol::ProtocolError::Unexpected {
+                    got,
+                    expected: "Ready",
+                },
+            )))
+        }
+    }
 
     std::thread::scope(|scope| {
         let (done_tx, done_rx) = unbounded();
