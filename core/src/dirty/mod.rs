@@ -105,6 +105,14 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks flat page `page` dirty; pages outside the layout are ignored.
+    pub fn set_page(&mut self, page: u64) {
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        if let (Some(word), Some(valid)) = (self.words.get_mut(w), self.valid.get(w)) {
+            *word |= bit & valid;
+        }
+    }
+
     /// Marks every page dirty (round 0).
     pub fn set_all(&mut self) {
         self.words.copy_from_slice(&self.valid);

@@ -3,6 +3,7 @@
 //! vm-memory) used where there is no /dev/kvm and by the engine's tests.
 
 pub mod emulated;
+pub mod kvm;
 
 use thiserror::Error;
 
@@ -54,6 +55,14 @@ impl Workload {
         Workload::Aba,
         Workload::Idle,
     ];
+
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(v: u8) -> Option<Workload> {
+        Workload::ALL.into_iter().find(|w| *w as u8 == v)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {

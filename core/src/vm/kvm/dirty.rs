@@ -1,0 +1,195 @@
+//! KVM's dirty-page logs as [`DirtySource`]s, chosen with `--dirty-log`:
+//!
+//! - `bitmap`: KVM_GET_DIRTY_LOG, which fetches a slot's bitmap and
+//!   write-protects the pages again in one call;
+//! - `clear`: manual protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): fetch with
+//!   KVM_GET_DIRTY_LOG, then re-protect with KVM_CLEAR_DIRTY_LOG in chunks of
+//!   [`CLEAR_CHUNK_PAGES`] pages, only where pages were dirty;
+//! - `ring`: the per-vCPU dirty rings (KVM_CAP_DIRTY_LOG_RING), read entry by
+//!   entry, then KVM_RESET_DIRTY_RINGS.
+//!
+//! In every mode a harvest fetches and re-protects before the round reads
+//! any page, so a write racing with the copy is logged again. Logging is
+//! switched on for all slots by the first harvest, so the guest pays for
+//! write-protect faults only while a migration runs. The VMM's own bitmap is
+//! ORed in by the caller ([`crate::dirty::Combined`]).
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+
+use super::sys::{self, DirtyRing};
+use crate::dirty::{DirtyBitmap, DirtyError, DirtySource};
+use crate::memory::Layout;
+
+/// Pages re-protected per KVM_CLEAR_DIRTY_LOG call (a multiple of 64).
+pub const CLEAR_CHUNK_PAGES: usize = 64 * 1024;
+
+/// Which KVM log to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    Bitmap,
+    Clear,
+    Ring,
+}
+
+impl DirtyLogMode {
+    pub const ALL: [DirtyLogMode; 3] = [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::Clear,
+        DirtyLogMode::Ring,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirtyLogMode::Bitmap => "bitmap",
+            DirtyLogMode::Clear => "clear",
+            DirtyLogMode::Ring => "ring",
+        }
+    }
+}
+
+impl std::str::FromStr for DirtyLogMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        DirtyLogMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown dirty log '{s}' (expected bitmap, clear or ring)"))
+    }
+}
+
+/// A KVM memory slot as registered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slot {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub host: u64,
+}
+
+impl Slot {
+    pub(crate) fn region(&self, flags: u32) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: self.slot,
+            flags,
+            guest_phys_addr: self.gpa,
+            memory_size: self.size,
+            userspace_addr: self.host,
+        }
+    }
+}
+
+/// The KVM dirty log of one micro-VM.
+#[derive(Debug)]
+pub struct KvmDirtyLog {
+    vm: Arc<VmFd>,
+    slots: Vec<Slot>,
+    layout: Layout,
+    mode: DirtyLogMode,
+    rings: Vec<DirtyRing>,
+    logging: bool,
+}
+
+impl KvmDirtyLog {
+    pub(crate) fn new(
+        vm: Arc<VmFd>,
+        slots: Vec<Slot>,
+        layout: Layout,
+        mode: DirtyLogMode,
+        rings: Vec<DirtyRing>,
+    ) -> Self {
+        KvmDirtyLog {
+            vm,
+            slots,
+            layout,
+            mode,
+            rings,
+            logging: false,
+        }
+    }
+
+    pub fn mode(&self) -> DirtyLogMode {
+        self.mode
+    }
+
+    fn hypervisor(call: &'static str) -> impl Fn(kvm_ioctls::Error) -> DirtyError {
+        move |e| DirtyError::Hypervisor {
+            call,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    }
+
+    fn start_logging(&mut self) -> Result<(), DirtyError> {
+        for s in &self.slots {
+            // SAFETY: the same slot, address and host mapping as registered
+            // at VM creation (the mapping outlives the VM); only the flags change.
+            unsafe {
+                self.vm
+                    .set_user_memory_region(s.region(KVM_MEM_LOG_DIRTY_PAGES))
+            }
+            .map_err(Self::hypervisor(
+                "KVM_SET_USER_MEMORY_REGION (enable dirty logging)",
+            ))?;
+        }
+        self.logging = true;
+        Ok(())
+    }
+}
+
+impl DirtySource for KvmDirtyLog {
+    fn harvest(&mut self, into: &mut DirtyBitmap) -> Result<(), DirtyError> {
+        if !self.logging {
+            self.start_logging()?;
+        }
+        match self.mode {
+            DirtyLogMode::Bitmap | DirtyLogMode::Clear => {
+                for (i, s) in self.slots.iter().enumerate() {
+                    let mut bits = self
+                        .vm
+                        .get_dirty_log(s.slot, s.size as usize)
+                        .map_err(Self::hypervisor("KVM_GET_DIRTY_LOG"))?;
+                    into.or_region(self.layout.region_word_base(i), &bits);
+                    if self.mode == DirtyLogMode::Clear {
+                        let words = CLEAR_CHUNK_PAGES / 64;
+                        for (c, chunk) in bits.chunks_mut(words).enumerate() {
+                            if chunk.iter().any(|&w| w != 0) {
+                                sys::clear_dirty_log(
+                                    &*self.vm,
+                                    s.slot,
+                                    (c * CLEAR_CHUNK_PAGES) as u64,
+                                    chunk,
+                                )
+                                .map_err(|source| {
+                                    DirtyError::Hypervisor {
+                                        call: "KVM_CLEAR_DIRTY_LOG",
+                                        source,
+                                    }
+                                })?;
+                            }
+                        }
+                    }
+                }
+            }
+            DirtyLogMode::Ring => {
+                let layout = &self.layout;
+                for ring in &mut self.rings {
+                    ring.harvest(|slot, offset| {
+                        if (slot as usize) < layout.regions().len() {
+                            into.set_page(
+                                layout.region_word_base(slot as usize) as u64 * 64 + offset,
+                            );
+                        }
+                    });
+                }
+                sys::reset_dirty_rings(&*self.vm).map_err(|source| DirtyError::Hypervisor {
+                    call: "KVM_RESET_DIRTY_RINGS",
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,265 @@
+//! The micro-VM's guest: page tables for a direct 64-bit CPL3 entry, and the
+//! workload loops, assembled at run time with iced-x86's code assembler.
+//!
+//! Guest physical memory map (all below `DATA`, 2 MiB, is ours):
+//!
+//! ```text
+//!  0x0000_0000  heartbeat page: vCPU i's counter at 8 * i
+//!  0x0000_1000  PML4          0x2000 PDPT     0x3000.. one PD per GiB
+//!  0x0005_0000  code          0x0006_0000.. per-vCPU scratch (aba's lists)
+//!  0x0020_0000  DATA: what the workloads write, to the end of memory
+//! ```
+//!
+//! Every page is mapped 1:1 with 2 MiB pages carrying the U bit, so the
+//! guest runs at CPL3 from its first instruction, which on these machines is
+//! what makes it run natively (see shared/notes/kvm.md). The guest never
+//! leaves CPL3: it reports each batch of writes with a store to its
+//! doorbell, a page mapped just past the end of memory that no memory slot
+//! backs, so KVM hands the store to the VMM as an MMIO exit (used to count
+//! progress, throttle to `--dirty-rate`, and pause). A doorbell, not `out`:
+//! under PVM port I/O at CPL3 depends on an emulated IOPL, and measured
+//! here a guest's 65536th `out` to one port raised #GP.
+//!
+//! Register contract, set by the VMM at start (and carried in the vCPU
+//! state across a migration):
+//!
+//! | reg | meaning |
+//! |---|---|
+//! | r8  | address of this vCPU's heartbeat |
+//! | r9  | first byte the workload writes |
+//! | r10 | words it may write (sparse, hotspot, aba) or bytes (dense) |
+//! | r11 | xorshift state (never zero) |
+//! | r12 | this vCPU's scratch area |
+//! | r13 | writes per batch (dense: pages per batch) |
+//! | r14 | dense: offset of the next page |
+//! | r15 | heartbeat counter (also stored at r8 after every batch) |
+//! | rbp | the doorbell: +0 after a batch of writes, +8 for an idle tick |
+
+use iced_x86::code_asm::*;
+
+use crate::vm::Workload;
+
+/// Guest page size: architectural on x86, independent of the host's.
+pub const GUEST_PAGE: u64 = 4096;
+pub const HEARTBEAT: u64 = 0;
+pub const PML4: u64 = 0x1000;
+pub const PDPT: u64 = 0x2000;
+pub const PD_BASE: u64 = 0x3000;
+pub const CODE: u64 = 0x5_0000;
+pub const SCRATCH: u64 = 0x6_0000;
+/// Scratch bytes per vCPU: room for 4096 (address, old value) pairs.
+pub const SCRATCH_PER_VCPU: u64 = 0x1_0000;
+pub const DATA: u64 = 0x20_0000;
+/// Largest guest the page tables map (one PD page per GiB below CODE).
+pub const MAX_MEMORY: u64 = ((CODE - PD_BASE) / GUEST_PAGE) << 30;
+/// Pages the hotspot workload rewrites.
+pub const HOTSPOT_PAGES: u64 = 64;
+
+/// Doorbell offset rung after a batch of writes.
+pub const BELL_BATCH: u64 = 0;
+/// Doorbell offset rung by an idle tick.
+pub const BELL_IDLE: u64 = 8;
+
+/// Guest address of the doorbell of a guest of `memory_size` bytes (a
+/// multiple of 2 MiB): the first byte past memory.
+pub fn doorbell(memory_size: u64) -> u64 {
+    memory_size
+}
+
+/// The assembled program and where each workload starts.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub code: Vec<u8>,
+    pub sparse: u64,
+    pub dense: u64,
+    pub aba: u64,
+    pub idle: u64,
+}
+
+impl Program {
+    /// Guest address where `workload` starts (hotspot is sparse on a small range).
+    pub fn entry(&self, workload: Workload) -> u64 {
+        match workload {
+            Workload::Sparse | Workload::Hotspot => self.sparse,
+            Workload::Dense => self.dense,
+            Workload::Aba => self.aba,
+            Workload::Idle => self.idle,
+        }
+    }
+}
+
+/// `r11 = xorshift64(r11)`, clobbering rax.
+fn xorshift(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    for (shift, left) in [(13, true), (7, false), (17, true)] {
+        a.mov(rax, r11)?;
+        if left {
+            a.shl(rax, shift)?;
+        } else {
+            a.shr(rax, shift)?;
+        }
+        a.xor(r11, rax)?;
+    }
+    Ok(())
+}
+
+/// `rdx = r11 * r10 >> 64`: a random index below r10, clobbering rax.
+fn random_index(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    xorshift(a)?;
+    a.mov(rax, r11)?;
+    a.mul(r10)
+}
+
+/// Heartbeat, then ring the doorbell at offset `bell`.
+fn beat(a: &mut CodeAssembler, bell: u64) -> Result<(), IcedError> {
+    a.inc(r15)?;
+    a.mov(qword_ptr(r8), r15)?;
+    a.mov(byte_ptr(rbp + bell as i32), al)
+}
+
+/// Assembles every workload loop at [`CODE`].
+pub fn assemble() -> Result<Program, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+
+    // sparse / hotspot: r13 random 8-byte stores over r10 words from r9.
+    let mut sparse = a.create_label();
+    let mut s_inner = a.create_label();
+    a.set_label(&mut sparse)?;
+    a.mov(rbx, r13)?;
+    a.set_label(&mut s_inner)?;
+    random_index(&mut a)?;
+    a.mov(qword_ptr(r9 + rdx * 8), r11)?;
+    a.dec(rbx)?;
+    a.jnz(s_inner)?;
+    beat(&mut a, BELL_BATCH)?;
+    a.jmp(sparse)?;
+
+    // dense: rewrite r13 whole pages in sequence, wrapping at r10 bytes.
+    let mut dense = a.create_label();
+    let mut d_page = a.create_label();
+    let mut d_ok = a.create_label();
+    a.set_label(&mut dense)?;
+    a.mov(rbx, r13)?;
+    a.set_label(&mut d_page)?;
+    a.lea(rdi, qword_ptr(r9 + r14))?;
+    a.mov(rax, r11)?;
+    a.mov(rcx, GUEST_PAGE / 8)?;
+    a.rep().stosq()?;
+    a.add(r14, GUEST_PAGE as i32)?;
+    a.cmp(r14, r10)?;
+    a.jb(d_ok)?;
+    a.xor(r14, r14)?;
+    a.set_label(&mut d_ok)?;
+    a.inc(r11)?;
+    a.dec(rbx)?;
+    a.jnz(d_page)?;
+    beat(&mut a, BELL_BATCH)?;
+    a.jmp(dense)?;
+
+    // aba: r13 random stores, remembering each old value in the scratch
+    // list; report; then put every old value back, newest first (so a word
+    // written twice ends with its original value); report again.
+    let mut aba = a.create_label();
+    let mut a_write = a.create_label();
+    let mut a_restore = a.create_label();
+    a.set_label(&mut aba)?;
+    a.mov(rbx, r13)?;
+    a.mov(rdi, r12)?;
+    a.set_label(&mut a_write)?;
+    random_index(&mut a)?;
+    a.lea(rsi, qword_ptr(r9 + rdx * 8))?;
+    a.mov(rax, qword_ptr(rsi))?;
+    a.mov(qword_ptr(rdi), rsi)?;
+    a.mov(qword_ptr(rdi + 8), rax)?;
+    a.add(rdi, 16)?;
+    a.mov(qword_ptr(rsi), r11)?;
+    a.dec(rbx)?;
+    a.jnz(a_write)?;
+    beat(&mut a, BELL_BATCH)?;
+    a.mov(rbx, r13)?;
+    a.set_label(&mut a_restore)?;
+    a.sub(rdi, 16)?;
+    a.mov(rsi, qword_ptr(rdi))?;
+    a.mov(rax, qword_ptr(rdi + 8))?;
+    a.mov(qword_ptr(rsi), rax)?;
+    a.dec(rbx)?;
+    a.jnz(a_restore)?;
+    beat(&mut a, BELL_BATCH)?;
+    a.jmp(aba)?;
+
+    // idle: only the heartbeat.
+    let mut idle = a.create_label();
+    a.set_label(&mut idle)?;
+    beat(&mut a, BELL_IDLE)?;
+    a.jmp(idle)?;
+
+    let r = a.assemble_options(
+        CODE,
+        iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    Ok(Program {
+        sparse: r.label_ip(&sparse)?,
+        dense: r.label_ip(&dense)?,
+        aba: r.label_ip(&aba)?,
+        idle: r.label_ip(&idle)?,
+        code: r.inner.code_buffer,
+    })
+}
+
+/// The page-table entries that map `memory_size` bytes, and the 2 MiB page
+/// of the doorbell just past them, 1:1 with 2 MiB user pages:
+/// `(guest address, value)` pairs to write.
+pub fn page_tables(memory_size: u64) -> Vec<(u64, u64)> {
+    const PRESENT_RW_USER: u64 = 0x7;
+    const HUGE: u64 = 0x80;
+    let mapped = doorbell(memory_size) + (2 << 20);
+    let gibs = mapped.div_ceil(1 << 30);
+    let mut entries = vec![(PML4, PDPT | PRESENT_RW_USER)];
+    for g in 0..gibs {
+        let pd = PD_BASE + g * GUEST_PAGE;
+        entries.push((PDPT + g * 8, pd | PRESENT_RW_USER));
+        for i in 0..512u64 {
+            let addr = (g << 30) + (i << 21);
+            if addr >= mapped {
+                break;
+            }
+            entries.push((pd + i * 8, addr | PRESENT_RW_USER | HUGE));
+        }
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_assembles_below_the_scratch_area() {
+        let p = assemble().unwrap();
+        assert!(!p.code.is_empty() && CODE + p.code.len() as u64 <= SCRATCH);
+        for e in [p.sparse, p.dense, p.aba, p.idle] {
+            assert!((CODE..CODE + p.code.len() as u64).contains(&e));
+        }
+        // Decodes back to instructions (the listing a newcomer can read).
+        let mut d = iced_x86::Decoder::with_ip(64, &p.code, CODE, 0);
+        let mut n = 0;
+        while d.can_decode() {
+            assert!(!d.decode().is_invalid());
+            n += 1;
+        }
+        assert!(n > 30);
+    }
+
+    #[test]
+    fn page_tables_map_all_memory_with_user_huge_pages() {
+        let t = page_tables(3 << 30 | 1 << 21);
+        let pds: Vec<_> = t.iter().filter(|(a, _)| *a >= PD_BASE).collect();
+        assert_eq!(pds.len(), 3 * 512 + 2, "memory plus the doorbell's page");
+        assert!(pds.iter().all(|(_, v)| v & 0x87 == 0x87));
+        assert_eq!(
+            t.iter()
+                .filter(|(a, _)| (PDPT..PD_BASE).contains(a))
+                .count(),
+            4
+        );
+    }
+}
