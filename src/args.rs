@@ -12,7 +12,9 @@ use hpmig_core::segment::compress::ZstdMode;
 use hpmig_core::segment::Granularity;
 use hpmig_core::vm::Workload;
 
+use crate::guest::{BootSpec, GuestChoice};
 use crate::units::{parse_bytes, parse_millis};
+use hpmig_core::vm::kvm::dirty::DirtyLogMode;
 
 /// The guest to boot.
 #[derive(Args, Debug, Clone)]
@@ -36,15 +38,37 @@ pub struct GuestArgs {
     /// guest whose every page holds data, for throughput runs).
     #[arg(long)]
     pub prefill: bool,
+    /// Which guest: the KVM micro-VM (auto picks it when /dev/kvm works) or
+    /// the emulated one.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub guest: GuestChoice,
+    /// KVM's dirty log: bitmap (KVM_GET_DIRTY_LOG), clear (manual protect,
+    /// KVM_CLEAR_DIRTY_LOG) or ring (per-vCPU dirty rings).
+    #[arg(long, default_value = "bitmap")]
+    pub dirty_log: DirtyLogMode,
 }
 
 impl GuestArgs {
     pub fn check(&self) -> Result<()> {
-        let page = hpmig_core::memory::host_page_size() as u64;
-        if self.memory < 1 << 20 || self.memory % page != 0 {
-            bail!("--memory must be at least 1 MiB and a multiple of the page size ({page} bytes)");
+        hpmig_core::vm::kvm::memory_ranges(self.memory)
+            .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+        if !(1..=hpmig_core::vm::kvm::MAX_VCPUS).contains(&self.vcpus) {
+            bail!(
+                "--vcpus must be between 1 and {}",
+                hpmig_core::vm::kvm::MAX_VCPUS
+            );
         }
         Ok(())
+    }
+
+    pub fn spec(&self) -> BootSpec {
+        BootSpec {
+            choice: self.guest,
+            workload: self.workload,
+            vcpus: self.vcpus,
+            dirty_rate: self.dirty_rate,
+            dirty_log: self.dirty_log,
+        }
     }
 }
 

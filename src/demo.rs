@@ -10,10 +10,11 @@ use clap::{Args, ValueEnum};
 use hpmig_core::land::{receive, DestConfig, LandError, Received};
 use hpmig_core::memory::{DestMemory, Layout};
 use hpmig_core::transport::inproc::{pair, Faults};
-use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
+use hpmig_core::vm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs};
+use crate::guest;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};
 
@@ -96,9 +97,7 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
     drop(booted.guest);
 
     // Resume on the destination from the state it received; watch the heartbeat.
-    let guest_cfg = EmulatedConfig::from_state_record(&received.state, 2)
-        .ok_or_else(|| anyhow!("unexpected guest state"))?;
-    let resumed = EmulatedGuest::start(dest_memory.clone(), guest_cfg)?;
+    let resumed = guest::resume(&dest_memory, &received.state)?;
     let deadline = Instant::now() + Duration::from_secs(2);
     while heartbeat(&dest_memory, 0) <= figures.heartbeat_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));

@@ -4,14 +4,15 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_core::land::{accept, receive_accepted, DestConfig};
 use hpmig_core::memory::DestMemory;
-use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
+use hpmig_core::vm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpDest, TcpOptions};
 
 use crate::args::TokenArgs;
+use crate::guest;
 use crate::report;
 use crate::units::{human, parse_bytes, parse_millis};
 
@@ -107,16 +108,17 @@ pub fn run(a: &DestArgs) -> Result<bool> {
         "  dest cpu: {}",
         report::cpu_line(report::cpu_seconds() - cpu0, received.stats.wire_bytes)
     );
-    let Some(cfg) = EmulatedConfig::from_state_record(&received.state, 2) else {
-        bail!("the guest state is not an emulated guest's; this build cannot run it");
-    };
     let before = heartbeat(&memory, 0);
-    let guest = EmulatedGuest::start(memory.clone(), cfg)?;
+    let guest = guest::resume(&memory, &received.state)?;
     std::thread::sleep(a.run_for);
     let after = heartbeat(&memory, 0);
+    let kind = guest.kind();
+    if let Some(why) = guest.failure() {
+        println!("  the resumed guest stopped: {why}");
+    }
     drop(guest);
     println!(
-        "  guest resumed: heartbeat {before} at arrival, {after} after {:?} ({})",
+        "  {kind} resumed: heartbeat {before} at arrival, {after} after {:?} ({})",
         a.run_for,
         if after > before {
             "runs on"

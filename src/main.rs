@@ -4,6 +4,7 @@
 mod args;
 mod demo;
 mod dest;
+mod guest;
 mod report;
 mod source;
 mod units;

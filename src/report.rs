@@ -190,3 +190,31 @@ pub fn cpu_line(cpu: f64, bytes: u64) -> String {
     };
     format!("{cpu:.2} s of CPU (user + system), {per_gb:.2} s per GB on the wire")
 }
+
+/// A spinner under the round table while a round runs.
+pub struct Spinner(indicatif::ProgressBar);
+
+impl Spinner {
+    pub fn start() -> Spinner {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} round {msg} running, {elapsed_precise}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        pb.set_message("0");
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+        Spinner(pb)
+    }
+
+    /// Prints a finished round above the spinner.
+    pub fn row(&self, r: &RoundReport) {
+        self.0.suspend(|| table_row(r));
+        self.0.set_message((r.metrics.round + 1).to_string());
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}

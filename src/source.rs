@@ -5,15 +5,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hpmig_core::dirty::vmm::VmmBitmap;
-use hpmig_core::memory::{Layout, SourceMemory};
+use hpmig_core::dirty::DirtySource;
+use hpmig_core::memory::SourceMemory;
 use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, SourceConfig};
 use hpmig_core::transport::SourceTransport;
-use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
+use hpmig_core::vm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
-use vm_memory::GuestAddress;
 
 use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
+use crate::guest::{self, RunningGuest};
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_millis};
 
@@ -36,25 +36,22 @@ pub struct SourceArgs {
 /// A running guest, ready to migrate.
 pub struct Booted {
     pub memory: SourceMemory,
-    pub guest: EmulatedGuest,
+    pub guest: RunningGuest,
+    pub dirty: Box<dyn DirtySource>,
     pub rate_before: f64,
 }
 
-/// Boots the guest and lets it run for the warm-up, measuring its own pace.
+/// Boots the guest, says what runs, and lets it run for the warm-up,
+/// measuring its own pace.
 pub fn boot(g: &GuestArgs) -> Result<Booted> {
     g.check()?;
-    let memory = SourceMemory::from_ranges(&[(GuestAddress(0), g.memory as usize)])
-        .context("allocating guest memory")?;
+    let ranges = hpmig_core::vm::kvm::memory_ranges(g.memory)?;
+    let memory = SourceMemory::from_ranges(&ranges).context("allocating guest memory")?;
     if g.prefill {
         hpmig_core::memory::fill_random(&memory, 1);
     }
-    let cfg = EmulatedConfig {
-        workload: g.workload,
-        vcpus: g.vcpus,
-        dirty_rate: g.dirty_rate,
-        seed: 1,
-    };
-    let guest = EmulatedGuest::start(memory.clone(), cfg)?;
+    let (guest, dirty, line) = guest::boot(&memory, &g.spec())?;
+    println!("  guest: {line}");
     std::thread::sleep(g.warmup);
     let (w0, t0) = (guest.writes(), Instant::now());
     std::thread::sleep(Duration::from_millis(200));
@@ -62,6 +59,7 @@ pub fn boot(g: &GuestArgs) -> Result<Booted> {
     Ok(Booted {
         memory,
         guest,
+        dirty,
         rate_before,
     })
 }
@@ -75,27 +73,29 @@ pub fn describe(g: &GuestArgs, m: &MigrationArgs, wire: &str) {
         m.granularity.as_str(),
         m.workers
     );
-    println!("  guest: emulated (vCPU threads writing through vm-memory; the KVM micro-VM is not built yet)");
     println!("  wire:  {wire}");
 }
 
-/// Migrates a booted guest through `transport`, printing each round.
+/// Migrates a booted guest through `transport`, printing each round and a
+/// spinner while one runs.
 pub fn migrate_booted<T: SourceTransport>(
     b: &mut Booted,
     transport: &mut T,
     cfg: &SourceConfig,
 ) -> Result<(Result<MigrationReport, MigrateError>, GuestFigures)> {
-    let mut dirty = VmmBitmap::new(b.memory.clone(), Layout::of(&b.memory)?)?;
     report::table_header();
+    let spinner = report::Spinner::start();
     let (w0, t0, cpu0) = (b.guest.writes(), Instant::now(), report::cpu_seconds());
+    let mut on_round = |r: &hpmig_core::precopy::RoundReport| spinner.row(r);
     let outcome = migrate(
         &b.memory,
-        &mut dirty,
+        b.dirty.as_mut(),
         &mut b.guest,
         transport,
         cfg,
-        &mut report::table_row,
+        &mut on_round,
     );
+    spinner.finish();
     let rate_during = (b.guest.writes() - w0) as f64 / t0.elapsed().as_secs_f64();
     let figures = GuestFigures {
         heartbeat_before: heartbeat(&b.memory, 0),

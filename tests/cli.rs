@@ -56,7 +56,10 @@ fn bad_flags_are_refused_with_a_reason() {
     assert!(text.contains("unknown workload 'busy'"), "{text}");
     let (ok, text) = hpmig(&["demo", "--memory", "100K"]);
     assert!(!ok);
-    assert!(text.contains("at least 1 MiB"), "{text}");
+    assert!(
+        text.contains("--memory") && text.contains("multiple of 2 MiB between"),
+        "{text}"
+    );
 }
 
 fn free_port() -> u16 {

@@ -16,6 +16,9 @@ pub enum GuestError {
     /// the guest could not be resumed
     #[error("resuming the guest: {0}")]
     Resume(String),
+    /// the guest cannot be built as asked
+    #[error("guest configuration: {0}")]
+    Config(String),
     /// the guest's state could not be read or applied
     #[error("guest state: {0}")]
     State(String),

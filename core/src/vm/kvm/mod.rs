@@ -58,7 +58,7 @@ pub fn available() -> bool {
 pub fn memory_ranges(bytes: u64) -> Result<Vec<(GuestAddress, usize)>, GuestError> {
     let min = DATA + (HOTSPOT_PAGES + 64) * GUEST_PAGE;
     if bytes < min || bytes > program::MAX_MEMORY || bytes % (2 << 20) != 0 {
-        return Err(GuestError::State(format!(
+        return Err(GuestError::Config(format!(
             "micro-VM memory must be a multiple of 2 MiB between {} MiB and {} GiB",
             min.div_ceil(1 << 20),
             program::MAX_MEMORY >> 30

@@ -50,8 +50,10 @@ pub const SCRATCH: u64 = 0x6_0000;
 /// Scratch bytes per vCPU: room for 4096 (address, old value) pairs.
 pub const SCRATCH_PER_VCPU: u64 = 0x1_0000;
 pub const DATA: u64 = 0x20_0000;
-/// Largest guest the page tables map (one PD page per GiB below CODE).
-pub const MAX_MEMORY: u64 = ((CODE - PD_BASE) / GUEST_PAGE) << 30;
+/// Largest guest: the page tables hold one PD page per GiB below CODE (77),
+/// memory plus the doorbell's page must fit; a round 64 GiB does.
+pub const MAX_MEMORY: u64 = 64 << 30;
+const _: () = assert!((MAX_MEMORY >> 30) < (CODE - PD_BASE) / GUEST_PAGE);
 /// Pages the hotspot workload rewrites.
 pub const HOTSPOT_PAGES: u64 = 64;
 
