@@ -92,6 +92,9 @@ pub enum LandError {
         expected: u32,
         got: u32,
     },
+    /// the vCPU state record is inconsistent or does not decode
+    #[error("vCPU state record: {0}")]
+    BadState(String),
     /// the source completed without sending vCPU state
     #[error("source completed without sending vCPU state")]
     NoState,
@@ -501,6 +504,30 @@ pub fn receive_accepted<T: DestTransport>(
     result
 }
 
+/// Refuses a State record whose announced vCPU count differs from the state
+/// it carries, for the formats hpmig knows (a library user's own format
+/// passes through unchecked).
+fn check_state(vcpus: u32, state: &[u8]) -> Result<(), LandError> {
+    use crate::vm::emulated::EmulatedConfig;
+    use crate::vm::kvm::state::VmState;
+    let carried = if VmState::is_kvm_record(state) {
+        VmState::decode(state)
+            .map_err(|e| LandError::BadState(e.to_string()))?
+            .vcpus
+            .len() as u32
+    } else if let Some(cfg) = EmulatedConfig::from_state_record(state, 0) {
+        cfg.vcpus
+    } else {
+        return Ok(());
+    };
+    if carried != vcpus {
+        return Err(LandError::BadState(format!(
+            "the State record announces {vcpus} vCPUs but carries {carried}"
+        )));
+    }
+    Ok(())
+}
+
 fn layout_mismatch(source: &Layout, dest: &Layout) -> ProtocolError {
     ProtocolError::Layout {
         source_layout: format!("{source:?}"),
@@ -637,6 +664,7 @@ fn receive_inner<T: DestTransport>(
         Ok((state, complete, stats, digest))
     })?;
     let (vcpus, state) = state.ok_or(LandError::NoState)?;
+    check_state(vcpus, &state)?;
     let (final_round, source_digest) = complete;
     let verified = match source_digest {
         Some(d) if d != digest => return Err(LandError::DigestMismatch),
@@ -726,47 +754,77 @@ fn run_stream(
     result
 }
 
+/// A data stream read from a byte buffer: one stream's records as they
+/// would arrive. Drives [`land_stream`] (fuzzing, replaying captures).
+#[derive(Debug)]
+pub struct SliceRx<'b> {
+    bytes: &'b [u8],
+}
+
+impl<'b> SliceRx<'b> {
+    pub fn new(bytes: &'b [u8]) -> Self {
+        SliceRx { bytes }
+    }
+}
+
+impl StreamRx for SliceRx<'_> {
+    fn next_header(&mut self, page_size: u32) -> Result<Header, TransportError> {
+        let (h, rest) = self
+            .bytes
+            .split_first_chunk::<HEADER_LEN>()
+            .ok_or(TransportError::Disconnected)?;
+        self.bytes = rest;
+        Ok(Header::decode(h, page_size)?)
+    }
+
+    fn read_payload(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
+        let src = self
+            .bytes
+            .get(..dst.len())
+            .ok_or(ProtocolError::Truncated {
+                needed: dst.len(),
+                had: self.bytes.len(),
+            })?;
+        dst.copy_from_slice(src);
+        self.bytes = &self.bytes[dst.len()..];
+        Ok(())
+    }
+}
+
+/// Lands `bytes` as the records of stream `stream` of `streams` into
+/// `memory`, until they run out or a record is refused; returns the rounds
+/// it closed. Every check of a real migration applies.
+pub fn land_stream(
+    memory: &DestMemory,
+    stream: usize,
+    streams: usize,
+    zstd: bool,
+    bytes: &[u8],
+) -> Result<u32, ApplyError> {
+    let layout = Layout::of(memory)?;
+    let pages = GuestPages::new(memory);
+    let mut lander = StreamLander::new(stream, streams.max(1), &layout, &pages, zstd);
+    let mut rx = SliceRx::new(bytes);
+    let mut rounds = 0;
+    while !rx.bytes.is_empty() {
+        if lander.step(&mut rx)?.is_some() {
+            rounds += 1;
+        }
+    }
+    Ok(rounds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::memory::RegionSpec;
-    use crate::protocol::{Header, HEADER_LEN};
+    use crate::protocol::Header;
     use vm_memory::{Bytes, GuestAddress};
-
-    /// A data stream over a byte slice (a test double for the logic above it).
-    struct SliceRx<'b> {
-        bytes: &'b [u8],
-    }
-
-    impl StreamRx for SliceRx<'_> {
-        fn next_header(&mut self, page_size: u32) -> Result<Header, TransportError> {
-            let (h, rest) = self
-                .bytes
-                .split_first_chunk::<HEADER_LEN>()
-                .ok_or(TransportError::Disconnected)?;
-            self.bytes = rest;
-            Ok(Header::decode(h, page_size)?)
-        }
-        fn read_payload(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
-            let src = self
-                .bytes
-                .get(..dst.len())
-                .ok_or(ProtocolError::Truncated {
-                    needed: dst.len(),
-                    had: self.bytes.len(),
-                })?;
-            dst.copy_from_slice(src);
-            self.bytes = &self.bytes[dst.len()..];
-            Ok(())
-        }
-    }
 
     const PS: u64 = 4096;
 
     struct Fixture {
         memory: DestMemory,
-        layout: Layout,
-        pages: GuestPages,
     }
 
     fn fixture() -> Fixture {
@@ -786,12 +844,8 @@ mod tests {
             ],
         )
         .unwrap();
-        let memory: DestMemory = layout.allocate().unwrap();
-        let pages = GuestPages::new(&memory);
         Fixture {
-            memory,
-            layout,
-            pages,
+            memory: layout.allocate().unwrap(),
         }
     }
 
@@ -824,12 +878,7 @@ mod tests {
 
     /// Runs `bytes` through stream `stream` of 2; returns the first error.
     fn land(f: &Fixture, stream: usize, bytes: &[u8]) -> Result<(), ApplyError> {
-        let mut l = StreamLander::new(stream, 2, &f.layout, &f.pages, false);
-        let mut rx = SliceRx { bytes };
-        while !rx.bytes.is_empty() {
-            l.step(&mut rx)?;
-        }
-        Ok(())
+        land_stream(&f.memory, stream, 2, false, bytes).map(|_| ())
     }
 
     fn untouched(f: &Fixture) -> bool {
@@ -945,5 +994,32 @@ mod tests {
             "{e}"
         );
         assert!(untouched(&f));
+    }
+
+    #[test]
+    fn a_state_record_for_the_wrong_vcpu_count_is_refused() {
+        use crate::vm::emulated::EmulatedConfig;
+        use crate::vm::Workload;
+        let two = EmulatedConfig {
+            workload: Workload::Idle,
+            vcpus: 2,
+            dirty_rate: None,
+            seed: 0,
+        }
+        .state_record();
+        assert!(check_state(2, &two).is_ok());
+        let e = check_state(3, &two).unwrap_err();
+        assert!(
+            e.to_string().contains("announces 3 vCPUs but carries 2"),
+            "{e}"
+        );
+        assert!(matches!(
+            check_state(1, b"hpmig-kvm-v1 garbage"),
+            Err(LandError::BadState(_))
+        ));
+        assert!(
+            check_state(7, b"some other VMM's state").is_ok(),
+            "unknown formats pass through"
+        );
     }
 }

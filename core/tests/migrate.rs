@@ -357,3 +357,50 @@ fn a_wrong_token_is_refused_before_anything_is_sent() {
         assert_guest_runs(&guest);
     }
 }
+
+/// A guest whose State record announces one vCPU more than it carries.
+struct Miscounted(EmulatedGuest);
+
+impl Guest for Miscounted {
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.0.pause()
+    }
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.0.resume()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        self.0.save_state()
+    }
+    fn vcpus(&self) -> u32 {
+        self.0.vcpus() + 1
+    }
+}
+
+#[test]
+fn a_state_record_for_the_wrong_vcpu_count_is_refused_and_the_source_resumes() {
+    let memory = source_memory();
+    let mut guest = Miscounted(start(&memory, Workload::Sparse, 1));
+    let run = run(
+        &memory,
+        &mut guest,
+        &config(Granularity::Segment, 2),
+        Faults::none(),
+    );
+    let err = run.report.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MigrateError::Failed {
+                phase: Phase::Acknowledge,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("announces 2 vCPUs but carries 1"),
+        "{err}"
+    );
+    assert!(matches!(run.dest, Err(LandError::BadState(_))));
+    assert_guest_runs(&guest.0);
+}
