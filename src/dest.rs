@@ -61,7 +61,7 @@ pub fn run(a: &DestArgs) -> Result<bool> {
     let accepted = match accept(&mut transport, &cfg, None) {
         Ok(x) => x,
         Err(e) => {
-            println!("refused {}: {e}", transport.peer());
+            println!("refused {} during {}: {e}", transport.peer(), e.phase());
             return Ok(false);
         }
     };
@@ -90,7 +90,10 @@ pub fn run(a: &DestArgs) -> Result<bool> {
     let received = match receive_accepted(&accepted, &memory, &mut transport, &cfg) {
         Ok(r) => r,
         Err(e) => {
-            println!("migration FAILED: {e}; the partial guest is discarded");
+            println!(
+                "migration FAILED during {}: {e}; the received guest is discarded and not run",
+                e.phase()
+            );
             return Ok(false);
         }
     };

@@ -69,10 +69,11 @@ pub enum LandError {
     /// the source's Hello was refused
     #[error("refused the source: {0}")]
     Refused(ProtocolError),
-    /// a data stream failed
-    #[error("stream {stream}: {cause}")]
+    /// a data stream failed in a round
+    #[error("stream {stream}, round {round}: {cause}")]
     Stream {
         stream: usize,
+        round: u32,
         #[source]
         cause: ApplyError,
     },
@@ -106,9 +107,35 @@ pub enum LandError {
         "the source's guest has {bytes} bytes of memory, this destination accepts at most {max}"
     )]
     TooLarge { bytes: u64, max: u64 },
+    /// the source did not commit after the acknowledgement: it may have
+    /// resumed its guest, so this one must not run
+    #[error(
+        "no Commit from the source after the acknowledgement ({0}); the guest must not run here"
+    )]
+    NoCommit(String),
     /// the memory digest differs from the source's
     #[error("guest memory digest differs from the source's")]
     DigestMismatch,
+}
+
+impl LandError {
+    /// The phase of the migration the destination was in when it failed.
+    pub fn phase(&self) -> String {
+        match self {
+            LandError::Refused(_) | LandError::Auth | LandError::TooLarge { .. } => {
+                "handshake".into()
+            }
+            LandError::Stream { round, .. } => format!("round {round}"),
+            LandError::Control(_) | LandError::Protocol(_) | LandError::Peer(_) => {
+                "pre-copy (control exchange)".into()
+            }
+            LandError::FinalRound { .. } | LandError::NoState | LandError::BadState(_) => {
+                "state transfer".into()
+            }
+            LandError::DigestMismatch => "acknowledge".into(),
+            LandError::NoCommit(_) => "commit".into(),
+        }
+    }
 }
 
 /// What the destination accepts.
@@ -587,7 +614,9 @@ fn receive_inner<T: DestTransport>(
                 let mut lander = StreamLander::new(i, streams, &ours, &pages, zstd);
                 let interrupt = interrupt.clone();
                 scope.spawn(move || {
-                    run_stream(&mut lander, &mut rx, &interrupt).map(|last| (last, lander.stats))
+                    run_stream(&mut lander, &mut rx, &interrupt)
+                        .map(|last| (last, lander.stats))
+                        .map_err(|e| (lander.next_round, e))
                 })
             })
             .collect();
@@ -621,9 +650,15 @@ fn receive_inner<T: DestTransport>(
                     stats.segments += s.segments;
                     stats.rounds = stats.rounds.max(s.rounds);
                 }
-                Ok(Err(ApplyError::Transport(TransportError::Interrupted))) => interrupted = true,
-                Ok(Err(cause)) => {
-                    stream_err.get_or_insert(LandError::Stream { stream, cause });
+                Ok(Err((_, ApplyError::Transport(TransportError::Interrupted)))) => {
+                    interrupted = true
+                }
+                Ok(Err((round, cause))) => {
+                    stream_err.get_or_insert(LandError::Stream {
+                        stream,
+                        round,
+                        cause,
+                    });
                 }
                 Err(_) => {
                     stream_err
@@ -678,6 +713,22 @@ fn receive_inner<T: DestTransport>(
         final_round.into(),
         &digest,
     ))?;
+    // The source may still resume its guest until it commits: wait for it.
+    match transport.control().recv() {
+        Ok(r) if r.header.kind == Kind::Commit => {}
+        Ok(r) if r.header.kind == Kind::Error => {
+            return Err(LandError::NoCommit(
+                String::from_utf8_lossy(&r.payload).into_owned(),
+            ));
+        }
+        Ok(r) => {
+            return Err(LandError::NoCommit(format!(
+                "unexpected {:?} record",
+                r.header.kind
+            )))
+        }
+        Err(e) => return Err(LandError::NoCommit(e.to_string())),
+    }
     Ok(Received {
         granularity: hello.granularity,
         vcpus,

@@ -16,8 +16,15 @@
 //!    | control: State {vCPU state}                      ---> |
 //!    | control: Complete {final round, source digest}   ---> | wait for every stream's FINAL,
 //!    | <--- Ack {destination digest, verified}  or Error     | digest guest memory, compare
-//!    | source keeps its guest paused (moved)                 | destination may now resume
+//!    | control: Commit                                  ---> | only now may it resume
+//!    | source keeps its guest paused (moved)                 |
 //! ```
+//!
+//! Switch-over: until the source sends Commit it may still resume its guest
+//! (a lost Ack makes it do so), so the destination must not run the guest
+//! before Commit. The one window no protocol closes: a Commit lost after the
+//! source sent it leaves the guest paused on the source and not started on
+//! the destination; both ends say so, and neither runs it twice.
 //!
 //! Every record is a 16-byte header followed by `len` payload bytes:
 //!
@@ -152,6 +159,7 @@ pub enum Kind {
     Error = 11,
     Proof = 12,
     Ready = 13,
+    Commit = 14,
 }
 
 impl Kind {
@@ -170,6 +178,7 @@ impl Kind {
             11 => Kind::Error,
             12 => Kind::Proof,
             13 => Kind::Ready,
+            14 => Kind::Commit,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -189,7 +198,7 @@ impl Kind {
             Kind::Hello => (HELLO_FIXED as u32, MAX_HELLO),
             Kind::Welcome => (WELCOME_LEN, WELCOME_LEN),
             Kind::Segment => (1, page_size),
-            Kind::Zero | Kind::Ready => (0, 0),
+            Kind::Zero | Kind::Ready | Kind::Commit => (0, 0),
             Kind::Page => (page_size, page_size),
             Kind::PageZstd => (1, page_size),
             Kind::RoundEnd => (ROUND_END_LEN as u32, ROUND_END_LEN as u32),

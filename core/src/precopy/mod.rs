@@ -85,6 +85,7 @@ pub enum Phase {
     StopAndCopy,
     State,
     Acknowledge,
+    Commit,
 }
 
 impl std::fmt::Display for Phase {
@@ -96,6 +97,7 @@ impl std::fmt::Display for Phase {
             Phase::StopAndCopy => "stop-and-copy",
             Phase::State => "state transfer",
             Phase::Acknowledge => "acknowledge",
+            Phase::Commit => "commit",
         })
     }
 }
@@ -116,6 +118,10 @@ pub enum MigrateError {
         "migration aborted after round {round}: {reason:?}; the guest keeps running on the source"
     )]
     Aborted { round: u32, reason: StopReason },
+    /// the Commit may not have reached the destination: the guest stays
+    /// paused on the source, since it may be running there
+    #[error("migration in doubt after round {round}: {cause}; the guest stays PAUSED on the source: check the destination before resuming it")]
+    InDoubt { round: u32, cause: Cause },
     /// the guest could not be resumed after a failure: it is stopped
     #[error("migration failed during {phase} (round {round}): {cause}; resuming the guest on the source ALSO failed: {resume}")]
     ResumeFailed {
@@ -148,6 +154,9 @@ pub enum Cause {
     /// the destination could not prove it holds the token
     #[error("the destination failed authentication (wrong or missing token)")]
     Auth,
+    /// the Commit could not be sent: the destination may or may not run the guest
+    #[error("sending Commit failed ({0}); the destination may or may not have received it")]
+    InDoubt(TransportError),
     /// the controller gave up (abort policy)
     #[error("the controller gave up: {0:?}")]
     Aborted(StopReason),
@@ -243,6 +252,9 @@ pub fn migrate<T: SourceTransport>(
                 .send(&protocol::encode_error(code, &cause.to_string()));
             if let Cause::Aborted(reason) = cause {
                 return Err(MigrateError::Aborted { round, reason });
+            }
+            if let Cause::InDoubt(_) = cause {
+                return Err(MigrateError::InDoubt { round, cause });
             }
             if paused {
                 if let Err(resume) = guest.resume() {
@@ -602,6 +614,16 @@ fn run<T: SourceTransport>(
                 ));
             }
         };
+        // Commit: from here on the guest belongs to the destination. If this
+        // send fails the Commit may or may not have arrived, so the guest
+        // stays paused here rather than risk running twice.
+        if let Err(e) = control.send(&protocol::encode_record(Kind::Commit, 0, 0, &[])) {
+            return Err(Failure {
+                phase: Phase::Commit,
+                round,
+                cause: Cause::InDoubt(e),
+            });
+        }
         let downtime = pause_at.map(|t| t.elapsed()).unwrap_or_default();
         let wire_bytes = rounds.iter().map(|r| r.metrics.wire_bytes).sum();
         Ok(MigrationReport {
