@@ -13,7 +13,7 @@ def header(kind, length, arg, flags=0):
     return struct.pack("<BBHIQ", kind, flags, 0, length, arg)
 
 
-def hello(streams=2, regions=((0, 128 * PS), (1 << 20, 128 * PS))):
+def hello(streams=2, regions=((0, 64 * PS), (1 << 20, 64 * PS))):
     body = b"HPMIG\r\n\x1a" + struct.pack("<HHBBHIII", 1, 1, 2, 0, streams, PS, 0, len(regions))
     body += bytes(16) + bytes(32)
     for base, size in regions:

@@ -73,11 +73,11 @@ fn apply_seed_lands_two_rounds() {
         vec![
             RegionSpec {
                 base: GuestAddress(0),
-                size: 128 * 4096,
+                size: 64 * 4096,
             },
             RegionSpec {
                 base: GuestAddress(1 << 20),
-                size: 128 * 4096,
+                size: 64 * 4096,
             },
         ],
     )

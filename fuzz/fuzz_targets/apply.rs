@@ -12,28 +12,36 @@ use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 
 const PS: u64 = 4096;
+/// One bitmap word per region: stream 0 of 2 owns region 0, stream 1 region 1.
+const PAGES: u64 = 64;
 
-fn layout() -> &'static Layout {
-    static L: OnceLock<Layout> = OnceLock::new();
-    L.get_or_init(|| {
+fn memory() -> &'static DestMemory {
+    static M: OnceLock<DestMemory> = OnceLock::new();
+    M.get_or_init(|| {
         Layout::new(
             PS as usize,
             vec![
-                RegionSpec { base: GuestAddress(0), size: 128 * PS },
-                RegionSpec { base: GuestAddress(1 << 20), size: 128 * PS },
+                RegionSpec { base: GuestAddress(0), size: PAGES * PS },
+                RegionSpec { base: GuestAddress(1 << 20), size: PAGES * PS },
             ],
         )
-        .expect("layout")
+        .and_then(|l| l.allocate())
+        .expect("guest memory")
     })
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, bytes)) = data.split_first() else { return };
-    let memory: DestMemory = layout().allocate().expect("guest memory");
-    let _ = land_stream(&memory, 0, 2, flags & 1 != 0, bytes);
-    // Stream 0 of 2 owns the first half of the bitmap words: region 0's
-    // pages. Region 1 belongs to stream 1 and must still be zero.
-    let mut other = vec![0u8; (128 * PS) as usize];
-    memory.read_slice(&mut other, GuestAddress(1 << 20)).expect("in range");
-    assert!(other.iter().all(|&b| b == 0), "stream 0 wrote a page it does not own");
+    let memory = memory();
+    let _ = land_stream(memory, 0, 2, flags & 1 != 0, bytes);
+    let mut page = [0u8; PS as usize];
+    for p in 0..PAGES {
+        memory.read_slice(&mut page, GuestAddress((1 << 20) + p * PS)).expect("in range");
+        assert!(page.iter().all(|&b| b == 0), "stream 0 wrote a page it does not own");
+    }
+    // Start the next input from zeroed memory, as a destination does.
+    page.fill(0);
+    for p in 0..PAGES {
+        memory.write_slice(&page, GuestAddress(p * PS)).expect("in range");
+    }
 });
