@@ -58,6 +58,19 @@ cargo run --release --quiet -- demo --memory 64M --warmup 100ms
 step "source and destination on two hosts (network namespaces)"
 bash ci/two-hosts.sh target/release/hpmig --zstd auto
 
+step "fuzzing: every target for about a minute"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+if rustup toolchain list 2>/dev/null | grep -q nightly; then
+    fuzz=(cargo +nightly fuzz)
+else
+    fuzz=(env RUSTC_BOOTSTRAP=1 cargo fuzz)
+fi
+for target in records handshake apply; do
+    (cd fuzz && "${fuzz[@]}" run "$target" "corpus/$target" -- -max_total_time=60 -rss_limit_mb=2048 2>&1 | grep -E "^Done|DONE|ERROR|panicked|SUMMARY")
+done
+
 # One closing line over every test binary (cargo prints one line per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
      END { printf "\n%d passed, %d failed\n", p, f }' "$test_log"

@@ -654,11 +654,20 @@ fn receive_inner<T: DestTransport>(
                     interrupted = true
                 }
                 Ok(Err((round, cause))) => {
-                    stream_err.get_or_insert(LandError::Stream {
-                        stream,
-                        round,
-                        cause,
-                    });
+                    // Name the furthest round a failing stream reached: how
+                    // far the destination got (a lagging stream that was
+                    // merely reset says less).
+                    let further = match &stream_err {
+                        Some(LandError::Stream { round: r, .. }) => round > *r,
+                        _ => true,
+                    };
+                    if further {
+                        stream_err = Some(LandError::Stream {
+                            stream,
+                            round,
+                            cause,
+                        });
+                    }
                 }
                 Err(_) => {
                     stream_err
@@ -700,6 +709,8 @@ fn receive_inner<T: DestTransport>(
     })?;
     let (vcpus, state) = state.ok_or(LandError::NoState)?;
     check_state(vcpus, &state)?;
+    // What both ends verify: memory and state together.
+    let digest = protocol::switch_over_digest(&digest, &state);
     let (final_round, source_digest) = complete;
     let verified = match source_digest {
         Some(d) if d != digest => return Err(LandError::DigestMismatch),

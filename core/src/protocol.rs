@@ -262,6 +262,20 @@ impl Header {
         }
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
         let arg = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]);
+        // Flags only where a kind defines them, arg only where it means something.
+        let flags_allowed = match kind {
+            Kind::RoundEnd => FLAG_FINAL,
+            Kind::Complete => FLAG_HAS_DIGEST,
+            Kind::Ack => FLAG_VERIFIED,
+            _ => 0,
+        };
+        let arg_unused = matches!(
+            kind,
+            Kind::Hello | Kind::Welcome | Kind::Proof | Kind::Ready | Kind::Commit
+        );
+        if b[1] & !flags_allowed != 0 || (arg_unused && arg != 0) {
+            return Err(ProtocolError::Reserved(kind));
+        }
         let (min, max) = kind.len_bounds(page_size);
         if len > max {
             return Err(ProtocolError::Oversized { kind, len, max });
@@ -382,7 +396,9 @@ impl Hello {
         }
         let g = r.u8()?;
         let granularity = Granularity::from_u8(g).ok_or(ProtocolError::Granularity(g))?;
-        let _reserved = r.u8()?;
+        if r.u8()? != 0 {
+            return Err(ProtocolError::Reserved(Kind::Hello));
+        }
         let streams = r.u16()?;
         if streams == 0 || streams > MAX_STREAMS {
             return Err(ProtocolError::Streams(streams));
@@ -456,7 +472,9 @@ impl Welcome {
     pub fn decode(p: &[u8]) -> Result<Welcome, ProtocolError> {
         let mut r = Reader::new(p);
         let version = r.u16()?;
-        let _ = r.u16()?;
+        if r.u16()? != 0 {
+            return Err(ProtocolError::Reserved(Kind::Welcome));
+        }
         let features = r.u32()?;
         Ok(Welcome {
             version,
@@ -502,13 +520,29 @@ impl RoundEnd {
             len: u32::MAX,
             max: u32::MAX - 1,
         })?;
+        let (records, checksum) = (r.u64()?, r.u32()?);
+        if r.u32()? != 0 {
+            return Err(ProtocolError::Reserved(Kind::RoundEnd));
+        }
         Ok(RoundEnd {
             round,
             last: h.flags & FLAG_FINAL != 0,
-            records: r.u64()?,
-            checksum: r.u32()?,
+            records,
+            checksum,
         })
     }
+}
+
+/// The digest a migration verifies: guest memory's digest, and the vCPU
+/// state record, hashed together, so a corrupted state fails as surely as a
+/// corrupted page.
+pub fn switch_over_digest(memory: &[u8; DIGEST_LEN], state: &[u8]) -> [u8; DIGEST_LEN] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"hpmig switch-over digest v1");
+    h.update(memory);
+    h.update(&(state.len() as u64).to_le_bytes());
+    h.update(state);
+    *h.finalize().as_bytes()
 }
 
 /// Encodes a control record with an arbitrary payload.

@@ -320,7 +320,19 @@ fn run<T: SourceTransport>(
         .map_err(fail(Phase::Handshake, 0))?;
     let reply = control.recv().map_err(fail(Phase::Handshake, 0))?;
     let welcome = match reply.header.kind {
-        Kind::Welcome => Welcome::decode(&reply.payload).map_err(fail(Phase::Handshake, 0))?,
+        Kind::Welcome => {
+            let w = Welcome::decode(&reply.payload).map_err(fail(Phase::Handshake, 0))?;
+            if w.version < protocol::MIN_VERSION || w.version > protocol::VERSION {
+                return Err(handshake(
+                    protocol::ProtocolError::Version {
+                        peer_min: w.version,
+                        peer_max: w.version,
+                    }
+                    .into(),
+                ));
+            }
+            w
+        }
         Kind::Error => return Err(handshake(peer_error(&reply.payload))),
         got => {
             return Err(handshake(
@@ -575,7 +587,8 @@ fn run<T: SourceTransport>(
         let digest = if cfg.verify {
             // SAFETY: the guest is paused (guest.pause() above succeeded) and
             // every worker finished its last round, so nothing writes guest memory.
-            Some(unsafe { crate::memory::digest(memory) })
+            let memory_digest = unsafe { crate::memory::digest(memory) };
+            Some(protocol::switch_over_digest(&memory_digest, &state))
         } else {
             None
         };
@@ -596,6 +609,12 @@ fn run<T: SourceTransport>(
         let verified = match ack.header.kind {
             Kind::Ack => {
                 let theirs = &ack.payload[..];
+                if ack.header.arg != u64::from(round) {
+                    return Err(fail(Phase::Acknowledge, round)(Cause::Peer(format!(
+                        "acknowledged round {}, not the final round {round}",
+                        ack.header.arg
+                    ))));
+                }
                 match digest {
                     Some(d) if ack.header.flags & FLAG_VERIFIED == 0 || theirs != d => {
                         return Err(fail(Phase::Acknowledge, round)(Cause::DigestMismatch));
