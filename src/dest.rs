@@ -39,6 +39,12 @@ pub struct DestArgs {
 }
 
 pub fn run(a: &DestArgs) -> Result<bool> {
+    let result = receive_and_run(a);
+    println!("  peak memory: {} resident", human(report::peak_rss()));
+    result
+}
+
+fn receive_and_run(a: &DestArgs) -> Result<bool> {
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
     println!(

@@ -218,3 +218,17 @@ impl Spinner {
         self.0.finish_and_clear();
     }
 }
+
+/// Peak resident memory of this process so far, in bytes.
+pub fn peak_rss() -> u64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: as in cpu_seconds: getrusage fills a zeroed, properly sized rusage.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) };
+    // SAFETY: filled by getrusage or still all zeroes, either a valid rusage.
+    let u = unsafe { u.assume_init() };
+    if rc != 0 {
+        return 0;
+    }
+    // Linux reports ru_maxrss in KiB.
+    (u.ru_maxrss.max(0) as u64) * 1024
+}
