@@ -184,6 +184,20 @@ pub struct LandStats {
     pub rounds: u32,
 }
 
+impl std::ops::AddAssign for LandStats {
+    /// Sums the counts of two streams; `rounds` is the most either closed.
+    fn add_assign(&mut self, o: Self) {
+        self.records += o.records;
+        self.wire_bytes += o.wire_bytes;
+        self.payload_bytes += o.payload_bytes;
+        self.zero_pages += o.zero_pages;
+        self.whole_pages += o.whole_pages;
+        self.zstd_pages += o.zstd_pages;
+        self.segments += o.segments;
+        self.rounds = self.rounds.max(o.rounds);
+    }
+}
+
 /// A completed migration, ready to resume.
 #[derive(Clone, Debug)]
 pub struct Received {
@@ -641,14 +655,7 @@ fn receive_inner<T: DestTransport>(
             match h.join() {
                 Ok(Ok((last, s))) => {
                     finals.push(last);
-                    stats.records += s.records;
-                    stats.wire_bytes += s.wire_bytes;
-                    stats.payload_bytes += s.payload_bytes;
-                    stats.zero_pages += s.zero_pages;
-                    stats.whole_pages += s.whole_pages;
-                    stats.zstd_pages += s.zstd_pages;
-                    stats.segments += s.segments;
-                    stats.rounds = stats.rounds.max(s.rounds);
+                    stats += s;
                 }
                 Ok(Err((_, ApplyError::Transport(TransportError::Interrupted)))) => {
                     interrupted = true
