@@ -58,6 +58,14 @@ cargo run --release --quiet -- demo --memory 64M --warmup 100ms
 step "source and destination on two hosts (network namespaces)"
 bash ci/two-hosts.sh target/release/hpmig --zstd auto
 
+step "benchmark matrix smoke run (hpmig bench --quick): the output must be complete"
+bench_out=$(mktemp -d)
+target/release/hpmig bench --quick --out "$bench_out"
+rows=$(($(wc -l < "$bench_out/bench.csv") - 1))
+[ "$rows" -eq 12 ] || { echo "bench.csv has $rows cells, expected 12" >&2; exit 1; }
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert len(d["cells"]) == 12 and all(len(c["runs"]) == 3 for c in d["cells"]), "incomplete bench.json"' "$bench_out/bench.json"
+rm -rf "$bench_out"
+
 step "fuzzing: every target for about a minute"
 if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked

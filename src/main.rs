@@ -2,6 +2,7 @@
 //! these files parse flags, wire the pieces together and print.
 
 mod args;
+mod bench;
 mod demo;
 mod dest;
 mod guest;
@@ -30,6 +31,8 @@ enum Command {
     Source(source::SourceArgs),
     /// Wait for one migration, then run the guest it brought.
     Dest(dest::DestArgs),
+    /// Run the migration benchmark matrix; write CSV and JSON.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => demo::run(&a),
         Command::Source(a) => source::run(&a),
         Command::Dest(a) => dest::run(&a),
+        Command::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,

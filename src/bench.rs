@@ -1,0 +1,350 @@
+//! `hpmig bench`: the migration benchmark matrix. Each cell boots a guest,
+//! migrates it over TCP on loopback (the cap emulates the link), and records
+//! rounds, bytes per round, total bytes, total time, downtime, convergence
+//! and the guest's own progress during migration relative to before; cells
+//! repeat, and the report gives the median and the spread (min..max).
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use hpmig_core::land::{receive, DestConfig};
+use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
+use hpmig_core::precopy::controller::{OnStall, Policy};
+use hpmig_core::precopy::{migrate, SourceConfig};
+use hpmig_core::segment::compress::ZstdMode;
+use hpmig_core::segment::Granularity;
+use hpmig_core::vm::kvm::dirty::DirtyLogMode;
+use hpmig_core::vm::Workload;
+use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
+
+use crate::guest::{self, BootSpec, GuestChoice};
+use crate::units::human;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The small matrix (a few minutes on 2 cores), as CI runs it.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per cell.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Where the CSV and JSON reports go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Which guest to migrate.
+    #[arg(long, value_enum, default_value = "auto")]
+    guest: GuestChoice,
+}
+
+/// One cell of the matrix.
+#[derive(Clone, Copy, Debug)]
+struct Cell {
+    workload: Workload,
+    rate: Option<u64>,
+    granularity: Granularity,
+    zstd: bool,
+    cap: Option<u64>,
+    memory: u64,
+}
+
+impl Cell {
+    fn variant(&self) -> &'static str {
+        match (self.granularity, self.zstd) {
+            (Granularity::Page, _) => "page",
+            (Granularity::Segment, false) => "segment",
+            (Granularity::Segment, true) => "segment+zstd",
+        }
+    }
+
+    fn link(&self) -> String {
+        self.cap.map_or("uncapped".into(), |c| {
+            format!("{}Gbit", c * 8 / 1_000_000_000)
+        })
+    }
+
+    fn load(&self) -> String {
+        match self.rate {
+            Some(r) => format!("{}@{}k/s", self.workload.as_str(), r / 1000),
+            None => self.workload.as_str().to_string(),
+        }
+    }
+}
+
+/// One run's figures.
+#[derive(Clone, Debug)]
+struct Sample {
+    rounds: usize,
+    bytes_per_round: Vec<u64>,
+    total_bytes: u64,
+    total_ms: f64,
+    downtime_ms: f64,
+    converged: bool,
+    /// Guest writes per second during migration over before it.
+    progress: f64,
+}
+
+/// A workload and its dirty rate.
+type Load = (Workload, Option<u64>);
+/// A granularity, with or without zstd.
+type Variant = (Granularity, bool);
+
+fn matrix(quick: bool) -> Vec<Cell> {
+    const GBIT: u64 = 125_000_000;
+    let (memories, loads, variants, caps): (Vec<u64>, Vec<Load>, Vec<Variant>, Vec<Option<u64>>) =
+        if quick {
+            (
+                vec![64 << 20],
+                vec![
+                    (Workload::Sparse, Some(100_000)),
+                    (Workload::Dense, Some(20_000)),
+                    (Workload::Idle, None),
+                ],
+                vec![(Granularity::Page, false), (Granularity::Segment, false)],
+                vec![Some(GBIT), None],
+            )
+        } else {
+            (
+                vec![256 << 20, 1 << 30, 4 << 30],
+                vec![
+                    (Workload::Sparse, Some(10_000)),
+                    (Workload::Sparse, Some(100_000)),
+                    (Workload::Sparse, Some(1_000_000)),
+                    (Workload::Dense, None),
+                    (Workload::Hotspot, None),
+                    (Workload::Idle, None),
+                ],
+                vec![
+                    (Granularity::Page, false),
+                    (Granularity::Segment, false),
+                    (Granularity::Segment, true),
+                ],
+                vec![Some(GBIT), Some(10 * GBIT), Some(25 * GBIT), None],
+            )
+        };
+    let mut cells = Vec::new();
+    for &memory in &memories {
+        for &(workload, rate) in &loads {
+            for &cap in &caps {
+                for &(granularity, zstd) in &variants {
+                    cells.push(Cell {
+                        workload,
+                        rate,
+                        granularity,
+                        zstd,
+                        cap,
+                        memory,
+                    });
+                }
+            }
+        }
+    }
+    cells
+}
+
+fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
+    let memory = SourceMemory::from_ranges(&hpmig_core::vm::kvm::memory_ranges(cell.memory)?)?;
+    let spec = BootSpec {
+        choice,
+        workload: cell.workload,
+        vcpus: 1,
+        dirty_rate: cell.rate,
+        dirty_log: DirtyLogMode::Bitmap,
+    };
+    let (mut guest, mut dirty, _) = guest::boot(&memory, &spec)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (w0, t0) = (guest.writes(), Instant::now());
+    std::thread::sleep(Duration::from_millis(200));
+    let rate_before = (guest.writes() - w0) as f64 / t0.elapsed().as_secs_f64();
+
+    let dest_memory: DestMemory = Layout::of(&memory)?.allocate()?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let dm = dest_memory.clone();
+    let dest = std::thread::spawn(move || -> Result<()> {
+        let mut t = TcpDest::accept(listener, TcpOptions::default())?;
+        receive(&dm, &mut t, &DestConfig::default())?;
+        Ok(())
+    });
+    let mut cfg = SourceConfig::new(cell.granularity);
+    cfg.bandwidth = cell.cap;
+    cfg.zstd = if cell.zstd {
+        ZstdMode::Auto
+    } else {
+        ZstdMode::Off
+    };
+    cfg.policy = Policy {
+        max_rounds: 10,
+        on_stall: OnStall::ForceStop,
+        ..Policy::default()
+    };
+    let mut t = TcpSource::connect(addr, TcpOptions::default())?;
+    let (w1, t1) = (guest.writes(), Instant::now());
+    let report = migrate(
+        &memory,
+        dirty.as_mut(),
+        &mut guest,
+        &mut t,
+        &cfg,
+        &mut |_| {},
+    );
+    let rate_during = (guest.writes() - w1) as f64 / t1.elapsed().as_secs_f64();
+    drop(t);
+    dest.join()
+        .map_err(|_| anyhow!("destination thread panicked"))??;
+    let r = report?;
+    if !r.verified {
+        return Err(anyhow!("digest not verified"));
+    }
+    Ok(Sample {
+        rounds: r.rounds.len(),
+        bytes_per_round: r.rounds.iter().map(|x| x.metrics.wire_bytes).collect(),
+        total_bytes: r.wire_bytes,
+        total_ms: r.total_time.as_secs_f64() * 1e3,
+        downtime_ms: r.downtime.as_secs_f64() * 1e3,
+        converged: r.converged(),
+        progress: if rate_before > 0.0 {
+            rate_during / rate_before
+        } else {
+            1.0
+        },
+    })
+}
+
+/// Median and (min, max) of `v`.
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+pub fn run(a: &BenchArgs) -> Result<bool> {
+    let cells = matrix(a.quick);
+    let repeats = a.repeats.max(1);
+    println!(
+        "hpmig bench: {} cells x {repeats} runs ({})",
+        cells.len(),
+        if a.quick {
+            "quick matrix"
+        } else {
+            "full matrix"
+        }
+    );
+    println!("  wire: TCP over loopback, the cap emulating the link; QEMU as a peer is not in this build yet");
+    println!();
+    println!(
+        "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>9} {:>9}",
+        "memory",
+        "workload",
+        "link",
+        "variant",
+        "rounds",
+        "total bytes",
+        "time ms",
+        "down ms",
+        "converged",
+        "progress"
+    );
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut csv = String::from("memory_bytes,workload,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,converged_runs,progress_median\n");
+    let mut json = Vec::new();
+    let mut ok = true;
+    for cell in &cells {
+        let mut samples = Vec::new();
+        for _ in 0..repeats {
+            match run_cell(cell, a.guest) {
+                Ok(s) => samples.push(s),
+                Err(e) => {
+                    ok = false;
+                    println!(
+                        "  {} {} {} {}: run FAILED: {e:#}",
+                        human(cell.memory),
+                        cell.load(),
+                        cell.link(),
+                        cell.variant()
+                    );
+                }
+            }
+        }
+        if samples.is_empty() {
+            continue;
+        }
+        let (rounds, _, _) = stats(samples.iter().map(|s| s.rounds as f64).collect());
+        let bytes = stats(samples.iter().map(|s| s.total_bytes as f64).collect());
+        let time = stats(samples.iter().map(|s| s.total_ms).collect());
+        let down = stats(samples.iter().map(|s| s.downtime_ms).collect());
+        let (progress, _, _) = stats(samples.iter().map(|s| s.progress).collect());
+        let converged = samples.iter().filter(|s| s.converged).count();
+        println!(
+            "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>9} {:>8.0}%",
+            human(cell.memory),
+            cell.load(),
+            cell.link(),
+            cell.variant(),
+            rounds,
+            human(bytes.0 as u64),
+            time.0,
+            down.0,
+            format!("{converged}/{}", samples.len()),
+            progress * 100.0
+        );
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
+            cell.memory,
+            cell.workload.as_str(),
+            cell.rate.unwrap_or(0),
+            cell.link(),
+            cell.variant(),
+            samples.len(),
+            rounds,
+            bytes.0,
+            bytes.1,
+            bytes.2,
+            time.0,
+            time.1,
+            time.2,
+            down.0,
+            down.1,
+            down.2,
+            converged,
+            progress
+        ));
+        json.push(serde_json::json!({
+            "memory_bytes": cell.memory,
+            "workload": cell.workload.as_str(),
+            "dirty_rate": cell.rate,
+            "link": cell.link(),
+            "variant": cell.variant(),
+            "runs": samples.iter().map(|s| serde_json::json!({
+                "rounds": s.rounds,
+                "bytes_per_round": s.bytes_per_round,
+                "total_bytes": s.total_bytes,
+                "total_ms": s.total_ms,
+                "downtime_ms": s.downtime_ms,
+                "converged": s.converged,
+                "guest_progress": s.progress,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let csv_path = a.out.join("bench.csv");
+    std::fs::File::create(&csv_path)?.write_all(csv.as_bytes())?;
+    let json_path = a.out.join("bench.json");
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&serde_json::json!({ "cells": json }))?,
+    )?;
+    println!(
+        "\n  results: {} and {}",
+        csv_path.display(),
+        json_path.display()
+    );
+    Ok(ok)
+}
