@@ -61,15 +61,7 @@ fn bench_zstd(c: &mut Criterion) {
     let half_zero: Vec<u8> = (0..PS)
         .map(|i| if i < PS / 2 { 0 } else { (i * 31 % 251) as u8 })
         .collect();
-    let mut x = 88172645463325252u64;
-    let random: Vec<u8> = (0..PS)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let random = hpmig_core::memory::pseudo_random_bytes(88172645463325252, PS);
     let mut g = c.benchmark_group("zstd");
     g.throughput(Throughput::Bytes(PS as u64));
     for (name, page) in [

@@ -291,19 +291,25 @@ pub fn allocate_prefaulted(layout: &Layout, threads: usize) -> Result<DestMemory
     Ok(memory)
 }
 
-/// Fills every region with pseudo-random bytes (xorshift from `seed`): a
-/// guest whose every page holds data that does not compress.
-pub fn fill_random<B: vm_memory::bitmap::Bitmap + 'static>(memory: &GuestMemoryMmap<B>, seed: u64) {
-    use vm_memory::Bytes;
+/// `len` pseudo-random bytes (xorshift from `seed`): data that does not
+/// compress, for tests and benchmarks.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
-    let chunk: Vec<u8> = (0..1 << 20)
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x as u8
         })
-        .collect();
+        .collect()
+}
+
+/// Fills every region with pseudo-random bytes (xorshift from `seed`): a
+/// guest whose every page holds data that does not compress.
+pub fn fill_random<B: vm_memory::bitmap::Bitmap + 'static>(memory: &GuestMemoryMmap<B>, seed: u64) {
+    use vm_memory::Bytes;
+    let chunk = pseudo_random_bytes(seed, 1 << 20);
     for r in memory.iter() {
         let mut off = 0u64;
         while off < r.len() {
