@@ -93,7 +93,7 @@ fn receive_and_run(a: &DestArgs) -> Result<bool> {
         hello.layout.allocate()?
     };
     let cpu0 = report::cpu_seconds();
-    let received = match receive_accepted(&accepted, &memory, &mut transport, &cfg) {
+    let received = match receive_accepted(&accepted, &memory, &mut transport) {
         Ok(r) => r,
         Err(e) => {
             println!(

@@ -529,7 +529,7 @@ pub fn receive<T: DestTransport>(
         })
     })?;
     let accepted = accept(transport, cfg, Some(&layout))?;
-    receive_accepted(&accepted, memory, transport, cfg)
+    receive_accepted(&accepted, memory, transport)
 }
 
 /// Lands an accepted migration into `memory`, which must have the Hello's
@@ -538,9 +538,8 @@ pub fn receive_accepted<T: DestTransport>(
     accepted: &Accepted,
     memory: &DestMemory,
     transport: &mut T,
-    cfg: &DestConfig,
 ) -> Result<Received, LandError> {
-    let result = receive_inner(accepted, memory, transport, cfg);
+    let result = receive_inner(accepted, memory, transport);
     tell_source(transport, &result);
     result
 }
@@ -596,7 +595,6 @@ fn receive_inner<T: DestTransport>(
     accepted: &Accepted,
     memory: &DestMemory,
     transport: &mut T,
-    _cfg: &DestConfig,
 ) -> Result<Received, LandError> {
     let hello = &accepted.hello;
     let ours = Layout::of(memory).map_err(|e| {

@@ -163,7 +163,7 @@ fn destination() -> (SocketAddr, thread::JoinHandle<DestResult>) {
         let dcfg = DestConfig::default();
         let acc = accept(&mut t, &dcfg, None)?;
         let memory: DestMemory = acc.hello.layout.allocate().unwrap();
-        let r = receive_accepted(&acc, &memory, &mut t, &dcfg)?;
+        let r = receive_accepted(&acc, &memory, &mut t)?;
         Ok((r, memory))
     });
     (addr, h)

@@ -55,7 +55,7 @@ fn destination(dcfg: DestConfig) -> (SocketAddr, thread::JoinHandle<DestOutcome>
         let mut t = TcpDest::accept(listener, opts()).map_err(LandError::Control)?;
         let accepted = accept(&mut t, &dcfg, None)?;
         let memory: DestMemory = accepted.hello.layout.allocate().unwrap();
-        let received = receive_accepted(&accepted, &memory, &mut t, &dcfg)?;
+        let received = receive_accepted(&accepted, &memory, &mut t)?;
         Ok((received, memory))
     });
     (addr, handle)
