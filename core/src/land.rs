@@ -608,7 +608,7 @@ fn receive_inner<T: DestTransport>(
     }
     let features = accepted.features;
     let streams = usize::from(hello.streams);
-    let rxs = transport.accept_streams(streams, &accepted.session)?;
+    let rxs = transport.accept_streams(streams, &accepted.session, memory)?;
     // Memory is allocated and every stream accepted: round 0 may start.
     transport
         .control()

@@ -18,9 +18,10 @@ pub(crate) fn connect(addr: SocketAddr, opts: &TcpOptions) -> Result<TcpStream, 
     })
 }
 
-/// A connected socket with poll-sized timeouts.
+/// A connected socket with poll-sized timeouts: every blocking call wakes
+/// to check the endpoint's interrupt and fails once the peer stalls.
 #[derive(Debug)]
-pub(crate) struct Conn {
+pub struct Conn {
     sock: TcpStream,
     interrupt: Interrupt,
     /// Fail after this long without progress.
@@ -56,7 +57,7 @@ impl Conn {
         })
     }
 
-    pub(crate) fn set_timeout(&mut self, stall: Duration) {
+    pub fn set_timeout(&mut self, stall: Duration) {
         self.stall = stall;
     }
 
@@ -82,7 +83,7 @@ impl Conn {
     }
 
     /// Reads at least one byte into `buf`.
-    pub(crate) fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+    pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         let since = Instant::now();
         loop {
             match self.sock.read(buf) {
@@ -103,7 +104,7 @@ impl Conn {
         }
     }
 
-    pub(crate) fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), TransportError> {
+    pub fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), TransportError> {
         while !buf.is_empty() {
             let n = self.read_some(buf)?;
             buf = &mut buf[n..];
@@ -112,7 +113,7 @@ impl Conn {
     }
 
     /// Writes every byte of `bufs`, vectored.
-    pub(crate) fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), TransportError> {
+    pub fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), TransportError> {
         let mut since = Instant::now();
         IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
@@ -146,7 +147,7 @@ impl Conn {
     }
 
     /// Ends the sending side cleanly.
-    pub(crate) fn finish(&mut self) -> Result<(), TransportError> {
+    pub fn finish(&mut self) -> Result<(), TransportError> {
         let _ = self.sock.flush();
         let _ = self.sock.shutdown(Shutdown::Write);
         Ok(())

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use hpmig_core::auth::{Secret, Session};
+use hpmig_core::memory::DestMemory;
 use hpmig_core::protocol::{Header, ProtocolError, HEADER_LEN};
 use hpmig_core::ring::{Ring, SendBuf};
 use hpmig_core::transport::{
@@ -38,7 +39,7 @@ use hpmig_core::transport::{
     TransportError,
 };
 
-use io::Conn;
+pub use io::Conn;
 
 /// First bytes of a data connection.
 const STREAM_MAGIC: [u8; 8] = *b"HPMIGSTR";
@@ -141,6 +142,20 @@ impl TcpSource {
             interrupt,
         })
     }
+
+    /// Opens data connection `index` of `session`: connects and sends the
+    /// stream hello that proves the session. Other transports (RDMA) use
+    /// these connections to set up their own streams.
+    pub fn connect_stream(&self, index: u16, session: &Session) -> Result<Conn, TransportError> {
+        let sock = io::connect(self.addr, &self.opts)?;
+        let mut conn = Conn::new(sock, self.interrupt.clone(), self.opts.io_timeout)?;
+        let mut hello = [0u8; STREAM_HELLO_LEN];
+        hello[..8].copy_from_slice(&STREAM_MAGIC);
+        hello[8..10].copy_from_slice(&index.to_le_bytes());
+        hello[12..].copy_from_slice(&session.stream_tag(index));
+        conn.write_all(&mut [IoSlice::new(&hello)])?;
+        Ok(conn)
+    }
 }
 
 impl SourceTransport for TcpSource {
@@ -158,15 +173,9 @@ impl SourceTransport for TcpSource {
     ) -> Result<Vec<TcpTx>, TransportError> {
         let mut out = Vec::with_capacity(rings.len());
         for (index, ring) in rings.into_iter().enumerate() {
-            let sock = io::connect(self.addr, &self.opts)?;
-            let mut conn = Conn::new(sock, self.interrupt.clone(), self.opts.io_timeout)?;
             let index = u16::try_from(index)
                 .map_err(|_| TransportError::Other("too many streams".into()))?;
-            let mut hello = [0u8; STREAM_HELLO_LEN];
-            hello[..8].copy_from_slice(&STREAM_MAGIC);
-            hello[8..10].copy_from_slice(&index.to_le_bytes());
-            hello[12..].copy_from_slice(&session.stream_tag(index));
-            conn.write_all(&mut [IoSlice::new(&hello)])?;
+            let conn = self.connect_stream(index, session)?;
             out.push(TcpTx::start(conn, ring, self.interrupt.clone(), index)?);
         }
         Ok(out)
@@ -329,35 +338,18 @@ impl TcpDest {
         })
     }
 
-    /// The address the source connected from.
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
-    }
-
-    /// Gives the listener back, for the next migration.
-    pub fn into_listener(self) -> TcpListener {
-        self.listener
-    }
-}
-
-impl DestTransport for TcpDest {
-    type Control = TcpControl;
-    type Rx = TcpRx;
-
-    fn control(&mut self) -> &mut TcpControl {
-        &mut self.control
-    }
-
-    fn accept_streams(
+    /// Accepts the `n` data connections of `session`, in stream order; a
+    /// connection without a valid stream hello is dropped and waited past.
+    pub fn accept_stream_conns(
         &mut self,
         n: usize,
         session: &Session,
-    ) -> Result<Vec<TcpRx>, TransportError> {
+    ) -> Result<Vec<Conn>, TransportError> {
         let io_err = |context| move |source| TransportError::Io { context, source };
         self.listener
             .set_nonblocking(true)
             .map_err(io_err("configuring the listener"))?;
-        let mut slots: Vec<Option<TcpRx>> = (0..n).map(|_| None).collect();
+        let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
         let mut missing = n;
         let deadline = Instant::now() + self.opts.connect_timeout;
         while missing > 0 {
@@ -394,16 +386,48 @@ impl DestTransport for TcpDest {
                 continue;
             }
             conn.set_timeout(self.opts.io_timeout);
-            slots[usize::from(index)] = Some(TcpRx {
-                conn,
-                buf: vec![0u8; RX_BUF].into_boxed_slice(),
-                start: 0,
-                end: 0,
-            });
+            slots[usize::from(index)] = Some(conn);
             missing -= 1;
         }
         let _ = self.listener.set_nonblocking(false);
         Ok(slots.into_iter().flatten().collect())
+    }
+
+    /// The address the source connected from.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Gives the listener back, for the next migration.
+    pub fn into_listener(self) -> TcpListener {
+        self.listener
+    }
+}
+
+impl DestTransport for TcpDest {
+    type Control = TcpControl;
+    type Rx = TcpRx;
+
+    fn control(&mut self) -> &mut TcpControl {
+        &mut self.control
+    }
+
+    fn accept_streams(
+        &mut self,
+        n: usize,
+        session: &Session,
+        _memory: &DestMemory,
+    ) -> Result<Vec<TcpRx>, TransportError> {
+        Ok(self
+            .accept_stream_conns(n, session)?
+            .into_iter()
+            .map(|conn| TcpRx {
+                conn,
+                buf: vec![0u8; RX_BUF].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            })
+            .collect())
     }
 
     fn interrupt(&self) -> Interrupt {

@@ -208,6 +208,7 @@ impl DestTransport for InProcDest {
         &mut self,
         n: usize,
         _session: &Session,
+        _memory: &crate::memory::DestMemory,
     ) -> Result<Vec<InProcRx>, TransportError> {
         (0..n)
             .map(|_| {

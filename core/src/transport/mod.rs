@@ -20,6 +20,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::auth::Session;
+use crate::memory::DestMemory;
 use crate::protocol::{Header, ProtocolError};
 use crate::ring::{Ring, SendBuf};
 
@@ -100,11 +101,15 @@ pub trait DestTransport {
     type Rx: StreamRx + 'static;
     fn control(&mut self) -> &mut Self::Control;
     /// Accepts the `n` data streams the source announced in its Hello; a
-    /// connection that cannot show `session`'s tag is refused.
+    /// connection that cannot show `session`'s tag is refused. `memory` is
+    /// the guest memory the streams land in, already allocated: a transport
+    /// that lands payloads itself (RDMA registers it for remote writes) uses
+    /// it, the others ignore it.
     fn accept_streams(
         &mut self,
         n: usize,
         session: &Session,
+        memory: &DestMemory,
     ) -> Result<Vec<Self::Rx>, TransportError>;
     fn interrupt(&self) -> Interrupt;
 }
