@@ -1,7 +1,53 @@
-//! hpmig-transport-rdma: the libibverbs transport. Segment payloads go as
-//! RDMA WRITE (WITH IMMEDIATE to close a batch) to region base + guest
-//! address, so they land in place in the destination's guest memory.
+//! hpmig-transport-rdma: the libibverbs transport.
 //!
-//! Not built yet: it implements `hpmig_core::transport::{SourceTransport,
-//! DestTransport}` once written, over the page-aligned rings of
-//! `hpmig_core::ring` registered as memory regions.
+//! Data flow of one stream (one RC queue pair per worker):
+//!
+//! ```text
+//! source worker ring slot (registered)          destination
+//!   header | payload | header | payload  --RDMA WRITE-->  guest memory (in place)
+//!   headers, zero markers, zstd pages    --RDMA WRITE-->  staging slot (same offsets)
+//!   last work request: WRITE WITH IMM    ------------->   receive completion: batch landed
+//!                                        <----SEND-----   credit: staging slot consumed
+//! ```
+//!
+//! The handshake, state and commit go over TCP exactly as with the TCP
+//! transport (see `hpmig_transport_tcp`); each stream's queue pair is set
+//! up over its own authenticated TCP connection ([`setup`]). The
+//! destination registers each guest memory region once, for remote writes,
+//! so a source that holds the session's token can write anywhere in guest
+//! memory (never outside it: the registration bounds it) — the final digest
+//! comparison is what proves the result.
+//!
+//! Built only with the `rdma` feature (it needs rdma-core's libibverbs);
+//! without it, [`unavailable`] says how to get it.
+
+#[cfg(feature = "rdma")]
+pub mod device;
+#[cfg(feature = "rdma")]
+mod rx;
+#[cfg(feature = "rdma")]
+pub mod setup;
+#[cfg(feature = "rdma")]
+mod tx;
+#[cfg(feature = "rdma")]
+pub mod verbs;
+
+#[cfg(feature = "rdma")]
+mod transport;
+#[cfg(feature = "rdma")]
+pub use rx::RdmaRx;
+#[cfg(feature = "rdma")]
+pub use transport::{QueuePairs, RdmaDest, RdmaOptions, RdmaSource};
+#[cfg(feature = "rdma")]
+pub use tx::{imm, imm_parts, RdmaStats, RdmaTx, POST_CHUNK};
+
+/// Whether this build has the RDMA transport.
+pub const ENABLED: bool = cfg!(feature = "rdma");
+
+/// What to tell a user who asked for RDMA in a build without it.
+pub fn unavailable() -> String {
+    "this hpmig was built without RDMA support: install rdma-core's development files \
+     (Debian/Ubuntu: apt-get install libibverbs-dev librdmacm-dev libclang-dev clang) \
+     and rebuild with `cargo build --release --features rdma`"
+        .to_string()
+}

@@ -1,0 +1,305 @@
+//! Destination side of one stream: records arrive by RDMA WRITE; this end
+//! only reads headers.
+//!
+//! A batch is announced by the receive completion of its WRITE WITH
+//! IMMEDIATE ([`crate::tx::imm`]: worker, batch sequence, staged length, all
+//! checked). Its headers and the payloads that cannot land in place sit
+//! packed, in order, in a staging slot; Segment and Page payloads were
+//! already written to guest memory by the NIC, so
+//! [`StreamRx::read_payload`] only checks that the lander asks for them
+//! exactly where they landed and copies nothing. Once the batch is read, a
+//! SEND without payload returns its staging slot to the source as a credit.
+//!
+//! Staging bytes are copied out with raw reads before they are decoded:
+//! they are memory a remote peer can write (the NIC), never referenced as a
+//! Rust slice.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hpmig_core::protocol::{Header, Kind, ProtocolError, HEADER_LEN};
+use hpmig_core::ring::Ring;
+use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
+
+use crate::tx::imm_parts;
+use crate::verbs::{self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr, Qp};
+
+/// A guest memory region as the lander sees it: guest address, length and
+/// where it is mapped here.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalRegion {
+    pub gpa: u64,
+    pub len: u64,
+    pub host: usize,
+}
+
+#[derive(Debug)]
+enum Pending {
+    None,
+    /// The payload already landed at this host address.
+    InPlace {
+        host: usize,
+        len: usize,
+    },
+    /// The payload is in the staging slot at this offset.
+    Staged {
+        at: usize,
+        len: usize,
+    },
+}
+
+/// The receiving half of one RDMA stream.
+#[derive(Debug)]
+pub struct RdmaRx {
+    // Drop order: queue pair, then the staging registration, then the ring.
+    qp: Arc<Qp>,
+    send_cq: Arc<Cq>,
+    recv_cq: Arc<Cq>,
+    _staging_mr: Mr,
+    staging: Ring,
+    slots: u32,
+    slot_size: usize,
+    worker: u32,
+    /// The batch being read: (slot base address, length).
+    cur: Option<(usize, usize)>,
+    pos: usize,
+    seq: u32,
+    pending: Pending,
+    regions: Arc<Vec<LocalRegion>>,
+    /// Keeps guest memory registered while this stream can receive.
+    _guest: Arc<Vec<Mr>>,
+    /// Credits sent whose completion was not polled yet.
+    unacked_credits: u32,
+    interrupt: Interrupt,
+    timeout: Duration,
+}
+
+// SAFETY: the staging pointer is this struct's own mapping; verbs objects
+// are thread-safe (see verbs).
+unsafe impl Send for RdmaRx {}
+
+pub(crate) struct RxParts {
+    pub qp: Arc<Qp>,
+    pub send_cq: Arc<Cq>,
+    pub recv_cq: Arc<Cq>,
+    pub staging_mr: Mr,
+    pub staging: Ring,
+    pub slots: u32,
+    pub slot_size: usize,
+    pub worker: u32,
+    pub regions: Arc<Vec<LocalRegion>>,
+    pub guest: Arc<Vec<Mr>>,
+    pub interrupt: Interrupt,
+    pub timeout: Duration,
+}
+
+impl RdmaRx {
+    pub(crate) fn new(p: RxParts) -> RdmaRx {
+        RdmaRx {
+            qp: p.qp,
+            send_cq: p.send_cq,
+            recv_cq: p.recv_cq,
+            _staging_mr: p.staging_mr,
+            staging: p.staging,
+            slots: p.slots,
+            slot_size: p.slot_size,
+            worker: p.worker,
+            cur: None,
+            pos: 0,
+            seq: 0,
+            pending: Pending::None,
+            regions: p.regions,
+            _guest: p.guest,
+            unacked_credits: 0,
+            interrupt: p.interrupt,
+            timeout: p.timeout,
+        }
+    }
+
+    fn fail(&self, what: String) -> TransportError {
+        TransportError::Other(format!("RDMA stream {}: {what}", self.worker))
+    }
+
+    fn completion_error(&self, c: &Completion, what: &str) -> TransportError {
+        self.fail(c.failure(what))
+    }
+
+    /// Reaps credit-send completions (each credit is signaled).
+    fn reap_sends(&mut self) -> Result<(), TransportError> {
+        let mut wc = [Completion::default(); 8];
+        let n = self.send_cq.poll(&mut wc)?;
+        for c in &wc[..n] {
+            if !c.ok() {
+                return Err(self.completion_error(c, "a credit SEND"));
+            }
+            self.unacked_credits -= 1;
+        }
+        Ok(())
+    }
+
+    /// Hands the current staging slot back to the source.
+    fn return_credit(&mut self) -> Result<(), TransportError> {
+        // The send queue holds `slots` credits at most (one per slot).
+        while self.unacked_credits >= self.slots {
+            self.reap_sends()?;
+            self.interrupt.check()?;
+        }
+        let mut wr = verbs::send_wr();
+        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
+        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        // SAFETY: a SEND with no scatter entries names no local buffer.
+        unsafe { self.qp.post_send(&mut wr) }?;
+        self.unacked_credits += 1;
+        self.reap_sends()
+    }
+
+    /// Waits for the next batch's WRITE WITH IMMEDIATE.
+    fn next_batch(&mut self) -> Result<(), TransportError> {
+        let mut wc = [Completion::default(); 1];
+        let mut since = Instant::now();
+        let mut idle = 0u32;
+        loop {
+            if self.recv_cq.poll(&mut wc)? == 1 {
+                break;
+            }
+            self.reap_sends()?;
+            if self.unacked_credits > 0 {
+                since = Instant::now();
+            }
+            idle += 1;
+            if idle < 256 {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.interrupt.check()?;
+            if since.elapsed() > self.timeout {
+                return Err(self.fail(format!("no batch arrived for {:?}", self.timeout)));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let c = wc[0];
+        if !c.ok() {
+            return Err(self.completion_error(&c, "a batch receive"));
+        }
+        if c.opcode != ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM {
+            return Err(self.fail(format!(
+                "expected an RDMA WRITE WITH IMMEDIATE, got receive opcode {}",
+                c.opcode
+            )));
+        }
+        let (worker, seq, len) = imm_parts(c.imm);
+        if worker != self.worker & 0x3f || seq != self.seq & 0x3f || len > self.slot_size {
+            return Err(self.fail(format!(
+                "batch immediate names worker {worker} batch {seq} of {len} bytes; expected worker {} batch {} of at most {} bytes",
+                self.worker & 0x3f,
+                self.seq & 0x3f,
+                self.slot_size
+            )));
+        }
+        let mut r = verbs::recv_wr(0);
+        // SAFETY: a zero-length receive names no buffer.
+        unsafe { self.qp.post_recv(&mut r) }?;
+        let (base, _) = self.staging.region();
+        let slot = (self.seq % self.slots) as usize;
+        self.cur = Some((base as usize + slot * self.slot_size, len));
+        self.pos = 0;
+        self.seq = self.seq.wrapping_add(1);
+        Ok(())
+    }
+
+    fn host_of(&self, gpa: u64, len: usize) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa + len as u64 <= r.gpa + r.len)
+            .map(|r| r.host + (gpa - r.gpa) as usize)
+    }
+}
+
+impl StreamRx for RdmaRx {
+    fn next_header(&mut self, page_size: u32) -> Result<Header, TransportError> {
+        loop {
+            match self.cur {
+                Some((_, len)) if self.pos < len => break,
+                Some(_) => {
+                    self.cur = None;
+                    self.return_credit()?;
+                }
+                None => self.next_batch()?,
+            }
+        }
+        let Some((slot, len)) = self.cur else {
+            return Err(self.fail("no batch".into()));
+        };
+        if len - self.pos < HEADER_LEN {
+            return Err(ProtocolError::Truncated {
+                needed: HEADER_LEN,
+                had: len - self.pos,
+            }
+            .into());
+        }
+        let mut head = [0u8; HEADER_LEN];
+        // SAFETY: slot + pos + HEADER_LEN <= slot + len <= slot + slot_size,
+        // inside the staging mapping (len was checked against slot_size when
+        // the batch arrived); a raw copy, since the NIC may write it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (slot + self.pos) as *const u8,
+                head.as_mut_ptr(),
+                HEADER_LEN,
+            )
+        };
+        let h = Header::decode(&head, page_size)?;
+        self.pos += HEADER_LEN;
+        let plen = h.len as usize;
+        self.pending = if matches!(h.kind, Kind::Segment | Kind::Page) {
+            let host = self.host_of(h.arg, plen).ok_or_else(|| {
+                self.fail(format!(
+                    "a payload for guest address {:#x} is outside guest memory",
+                    h.arg
+                ))
+            })?;
+            Pending::InPlace { host, len: plen }
+        } else {
+            if len - self.pos < plen {
+                return Err(ProtocolError::Truncated {
+                    needed: plen,
+                    had: len - self.pos,
+                }
+                .into());
+            }
+            let at = slot + self.pos;
+            self.pos += plen;
+            Pending::Staged { at, len: plen }
+        };
+        Ok(h)
+    }
+
+    fn read_payload(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::InPlace { host, len } => {
+                if dst.as_ptr() as usize != host || dst.len() != len {
+                    return Err(self.fail(format!(
+                        "the payload landed at {host:#x} ({len} bytes) but was asked for at {:#x} ({} bytes)",
+                        dst.as_ptr() as usize,
+                        dst.len()
+                    )));
+                }
+                Ok(())
+            }
+            Pending::Staged { at, len } => {
+                if dst.len() != len {
+                    return Err(self.fail(format!(
+                        "a {len}-byte payload was read into {} bytes",
+                        dst.len()
+                    )));
+                }
+                // SAFETY: [at, at + len) lies inside the current batch of
+                // the staging mapping (checked in next_header); dst is a
+                // distinct Rust buffer of exactly len bytes.
+                unsafe { std::ptr::copy_nonoverlapping(at as *const u8, dst.as_mut_ptr(), len) };
+                Ok(())
+            }
+            Pending::None => Err(self.fail("a payload was read without a header".into())),
+        }
+    }
+}

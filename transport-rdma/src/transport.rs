@@ -1,0 +1,512 @@
+//! The two ends: [`RdmaSource`] and [`RdmaDest`].
+
+use std::net::{TcpListener, ToSocketAddrs};
+use std::sync::Arc;
+
+use hpmig_core::auth::Session;
+use hpmig_core::memory::DestMemory;
+use hpmig_core::ring::Ring;
+use hpmig_core::transport::{DestTransport, Interrupt, SourceTransport, TransportError};
+use hpmig_transport_tcp::{TcpControl, TcpDest, TcpOptions, TcpSource};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::device;
+use crate::rx::{LocalRegion, RdmaRx, RxParts};
+use crate::setup::{Answer, Offer, RemoteRegion};
+use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE, MAX_SLOT};
+use crate::verbs::{self, ibv_qp_cap, Context, Cq, Endpoint, Mr, Path, Pd, Qp, VerbsError};
+
+/// Largest staging area one stream may ask a destination for.
+const MAX_STAGING: usize = 16 << 20;
+/// Send queue depth of a source stream (capped by the device).
+const SQ_DEPTH: u32 = 1024;
+/// Inline sizes tried, largest first, until the device accepts one.
+const INLINE_TRIES: [u32; 4] = [256, 128, 64, 0];
+
+/// Which device and port to use.
+#[derive(Clone, Debug)]
+pub struct RdmaOptions {
+    /// Device name, as `hpmig devices` lists it (mlx5_0, rxe0, ...).
+    pub device: String,
+    pub port: u8,
+    /// GID index; `None` picks one (see [`device::default_gid_index`]).
+    pub gid_index: Option<u8>,
+    /// Timeouts of the TCP control connection and of the data streams.
+    pub tcp: TcpOptions,
+}
+
+impl RdmaOptions {
+    /// Opens the device and checks its port is active (and has a usable
+    /// GID), so a wrong name fails before anything else starts.
+    pub fn check(&self) -> Result<(), TransportError> {
+        Port::open(self).map(drop).map_err(Into::into)
+    }
+
+    pub fn new(device: &str) -> RdmaOptions {
+        RdmaOptions {
+            device: device.to_string(),
+            port: 1,
+            gid_index: None,
+            tcp: TcpOptions::default(),
+        }
+    }
+}
+
+/// An opened device port, ready for queue pairs.
+#[derive(Debug)]
+struct Port {
+    ctx: Arc<Context>,
+    pd: Arc<Pd>,
+    port: u8,
+    gid_index: u8,
+    lid: u16,
+    gid: [u8; 16],
+    active_mtu: u32,
+}
+
+impl Port {
+    fn open(o: &RdmaOptions) -> Result<Port, VerbsError> {
+        let ctx = Context::open(&o.device)?;
+        let info = ctx.port(o.port)?;
+        if info.state != verbs::ibv_port_state::IBV_PORT_ACTIVE {
+            return Err(VerbsError {
+                call: "checking the port",
+                detail: format!(
+                    "port {} of {} is {}, not PORT_ACTIVE",
+                    o.port,
+                    o.device,
+                    verbs::port_state_str(info.state)
+                ),
+            });
+        }
+        let gid_index = match o.gid_index {
+            Some(i) => i,
+            None => device::default_gid_index(&ctx, o.port)?,
+        };
+        let gid = ctx.gid(o.port, i32::from(gid_index))?;
+        let pd = Pd::new(&ctx)?;
+        Ok(Port {
+            ctx,
+            pd,
+            port: o.port,
+            gid_index,
+            lid: info.lid,
+            gid,
+            active_mtu: info.active_mtu,
+        })
+    }
+
+    fn endpoint(&self, qp: &Qp, psn: u32) -> Endpoint {
+        Endpoint {
+            qpn: qp.qpn,
+            psn,
+            lid: self.lid,
+            gid: self.gid,
+        }
+    }
+
+    fn path(&self, mtu: u32) -> Path {
+        Path {
+            port: self.port,
+            gid_index: self.gid_index,
+            mtu,
+        }
+    }
+
+    /// A queue pair with the largest inline size the device accepts.
+    fn queue_pair(
+        &self,
+        send_cq: &Arc<Cq>,
+        recv_cq: &Arc<Cq>,
+        send_wr: u32,
+        recv_wr: u32,
+        send_sge: u32,
+        remote_write: bool,
+    ) -> Result<Arc<Qp>, VerbsError> {
+        let mut last = None;
+        for inline in INLINE_TRIES {
+            let cap = ibv_qp_cap {
+                max_send_wr: send_wr,
+                max_recv_wr: recv_wr,
+                max_send_sge: send_sge,
+                max_recv_sge: 1,
+                max_inline_data: inline,
+            };
+            match Qp::new(&self.pd, send_cq, recv_cq, cap, self.port, remote_write) {
+                Ok(qp) => return Ok(Arc::new(qp)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(VerbsError {
+            call: "ibv_create_qp",
+            detail: "no attempt".into(),
+        }))
+    }
+}
+
+fn post_recvs(qp: &Qp, n: u32) -> Result<(), VerbsError> {
+    for i in 0..n {
+        let mut r = verbs::recv_wr(u64::from(i));
+        // SAFETY: a zero-length receive names no buffer.
+        unsafe { qp.post_recv(&mut r) }?;
+    }
+    Ok(())
+}
+
+fn psn(stream: usize) -> u32 {
+    let mut b = [0u8; 4];
+    // A random start PSN; any value works, a random one keeps stale packets
+    // of an earlier connection from matching.
+    let _ = getrandom::fill(&mut b);
+    (u32::from_le_bytes(b) ^ stream as u32) & 0xff_ffff
+}
+
+/// A source stream between its offer and the destination's answer.
+#[derive(Debug)]
+struct OfferedStream {
+    index: usize,
+    conn: hpmig_transport_tcp::Conn,
+    qp: Arc<Qp>,
+    send_cq: Arc<Cq>,
+    recv_cq: Arc<Cq>,
+    ring_mr: Mr,
+    bufs: Vec<hpmig_core::ring::SendBuf>,
+    slot_size: usize,
+    sq_depth: u32,
+    max_sge: usize,
+    psn: u32,
+}
+
+/// The source's end: TCP control plus one RC queue pair per worker.
+#[derive(Debug)]
+pub struct RdmaSource {
+    tcp: TcpSource,
+    port: Port,
+    opts: RdmaOptions,
+    stats: Arc<RdmaStats>,
+    qps: QueuePairs,
+}
+
+/// The queue pairs of a source's streams, filled in as they open (a fault
+/// test puts one into the error state mid-migration).
+pub type QueuePairs = Arc<std::sync::Mutex<Vec<Arc<Qp>>>>;
+
+impl RdmaSource {
+    /// Opens the device (failing early on a wrong name or a port that is
+    /// not active), then the control connection to `addr`.
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        opts: RdmaOptions,
+    ) -> Result<RdmaSource, TransportError> {
+        let port = Port::open(&opts)?;
+        let tcp = TcpSource::connect(addr, opts.tcp)?;
+        Ok(RdmaSource {
+            tcp,
+            port,
+            opts,
+            stats: Arc::default(),
+            qps: QueuePairs::default(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<RdmaStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The streams' queue pairs, as they open.
+    pub fn queue_pairs(&self) -> QueuePairs {
+        Arc::clone(&self.qps)
+    }
+
+    /// Sets up stream `index`'s queue pair and sends its offer. The answers
+    /// are read once every offer is out: the destination accepts all data
+    /// connections before it answers any.
+    fn offer_stream(
+        &mut self,
+        index: usize,
+        ring: Ring,
+        session: &Session,
+    ) -> Result<OfferedStream, TransportError> {
+        let slot_size = ring.slot_size();
+        if slot_size > MAX_SLOT {
+            return Err(TransportError::Other(format!(
+                "RDMA: ring slots of {slot_size} bytes exceed the {MAX_SLOT}-byte batch an immediate can describe"
+            )));
+        }
+        let (base, len) = ring.region();
+        // SAFETY: the ring's mapping lives as long as any of its slots; the
+        // RdmaTx that owns this registration drops it before the slots.
+        let ring_mr =
+            unsafe { Mr::register(&self.port.pd, base as *mut u8, len, verbs::ACCESS_LOCAL) }?;
+        let bufs = ring.into_bufs();
+        let slots = bufs.len() as u32;
+        let max_wr = u32::try_from(self.port.ctx.attr().max_qp_wr).unwrap_or(SQ_DEPTH);
+        let sq_depth = SQ_DEPTH.min(max_wr);
+        let send_cq = Cq::new(&self.port.ctx, sq_depth as i32)?;
+        let recv_cq = Cq::new(&self.port.ctx, slots as i32 + 1)?;
+        let max_sge = (self.port.ctx.attr().max_sge.max(1) as usize).min(MAX_SGE);
+        let qp =
+            self.port
+                .queue_pair(&send_cq, &recv_cq, sq_depth, slots, max_sge as u32, false)?;
+        // Credits may come back as soon as the first batch lands.
+        post_recvs(&qp, slots)?;
+        let index16 =
+            u16::try_from(index).map_err(|_| TransportError::Other("too many streams".into()))?;
+        let mut conn = self.tcp.connect_stream(index16, session)?;
+        let my_psn = psn(index);
+        Offer {
+            endpoint: self.port.endpoint(&qp, my_psn),
+            mtu: self.port.active_mtu,
+            slots,
+            slot_size: slot_size as u32,
+        }
+        .send(&mut conn)?;
+        Ok(OfferedStream {
+            index,
+            conn,
+            qp,
+            send_cq,
+            recv_cq,
+            ring_mr,
+            bufs,
+            slot_size,
+            sq_depth,
+            max_sge,
+            psn: my_psn,
+        })
+    }
+
+    /// Reads stream `o`'s answer and connects its queue pair.
+    fn connect_stream(&mut self, o: OfferedStream) -> Result<RdmaTx, TransportError> {
+        let OfferedStream {
+            index,
+            mut conn,
+            qp,
+            send_cq,
+            recv_cq,
+            ring_mr,
+            bufs,
+            slot_size,
+            sq_depth,
+            max_sge,
+            psn: my_psn,
+        } = o;
+        let answer = Answer::recv(&mut conn)?;
+        if answer.slots == 0 || (answer.slot_size as usize) < slot_size || answer.mtu == 0 {
+            return Err(TransportError::Other(format!(
+                "RDMA stream {index}: the destination offered {} staging slots of {} bytes at MTU {}",
+                answer.slots, answer.slot_size, answer.mtu
+            )));
+        }
+        qp.connect(&answer.endpoint, my_psn, self.port.path(answer.mtu))?;
+        self.qps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::clone(&qp));
+        Ok(RdmaTx::new(TxParts {
+            qp,
+            send_cq,
+            recv_cq,
+            ring_mr,
+            bufs,
+            worker: index as u32,
+            answer,
+            sq_depth,
+            max_sge,
+            stats: Arc::clone(&self.stats),
+            interrupt: self.tcp.interrupt(),
+            timeout: self.opts.tcp.io_timeout,
+        }))
+    }
+}
+
+impl SourceTransport for RdmaSource {
+    type Control = TcpControl;
+    type Tx = RdmaTx;
+
+    fn control(&mut self) -> &mut TcpControl {
+        self.tcp.control()
+    }
+
+    fn open_streams(
+        &mut self,
+        rings: Vec<Ring>,
+        session: &Session,
+    ) -> Result<Vec<RdmaTx>, TransportError> {
+        let offered = rings
+            .into_iter()
+            .enumerate()
+            .map(|(i, ring)| self.offer_stream(i, ring, session))
+            .collect::<Result<Vec<_>, _>>()?;
+        offered
+            .into_iter()
+            .map(|o| self.connect_stream(o))
+            .collect()
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        self.tcp.interrupt()
+    }
+}
+
+/// The destination's end.
+#[derive(Debug)]
+pub struct RdmaDest {
+    tcp: TcpDest,
+    port: Port,
+    opts: RdmaOptions,
+}
+
+impl RdmaDest {
+    /// Opens the device, then waits for a source's control connection.
+    pub fn accept(listener: TcpListener, opts: RdmaOptions) -> Result<RdmaDest, TransportError> {
+        let port = Port::open(&opts)?;
+        let tcp = TcpDest::accept(listener, opts.tcp)?;
+        Ok(RdmaDest { tcp, port, opts })
+    }
+
+    /// Gives the listener back, for the next migration.
+    pub fn into_listener(self) -> TcpListener {
+        self.tcp.into_listener()
+    }
+
+    /// The address the source connected from.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.tcp.peer()
+    }
+
+    fn accept_stream(
+        &mut self,
+        index: usize,
+        conn: &mut hpmig_transport_tcp::Conn,
+        guest: &Arc<Vec<Mr>>,
+        remote: &[RemoteRegion],
+        local: &Arc<Vec<LocalRegion>>,
+    ) -> Result<RdmaRx, TransportError> {
+        let offer = Offer::recv(conn)?;
+        let (slots, slot_size) = (offer.slots as usize, offer.slot_size as usize);
+        let page = hpmig_core::memory::host_page_size();
+        if slots == 0
+            || slots > 64
+            || slot_size == 0
+            || slot_size % page != 0
+            || slot_size > MAX_SLOT
+            || slots * slot_size > MAX_STAGING
+        {
+            return Err(TransportError::Other(format!(
+                "RDMA stream {index}: the source asked for {slots} staging slots of {slot_size} bytes (at most 64, page-multiple, {MAX_STAGING} bytes in all)"
+            )));
+        }
+        let staging = Ring::new(slots, slot_size)
+            .map_err(|e| TransportError::Other(format!("RDMA staging ring: {e}")))?;
+        let (base, len) = staging.region();
+        // SAFETY: the staging ring is owned by the RdmaRx built below, which
+        // drops this registration before the ring.
+        let staging_mr = unsafe {
+            Mr::register(
+                &self.port.pd,
+                base as *mut u8,
+                len,
+                verbs::ACCESS_REMOTE_WRITE,
+            )
+        }?;
+        let send_cq = Cq::new(&self.port.ctx, slots as i32 + 1)?;
+        let recv_cq = Cq::new(&self.port.ctx, slots as i32 + 1)?;
+        let qp =
+            self.port
+                .queue_pair(&send_cq, &recv_cq, slots as u32 + 1, slots as u32, 1, true)?;
+        post_recvs(&qp, slots as u32)?;
+        let my_psn = psn(index);
+        let mtu = offer.mtu.min(self.port.active_mtu);
+        qp.connect(&offer.endpoint, my_psn, self.port.path(mtu))?;
+        Answer {
+            endpoint: self.port.endpoint(&qp, my_psn),
+            mtu,
+            staging_addr: staging_mr.addr,
+            staging_rkey: staging_mr.rkey,
+            slots: slots as u32,
+            slot_size: slot_size as u32,
+            regions: remote.to_vec(),
+        }
+        .send(conn)?;
+        Ok(RdmaRx::new(RxParts {
+            qp,
+            send_cq,
+            recv_cq,
+            staging_mr,
+            staging,
+            slots: slots as u32,
+            slot_size,
+            worker: index as u32,
+            regions: Arc::clone(local),
+            guest: Arc::clone(guest),
+            interrupt: self.tcp.interrupt(),
+            timeout: self.opts.tcp.io_timeout,
+        }))
+    }
+}
+
+impl DestTransport for RdmaDest {
+    type Control = TcpControl;
+    type Rx = RdmaRx;
+
+    fn control(&mut self) -> &mut TcpControl {
+        self.tcp.control()
+    }
+
+    fn accept_streams(
+        &mut self,
+        n: usize,
+        session: &Session,
+        memory: &DestMemory,
+    ) -> Result<Vec<RdmaRx>, TransportError> {
+        // Each guest memory region is registered once, for remote writes,
+        // and shared by every stream.
+        let mut mrs = Vec::new();
+        let mut remote = Vec::new();
+        let mut local = Vec::new();
+        for r in memory.iter() {
+            let len = r.len();
+            let host = r
+                .as_volatile_slice()
+                .map(|s| s.ptr_guard_mut().as_ptr())
+                .map_err(|e| TransportError::Other(format!("guest memory region: {e}")))?;
+            // SAFETY: the region is a mapping of `memory`, which outlives the
+            // migration these registrations serve; should it be unmapped
+            // first, the registration still pins its pages, so the NIC never
+            // writes memory the process reuses.
+            let mr = unsafe {
+                Mr::register(
+                    &self.port.pd,
+                    host,
+                    len as usize,
+                    verbs::ACCESS_REMOTE_WRITE,
+                )
+            }?;
+            remote.push(RemoteRegion {
+                gpa: r.start_addr().0,
+                len,
+                addr: mr.addr,
+                rkey: mr.rkey,
+            });
+            local.push(LocalRegion {
+                gpa: r.start_addr().0,
+                len,
+                host: host as usize,
+            });
+            mrs.push(mr);
+        }
+        let guest = Arc::new(mrs);
+        let local = Arc::new(local);
+        let mut conns = self.tcp.accept_stream_conns(n, session)?;
+        conns
+            .iter_mut()
+            .enumerate()
+            .map(|(i, conn)| self.accept_stream(i, conn, &guest, &remote, &local))
+            .collect()
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        self.tcp.interrupt()
+    }
+}

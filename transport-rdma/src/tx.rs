@@ -1,0 +1,592 @@
+//! Source side of one stream: posts a filled ring slot as RDMA WRITEs.
+//!
+//! The slot is walked record by record (the worker wrote them, so they are
+//! trusted). Segment and Page payloads are written straight from the ring
+//! to region base + guest address at the destination, payloads for adjacent
+//! guest addresses gathered into one work request (up to [`MAX_SGE`]
+//! scatter entries). Every other byte (headers, zero markers, zstd payloads,
+//! the round end) is packed, in order, into a destination staging slot,
+//! gathered the same way. The batch's last work request carries the
+//! immediate ([`imm`]: worker, batch, staged length) that tells the
+//! destination the batch has landed: an RC queue pair completes a later
+//! message only after every earlier one is placed.
+//!
+//! Credits: the destination owns `slots` staging slots and returns one
+//! (a SEND without payload) each time it has consumed a batch; the source
+//! writes a batch only while it holds a credit, so no staging slot is
+//! overwritten before it is read. A ring slot goes back to the worker once a
+//! signaled completion at or after its last work request was polled.
+//!
+//! Round boundaries: records that the destination applies when it reads
+//! them (a zero marker, a zstd page) and payloads that land in place must
+//! not overtake one another for the same page. Within a round a page has one
+//! kind of record, so the only hazard is across rounds; the first batch of a
+//! round is therefore posted only after the destination consumed every batch
+//! of the previous one (all credits back). That costs one round trip per
+//! round, not per page.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hpmig_core::protocol::{Kind, HEADER_LEN};
+use hpmig_core::ring::SendBuf;
+use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
+
+use crate::setup::{Answer, RemoteRegion};
+use crate::verbs::{
+    self, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr,
+    Qp,
+};
+
+/// Work requests per `ibv_post_send` (one doorbell) at most.
+pub const POST_CHUNK: usize = 64;
+/// Every this many work requests one is signaled, so the send queue drains
+/// even inside a batch larger than the queue.
+const SIGNAL_EVERY: u64 = 32;
+/// Scatter entries gathered into one work request at most (capped by the
+/// device's max_sge).
+pub const MAX_SGE: usize = 16;
+
+/// Counters of one transport, shared by its streams.
+#[derive(Debug, Default)]
+pub struct RdmaStats {
+    pub work_requests: AtomicU64,
+    pub doorbells: AtomicU64,
+    pub inline: AtomicU64,
+    pub batches: AtomicU64,
+    pub in_place_bytes: AtomicU64,
+    pub staged_bytes: AtomicU64,
+}
+
+impl RdmaStats {
+    /// Work requests per doorbell (posted chain) so far.
+    pub fn per_doorbell(&self) -> f64 {
+        let d = self.doorbells.load(Ordering::Relaxed).max(1);
+        self.work_requests.load(Ordering::Relaxed) as f64 / d as f64
+    }
+}
+
+/// The immediate of a batch: worker (6 bits), batch sequence (6 bits),
+/// length of the batch's staged bytes (20 bits).
+pub fn imm(worker: u32, seq: u32, len: usize) -> u32 {
+    ((worker & 0x3f) << 26) | ((seq & 0x3f) << 20) | (len as u32 & 0xf_ffff)
+}
+
+/// The parts of an immediate: (worker, sequence, length).
+pub fn imm_parts(imm: u32) -> (u32, u32, usize) {
+    (imm >> 26, (imm >> 20) & 0x3f, (imm & 0xf_ffff) as usize)
+}
+
+/// Largest slot an immediate can describe.
+pub const MAX_SLOT: usize = (1 << 20) - 1;
+
+/// One work request being gathered: local pieces for one contiguous
+/// remote range.
+#[derive(Clone, Copy)]
+struct Gather {
+    sges: [ibv_sge; MAX_SGE],
+    n: usize,
+    remote: u64,
+    rkey: u32,
+    bytes: u64,
+}
+
+impl Gather {
+    fn new() -> Gather {
+        Gather {
+            sges: [ibv_sge {
+                addr: 0,
+                length: 0,
+                lkey: 0,
+            }; MAX_SGE],
+            n: 0,
+            remote: 0,
+            rkey: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Whether `len` bytes for `remote` continue this request.
+    fn continues(&self, remote: u64, rkey: u32, max_sge: usize, local: u64) -> bool {
+        self.n > 0
+            && rkey == self.rkey
+            && remote == self.remote + self.bytes
+            && (self.n < max_sge || self.last_end() == local)
+    }
+
+    fn last_end(&self) -> u64 {
+        let l = &self.sges[self.n - 1];
+        l.addr + u64::from(l.length)
+    }
+
+    /// Appends a piece (merged with the previous one when adjacent).
+    fn add(&mut self, local: u64, len: u32, lkey: u32) {
+        if self.n > 0 && self.last_end() == local {
+            self.sges[self.n - 1].length += len;
+        } else {
+            self.sges[self.n] = ibv_sge {
+                addr: local,
+                length: len,
+                lkey,
+            };
+            self.n += 1;
+        }
+        self.bytes += u64::from(len);
+    }
+}
+
+/// Work-request scratch space, rebuilt before every post.
+struct Scratch<T>(Vec<T>);
+
+impl<T> std::fmt::Debug for Scratch<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} work request slots]", self.0.len())
+    }
+}
+
+impl<T> std::ops::Deref for Scratch<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Scratch<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.0
+    }
+}
+
+/// The sending half of one RDMA stream.
+#[derive(Debug)]
+pub struct RdmaTx {
+    // Field order is drop order: the queue pair goes first, then the ring's
+    // registration, then the slots (whose Arc keeps the ring mapped).
+    qp: Arc<Qp>,
+    send_cq: Arc<Cq>,
+    recv_cq: Arc<Cq>,
+    ring_mr: Mr,
+    free: Vec<SendBuf>,
+    /// Posted slots, with the id of their last work request.
+    inflight: VecDeque<(u64, SendBuf)>,
+    worker: u32,
+    regions: Vec<RemoteRegion>,
+    /// Last region hit (guest addresses of a batch are mostly in one).
+    hint: usize,
+    staging_addr: u64,
+    staging_rkey: u32,
+    staging_slots: u32,
+    staging_slot_size: u64,
+    credits: u32,
+    seq: u32,
+    /// The previous batch closed a round: drain before posting.
+    round_closed: bool,
+    next_wr_id: u64,
+    completed_wr_id: u64,
+    sq_depth: u64,
+    max_inline: u32,
+    wrs: Scratch<ibv_send_wr>,
+    /// MAX_SGE scatter entries per work request of `wrs`.
+    sges: Scratch<ibv_sge>,
+    max_sge: usize,
+    stats: Arc<RdmaStats>,
+    interrupt: Interrupt,
+    timeout: Duration,
+}
+
+// SAFETY: the raw pointers inside `wrs`/`sges` are scratch space rebuilt
+// before every post and point only into this struct's own vectors and ring;
+// the verbs objects are thread-safe (see verbs).
+unsafe impl Send for RdmaTx {}
+
+pub(crate) struct TxParts {
+    pub qp: Arc<Qp>,
+    pub send_cq: Arc<Cq>,
+    pub recv_cq: Arc<Cq>,
+    pub ring_mr: Mr,
+    pub bufs: Vec<SendBuf>,
+    pub worker: u32,
+    pub answer: Answer,
+    pub sq_depth: u32,
+    pub max_sge: usize,
+    pub stats: Arc<RdmaStats>,
+    pub interrupt: Interrupt,
+    pub timeout: Duration,
+}
+
+impl RdmaTx {
+    pub(crate) fn new(p: TxParts) -> RdmaTx {
+        let max_inline = p.qp.max_inline;
+        RdmaTx {
+            qp: p.qp,
+            send_cq: p.send_cq,
+            recv_cq: p.recv_cq,
+            ring_mr: p.ring_mr,
+            free: p.bufs,
+            inflight: VecDeque::new(),
+            worker: p.worker,
+            regions: p.answer.regions,
+            hint: 0,
+            staging_addr: p.answer.staging_addr,
+            staging_rkey: p.answer.staging_rkey,
+            staging_slots: p.answer.slots,
+            staging_slot_size: u64::from(p.answer.slot_size),
+            credits: p.answer.slots,
+            seq: 0,
+            round_closed: false,
+            next_wr_id: 1,
+            completed_wr_id: 0,
+            sq_depth: u64::from(p.sq_depth),
+            max_inline,
+            wrs: Scratch((0..POST_CHUNK).map(|_| verbs::send_wr()).collect()),
+            sges: Scratch(vec![
+                ibv_sge {
+                    addr: 0,
+                    length: 0,
+                    lkey: 0
+                };
+                POST_CHUNK * MAX_SGE
+            ]),
+            max_sge: p.max_sge.clamp(1, MAX_SGE),
+            stats: p.stats,
+            interrupt: p.interrupt,
+            timeout: p.timeout,
+        }
+    }
+
+    /// The queue pair (tests force it into the error state).
+    pub fn queue_pair(&self) -> &Arc<Qp> {
+        &self.qp
+    }
+
+    fn completion_error(&self, c: &Completion, what: &str) -> TransportError {
+        TransportError::Other(format!("RDMA stream {}: {}", self.worker, c.failure(what)))
+    }
+
+    /// Polls both queues once: frees slots whose writes completed and takes
+    /// returned credits. Returns whether anything happened.
+    fn progress(&mut self) -> Result<bool, TransportError> {
+        let mut wc = [Completion::default(); 16];
+        let mut any = false;
+        let n = self.send_cq.poll(&mut wc)?;
+        for c in &wc[..n] {
+            if !c.ok() {
+                return Err(self.completion_error(c, "an RDMA WRITE"));
+            }
+            self.completed_wr_id = self.completed_wr_id.max(c.wr_id);
+            any = true;
+        }
+        while let Some((last, _)) = self.inflight.front() {
+            if *last > self.completed_wr_id {
+                break;
+            }
+            if let Some((_, b)) = self.inflight.pop_front() {
+                self.free.push(b);
+            }
+        }
+        let n = self.recv_cq.poll(&mut wc)?;
+        for c in &wc[..n] {
+            if !c.ok() {
+                return Err(self.completion_error(c, "a credit receive"));
+            }
+            if c.opcode != ibv_wc_opcode::IBV_WC_RECV {
+                return Err(TransportError::Other(format!(
+                    "RDMA stream {}: unexpected receive opcode {} (a credit is a SEND)",
+                    self.worker, c.opcode
+                )));
+            }
+            let mut r = verbs::recv_wr(0);
+            // SAFETY: a zero-length receive names no buffer.
+            unsafe { self.qp.post_recv(&mut r) }?;
+            self.credits += 1;
+            any = true;
+        }
+        if self.credits > self.staging_slots {
+            return Err(TransportError::Other(format!(
+                "RDMA stream {}: the destination returned more credits than it has slots",
+                self.worker
+            )));
+        }
+        Ok(any)
+    }
+
+    /// Polls until `done(self)` holds, failing on interrupt or after the
+    /// stream's timeout without progress.
+    fn wait(
+        &mut self,
+        what: &'static str,
+        done: impl Fn(&Self) -> bool,
+    ) -> Result<(), TransportError> {
+        let mut since = Instant::now();
+        let mut idle = 0u32;
+        while !done(self) {
+            if self.progress()? {
+                since = Instant::now();
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < 256 {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.interrupt.check()?;
+            if since.elapsed() > self.timeout {
+                return Err(TransportError::Other(format!(
+                    "RDMA stream {}: no progress for {:?} while waiting for {what}",
+                    self.worker, self.timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
+    fn region_of(&mut self, gpa: u64, len: u64) -> Result<(u64, u32), TransportError> {
+        let hit = |r: &RemoteRegion| gpa >= r.gpa && gpa + len <= r.gpa + r.len;
+        if !self.regions.get(self.hint).is_some_and(hit) {
+            self.hint = self.regions.iter().position(hit).ok_or_else(|| {
+                TransportError::Other(format!(
+                    "RDMA stream {}: guest address {gpa:#x}+{len} is in no region the destination registered",
+                    self.worker
+                ))
+            })?;
+        }
+        let r = &self.regions[self.hint];
+        Ok((r.addr + (gpa - r.gpa), r.rkey))
+    }
+
+    /// Posts the `n` work requests built in `wrs[..n]` as one chain.
+    fn post(&mut self, n: usize) -> Result<(), TransportError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let depth = self.sq_depth;
+        let need = n as u64;
+        self.wait("send queue space", |s| {
+            s.next_wr_id - 1 - s.completed_wr_id + need <= depth
+        })?;
+        for i in 0..n {
+            let next = if i + 1 < n {
+                &mut self.wrs[i + 1] as *mut ibv_send_wr
+            } else {
+                std::ptr::null_mut()
+            };
+            let sge = &mut self.sges[i * MAX_SGE] as *mut ibv_sge;
+            let wr = &mut self.wrs[i];
+            wr.next = next;
+            wr.sg_list = sge;
+            wr.wr_id = self.next_wr_id;
+            if self.next_wr_id % SIGNAL_EVERY == 0 {
+                wr.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+            }
+            self.next_wr_id += 1;
+        }
+        // SAFETY: wrs[..n] is a well-formed chain built just above whose
+        // sges point into `sges`; every local address lies in the ring
+        // registered as `ring_mr` (or is inline), and the slot it lies in
+        // stays in `inflight`, untouched, until a signaled completion at or
+        // after its last work request is polled (see `progress`).
+        unsafe { self.qp.post_send(&mut self.wrs[0]) }?;
+        self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+        self.stats.work_requests.fetch_add(need, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Turns `g` into the next work request of the chain (posting the
+    /// chain first when it is full) and empties it.
+    fn emit(&mut self, n: &mut usize, g: &mut Gather) -> Result<(), TransportError> {
+        if g.n == 0 {
+            return Ok(());
+        }
+        if *n == POST_CHUNK {
+            self.post(*n)?;
+            *n = 0;
+        }
+        let inline = g.bytes <= u64::from(self.max_inline);
+        let wr = &mut self.wrs[*n];
+        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.send_flags = if inline {
+            ibv_send_flags::IBV_SEND_INLINE.0
+        } else {
+            0
+        };
+        wr.num_sge = g.n as i32;
+        wr.wr.rdma.remote_addr = g.remote;
+        wr.wr.rdma.rkey = g.rkey;
+        self.sges[*n * MAX_SGE..*n * MAX_SGE + g.n].copy_from_slice(&g.sges[..g.n]);
+        if inline {
+            self.stats.inline.fetch_add(1, Ordering::Relaxed);
+        }
+        *n += 1;
+        g.n = 0;
+        g.bytes = 0;
+        Ok(())
+    }
+
+    /// Adds `len` local bytes at `local` for `remote` to `g`, emitting `g`
+    /// first when they do not continue it.
+    #[allow(clippy::too_many_arguments)]
+    fn gather(
+        &mut self,
+        n: &mut usize,
+        g: &mut Gather,
+        local: u64,
+        len: usize,
+        remote: u64,
+        rkey: u32,
+    ) -> Result<(), TransportError> {
+        if !g.continues(remote, rkey, self.max_sge, local) {
+            self.emit(n, g)?;
+            g.remote = remote;
+            g.rkey = rkey;
+        }
+        g.add(local, len as u32, self.ring_mr.lkey);
+        Ok(())
+    }
+}
+
+impl StreamTx for RdmaTx {
+    fn take_free(&mut self) -> Result<SendBuf, TransportError> {
+        self.interrupt.check()?;
+        self.wait("a ring slot to be sent", |s| !s.free.is_empty())?;
+        let mut b = self
+            .free
+            .pop()
+            .ok_or(TransportError::Other("no free ring slot".into()))?;
+        b.clear();
+        Ok(b)
+    }
+
+    fn submit(&mut self, buf: SendBuf) -> Result<(), TransportError> {
+        self.interrupt.check()?;
+        if buf.is_empty() {
+            self.free.push(buf);
+            return Ok(());
+        }
+        if buf.len() as u64 > self.staging_slot_size {
+            return Err(TransportError::Other(format!(
+                "RDMA stream {}: a {}-byte batch does not fit the destination's {}-byte staging slot",
+                self.worker,
+                buf.len(),
+                self.staging_slot_size
+            )));
+        }
+        if self.round_closed {
+            let all = self.staging_slots;
+            self.wait("the destination to finish the previous round", |s| {
+                s.credits == all
+            })?;
+            self.round_closed = false;
+        }
+        self.wait("a staging credit", |s| s.credits > 0)?;
+        self.credits -= 1;
+        let slot = u64::from(self.seq % self.staging_slots);
+        let staging = self.staging_addr + slot * self.staging_slot_size;
+        let srkey = self.staging_rkey;
+        let bytes = buf.filled();
+        let base = bytes.as_ptr() as u64;
+        let len = bytes.len();
+        let mut n = 0usize;
+        let (mut placed, mut staged) = (Gather::new(), Gather::new());
+        let mut staged_len = 0u64;
+        let mut in_place = 0u64;
+        let mut at = 0usize;
+        while at + HEADER_LEN <= len {
+            // The worker wrote these records; read kind, length and address
+            // without re-validating them.
+            let kind = bytes[at];
+            let mut word = [0u8; 4];
+            word.copy_from_slice(&bytes[at + 4..at + 8]);
+            let plen = u32::from_le_bytes(word) as usize;
+            let mut gpa = [0u8; 8];
+            gpa.copy_from_slice(&bytes[at + 8..at + 16]);
+            let gpa = u64::from_le_bytes(gpa);
+            if kind == Kind::RoundEnd as u8 {
+                self.round_closed = true;
+            }
+            let local = base + at as u64;
+            if (kind == Kind::Segment as u8 || kind == Kind::Page as u8) && plen > 0 {
+                self.gather(
+                    &mut n,
+                    &mut staged,
+                    local,
+                    HEADER_LEN,
+                    staging + staged_len,
+                    srkey,
+                )?;
+                staged_len += HEADER_LEN as u64;
+                let (remote, rkey) = self.region_of(gpa, plen as u64)?;
+                self.gather(
+                    &mut n,
+                    &mut placed,
+                    local + HEADER_LEN as u64,
+                    plen,
+                    remote,
+                    rkey,
+                )?;
+                in_place += plen as u64;
+            } else {
+                let whole = HEADER_LEN + plen;
+                self.gather(
+                    &mut n,
+                    &mut staged,
+                    local,
+                    whole,
+                    staging + staged_len,
+                    srkey,
+                )?;
+                staged_len += whole as u64;
+            }
+            at += HEADER_LEN + plen;
+        }
+        self.emit(&mut n, &mut placed)?;
+        self.emit(&mut n, &mut staged)?;
+        let (staged_bytes, staged_len) = (staged_len, staged_len as usize);
+        // The last work request carries the immediate and is signaled.
+        let last = &mut self.wrs[n - 1];
+        last.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+        last.imm_data_invalidated_rkey_union.imm_data =
+            imm(self.worker, self.seq, staged_len).to_be();
+        last.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+        self.post(n)?;
+        let last_id = self.next_wr_id - 1;
+        self.inflight.push_back((last_id, buf));
+        self.seq = self.seq.wrapping_add(1);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .in_place_bytes
+            .fetch_add(in_place, Ordering::Relaxed);
+        self.stats
+            .staged_bytes
+            .fetch_add(staged_bytes, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for RdmaTx {
+    fn drop(&mut self) {
+        // Every posted batch must complete before the ring's registration
+        // and the queue pair go away; on failure the queue pair is put in
+        // the error state, which flushes what is left.
+        if self
+            .wait("the last batches to complete", |s| s.inflight.is_empty())
+            .is_err()
+        {
+            let _ = self.qp.set_error();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_immediate_names_worker_batch_and_length() {
+        assert_eq!(imm_parts(imm(5, 66, 262_144)), (5, 2, 262_144));
+        assert_eq!(imm_parts(imm(63, 63, MAX_SLOT)), (63, 63, MAX_SLOT));
+    }
+}

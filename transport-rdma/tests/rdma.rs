@@ -1,0 +1,333 @@
+//! The RDMA transport on a real verbs device.
+//!
+//! The device comes from `HPMIG_RDMA_DEVICE` (the soft-RoCE harness,
+//! `ci/softroce/run.sh`, always sets it to its rxe0, so these tests run
+//! there on every CI run). On a host without a device and without the
+//! variable they print why they did nothing; with the variable set, a
+//! missing or broken device fails them.
+
+#![cfg(feature = "rdma")]
+#![allow(clippy::unwrap_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use hpmig_core::dirty::vmm::VmmBitmap;
+use hpmig_core::land::{accept, receive_accepted, DestConfig, LandError, Received};
+use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
+use hpmig_core::precopy::controller::{OnStall, Policy};
+use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, SourceConfig};
+use hpmig_core::segment::compress::ZstdMode;
+use hpmig_core::segment::Granularity;
+use hpmig_core::testing::{assert_guest_runs, assert_same_memory, pattern_memory};
+use hpmig_core::vm::emulated::{EmulatedConfig, EmulatedGuest};
+use hpmig_core::vm::Workload;
+use hpmig_transport_rdma::device::default_gid_index;
+use hpmig_transport_rdma::verbs::{
+    self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Context, Cq, Endpoint, Mr,
+    Path, Pd, Qp,
+};
+use hpmig_transport_rdma::{RdmaDest, RdmaOptions, RdmaSource, RdmaStats};
+use hpmig_transport_tcp::TcpOptions;
+
+const MIB: usize = 1 << 20;
+
+fn device() -> Option<String> {
+    match std::env::var("HPMIG_RDMA_DEVICE") {
+        Ok(d) if !d.is_empty() => Some(d),
+        _ => {
+            eprintln!(
+                "HPMIG_RDMA_DEVICE is not set: no verbs device to test on (run ci/softroce/run.sh)"
+            );
+            None
+        }
+    }
+}
+
+fn options(dev: &str) -> RdmaOptions {
+    let mut o = RdmaOptions::new(dev);
+    // Soft-RoCE under software emulation is slow; stalls still fail.
+    o.tcp = TcpOptions {
+        io_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(20),
+    };
+    o
+}
+
+fn poll_one(cq: &Cq) -> Completion {
+    let mut wc = [Completion::default()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cq.poll(&mut wc).unwrap() == 0 {
+        assert!(Instant::now() < deadline, "no completion within 10 s");
+        thread::yield_now();
+    }
+    wc[0]
+}
+
+/// Two connected queue pairs of one device (loopback) and a receive buffer.
+struct Loop {
+    // Drop order: queue pairs, registrations, then the buffers.
+    a: Qp,
+    a_cq: Arc<Cq>,
+    b: Qp,
+    b_rcq: Arc<Cq>,
+    src_mr: Mr,
+    dst_mr: Mr,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+fn loopback(dev: &str, inline: u32) -> Loop {
+    let ctx = Context::open(dev).unwrap();
+    let pd = Pd::new(&ctx).unwrap();
+    let port = ctx.port(1).unwrap();
+    let gid_index = default_gid_index(&ctx, 1).unwrap();
+    let gid = ctx.gid(1, i32::from(gid_index)).unwrap();
+    let cap = verbs::ibv_qp_cap {
+        max_send_wr: 16,
+        max_recv_wr: 16,
+        max_send_sge: 1,
+        max_recv_sge: 1,
+        max_inline_data: inline,
+    };
+    let a_cq = Cq::new(&ctx, 16).unwrap();
+    let b_scq = Cq::new(&ctx, 16).unwrap();
+    let b_rcq = Cq::new(&ctx, 16).unwrap();
+    let a = Qp::new(&pd, &a_cq, &a_cq, cap, 1, false).unwrap();
+    let b = Qp::new(&pd, &b_scq, &b_rcq, cap, 1, true).unwrap();
+    let path = Path {
+        port: 1,
+        gid_index,
+        mtu: port.active_mtu,
+    };
+    let ep = |q: &Qp, psn| Endpoint {
+        qpn: q.qpn,
+        psn,
+        lid: port.lid,
+        gid,
+    };
+    a.connect(&ep(&b, 200), 100, path).unwrap();
+    b.connect(&ep(&a, 100), 200, path).unwrap();
+    let mut src: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut dst = vec![0u8; 16384];
+    // SAFETY: the vectors' heap buffers do not move when the vectors move
+    // into the Loop, which drops the registrations before the vectors.
+    let src_mr =
+        unsafe { Mr::register(&pd, src.as_mut_ptr(), src.len(), verbs::ACCESS_LOCAL) }.unwrap();
+    // SAFETY: as above.
+    let dst_mr =
+        unsafe { Mr::register(&pd, dst.as_mut_ptr(), dst.len(), verbs::ACCESS_REMOTE_WRITE) }
+            .unwrap();
+    Loop {
+        a,
+        a_cq,
+        b,
+        b_rcq,
+        src,
+        src_mr,
+        dst,
+        dst_mr,
+    }
+}
+
+/// Writes `len` bytes from offset 11 of the source buffer to offset `at`
+/// of the destination buffer with immediate `imm`; returns the receive
+/// completion.
+fn write_imm(l: &mut Loop, len: usize, at: u64, imm: u32, inline: bool) -> Completion {
+    let mut r = verbs::recv_wr(9);
+    // SAFETY: a zero-length receive names no buffer.
+    unsafe { l.b.post_recv(&mut r) }.unwrap();
+    let mut sge = verbs::ibv_sge {
+        addr: l.src.as_ptr() as u64 + 11,
+        length: len as u32,
+        lkey: l.src_mr.lkey,
+    };
+    let mut wr = verbs::send_wr();
+    wr.wr_id = 1;
+    wr.sg_list = &mut sge;
+    wr.num_sge = 1;
+    wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
+    wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0
+        | if inline {
+            ibv_send_flags::IBV_SEND_INLINE.0
+        } else {
+            0
+        };
+    wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+    wr.wr.rdma.remote_addr = l.dst_mr.addr + at;
+    wr.wr.rdma.rkey = l.dst_mr.rkey;
+    // SAFETY: one work request; its buffer is registered as src_mr and is
+    // not touched until the completion is polled below.
+    unsafe { l.a.post_send(&mut wr) }.unwrap();
+    let sent = poll_one(&l.a_cq);
+    assert!(
+        sent.ok(),
+        "send completion: {}",
+        verbs::status_str(sent.status)
+    );
+    poll_one(&l.b_rcq)
+}
+
+#[test]
+fn a_write_with_immediate_lands_at_its_address_with_its_immediate_inline_and_not() {
+    let Some(dev) = device() else { return };
+    let mut l = loopback(&dev, 64);
+    assert!(
+        l.a.max_inline >= 32,
+        "the device sends at least 32 bytes inline"
+    );
+    for (len, at, imm, inline) in [
+        (3000usize, 4096 + 7u64, 0xabcd_1234u32, false),
+        (32, 9001, 0x0102_0304, true),
+    ] {
+        let got = write_imm(&mut l, len, at, imm, inline);
+        assert!(got.ok(), "receive: {}", verbs::status_str(got.status));
+        assert_eq!(got.opcode, ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM);
+        assert_eq!(got.imm, imm, "the immediate arrives as sent");
+        let at = at as usize;
+        assert_eq!(
+            &l.dst[at..at + len],
+            &l.src[11..11 + len],
+            "the bytes land at their address"
+        );
+        assert_eq!(l.dst[at - 1], 0, "nothing lands before it");
+        assert_eq!(l.dst[at + len], 0, "nothing lands after it");
+    }
+}
+
+fn config(granularity: Granularity, zstd: ZstdMode, workers: usize) -> SourceConfig {
+    let mut cfg = SourceConfig::new(granularity);
+    cfg.workers = workers;
+    cfg.zstd = zstd;
+    cfg.policy = Policy {
+        downtime_target: Duration::from_millis(50),
+        min_work_set: 256 << 10,
+        max_rounds: 5,
+        stall_rounds: 3,
+        on_stall: OnStall::ForceStop,
+    };
+    cfg
+}
+
+type DestOutcome = Result<(Received, DestMemory), LandError>;
+
+fn destination(dev: &str) -> (SocketAddr, thread::JoinHandle<DestOutcome>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let opts = options(dev);
+    let handle = thread::spawn(move || {
+        let mut t = RdmaDest::accept(listener, opts).map_err(LandError::Control)?;
+        let accepted = accept(&mut t, &DestConfig::default(), None)?;
+        let memory: DestMemory = accepted.hello.layout.allocate().unwrap();
+        let received = receive_accepted(&accepted, &memory, &mut t)?;
+        Ok((received, memory))
+    });
+    (addr, handle)
+}
+
+fn start(memory: &SourceMemory, workload: Workload) -> EmulatedGuest {
+    EmulatedGuest::start(
+        memory.clone(),
+        EmulatedConfig {
+            workload,
+            vcpus: 1,
+            dirty_rate: Some(20_000),
+            seed: 5,
+        },
+    )
+    .unwrap()
+}
+
+fn run_source(
+    addr: SocketAddr,
+    dev: &str,
+    memory: &SourceMemory,
+    guest: &mut EmulatedGuest,
+    cfg: &SourceConfig,
+    on_open: impl FnOnce(&RdmaSource) + Send,
+) -> (Result<MigrationReport, MigrateError>, Arc<RdmaStats>) {
+    let mut t = RdmaSource::connect(addr, options(dev)).unwrap();
+    on_open(&t);
+    let stats = t.stats();
+    let mut dirty = VmmBitmap::new(memory.clone(), Layout::of(memory).unwrap()).unwrap();
+    (
+        migrate(memory, &mut dirty, guest, &mut t, cfg, &mut |_| {}),
+        stats,
+    )
+}
+
+#[test]
+fn migrations_over_rdma_are_byte_exact_in_both_granularities_with_and_without_zstd() {
+    let Some(dev) = device() else { return };
+    for (granularity, zstd, workers) in [
+        (Granularity::Page, ZstdMode::Off, 2),
+        (Granularity::Segment, ZstdMode::Off, 2),
+        (Granularity::Page, ZstdMode::On, 1),
+        (Granularity::Segment, ZstdMode::On, 2),
+    ] {
+        let memory = pattern_memory(&[(0, 12 * MIB), (1 << 32, 4 * MIB)]);
+        let mut guest = start(&memory, Workload::Sparse);
+        let (addr, dest) = destination(&dev);
+        let cfg = config(granularity, zstd, workers);
+        let (report, stats) = run_source(addr, &dev, &memory, &mut guest, &cfg, |_| {});
+        let report = report.unwrap_or_else(|e| panic!("{granularity:?} zstd {zstd:?}: {e}"));
+        let (received, dest_memory) = dest.join().unwrap().unwrap();
+        assert!(report.verified && received.verified);
+        assert_same_memory(&memory, &dest_memory);
+        let in_place = stats.in_place_bytes.load(Ordering::Relaxed);
+        let staged = stats.staged_bytes.load(Ordering::Relaxed);
+        eprintln!(
+            "{granularity:?} zstd {zstd:?}: {} rounds, {in_place} bytes in place, {staged} staged, {:.1} work requests per doorbell",
+            report.rounds.len(),
+            stats.per_doorbell()
+        );
+        if zstd == ZstdMode::Off {
+            assert!(
+                in_place > 10 * staged,
+                "payloads land in place; only headers go through staging"
+            );
+            assert!(stats.per_doorbell() > 4.0, "work requests share doorbells");
+        } else {
+            // Compressed pages are gathered into the staging writes.
+            assert!(staged > in_place, "zstd pages go through staging");
+        }
+    }
+}
+
+#[test]
+fn a_queue_pair_error_fails_the_migration_and_the_source_runs_on() {
+    let Some(dev) = device() else { return };
+    let memory = pattern_memory(&[(0, 48 * MIB)]);
+    let mut guest = start(&memory, Workload::Dense);
+    let (addr, dest) = destination(&dev);
+    let cfg = config(Granularity::Page, ZstdMode::Off, 2);
+    let (result, _) = run_source(addr, &dev, &memory, &mut guest, &cfg, |t| {
+        let qps = t.queue_pairs();
+        let stats = t.stats();
+        thread::spawn(move || {
+            // Break stream 0 once a few batches went out.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while stats.batches.load(Ordering::Relaxed) < 4 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            if let Some(qp) = qps.lock().unwrap().first() {
+                qp.set_error().unwrap();
+            }
+        });
+    });
+    let err = result.expect_err("a queue pair in error fails the migration");
+    let text = format!("{err:#}");
+    eprintln!("source: {text}");
+    assert!(
+        text.contains("ibv_"),
+        "the message names the verbs call and status: {text}"
+    );
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination never completes a partial guest"
+    );
+    assert_guest_runs(&guest);
+}
