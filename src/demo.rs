@@ -39,15 +39,19 @@ pub struct DemoArgs {
     /// QEMU's -mem-prealloc).
     #[arg(long)]
     prefault: bool,
+    #[command(flatten)]
+    rdma: crate::rdma::RdmaArgs,
 }
 
 pub fn run(a: &DemoArgs) -> Result<bool> {
     a.guest.check()?;
-    let wire = match a.wire {
-        Wire::Tcp => "TCP over loopback (127.0.0.1)",
-        Wire::Inproc => "in-process channels",
+    let rdma = a.rdma.options(TcpOptions::default())?;
+    let wire = match (&rdma, a.wire) {
+        (Some(o), _) => format!("{}, control over TCP on loopback", crate::rdma::wire(o)),
+        (None, Wire::Tcp) => "TCP over loopback (127.0.0.1)".into(),
+        (None, Wire::Inproc) => "in-process channels".into(),
     };
-    describe(&a.guest, &a.migration, wire);
+    describe(&a.guest, &a.migration, &wire);
     let mut booted = boot(&a.guest)?;
     let layout = Layout::of(&booted.memory)?;
     let dest_memory: DestMemory = if a.prefault {
@@ -61,8 +65,27 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
     let cfg = a.migration.config(Default::default());
     let dm = dest_memory.clone();
 
-    let (outcome, mut figures, dest) = match a.wire {
-        Wire::Tcp => {
+    let (outcome, mut figures, dest) = match (rdma, a.wire) {
+        #[cfg(feature = "rdma")]
+        (Some(o), _) => {
+            use hpmig_transport_rdma::{RdmaDest, RdmaSource};
+            let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+            let addr = listener.local_addr()?;
+            let dest_opts = o.clone();
+            let dest = std::thread::spawn(move || -> Result<Received, LandError> {
+                let mut t = RdmaDest::accept(listener, dest_opts)?;
+                receive(&dm, &mut t, &DestConfig::default())
+            });
+            let mut t = RdmaSource::connect(addr, o)?;
+            let stats = t.stats();
+            let (o, f) = migrate_booted(&mut booted, &mut t, &cfg)?;
+            drop(t);
+            println!("  rdma:          {}", crate::rdma::stats_line(&stats));
+            (o, f, dest.join())
+        }
+        #[cfg(not(feature = "rdma"))]
+        (Some(o), _) => match o {},
+        (None, Wire::Tcp) => {
             let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
             let addr = listener.local_addr()?;
             let dest = std::thread::spawn(move || -> Result<Received, LandError> {
@@ -74,7 +97,7 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
             drop(t);
             (o, f, dest.join())
         }
-        Wire::Inproc => {
+        (None, Wire::Inproc) => {
             let (mut src, mut dst) = pair(Faults::none());
             let dest = std::thread::spawn(move || receive(&dm, &mut dst, &DestConfig::default()));
             let (o, f) = migrate_booted(&mut booted, &mut src, &cfg)?;

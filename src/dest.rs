@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_core::land::{accept, receive_accepted, DestConfig};
 use hpmig_core::memory::DestMemory;
+use hpmig_core::transport::DestTransport;
 use hpmig_core::vm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpDest, TcpOptions};
 
@@ -23,6 +24,8 @@ pub struct DestArgs {
     listen: String,
     #[command(flatten)]
     token: TokenArgs,
+    #[command(flatten)]
+    rdma: crate::rdma::RdmaArgs,
     /// Refuse guests larger than this.
     #[arg(long, default_value = "64G", value_parser = parse_bytes)]
     max_memory: u64,
@@ -58,23 +61,42 @@ fn receive_and_run(a: &DestArgs) -> Result<bool> {
         io_timeout: a.io_timeout,
         ..TcpOptions::default()
     };
+    #[cfg(feature = "rdma")]
+    if let Some(o) = a.rdma.options(opts)? {
+        println!("  data by RDMA on {} port {}", o.device, o.port);
+        let mut transport =
+            hpmig_transport_rdma::RdmaDest::accept(listener, o).context("accepting the source")?;
+        let peer = transport.peer();
+        return land_and_run(a, &mut transport, peer);
+    }
+    #[cfg(not(feature = "rdma"))]
+    a.rdma.options(opts)?;
     let mut transport = TcpDest::accept(listener, opts).context("accepting the source")?;
+    let peer = transport.peer();
+    land_and_run(a, &mut transport, peer)
+}
+
+/// Answers the handshake, lands the migration, runs the guest it brought.
+fn land_and_run<T: DestTransport>(
+    a: &DestArgs,
+    transport: &mut T,
+    peer: std::net::SocketAddr,
+) -> Result<bool> {
     let cfg = DestConfig {
         secret: a.token.secret(),
         max_memory: a.max_memory,
         ..DestConfig::default()
     };
-    let accepted = match accept(&mut transport, &cfg, None) {
+    let accepted = match accept(transport, &cfg, None) {
         Ok(x) => x,
         Err(e) => {
-            println!("refused {} during {}: {e}", transport.peer(), e.phase());
+            println!("refused {peer} during {}: {e}", e.phase());
             return Ok(false);
         }
     };
     let hello = &accepted.hello;
     println!(
-        "  source {}: {} guest, {} granularity, {} stream(s)",
-        transport.peer(),
+        "  source {peer}: {} guest, {} granularity, {} stream(s)",
         human(hello.layout.total_bytes()),
         hello.granularity.as_str(),
         hello.streams
@@ -93,7 +115,7 @@ fn receive_and_run(a: &DestArgs) -> Result<bool> {
         hello.layout.allocate()?
     };
     let cpu0 = report::cpu_seconds();
-    let received = match receive_accepted(&accepted, &memory, &mut transport) {
+    let received = match receive_accepted(&accepted, &memory, transport) {
         Ok(r) => r,
         Err(e) => {
             println!(

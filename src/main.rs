@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod dest;
 mod guest;
+mod rdma;
 mod report;
 mod source;
 mod units;
@@ -33,6 +34,8 @@ enum Command {
     Dest(dest::DestArgs),
     /// Run the migration benchmark matrix; write CSV and JSON.
     Bench(bench::BenchArgs),
+    /// List the RDMA devices: ports, state, MTU, GID table (like ibv_devinfo).
+    Devices,
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Source(a) => source::run(&a),
         Command::Dest(a) => dest::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Devices => rdma::devices(),
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ use hpmig_transport_tcp::{TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
 use crate::guest::{self, RunningGuest};
+use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_millis};
 
@@ -28,6 +29,8 @@ pub struct SourceArgs {
     migration: MigrationArgs,
     #[command(flatten)]
     token: TokenArgs,
+    #[command(flatten)]
+    rdma: RdmaArgs,
     /// Give up when the destination makes no progress for this long.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     io_timeout: Duration,
@@ -108,16 +111,38 @@ pub fn migrate_booted<T: SourceTransport>(
 }
 
 pub fn run(a: &SourceArgs) -> Result<bool> {
-    describe(&a.guest, &a.migration, &format!("TCP to {}", a.to));
-    let mut booted = boot(&a.guest)?;
     let opts = TcpOptions {
         io_timeout: a.io_timeout,
         ..TcpOptions::default()
     };
+    // Check the flags (and open the device) before the guest boots.
+    let rdma = a.rdma.options(opts)?;
+    let wire = match &rdma {
+        Some(o) => format!("{}, control over TCP to {}", crate::rdma::wire(o), a.to),
+        None => format!("TCP to {}", a.to),
+    };
+    describe(&a.guest, &a.migration, &wire);
+    let cfg = a.migration.config(a.token.secret());
+    #[cfg(feature = "rdma")]
+    if let Some(o) = rdma {
+        let mut transport = hpmig_transport_rdma::RdmaSource::connect(a.to.as_str(), o)
+            .with_context(|| format!("connecting to {} over RDMA", a.to))?;
+        let stats = transport.stats();
+        let mut booted = boot(&a.guest)?;
+        let ok = finish(a, migrate_booted(&mut booted, &mut transport, &cfg)?)?;
+        println!("  rdma:          {}", crate::rdma::stats_line(&stats));
+        return Ok(ok);
+    }
+    let mut booted = boot(&a.guest)?;
     let mut transport = TcpSource::connect(a.to.as_str(), opts)
         .with_context(|| format!("connecting to {}", a.to))?;
-    let cfg = a.migration.config(a.token.secret());
-    let (outcome, figures) = migrate_booted(&mut booted, &mut transport, &cfg)?;
+    finish(a, migrate_booted(&mut booted, &mut transport, &cfg)?)
+}
+
+fn finish(
+    a: &SourceArgs,
+    (outcome, figures): (Result<MigrationReport, MigrateError>, GuestFigures),
+) -> Result<bool> {
     match outcome {
         Ok(r) => {
             report::summary(&r, &figures);

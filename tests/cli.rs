@@ -145,3 +145,36 @@ fn demo_runs_over_the_in_process_wire_too() {
     assert!(ok, "{text}");
     assert!(text.contains("in-process channels"), "{text}");
 }
+
+#[test]
+fn rdma_without_the_feature_or_the_device_says_why_and_boots_nothing() {
+    let (ok, text) = hpmig(&[
+        "demo",
+        "--guest",
+        "emulated",
+        "--memory",
+        "32M",
+        "--rdma",
+        "nosuchdev0",
+    ]);
+    assert!(!ok, "{text}");
+    if cfg!(feature = "rdma") {
+        assert!(text.contains("no RDMA device 'nosuchdev0'"), "{text}");
+    } else {
+        assert!(
+            text.contains("--features rdma") && text.contains("libibverbs-dev"),
+            "the message says how to build with RDMA: {text}"
+        );
+    }
+    assert!(!text.contains("guest:"), "nothing booted: {text}");
+    let (ok, text) = hpmig(&["devices"]);
+    if cfg!(feature = "rdma") {
+        // Either devices with their ports, or a plain statement of none.
+        assert!(
+            (ok && text.contains("hca_id:")) || (!ok && text.contains("no RDMA devices found")),
+            "{text}"
+        );
+    } else {
+        assert!(!ok && text.contains("--features rdma"), "{text}");
+    }
+}
