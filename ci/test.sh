@@ -22,10 +22,14 @@ for component in rustfmt clippy; do
     fi
 done
 
-# System packages: a C compiler for the -sys crates.
+# System packages: a C compiler for the -sys crates; rdma-core's headers
+# and libclang for the RDMA transport (`--features rdma`, rdma-sys/bindgen).
 apt_need=()
 command -v cc >/dev/null 2>&1 || apt_need+=(build-essential)
 command -v ip >/dev/null 2>&1 || apt_need+=(iproute2)
+for p in libibverbs-dev librdmacm-dev libclang-dev clang; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || apt_need+=("$p")
+done
 if [ ${#apt_need[@]} -gt 0 ]; then
     step "installing ${apt_need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -41,13 +45,18 @@ fi
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --workspace --all-targets -D warnings"
+step "cargo clippy --workspace --all-targets -D warnings (default build, then with RDMA)"
 cargo clippy --workspace --all-targets -- -D warnings
+rdma_features=(--features hpmig/rdma,hpmig-transport-rdma/rdma)
+cargo clippy --workspace --all-targets "${rdma_features[@]}" -- -D warnings
 
 step "cargo test --workspace"
 test_log=$(mktemp)
 trap 'rm -f "$test_log"' EXIT
 cargo test --workspace 2>&1 | tee "$test_log"
+
+step "cargo test with the RDMA transport built (its device tests run in the soft-RoCE VM below)"
+cargo test -p hpmig-transport-rdma "${rdma_features[@]}" 2>&1 | tee -a "$test_log"
 
 step "benchmarks build"
 cargo bench --workspace --no-run
@@ -65,6 +74,13 @@ rows=$(($(wc -l < "$bench_out/bench.csv") - 1))
 [ "$rows" -eq 12 ] || { echo "bench.csv has $rows cells, expected 12" >&2; exit 1; }
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert len(d["cells"]) == 12 and all(len(c["runs"]) == 3 for c in d["cells"]), "incomplete bench.json"' "$bench_out/bench.json"
 rm -rf "$bench_out"
+
+step "soft-RoCE harness: RDMA tests and migrations on a real rxe device in a QEMU VM"
+softroce_log=$(mktemp)
+bash ci/softroce/run.sh --cache "${HPMIG_SOFTROCE_CACHE:-$HOME/.cache/hpmig-softroce}" | tee "$softroce_log"
+# Its tests count in the closing line like the host's.
+grep -a '^test result:' "$softroce_log" >> "$test_log" || true
+rm -f "$softroce_log"
 
 step "fuzzing: every target for about a minute"
 if ! cargo fuzz --version >/dev/null 2>&1; then
