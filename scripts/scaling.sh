@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Worker scaling of round 0: one `hpmig demo` per worker count (source and
+# destination in one process over TCP loopback, emulated guest whose every
+# page holds data, page granularity, destination prefaulted), printing round
+# 0's MB/s and the ratio to one worker. Meant for many-core machines.
+# Usage: scripts/scaling.sh [memory=2G] [workers="1 2 4 8"] [hpmig binary]
+set -euo pipefail
+MEM=${1:-2G}; WORKERS=${2:-1 2 4 8}; HPMIG=${3:-target/release/hpmig}
+[ -x "$HPMIG" ] || { echo "no hpmig binary at $HPMIG (cargo build --release)" >&2; exit 1; }
+echo "cores: $(nproc); guest $MEM; workers: $WORKERS"
+base=""
+for n in $WORKERS; do
+    out=$("$HPMIG" demo --guest emulated --memory "$MEM" --workload idle --prefill --warmup 100ms \
+        --granularity page --workers "$n" --prefault 2>&1) || { echo "$out"; exit 1; }
+    # Round table: round, dirty pages, work set (2 fields), wire (2 fields), ms, MB/s.
+    rate=$(echo "$out" | awk '$1 == "0" && NF >= 9 {print $8}')
+    echo "$out" | grep -q "verified, destination equals source" || { echo "$out"; exit 1; }
+    [ -n "$base" ] || base=$rate
+    printf "workers %2d: round 0 %8.1f MB/s  (%.2fx one worker)\n" "$n" "$rate" "$(echo "$rate $base" | awk '{print $1 / $2}')"
+done
