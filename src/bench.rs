@@ -22,6 +22,7 @@ use hpmig_core::vm::Workload;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::guest::{self, BootSpec, GuestChoice};
+use crate::qemu;
 use crate::units::human;
 
 #[derive(Args, Debug)]
@@ -38,6 +39,24 @@ pub struct BenchArgs {
     /// Which guest to migrate.
     #[arg(long, value_enum, default_value = "auto")]
     guest: GuestChoice,
+    /// Run only the comparison with QEMU on the same guest program (sparse
+    /// flat out, 1 and 10 Gbit/s; QEMU plain, xbzrle, multifd next to
+    /// hpmig page and segment). The full matrix includes it.
+    #[arg(long, conflicts_with = "quick")]
+    peer: bool,
+    /// Guest size of the QEMU comparison.
+    #[arg(long, default_value = "256M", value_parser = crate::units::parse_bytes)]
+    peer_memory: u64,
+}
+
+/// Who migrates, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    Hpmig {
+        granularity: Granularity,
+        zstd: bool,
+    },
+    Qemu(qemu::Mode),
 }
 
 /// One cell of the matrix.
@@ -45,18 +64,21 @@ pub struct BenchArgs {
 struct Cell {
     workload: Workload,
     rate: Option<u64>,
-    granularity: Granularity,
-    zstd: bool,
+    variant: Variant,
     cap: Option<u64>,
     memory: u64,
 }
 
 impl Cell {
     fn variant(&self) -> &'static str {
-        match (self.granularity, self.zstd) {
-            (Granularity::Page, _) => "page",
-            (Granularity::Segment, false) => "segment",
-            (Granularity::Segment, true) => "segment+zstd",
+        match self.variant {
+            Variant::Hpmig {
+                granularity: Granularity::Page,
+                ..
+            } => "page",
+            Variant::Hpmig { zstd: false, .. } => "segment",
+            Variant::Hpmig { zstd: true, .. } => "segment+zstd",
+            Variant::Qemu(m) => m.name(),
         }
     }
 
@@ -69,7 +91,8 @@ impl Cell {
     fn load(&self) -> String {
         match self.rate {
             Some(r) => format!("{}@{}k/s", self.workload.as_str(), r / 1000),
-            None => self.workload.as_str().to_string(),
+            None if self.workload == Workload::Idle => "idle".into(),
+            None => format!("{}@max", self.workload.as_str()),
         }
     }
 }
@@ -85,15 +108,56 @@ struct Sample {
     converged: bool,
     /// Guest writes per second during migration over before it.
     progress: f64,
+    /// Guest writes per second before migration (what the pacing achieved).
+    rate_before: f64,
+    /// Of the downtime, how long hpmig digested memory to verify the copy
+    /// (QEMU verifies nothing: 0).
+    verify_ms: f64,
 }
 
 /// A workload and its dirty rate.
 type Load = (Workload, Option<u64>);
-/// A granularity, with or without zstd.
-type Variant = (Granularity, bool);
+const PAGE: Variant = Variant::Hpmig {
+    granularity: Granularity::Page,
+    zstd: false,
+};
+const SEGMENT: Variant = Variant::Hpmig {
+    granularity: Granularity::Segment,
+    zstd: false,
+};
+const SEGMENT_ZSTD: Variant = Variant::Hpmig {
+    granularity: Granularity::Segment,
+    zstd: true,
+};
+const GBIT: u64 = 125_000_000;
+
+/// The comparison with QEMU on the same guest program: the sparse workload
+/// at 100k stores/s (QEMU's guest paces itself by the TSC, hpmig's VMM at
+/// its doorbell), hpmig page and segment next to QEMU plain, xbzrle and
+/// multifd, at 1 and 10 Gbit/s.
+fn peer_matrix(memory: u64, qemu: bool) -> Vec<Cell> {
+    let mut variants = vec![PAGE, SEGMENT];
+    if qemu {
+        variants.extend(
+            [qemu::Mode::Plain, qemu::Mode::Xbzrle, qemu::Mode::Multifd].map(Variant::Qemu),
+        );
+    }
+    let mut cells = Vec::new();
+    for cap in [Some(GBIT), Some(10 * GBIT)] {
+        for &variant in &variants {
+            cells.push(Cell {
+                workload: Workload::Sparse,
+                rate: Some(100_000),
+                variant,
+                cap,
+                memory,
+            });
+        }
+    }
+    cells
+}
 
 fn matrix(quick: bool) -> Vec<Cell> {
-    const GBIT: u64 = 125_000_000;
     let (memories, loads, variants, caps): (Vec<u64>, Vec<Load>, Vec<Variant>, Vec<Option<u64>>) =
         if quick {
             (
@@ -103,7 +167,7 @@ fn matrix(quick: bool) -> Vec<Cell> {
                     (Workload::Dense, Some(20_000)),
                     (Workload::Idle, None),
                 ],
-                vec![(Granularity::Page, false), (Granularity::Segment, false)],
+                vec![PAGE, SEGMENT],
                 vec![Some(GBIT), None],
             )
         } else {
@@ -117,11 +181,7 @@ fn matrix(quick: bool) -> Vec<Cell> {
                     (Workload::Hotspot, None),
                     (Workload::Idle, None),
                 ],
-                vec![
-                    (Granularity::Page, false),
-                    (Granularity::Segment, false),
-                    (Granularity::Segment, true),
-                ],
+                vec![PAGE, SEGMENT, SEGMENT_ZSTD],
                 vec![Some(GBIT), Some(10 * GBIT), Some(25 * GBIT), None],
             )
         };
@@ -129,12 +189,11 @@ fn matrix(quick: bool) -> Vec<Cell> {
     for &memory in &memories {
         for &(workload, rate) in &loads {
             for &cap in &caps {
-                for &(granularity, zstd) in &variants {
+                for &variant in &variants {
                     cells.push(Cell {
                         workload,
                         rate,
-                        granularity,
-                        zstd,
+                        variant,
                         cap,
                         memory,
                     });
@@ -146,6 +205,10 @@ fn matrix(quick: bool) -> Vec<Cell> {
 }
 
 fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
+    let (granularity, zstd) = match cell.variant {
+        Variant::Hpmig { granularity, zstd } => (granularity, zstd),
+        Variant::Qemu(mode) => return run_qemu_cell(cell, mode),
+    };
     let memory = SourceMemory::from_ranges(&hpmig_core::vm::kvm::memory_ranges(cell.memory)?)?;
     let spec = BootSpec {
         choice,
@@ -169,18 +232,10 @@ fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
         receive(&dm, &mut t, &DestConfig::default())?;
         Ok(())
     });
-    let mut cfg = SourceConfig::new(cell.granularity);
+    let mut cfg = SourceConfig::new(granularity);
     cfg.bandwidth = cell.cap;
-    cfg.zstd = if cell.zstd {
-        ZstdMode::Auto
-    } else {
-        ZstdMode::Off
-    };
-    cfg.policy = Policy {
-        max_rounds: 10,
-        on_stall: OnStall::ForceStop,
-        ..Policy::default()
-    };
+    cfg.zstd = if zstd { ZstdMode::Auto } else { ZstdMode::Off };
+    cfg.policy = policy();
     let mut t = TcpSource::connect(addr, TcpOptions::default())?;
     let (w1, t1) = (guest.writes(), Instant::now());
     let report = migrate(
@@ -211,6 +266,41 @@ fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
         } else {
             1.0
         },
+        rate_before,
+        verify_ms: r.verify_time.as_secs_f64() * 1e3,
+    })
+}
+
+/// The stop policy of every hpmig run; QEMU gets the same downtime limit.
+fn policy() -> Policy {
+    Policy {
+        max_rounds: 10,
+        on_stall: OnStall::ForceStop,
+        ..Policy::default()
+    }
+}
+
+fn run_qemu_cell(cell: &Cell, mode: qemu::Mode) -> Result<Sample> {
+    let o = qemu::migrate(&qemu::Run {
+        workload: cell.workload,
+        dirty_rate: cell.rate,
+        memory: cell.memory,
+        mode,
+        bandwidth: cell.cap,
+        downtime_limit: policy().downtime_target,
+        channels: SourceConfig::new(Granularity::Page).workers,
+        timeout: Duration::from_secs(20),
+    })?;
+    Ok(Sample {
+        rounds: o.dirty_syncs as usize,
+        bytes_per_round: Vec::new(),
+        total_bytes: o.transferred,
+        total_ms: o.total_ms,
+        downtime_ms: o.downtime_ms,
+        converged: o.converged,
+        progress: o.progress,
+        rate_before: o.rate_before,
+        verify_ms: 0.0,
     })
 }
 
@@ -227,18 +317,31 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
-    let cells = matrix(a.quick);
+    let with_qemu = !a.quick && qemu::available();
+    let mut cells = if a.peer { Vec::new() } else { matrix(a.quick) };
+    if !a.quick {
+        cells.extend(peer_matrix(a.peer_memory, with_qemu));
+    }
     let repeats = a.repeats.max(1);
     println!(
         "hpmig bench: {} cells x {repeats} runs ({})",
         cells.len(),
         if a.quick {
             "quick matrix"
+        } else if a.peer {
+            "the QEMU comparison"
         } else {
             "full matrix"
         }
     );
-    println!("  wire: TCP over loopback, the cap emulating the link; QEMU as a peer is not in this build yet");
+    println!("  wire: TCP over loopback, the cap emulating the link");
+    if !a.quick {
+        if with_qemu {
+            println!("  peer: QEMU ({}) on the same guest program, migrating over loopback with its own migration", qemu::QEMU);
+        } else {
+            println!("  peer: {} not found, so hpmig runs alone (apt-get install qemu-system-x86 adds the QEMU comparison)", qemu::QEMU);
+        }
+    }
     println!();
     println!(
         "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>9} {:>9}",
@@ -329,8 +432,10 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
                 "total_bytes": s.total_bytes,
                 "total_ms": s.total_ms,
                 "downtime_ms": s.downtime_ms,
+                "verify_ms": s.verify_ms,
                 "converged": s.converged,
                 "guest_progress": s.progress,
+                "guest_writes_per_s_before": s.rate_before,
             })).collect::<Vec<_>>(),
         }));
     }

@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod dest;
 mod guest;
+mod qemu;
 mod rdma;
 mod report;
 mod source;
@@ -36,6 +37,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the RDMA devices: ports, state, MTU, GID table (like ibv_devinfo).
     Devices,
+    /// Write the workload as a multiboot image QEMU boots (the bench's peer).
+    QemuImage(qemu::ImageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +49,7 @@ fn main() -> std::process::ExitCode {
         Command::Dest(a) => dest::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Devices => rdma::devices(),
+        Command::QemuImage(a) => qemu::write_image(&a),
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,

@@ -11,6 +11,7 @@
 //! thread serves state requests until it is resumed or stopped.
 
 pub mod dirty;
+pub mod multiboot;
 pub mod program;
 pub mod state;
 mod sys;

@@ -111,15 +111,48 @@ fn random_index(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mul(r10)
 }
 
-/// Heartbeat, then ring the doorbell at offset `bell`.
-fn beat(a: &mut CodeAssembler, bell: u64) -> Result<(), IcedError> {
+/// With a paced program, the doorbell page holds the pacing state: the
+/// time-stamp counter value before which the next batch may not start, and
+/// the TSC cycles per batch (0: flat out).
+pub const PACE_DEADLINE: u64 = 16;
+pub const PACE_CYCLES: u64 = 24;
+
+/// Heartbeat, then ring the doorbell at offset `bell`; a paced program then
+/// waits for its next slot by the time-stamp counter.
+fn beat(a: &mut CodeAssembler, bell: u64, paced: bool) -> Result<(), IcedError> {
     a.inc(r15)?;
     a.mov(qword_ptr(r8), r15)?;
-    a.mov(byte_ptr(rbp + bell as i32), al)
+    a.mov(byte_ptr(rbp + bell as i32), al)?;
+    if paced {
+        // rax = TSC; spin until it reaches the deadline; next deadline is
+        // now + cycles per batch (rdx is free between batches).
+        let mut spin = a.create_label();
+        a.set_label(&mut spin)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.cmp(rax, qword_ptr(rbp + PACE_DEADLINE as i32))?;
+        a.jb(spin)?;
+        a.add(rax, qword_ptr(rbp + PACE_CYCLES as i32))?;
+        a.mov(qword_ptr(rbp + PACE_DEADLINE as i32), rax)?;
+    }
+    Ok(())
 }
 
-/// Assembles every workload loop at [`CODE`].
+/// Assembles every workload loop at [`CODE`], paced by the micro-VM's VMM
+/// at its doorbell exits.
 pub fn assemble() -> Result<Program, IcedError> {
+    assemble_with(false)
+}
+
+/// The same loops pacing themselves by the time-stamp counter (the
+/// doorbell is a RAM page holding [`PACE_DEADLINE`] and [`PACE_CYCLES`]),
+/// for a guest no hpmig VMM runs: QEMU's (see `multiboot`).
+pub fn assemble_paced() -> Result<Program, IcedError> {
+    assemble_with(true)
+}
+
+fn assemble_with(paced: bool) -> Result<Program, IcedError> {
     let mut a = CodeAssembler::new(64)?;
 
     // sparse / hotspot: r13 random 8-byte stores over r10 words from r9.
@@ -132,7 +165,7 @@ pub fn assemble() -> Result<Program, IcedError> {
     a.mov(qword_ptr(r9 + rdx * 8), r11)?;
     a.dec(rbx)?;
     a.jnz(s_inner)?;
-    beat(&mut a, BELL_BATCH)?;
+    beat(&mut a, BELL_BATCH, paced)?;
     a.jmp(sparse)?;
 
     // dense: rewrite r13 whole pages in sequence, wrapping at r10 bytes.
@@ -154,7 +187,7 @@ pub fn assemble() -> Result<Program, IcedError> {
     a.inc(r11)?;
     a.dec(rbx)?;
     a.jnz(d_page)?;
-    beat(&mut a, BELL_BATCH)?;
+    beat(&mut a, BELL_BATCH, paced)?;
     a.jmp(dense)?;
 
     // aba: r13 random stores, remembering each old value in the scratch
@@ -176,7 +209,7 @@ pub fn assemble() -> Result<Program, IcedError> {
     a.mov(qword_ptr(rsi), r11)?;
     a.dec(rbx)?;
     a.jnz(a_write)?;
-    beat(&mut a, BELL_BATCH)?;
+    beat(&mut a, BELL_BATCH, paced)?;
     a.mov(rbx, r13)?;
     a.set_label(&mut a_restore)?;
     a.sub(rdi, 16)?;
@@ -185,13 +218,13 @@ pub fn assemble() -> Result<Program, IcedError> {
     a.mov(qword_ptr(rsi), rax)?;
     a.dec(rbx)?;
     a.jnz(a_restore)?;
-    beat(&mut a, BELL_BATCH)?;
+    beat(&mut a, BELL_BATCH, paced)?;
     a.jmp(aba)?;
 
     // idle: only the heartbeat.
     let mut idle = a.create_label();
     a.set_label(&mut idle)?;
-    beat(&mut a, BELL_IDLE)?;
+    beat(&mut a, BELL_IDLE, paced)?;
     a.jmp(idle)?;
 
     let r = a.assemble_options(
