@@ -22,6 +22,7 @@ use hpmig_core::vm::Workload;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::guest::{self, BootSpec, GuestChoice};
+use crate::plots;
 use crate::qemu;
 use crate::units::human;
 
@@ -44,6 +45,10 @@ pub struct BenchArgs {
     /// hpmig page and segment). The full matrix includes it.
     #[arg(long, conflicts_with = "quick")]
     peer: bool,
+    /// Only these guest sizes of the full matrix (comma-separated, e.g.
+    /// 256M,1G); all three when absent.
+    #[arg(long, value_delimiter = ',', value_parser = crate::units::parse_bytes)]
+    memory: Vec<u64>,
     /// Guest size of the QEMU comparison.
     #[arg(long, default_value = "256M", value_parser = crate::units::parse_bytes)]
     peer_memory: u64,
@@ -102,6 +107,8 @@ impl Cell {
 struct Sample {
     rounds: usize,
     bytes_per_round: Vec<u64>,
+    /// Each round's duration (hpmig only).
+    ms_per_round: Vec<f64>,
     total_bytes: u64,
     total_ms: f64,
     downtime_ms: f64,
@@ -257,6 +264,11 @@ fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
     Ok(Sample {
         rounds: r.rounds.len(),
         bytes_per_round: r.rounds.iter().map(|x| x.metrics.wire_bytes).collect(),
+        ms_per_round: r
+            .rounds
+            .iter()
+            .map(|x| x.metrics.duration.as_secs_f64() * 1e3)
+            .collect(),
         total_bytes: r.wire_bytes,
         total_ms: r.total_time.as_secs_f64() * 1e3,
         downtime_ms: r.downtime.as_secs_f64() * 1e3,
@@ -294,6 +306,7 @@ fn run_qemu_cell(cell: &Cell, mode: qemu::Mode) -> Result<Sample> {
     Ok(Sample {
         rounds: o.dirty_syncs as usize,
         bytes_per_round: Vec::new(),
+        ms_per_round: Vec::new(),
         total_bytes: o.transferred,
         total_ms: o.total_ms,
         downtime_ms: o.downtime_ms,
@@ -319,6 +332,9 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
 pub fn run(a: &BenchArgs) -> Result<bool> {
     let with_qemu = !a.quick && qemu::available();
     let mut cells = if a.peer { Vec::new() } else { matrix(a.quick) };
+    if !a.memory.is_empty() {
+        cells.retain(|c| a.memory.contains(&c.memory));
+    }
     if !a.quick {
         cells.extend(peer_matrix(a.peer_memory, with_qemu));
     }
@@ -359,6 +375,7 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut csv = String::from("memory_bytes,workload,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,converged_runs,progress_median\n");
     let mut json = Vec::new();
+    let mut points = Vec::new();
     let mut ok = true;
     for cell in &cells {
         let mut samples = Vec::new();
@@ -420,6 +437,20 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
             converged,
             progress
         ));
+        let mut by_bytes: Vec<&Sample> = samples.iter().collect();
+        by_bytes.sort_by_key(|s| s.total_bytes);
+        points.push(plots::Point {
+            workload: cell.load(),
+            memory: cell.memory,
+            link: cell.link(),
+            link_gbit: cell.cap.map(|c| c as f64 * 8.0 / 1e9),
+            variant: cell.variant().to_string(),
+            rounds,
+            total_bytes: bytes.0,
+            total_ms: time.0,
+            downtime_ms: down.0,
+            bytes_per_round: by_bytes[by_bytes.len() / 2].bytes_per_round.clone(),
+        });
         json.push(serde_json::json!({
             "memory_bytes": cell.memory,
             "workload": cell.workload.as_str(),
@@ -429,6 +460,7 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
             "runs": samples.iter().map(|s| serde_json::json!({
                 "rounds": s.rounds,
                 "bytes_per_round": s.bytes_per_round,
+                "ms_per_round": s.ms_per_round,
                 "total_bytes": s.total_bytes,
                 "total_ms": s.total_ms,
                 "downtime_ms": s.downtime_ms,
@@ -451,5 +483,8 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
         csv_path.display(),
         json_path.display()
     );
+    for plot in plots::write(&a.out, &points)? {
+        println!("  plot:    {}", plot.display());
+    }
     Ok(ok)
 }

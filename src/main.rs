@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod dest;
 mod guest;
+mod plots;
 mod qemu;
 mod rdma;
 mod report;
