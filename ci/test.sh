@@ -27,7 +27,7 @@ done
 apt_need=()
 command -v cc >/dev/null 2>&1 || apt_need+=(build-essential)
 command -v ip >/dev/null 2>&1 || apt_need+=(iproute2)
-for p in libibverbs-dev librdmacm-dev libclang-dev clang; do
+for p in libibverbs-dev librdmacm-dev libclang-dev clang qemu-system-x86; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || apt_need+=("$p")
 done
 if [ ${#apt_need[@]} -gt 0 ]; then
@@ -73,7 +73,25 @@ target/release/hpmig bench --quick --out "$bench_out"
 rows=$(($(wc -l < "$bench_out/bench.csv") - 1))
 [ "$rows" -eq 12 ] || { echo "bench.csv has $rows cells, expected 12" >&2; exit 1; }
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert len(d["cells"]) == 12 and all(len(c["runs"]) == 3 for c in d["cells"]), "incomplete bench.json"' "$bench_out/bench.json"
+for plot in bytes_per_round time_vs_link paper; do
+    grep -q "<svg" "$bench_out/$plot.svg" || { echo "plot $plot.svg missing" >&2; exit 1; }
+done
 rm -rf "$bench_out"
+
+step "QEMU as the peer (hpmig bench --peer, one run per cell): every QEMU mode must complete"
+peer_out=$(mktemp -d)
+target/release/hpmig bench --peer --repeats 1 --peer-memory 64M --out "$peer_out"
+python3 - "$peer_out/bench.json" <<'PY'
+import json, sys
+cells = json.load(open(sys.argv[1]))["cells"]
+names = sorted({c["variant"] for c in cells})
+assert names == ["page", "qemu", "qemu-multifd", "qemu-xbzrle", "segment"], names
+assert len(cells) == 10 and all(len(c["runs"]) == 1 for c in cells), "a run failed"
+# At 10 Gbit/s a 64 MiB guest at 100k stores/s converges whatever the method.
+assert all(c["runs"][0]["converged"] for c in cells if c["link"] == "10Gbit"), "a 10 Gbit/s run did not converge"
+print("peer comparison complete:", len(cells), "cells")
+PY
+rm -rf "$peer_out"
 
 step "soft-RoCE harness: RDMA tests and migrations on a real rxe device in a QEMU VM"
 softroce_log=$(mktemp)

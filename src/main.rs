@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod dest;
 mod guest;
+mod model;
 mod plots;
 mod qemu;
 mod rdma;
@@ -38,6 +39,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List the RDMA devices: ports, state, MTU, GID table (like ibv_devinfo).
     Devices,
+    /// Predict migrations of large guests on fast links from a bench run.
+    Model(model::ModelArgs),
     /// Write the workload as a multiboot image QEMU boots (the bench's peer).
     QemuImage(qemu::ImageArgs),
 }
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Dest(a) => dest::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Devices => rdma::devices(),
+        Command::Model(a) => model::run(&a),
         Command::QemuImage(a) => qemu::write_image(&a),
     };
     match result {
