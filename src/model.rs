@@ -18,8 +18,10 @@
 //!   (all bytes over all round time) fit the 300 ms downtime target or are
 //!   under 256 KiB, or after 10 rounds, or after 5 rounds
 //!   without a smaller work set (the bench's policy); downtime is the last
-//!   round plus hpmig's digest check (the measured digest rate) plus a fixed
-//!   cost (the median residual on the measured cells).
+//!   round plus a cost per guest byte (hpmig's digest check, mostly) plus a
+//!   fixed cost, both fitted by least squares on the converged measured
+//!   cells (with one guest size: the measured digest rate and the median
+//!   residual).
 //!
 //! It cannot say: anything about a guest whose writes are not like the
 //! measured workloads; link effects beyond a bandwidth cap (latency, loss,
@@ -84,7 +86,8 @@ struct Profile {
 struct Machine {
     /// Guest bytes scanned (snapshot + diff) per second by all workers.
     scan_rate: f64,
-    /// Guest bytes digested per second for the final check.
+    /// Guest bytes per second of downtime that grows with memory (the
+    /// final digest, mostly).
     digest_rate: f64,
     /// Fixed downtime cost, seconds.
     fixed_downtime: f64,
@@ -194,6 +197,8 @@ struct Measured {
     rate_before: f64,
     round0_bytes: f64,
     round0_s: f64,
+    /// Every run converged.
+    converged: bool,
 }
 
 fn measured(doc: &Value) -> Result<Vec<Measured>> {
@@ -232,6 +237,7 @@ fn measured(doc: &Value) -> Result<Vec<Measured>> {
             rate_before: rate.unwrap_or_else(|| get("guest_writes_per_s_before")),
             round0_bytes: first("bytes_per_round", 1.0),
             round0_s: first("ms_per_round", 1e-3),
+            converged: runs.iter().all(|r| r["converged"].as_bool() == Some(true)),
         });
     }
     if out.is_empty() {
@@ -287,20 +293,48 @@ fn calibrate(cells: &[Measured]) -> (Vec<Profile>, Machine) {
         },
         fixed_downtime: 0.0,
     };
-    // The fixed downtime: the median of what the model leaves unexplained.
-    machine.fixed_downtime = median(
-        cells
-            .iter()
-            .filter_map(|c| {
-                let p = profiles
-                    .iter()
-                    .find(|p| p.workload == c.workload && p.variant == c.variant)?;
-                let pred = predict(p, &machine, c.memory, c.link.unwrap_or(f64::INFINITY));
-                Some(c.downtime_s - pred.downtime_s)
-            })
-            .collect(),
-    )
-    .max(0.0);
+    // Downtime beyond the last round: a fixed cost plus a cost per guest
+    // byte (the digest, and whatever else grows with memory), fitted by
+    // least squares on what the model's last round leaves unexplained in
+    // the converged cells (a forced stop's last round is too rough a guess).
+    // With one guest size there is no slope to fit: the measured digest rate
+    // and the median residual stand in.
+    let bare = Machine {
+        digest_rate: f64::INFINITY,
+        ..machine
+    };
+    let residuals: Vec<(f64, f64)> = cells
+        .iter()
+        .filter(|c| c.converged)
+        .filter_map(|c| {
+            let p = profiles
+                .iter()
+                .find(|p| p.workload == c.workload && p.variant == c.variant)?;
+            let pred = predict(p, &bare, c.memory, c.link.unwrap_or(f64::INFINITY));
+            Some((c.memory, c.downtime_s - pred.downtime_s))
+        })
+        .filter(|(_, r)| r.is_finite())
+        .collect();
+    let n = residuals.len() as f64;
+    let (mx, my) = residuals
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / n, b + y / n));
+    let (sxy, sxx) = residuals.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
+        (a + (x - mx) * (y - my), b + (x - mx) * (x - mx))
+    });
+    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
+    if slope > 0.0 {
+        machine.digest_rate = 1.0 / slope;
+        machine.fixed_downtime = (my - slope * mx).max(0.0);
+    } else {
+        machine.fixed_downtime = median(
+            residuals
+                .iter()
+                .map(|(m, r)| r - m / machine.digest_rate)
+                .collect(),
+        )
+        .max(0.0);
+    }
     (profiles, machine)
 }
 
@@ -313,7 +347,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     let cells = measured(&doc)?;
     let (profiles, mut m) = calibrate(&cells);
     println!(
-        "hpmig model: calibrated on {} measured cells: scan {:.2} GB/s, digest {:.2} GB/s, fixed downtime {:.1} ms",
+        "hpmig model: calibrated on {} measured cells: scan {:.2} GB/s, downtime per guest byte as at {:.2} GB/s (the digest), fixed downtime {:.1} ms",
         cells.len(),
         m.scan_rate / 1e9,
         m.digest_rate / 1e9,

@@ -21,6 +21,8 @@ use hpmig_core::protocol::{Header, Kind, ProtocolError, HEADER_LEN};
 use hpmig_core::ring::Ring;
 use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
 
+use hpmig_transport_tcp::Conn;
+
 use crate::tx::imm_parts;
 use crate::verbs::{self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr, Qp};
 
@@ -72,6 +74,9 @@ pub struct RdmaRx {
     unacked_credits: u32,
     interrupt: Interrupt,
     timeout: Duration,
+    /// The stream's TCP setup connection, held open while this end lives
+    /// (the source watches it).
+    _liveness: Conn,
 }
 
 // SAFETY: the staging pointer is this struct's own mapping; verbs objects
@@ -91,6 +96,7 @@ pub(crate) struct RxParts {
     pub guest: Arc<Vec<Mr>>,
     pub interrupt: Interrupt,
     pub timeout: Duration,
+    pub liveness: Conn,
 }
 
 impl RdmaRx {
@@ -113,6 +119,7 @@ impl RdmaRx {
             unacked_credits: 0,
             interrupt: p.interrupt,
             timeout: p.timeout,
+            _liveness: p.liveness,
         }
     }
 

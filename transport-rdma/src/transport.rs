@@ -316,6 +316,7 @@ impl RdmaSource {
             stats: Arc::clone(&self.stats),
             interrupt: self.tcp.interrupt(),
             timeout: self.opts.tcp.io_timeout,
+            liveness: conn,
         }))
     }
 }
@@ -378,12 +379,12 @@ impl RdmaDest {
     fn accept_stream(
         &mut self,
         index: usize,
-        conn: &mut hpmig_transport_tcp::Conn,
+        mut conn: hpmig_transport_tcp::Conn,
         guest: &Arc<Vec<Mr>>,
         remote: &[RemoteRegion],
         local: &Arc<Vec<LocalRegion>>,
     ) -> Result<RdmaRx, TransportError> {
-        let offer = Offer::recv(conn)?;
+        let offer = Offer::recv(&mut conn)?;
         let (slots, slot_size) = (offer.slots as usize, offer.slot_size as usize);
         let page = hpmig_core::memory::host_page_size();
         if slots == 0
@@ -428,7 +429,7 @@ impl RdmaDest {
             slot_size: slot_size as u32,
             regions: remote.to_vec(),
         }
-        .send(conn)?;
+        .send(&mut conn)?;
         Ok(RdmaRx::new(RxParts {
             qp,
             send_cq,
@@ -442,6 +443,7 @@ impl RdmaDest {
             guest: Arc::clone(guest),
             interrupt: self.tcp.interrupt(),
             timeout: self.opts.tcp.io_timeout,
+            liveness: conn,
         }))
     }
 }
@@ -498,9 +500,9 @@ impl DestTransport for RdmaDest {
         }
         let guest = Arc::new(mrs);
         let local = Arc::new(local);
-        let mut conns = self.tcp.accept_stream_conns(n, session)?;
+        let conns = self.tcp.accept_stream_conns(n, session)?;
         conns
-            .iter_mut()
+            .into_iter()
             .enumerate()
             .map(|(i, conn)| self.accept_stream(i, conn, &guest, &remote, &local))
             .collect()

@@ -34,6 +34,8 @@ use hpmig_core::protocol::{Kind, HEADER_LEN};
 use hpmig_core::ring::SendBuf;
 use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
 
+use hpmig_transport_tcp::Conn;
+
 use crate::setup::{Answer, RemoteRegion};
 use crate::verbs::{
     self, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr,
@@ -194,6 +196,9 @@ pub struct RdmaTx {
     stats: Arc<RdmaStats>,
     interrupt: Interrupt,
     timeout: Duration,
+    /// The stream's TCP setup connection, kept open as a liveness signal:
+    /// the destination closes it when its end of the stream goes away.
+    liveness: Conn,
 }
 
 // SAFETY: the raw pointers inside `wrs`/`sges` are scratch space rebuilt
@@ -214,6 +219,7 @@ pub(crate) struct TxParts {
     pub stats: Arc<RdmaStats>,
     pub interrupt: Interrupt,
     pub timeout: Duration,
+    pub liveness: Conn,
 }
 
 impl RdmaTx {
@@ -253,6 +259,7 @@ impl RdmaTx {
             stats: p.stats,
             interrupt: p.interrupt,
             timeout: p.timeout,
+            liveness: p.liveness,
         }
     }
 
@@ -337,6 +344,15 @@ impl RdmaTx {
                 return Err(TransportError::Other(format!(
                     "RDMA stream {}: no progress for {:?} while waiting for {what}",
                     self.worker, self.timeout
+                )));
+            }
+            // Idle: look at the liveness connection now and then (a
+            // destination that went away returns no credits and posts no
+            // error; its closed connection says so at once).
+            if idle % 256 == 0 && self.liveness.peer_closed() {
+                return Err(TransportError::Other(format!(
+                    "RDMA stream {}: the destination closed the stream while this end waited for {what}",
+                    self.worker
                 )));
             }
             std::thread::sleep(Duration::from_micros(50));

@@ -9,8 +9,9 @@
 #![cfg(feature = "rdma")]
 #![allow(clippy::unwrap_used)]
 
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::Ordering;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -295,6 +296,84 @@ fn migrations_over_rdma_are_byte_exact_in_both_granularities_with_and_without_zs
             assert!(staged > in_place, "zstd pages go through staging");
         }
     }
+}
+
+/// Forwards every connection to `target` until `cut` is set, then closes
+/// them all (both directions): a lost control connection.
+fn cutting_proxy(target: SocketAddr, cut: Arc<AtomicBool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(target) else {
+                return;
+            };
+            for (mut from, to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let cut = Arc::clone(&cut);
+                thread::spawn(move || {
+                    from.set_read_timeout(Some(Duration::from_millis(20)))
+                        .unwrap();
+                    let mut to = to;
+                    let mut buf = [0u8; 16 << 10];
+                    while !cut.load(Ordering::Relaxed) {
+                        match from.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_lost_control_connection_fails_both_ends_and_the_source_runs_on() {
+    let Some(dev) = device() else { return };
+    let memory = pattern_memory(&[(0, 48 * MIB)]);
+    let mut guest = start(&memory, Workload::Dense);
+    let (addr, dest) = destination(&dev);
+    let cut = Arc::new(AtomicBool::new(false));
+    let proxy = cutting_proxy(addr, Arc::clone(&cut));
+    let cfg = config(Granularity::Page, ZstdMode::Off, 2);
+    let (result, _) = run_source(proxy, &dev, &memory, &mut guest, &cfg, |t| {
+        let stats = t.stats();
+        thread::spawn(move || {
+            // Cut the TCP connections once data flows over RDMA.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while stats.batches.load(Ordering::Relaxed) < 4 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
+            cut.store(true, Ordering::Relaxed);
+        });
+    });
+    let err = result.expect_err("a lost control connection fails the migration");
+    eprintln!("source: {err}");
+    let dest = dest.join().unwrap();
+    assert!(
+        dest.is_err(),
+        "the destination never completes a partial guest"
+    );
+    eprintln!(
+        "destination: {}",
+        dest.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+    assert_guest_runs(&guest);
 }
 
 #[test]

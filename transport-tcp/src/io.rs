@@ -146,6 +146,24 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether the peer closed (or reset) the connection, without waiting
+    /// and without consuming anything it sent.
+    pub fn peer_closed(&self) -> bool {
+        if self.sock.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let r = self.sock.peek(&mut [0u8; 1]);
+        let _ = self.sock.set_nonblocking(false);
+        match r {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        }
+    }
+
     /// Ends the sending side cleanly.
     pub fn finish(&mut self) -> Result<(), TransportError> {
         let _ = self.sock.flush();
