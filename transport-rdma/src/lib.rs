@@ -22,6 +22,8 @@
 //! without it, [`unavailable`] says how to get it.
 
 #[cfg(feature = "rdma")]
+mod backoff;
+#[cfg(feature = "rdma")]
 pub mod device;
 #[cfg(feature = "rdma")]
 mod rx;

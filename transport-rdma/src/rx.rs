@@ -15,7 +15,7 @@
 //! Rust slice.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hpmig_core::protocol::{Header, Kind, ProtocolError, HEADER_LEN};
 use hpmig_core::ring::Ring;
@@ -23,6 +23,7 @@ use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
 
 use hpmig_transport_tcp::Conn;
 
+use crate::backoff::Backoff;
 use crate::tx::imm_parts;
 use crate::verbs::{self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr, Qp};
 
@@ -163,26 +164,16 @@ impl RdmaRx {
     /// Waits for the next batch's WRITE WITH IMMEDIATE.
     fn next_batch(&mut self) -> Result<(), TransportError> {
         let mut wc = [Completion::default(); 1];
-        let mut since = Instant::now();
-        let mut idle = 0u32;
+        let mut backoff = Backoff::new(self.worker, self.timeout);
         loop {
             if self.recv_cq.poll(&mut wc)? == 1 {
                 break;
             }
             self.reap_sends()?;
             if self.unacked_credits > 0 {
-                since = Instant::now();
+                backoff.alive();
             }
-            idle += 1;
-            if idle < 256 {
-                std::hint::spin_loop();
-                continue;
-            }
-            self.interrupt.check()?;
-            if since.elapsed() > self.timeout {
-                return Err(self.fail(format!("no batch arrived for {:?}", self.timeout)));
-            }
-            std::thread::sleep(Duration::from_micros(50));
+            backoff.idle(&self.interrupt, "a batch")?;
         }
         let c = wc[0];
         if !c.ok() {

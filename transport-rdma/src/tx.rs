@@ -28,7 +28,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hpmig_core::protocol::{Kind, HEADER_LEN};
 use hpmig_core::ring::SendBuf;
@@ -36,6 +36,7 @@ use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
 
 use hpmig_transport_tcp::Conn;
 
+use crate::backoff::Backoff;
 use crate::setup::{Answer, RemoteRegion};
 use crate::verbs::{
     self, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr,
@@ -326,36 +327,21 @@ impl RdmaTx {
         what: &'static str,
         done: impl Fn(&Self) -> bool,
     ) -> Result<(), TransportError> {
-        let mut since = Instant::now();
-        let mut idle = 0u32;
+        let mut backoff = Backoff::new(self.worker, self.timeout);
         while !done(self) {
             if self.progress()? {
-                since = Instant::now();
-                idle = 0;
+                backoff.progressed();
                 continue;
             }
-            idle += 1;
-            if idle < 256 {
-                std::hint::spin_loop();
-                continue;
-            }
-            self.interrupt.check()?;
-            if since.elapsed() > self.timeout {
-                return Err(TransportError::Other(format!(
-                    "RDMA stream {}: no progress for {:?} while waiting for {what}",
-                    self.worker, self.timeout
-                )));
-            }
-            // Idle: look at the liveness connection now and then (a
-            // destination that went away returns no credits and posts no
-            // error; its closed connection says so at once).
-            if idle % 256 == 0 && self.liveness.peer_closed() {
+            // Now and then look at the liveness connection: a destination
+            // that went away returns no credits and posts no error; its
+            // closed connection says so at once.
+            if backoff.idle(&self.interrupt, what)? && self.liveness.peer_closed() {
                 return Err(TransportError::Other(format!(
                     "RDMA stream {}: the destination closed the stream while this end waited for {what}",
                     self.worker
                 )));
             }
-            std::thread::sleep(Duration::from_micros(50));
         }
         Ok(())
     }
