@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordu32;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 /// One cell's medians, as the figures need them.
@@ -157,33 +160,15 @@ fn bytes_per_round(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> 
             .draw()
             .map_err(err)?;
         for p in series {
-            let c = color(&p.variant);
-            chart
-                .draw_series(LineSeries::new(
-                    p.bytes_per_round
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &b)| (i as u32, (b as f64).max(1.0))),
-                    c.stroke_width(2),
-                ))
-                .map_err(err)?
-                .label(p.variant.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c));
-            chart
-                .draw_series(
-                    p.bytes_per_round
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &b)| Circle::new((i as u32, (b as f64).max(1.0)), 3, c.filled())),
-                )
-                .map_err(err)?;
+            let pts = p
+                .bytes_per_round
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| (i as u32, (b as f64).max(1.0)))
+                .collect();
+            line(&mut chart, pts, &p.variant, 3)?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart)?;
     }
     root.present().map_err(err)?;
     Ok(dir.join(NAME))
@@ -227,8 +212,7 @@ fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
             .draw()
             .map_err(err)?;
         for v in &vs {
-            let c = color(v);
-            let pts: Vec<(u32, f64)> = ls
+            let pts = ls
                 .iter()
                 .enumerate()
                 .filter_map(|(i, (l, _))| {
@@ -238,21 +222,9 @@ fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
                         .filter(|(_, y)| y.is_finite() && *y > 0.0)
                 })
                 .collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-                .map_err(err)?
-                .label(v.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c));
-            chart
-                .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))
-                .map_err(err)?;
+            line(&mut chart, pts, v, 4)?;
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart)?;
     }
     root.present().map_err(err)?;
     Ok(dir.join(NAME))
@@ -285,63 +257,97 @@ fn paper(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
             })
             .collect();
         let max = pts.iter().map(|p| p.1).fold(1e-3, f64::max);
-        let log = name != "iterations (rounds)";
         let caption = format!("{name}, {title}, {link}");
-        let mut builder = ChartBuilder::on(area);
-        builder
-            .caption(caption, ("sans-serif", 15))
-            .margin(10)
-            .x_label_area_size(10)
-            .y_label_area_size(60);
-        let floor = if log { 0.01 } else { 0.0 };
-        let bars = || {
-            pts.iter().map(move |&(k, y, v)| {
-                Rectangle::new(
-                    [(k as f64 + 0.15, floor), (k as f64 + 0.85, y.max(floor))],
-                    color(v).filled(),
-                )
-            })
-        };
-        // Each bar is named above itself (the value, then the method).
-        let names = || {
-            pts.iter().map(move |&(k, y, v)| {
-                Text::new(
-                    format!("{v}: {}", short(y)),
-                    (k as f64 + 0.15, y.max(floor)),
-                    ("sans-serif", 12).into_font(),
-                )
-            })
-        };
-        if log {
-            let mut chart = builder
-                .build_cartesian_2d(0f64..vs.len() as f64, (0.01f64..max * 30.0).log_scale())
-                .map_err(err)?;
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(0)
-                .y_desc(name)
-                .draw()
-                .map_err(err)?;
-            chart.draw_series(bars()).map_err(err)?;
-            chart.draw_series(names()).map_err(err)?;
+        if name == "iterations (rounds)" {
+            bar_panel(area, caption, name, vs.len(), 0f64..max * 1.3, 0.0, &pts)?;
         } else {
-            let mut chart = builder
-                .build_cartesian_2d(0f64..vs.len() as f64, 0f64..max * 1.3)
-                .map_err(err)?;
-            chart
-                .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(0)
-                .y_desc(name)
-                .draw()
-                .map_err(err)?;
-            chart.draw_series(bars()).map_err(err)?;
-            chart.draw_series(names()).map_err(err)?;
+            let y = (0.01f64..max * 30.0).log_scale();
+            bar_panel(area, caption, name, vs.len(), y, 0.01, &pts)?;
         }
     }
     root.present().map_err(err)?;
     Ok(dir.join(NAME))
+}
+
+/// The line charts' coordinates: round or link index, log-scaled value.
+type LineChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordu32, LogCoord<f64>>>;
+
+/// One method's line with a dot at each point, named in the legend.
+fn line(
+    chart: &mut LineChart<'_, '_>,
+    pts: Vec<(u32, f64)>,
+    variant: &str,
+    dot: u32,
+) -> Result<()> {
+    let c = color(variant);
+    chart
+        .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+        .map_err(err)?
+        .label(variant)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c));
+    chart
+        .draw_series(pts.into_iter().map(|p| Circle::new(p, dot, c.filled())))
+        .map_err(err)?;
+    Ok(())
+}
+
+fn legend<'a, 'b: 'a>(chart: &mut LineChart<'a, 'b>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)
+}
+
+/// One panel of bars, `(slot, value, method)` each, on the value axis `y`
+/// (bars start at `floor`), each bar named above itself.
+fn bar_panel<Y>(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    caption: String,
+    name: &str,
+    slots: usize,
+    y: Y,
+    floor: f64,
+    pts: &[(usize, f64, &str)],
+) -> Result<()>
+where
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 15))
+        .margin(10)
+        .x_label_area_size(10)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..slots as f64, y)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_desc(name)
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(pts.iter().map(|&(k, y, v)| {
+            Rectangle::new(
+                [(k as f64 + 0.15, floor), (k as f64 + 0.85, y.max(floor))],
+                color(v).filled(),
+            )
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(pts.iter().map(|&(k, y, v)| {
+            Text::new(
+                format!("{v}: {}", short(y)),
+                (k as f64 + 0.15, y.max(floor)),
+                ("sans-serif", 12).into_font(),
+            )
+        }))
+        .map_err(err)?;
+    Ok(())
 }
 
 /// A value with three significant digits.
@@ -352,5 +358,61 @@ fn short(v: f64) -> String {
         format!("{v:.1}")
     } else {
         format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(link: &str, gbit: Option<f64>, variant: &str, scale: f64) -> Point {
+        Point {
+            workload: "sparse@100k/s".into(),
+            memory: 256 << 20,
+            link: link.into(),
+            link_gbit: gbit,
+            variant: variant.into(),
+            rounds: 2.0 * scale,
+            total_bytes: 1e6 * scale,
+            total_ms: 200.0 * scale,
+            downtime_ms: 90.0 * scale,
+            bytes_per_round: if variant.starts_with("qemu") {
+                Vec::new()
+            } else {
+                vec![(1e6 * scale) as u64, (1e4 * scale) as u64]
+            },
+        }
+    }
+
+    #[test]
+    fn every_figure_names_every_link_and_method() {
+        let mut points = Vec::new();
+        for (link, gbit) in [("1Gbit", Some(1.0)), ("10Gbit", Some(10.0))] {
+            for (variant, scale) in [("page", 100.0), ("segment", 1.0), ("qemu-xbzrle", 30.0)] {
+                points.push(point(link, gbit, variant, scale));
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("hpmig-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = write(&dir, &points).unwrap();
+        assert_eq!(files.len(), 3);
+        for f in &files {
+            let svg = std::fs::read_to_string(f).unwrap();
+            assert!(svg.contains("<svg"), "{}", f.display());
+            for link in ["1Gbit", "10Gbit"] {
+                if !f.ends_with("time_vs_link.svg") {
+                    assert!(svg.contains(link), "{} lacks {link}", f.display());
+                }
+            }
+            assert!(svg.contains("segment"), "{} lacks segment", f.display());
+        }
+        let paper = std::fs::read_to_string(dir.join("paper.svg")).unwrap();
+        assert!(
+            paper.contains("qemu-xbzrle: 60.0"),
+            "bars are named with their values"
+        );
+        if std::env::var_os("HPMIG_KEEP_PLOTS").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
