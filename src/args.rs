@@ -9,12 +9,12 @@ use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::limiter::parse_rate;
 use hpmig_core::precopy::SourceConfig;
 use hpmig_core::segment::compress::ZstdMode;
-use hpmig_core::segment::Granularity;
-use hpmig_core::vm::Workload;
+use hpmig_core::protocol::Granularity;
+use hpmig_microvm::Workload;
 
-use crate::guest::{BootSpec, GuestChoice};
+use hpmig_microvm::{BootSpec, GuestChoice};
 use crate::units::{parse_bytes, parse_millis};
-use hpmig_core::vm::kvm::dirty::DirtyLogMode;
+use hpmig_core::dirty::kvm::DirtyLogMode;
 
 /// The guest to boot.
 #[derive(Args, Debug, Clone)]
@@ -50,12 +50,12 @@ pub struct GuestArgs {
 
 impl GuestArgs {
     pub fn check(&self) -> Result<()> {
-        hpmig_core::vm::kvm::memory_ranges(self.memory)
+        hpmig_microvm::kvm::memory_ranges(self.memory)
             .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
-        if !(1..=hpmig_core::vm::kvm::MAX_VCPUS).contains(&self.vcpus) {
+        if !(1..=hpmig_microvm::kvm::MAX_VCPUS).contains(&self.vcpus) {
             bail!(
                 "--vcpus must be between 1 and {}",
-                hpmig_core::vm::kvm::MAX_VCPUS
+                hpmig_microvm::kvm::MAX_VCPUS
             );
         }
         Ok(())

@@ -16,12 +16,12 @@ use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, SourceConfig};
 use hpmig_core::segment::compress::ZstdMode;
-use hpmig_core::segment::Granularity;
-use hpmig_core::vm::kvm::dirty::DirtyLogMode;
-use hpmig_core::vm::Workload;
+use hpmig_core::protocol::Granularity;
+use hpmig_core::dirty::kvm::DirtyLogMode;
+use hpmig_microvm::Workload;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
-use crate::guest::{self, BootSpec, GuestChoice};
+use hpmig_microvm::{self as guest, BootSpec, GuestChoice};
 use crate::plots;
 use crate::qemu;
 use crate::units::human;
@@ -216,7 +216,7 @@ fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
         Variant::Hpmig { granularity, zstd } => (granularity, zstd),
         Variant::Qemu(mode) => return run_qemu_cell(cell, mode),
     };
-    let memory = SourceMemory::from_ranges(&hpmig_core::vm::kvm::memory_ranges(cell.memory)?)?;
+    let memory = SourceMemory::from_ranges(&hpmig_microvm::kvm::memory_ranges(cell.memory)?)?;
     let spec = BootSpec {
         choice,
         workload: cell.workload,
@@ -236,7 +236,13 @@ fn run_cell(cell: &Cell, choice: GuestChoice) -> Result<Sample> {
     let dm = dest_memory.clone();
     let dest = std::thread::spawn(move || -> Result<()> {
         let mut t = TcpDest::accept(listener, TcpOptions::default())?;
-        receive(&dm, &mut t, &DestConfig::default())?;
+        let cfg = DestConfig {
+            memory_zeroed: true,
+            ..DestConfig::default()
+        };
+        let mut arrival = hpmig_microvm::Arrival::new(&dm);
+        receive(&dm, &mut t, &cfg, &mut arrival)?;
+        arrival.stop();
         Ok(())
     });
     let mut cfg = SourceConfig::new(granularity);

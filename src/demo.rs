@@ -10,11 +10,12 @@ use clap::{Args, ValueEnum};
 use hpmig_core::land::{receive, DestConfig, LandError, Received};
 use hpmig_core::memory::{DestMemory, Layout};
 use hpmig_core::transport::inproc::{pair, Faults};
-use hpmig_core::vm::kvm::heartbeat;
+use hpmig_core::transport::{DestTransport, TransportError};
+use hpmig_microvm::kvm::heartbeat;
+use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs};
-use crate::guest;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};
 
@@ -72,10 +73,7 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
             let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
             let addr = listener.local_addr()?;
             let dest_opts = o.clone();
-            let dest = std::thread::spawn(move || -> Result<Received, LandError> {
-                let mut t = RdmaDest::accept(listener, dest_opts)?;
-                receive(&dm, &mut t, &DestConfig::default())
-            });
+            let dest = std::thread::spawn(move || land(dm, RdmaDest::accept(listener, dest_opts)));
             let mut t = RdmaSource::connect(addr, o)?;
             let stats = t.stats();
             let (o, f) = migrate_booted(&mut booted, &mut t, &cfg)?;
@@ -88,18 +86,16 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
         (None, Wire::Tcp) => {
             let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
             let addr = listener.local_addr()?;
-            let dest = std::thread::spawn(move || -> Result<Received, LandError> {
-                let mut t = TcpDest::accept(listener, TcpOptions::default())?;
-                receive(&dm, &mut t, &DestConfig::default())
-            });
+            let dest =
+                std::thread::spawn(move || land(dm, TcpDest::accept(listener, TcpOptions::default())));
             let mut t = TcpSource::connect(addr, TcpOptions::default())?;
             let (o, f) = migrate_booted(&mut booted, &mut t, &cfg)?;
             drop(t);
             (o, f, dest.join())
         }
         (None, Wire::Inproc) => {
-            let (mut src, mut dst) = pair(Faults::none());
-            let dest = std::thread::spawn(move || receive(&dm, &mut dst, &DestConfig::default()));
+            let (mut src, dst) = pair(Faults::none());
+            let dest = std::thread::spawn(move || land(dm, Ok(dst)));
             let (o, f) = migrate_booted(&mut booted, &mut src, &cfg)?;
             drop(src);
             (o, f, dest.join())
@@ -116,17 +112,16 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
             return Ok(false);
         }
     };
-    let received = dest.context("destination failed after the source succeeded")?;
+    let (received, mut arrival) = dest.context("destination failed after the source succeeded")?;
     drop(booted.guest);
 
-    // Resume on the destination from the state it received; watch the heartbeat.
-    let resumed = guest::resume(&dest_memory, &received.state)?;
+    // The destination runs the guest since the Commit: watch its heartbeat.
     let deadline = Instant::now() + Duration::from_secs(2);
     while heartbeat(&dest_memory, 0) <= figures.heartbeat_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     figures.heartbeat_after = Some(heartbeat(&dest_memory, 0));
-    drop(resumed);
+    arrival.stop();
 
     report::summary(&report, &figures);
     if let Some(path) = &a.migration.json {
@@ -136,4 +131,19 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
     Ok(report.verified
         && received.verified
         && figures.heartbeat_after > Some(figures.heartbeat_before))
+}
+
+/// The demo's destination: lands into `memory` (fresh from
+/// `Layout::allocate`, so known zero) and runs the guest there.
+fn land<T: DestTransport>(
+    memory: DestMemory,
+    transport: Result<T, TransportError>,
+) -> Result<(Received, Arrival), LandError> {
+    let mut t = transport?;
+    let mut arrival = Arrival::new(&memory);
+    let cfg = DestConfig {
+        memory_zeroed: true,
+        ..DestConfig::default()
+    };
+    receive(&memory, &mut t, &cfg, &mut arrival).map(|r| (r, arrival))
 }

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use hpmig_core::handshake::Terms;
 use hpmig_core::land::{accept, receive_accepted, DestConfig};
 use hpmig_core::memory::DestMemory;
 use hpmig_core::transport::DestTransport;
-use hpmig_core::vm::kvm::heartbeat;
+use hpmig_microvm::kvm::heartbeat;
+use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{TcpDest, TcpOptions};
 
 use crate::args::TokenArgs;
-use crate::guest;
 use crate::report;
 use crate::units::{human, parse_bytes, parse_millis};
 
@@ -83,9 +84,13 @@ fn land_and_run<T: DestTransport>(
     peer: std::net::SocketAddr,
 ) -> Result<bool> {
     let cfg = DestConfig {
-        secret: a.token.secret(),
-        max_memory: a.max_memory,
-        ..DestConfig::default()
+        terms: Terms {
+            secret: a.token.secret(),
+            max_memory: a.max_memory,
+            ..Terms::default()
+        },
+        // Allocated below, fresh and zero, after the handshake.
+        memory_zeroed: true,
     };
     let accepted = match accept(transport, &cfg, None) {
         Ok(x) => x,
@@ -115,7 +120,8 @@ fn land_and_run<T: DestTransport>(
         hello.layout.allocate()?
     };
     let cpu0 = report::cpu_seconds();
-    let received = match receive_accepted(&accepted, &memory, transport) {
+    let mut arrival = Arrival::new(&memory);
+    let received = match receive_accepted(&accepted, &memory, transport, &cfg, &mut arrival) {
         Ok(r) => r,
         Err(e) => {
             println!(
@@ -139,15 +145,14 @@ fn land_and_run<T: DestTransport>(
         "  dest cpu: {}",
         report::cpu_line(report::cpu_seconds() - cpu0, received.stats.wire_bytes)
     );
-    let before = heartbeat(&memory, 0);
-    let guest = guest::resume(&memory, &received.state)?;
+    let before = arrival.arrival_heartbeat();
     std::thread::sleep(a.run_for);
     let after = heartbeat(&memory, 0);
-    let kind = guest.kind();
-    if let Some(why) = guest.failure() {
+    let kind = arrival.running().map_or("guest", |g| g.kind());
+    if let Some(why) = arrival.running().and_then(|g| g.failure()) {
         println!("  the resumed guest stopped: {why}");
     }
-    drop(guest);
+    arrival.stop();
     println!(
         "  {kind} resumed: heartbeat {before} at arrival, {after} after {:?} ({})",
         a.run_for,

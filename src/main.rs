@@ -5,7 +5,6 @@ mod args;
 mod bench;
 mod demo;
 mod dest;
-mod guest;
 mod model;
 mod plots;
 mod qemu;

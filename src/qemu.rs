@@ -1,5 +1,5 @@
 //! QEMU as the benchmark's peer: the micro-VM's workload as a multiboot
-//! image (`hpmig_core::vm::kvm::multiboot`), booted by two QEMU processes
+//! image (`hpmig_microvm::kvm::multiboot`), booted by two QEMU processes
 //! and migrated between them over loopback with QEMU's own migration,
 //! driven through QMP; QEMU's `query-migrate` figures and the guest's
 //! heartbeat (read with HMP `xp`) give the same columns as hpmig's runs.
@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use hpmig_core::vm::kvm::multiboot;
-use hpmig_core::vm::Workload;
+use hpmig_microvm::kvm::multiboot;
+use hpmig_microvm::Workload;
 use serde_json::{json, Value};
 
 pub const QEMU: &str = "qemu-system-x86_64";

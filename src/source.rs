@@ -9,11 +9,11 @@ use hpmig_core::dirty::DirtySource;
 use hpmig_core::memory::SourceMemory;
 use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, SourceConfig};
 use hpmig_core::transport::SourceTransport;
-use hpmig_core::vm::kvm::heartbeat;
+use hpmig_microvm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
-use crate::guest::{self, RunningGuest};
+use hpmig_microvm::{self as guest, RunningGuest};
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_millis};
@@ -48,7 +48,7 @@ pub struct Booted {
 /// measuring its own pace.
 pub fn boot(g: &GuestArgs) -> Result<Booted> {
     g.check()?;
-    let ranges = hpmig_core::vm::kvm::memory_ranges(g.memory)?;
+    let ranges = hpmig_microvm::kvm::memory_ranges(g.memory)?;
     let memory = SourceMemory::from_ranges(&ranges).context("allocating guest memory")?;
     if g.prefill {
         hpmig_core::memory::fill_random(&memory, 1);

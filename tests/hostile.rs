@@ -16,7 +16,7 @@ use hpmig_core::memory::{Layout, RegionSpec};
 use hpmig_core::protocol::{
     encode_record, Header, Hello, Kind, Welcome, HEADER_LEN, MAX_STATE, MIN_VERSION, VERSION,
 };
-use hpmig_core::segment::Granularity;
+use hpmig_core::protocol::Granularity;
 use vm_memory::GuestAddress;
 
 const GUEST: u64 = 64 << 20;
@@ -119,9 +119,10 @@ fn a_hostile_sender_cannot_grow_the_destination_past_guest_memory_and_allowance(
     // compressed pages that are garbage.
     let words = layout.bitmap_words();
     for (i, s) in streams.iter_mut().enumerate() {
-        let share = hpmig_core::memory::worker_share(words, i, STREAMS as usize);
+        let share = hpmig_core::memory::Share::of(words, i, STREAMS as usize);
         let mut batch = Vec::new();
-        for page in share.start as u64 * 64..share.end as u64 * 64 {
+        let first = share.first_page().0;
+        for page in first..first + share.pages() as u64 {
             batch.extend_from_slice(&Header::page(page * PS, PS as u32).encode());
             batch.extend(std::iter::repeat_n(0xA5u8, PS as usize));
         }

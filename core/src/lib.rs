@@ -22,6 +22,8 @@
 
 pub mod auth;
 pub mod dirty;
+pub mod guest;
+pub mod handshake;
 pub mod land;
 pub mod memory;
 pub mod precopy;
@@ -31,4 +33,7 @@ pub mod segment;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transport;
-pub mod vm;
+
+/// The guest-memory crate hpmig's types are built on, re-exported so an
+/// embedder uses the very version hpmig does.
+pub use vm_memory;

@@ -15,7 +15,7 @@ use hpmig_core::land::{receive, DestConfig};
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, SourceConfig};
-use hpmig_core::segment::Granularity;
+use hpmig_core::protocol::Granularity;
 use hpmig_core::testing::assert_same_memory;
 use hpmig_core::transport::inproc::{pair, Faults};
 use hpmig_core::vm::kvm::dirty::DirtyLogMode;

@@ -12,7 +12,7 @@ use hpmig_core::land::{receive, DestConfig, LandError, Received};
 use hpmig_core::memory::{digest, host_page_size, DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, Cause, MigrateError, MigrationReport, Phase, SourceConfig};
-use hpmig_core::segment::Granularity;
+use hpmig_core::protocol::Granularity;
 use hpmig_core::testing::{assert_guest_runs, assert_same_memory, pattern_memory};
 use hpmig_core::transport::inproc::{pair, Faults};
 use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};

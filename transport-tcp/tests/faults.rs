@@ -21,7 +21,7 @@ use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, MigrateError, SourceConfig};
 use hpmig_core::protocol::{Kind, Records};
-use hpmig_core::segment::Granularity;
+use hpmig_core::protocol::Granularity;
 use hpmig_core::testing::{assert_same_memory, pattern_memory};
 use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
 use hpmig_core::vm::{Guest, Workload};

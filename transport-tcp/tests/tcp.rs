@@ -16,7 +16,7 @@ use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, Phase, SourceConfig};
 use hpmig_core::segment::compress::ZstdMode;
-use hpmig_core::segment::Granularity;
+use hpmig_core::protocol::Granularity;
 use hpmig_core::testing::{assert_guest_runs, assert_same_memory, dense_memory, pattern_memory};
 use hpmig_core::vm::emulated::{EmulatedConfig, EmulatedGuest};
 use hpmig_core::vm::{Guest, Workload};

@@ -11,11 +11,12 @@
 //! are always combined with the VMM bitmap through [`Combined`], because
 //! writes the host makes through its own mapping are not in KVM's log.
 
+pub mod kvm;
 pub mod vmm;
 
 use thiserror::Error;
 
-use crate::memory::Layout;
+use crate::memory::{Layout, PageIndex};
 
 /// Errors of harvesting.
 #[derive(Debug, Error)]
@@ -106,10 +107,10 @@ impl DirtyBitmap {
     }
 
     /// Marks flat page `page` dirty; pages outside the layout are ignored.
-    pub fn set_page(&mut self, page: u64) {
-        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+    pub fn set_page(&mut self, page: PageIndex) {
+        let w = page.word();
         if let (Some(word), Some(valid)) = (self.words.get_mut(w), self.valid.get(w)) {
-            *word |= bit & valid;
+            *word |= page.mask() & valid;
         }
     }
 

@@ -6,17 +6,15 @@
 //! locked or called into the kernel per page; a slot is submitted (and the
 //! bandwidth cap consulted) only when full and at the round's end.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::limiter::RateLimiter;
 use super::Cause;
 use crate::dirty::DirtyBitmap;
-use crate::memory::{Layout, PageIndex};
+use crate::memory::{Layout, PageIndex, Share, SourceMemory};
 use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
 use crate::ring::SendBuf;
 use crate::segment::compress::PageCompressor;
@@ -70,12 +68,12 @@ impl std::ops::AddAssign for WorkerStats {
 
 pub(crate) type Done = (usize, Result<WorkerStats, Cause>);
 
-pub(crate) struct Worker<'a, T: StreamTx> {
+pub(crate) struct Worker<T: StreamTx> {
     pub index: usize,
-    pub regions: Vec<&'a GuestRegionMmap<AtomicBitmap>>,
-    pub layout: &'a Layout,
-    pub share: Range<usize>,
-    pub shadow: Option<ShadowPart<'a>>,
+    pub memory: SourceMemory,
+    pub layout: Layout,
+    pub share: Share,
+    pub shadow: Option<ShadowPart>,
     pub encoder: PageEncoder,
     pub compressor: Option<PageCompressor>,
     pub limiter: Option<Arc<RateLimiter>>,
@@ -91,7 +89,7 @@ struct Emitter {
     wire: u64,
 }
 
-impl<T: StreamTx> Worker<'_, T> {
+impl<T: StreamTx> Worker<T> {
     pub fn run(mut self, cmds: Receiver<RoundCmd>, done: Sender<Done>) {
         let page_size = self.layout.page_size();
         let mut snapshot = vec![0u8; page_size];
@@ -161,7 +159,10 @@ impl<T: StreamTx> Worker<'_, T> {
         em.records = 0;
         em.wire = 0;
         let words = cmd.bitmap.words();
-        for w in self.share.clone() {
+        // One small vector per round (regions are few), none per page.
+        let memory = self.memory.clone();
+        let regions: Vec<_> = memory.iter().collect();
+        for w in self.share.words.clone() {
             let mut bits = words[w];
             if bits == 0 {
                 continue;
@@ -169,12 +170,13 @@ impl<T: StreamTx> Worker<'_, T> {
             let Some((region, first_offset)) = self.layout.word_start(w) else {
                 continue;
             };
-            let r = self.regions[region];
+            let r = regions[region];
             let base = r.start_addr().0;
             while bits != 0 {
-                let bit = bits.trailing_zeros() as u64;
+                let bit = bits.trailing_zeros();
                 bits &= bits - 1;
-                let offset = first_offset + bit * ps as u64;
+                let page = PageIndex::from_word_bit(w, bit);
+                let offset = first_offset + u64::from(bit) * ps as u64;
                 // Harvest order: the bit was cleared before this read, so a
                 // write racing with the copy re-dirties the page next round.
                 let live = r.get_slice(MemoryRegionAddress(offset), ps).map_err(|e| {
@@ -182,7 +184,6 @@ impl<T: StreamTx> Worker<'_, T> {
                 })?;
                 live.copy_to(snapshot);
                 st.dirty_pages += 1;
-                let page = PageIndex(w as u64 * 64 + bit);
                 let gpa = base + offset;
                 let plan = match self.shadow.as_mut().map(|s| s.lookup(page, cmd.round > 0)) {
                     Some(Shadow::Known(sh)) => {

@@ -21,49 +21,8 @@ pub mod compress;
 pub mod diff;
 pub mod shadow;
 
-use crate::protocol::{Header, HEADER_LEN};
+use crate::protocol::{Granularity, Header, HEADER_LEN};
 use diff::{Differ, Limit, Span};
-
-/// What a dirty page is sent as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Granularity {
-    /// Classic pre-copy: every dirty page goes whole.
-    Page = 1,
-    /// The paper: only the dirty offset segments inside each page.
-    Segment = 2,
-}
-
-impl Granularity {
-    pub fn from_u8(v: u8) -> Option<Granularity> {
-        match v {
-            1 => Some(Granularity::Page),
-            2 => Some(Granularity::Segment),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Granularity::Page => "page",
-            Granularity::Segment => "segment",
-        }
-    }
-}
-
-impl std::str::FromStr for Granularity {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "page" => Ok(Granularity::Page),
-            "segment" => Ok(Granularity::Segment),
-            other => Err(format!(
-                "unknown granularity '{other}' (expected page or segment)"
-            )),
-        }
-    }
-}
 
 /// How pages are encoded.
 #[derive(Clone, Copy, Debug)]

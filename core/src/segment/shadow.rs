@@ -16,7 +16,9 @@
 //! The store is cut into one [`ShadowPart`] per worker, matching the worker's
 //! fixed share of bitmap words, so workers never share a shadow byte.
 
-use crate::memory::{worker_share, Layout, PageIndex};
+use std::sync::Arc;
+
+use crate::memory::{Layout, PageBits, PageIndex, Share};
 
 const NO_SLOT: u32 = u32::MAX;
 
@@ -24,22 +26,39 @@ const NO_SLOT: u32 = u32::MAX;
 #[derive(Debug)]
 pub struct ZeroSlot<'a> {
     bytes: &'a mut [u8],
-    word: &'a mut u64,
-    mask: u64,
+    written: &'a mut PageBits,
+    local: usize,
 }
 
 impl<'a> ZeroSlot<'a> {
     /// The slot, to be written; from now on the page counts as written.
     pub fn into_bytes(self) -> &'a mut [u8] {
-        *self.word |= self.mask;
+        self.written.set(self.local);
         self.bytes
     }
 }
 
+/// The mapping behind a store; parts point into it.
+#[derive(Debug)]
+struct ShadowMap {
+    base: *mut u8,
+    len: usize,
+    _map: memmap2::MmapMut,
+}
+
+// SAFETY: the map is only reached through ShadowParts, each of which owns a
+// disjoint byte range of it (cut once in `ShadowStore::parts`); `base` is the
+// mapping's own address, valid while `_map` lives, which every part's Arc
+// guarantees.
+unsafe impl Send for ShadowMap {}
+// SAFETY: as above: shared access never touches the bytes, only the owning
+// part does, through `&mut self`.
+unsafe impl Sync for ShadowMap {}
+
 /// The shadow of all guest pages, before it is cut into worker parts.
 #[derive(Debug)]
 pub struct ShadowStore {
-    map: memmap2::MmapMut,
+    map: ShadowMap,
     page_size: usize,
     words: usize,
     /// `Some(slots)` when a budget limits the store to `slots` pages.
@@ -61,13 +80,22 @@ pub enum Shadow<'a> {
     None,
 }
 
+fn map(bytes: usize) -> std::io::Result<ShadowMap> {
+    let mut map = memmap2::MmapMut::map_anon(bytes.max(1))?;
+    Ok(ShadowMap {
+        base: map.as_mut_ptr(),
+        len: map.len(),
+        _map: map,
+    })
+}
+
 impl ShadowStore {
     /// A full copy of the guest (see the module doc for its memory cost).
     pub fn full(layout: &Layout) -> std::io::Result<ShadowStore> {
         let words = layout.bitmap_words();
-        let bytes = words * 64 * layout.page_size();
+        let bytes = Share::of(words, 0, 1).pages() * layout.page_size();
         Ok(ShadowStore {
-            map: memmap2::MmapMut::map_anon(bytes.max(1))?,
+            map: map(bytes)?,
             page_size: layout.page_size(),
             words,
             budget_slots: None,
@@ -79,7 +107,7 @@ impl ShadowStore {
         let slots = (budget_bytes / layout.page_size() as u64).min(layout.total_pages()) as usize;
         let bytes = slots * layout.page_size();
         Ok(ShadowStore {
-            map: memmap2::MmapMut::map_anon(bytes.max(1))?,
+            map: map(bytes)?,
             page_size: layout.page_size(),
             words: layout.bitmap_words(),
             budget_slots: Some(slots),
@@ -88,43 +116,44 @@ impl ShadowStore {
 
     /// Bytes of address space the store reserves.
     pub fn reserved_bytes(&self) -> usize {
-        self.map.len()
+        self.map.len
     }
 
-    /// Cuts the store into the parts of `n` workers (see [`worker_share`]).
-    pub fn parts(&mut self, n: usize) -> Vec<ShadowPart<'_>> {
+    /// Cuts the store into the parts of `n` workers (see [`Share`]); each
+    /// part keeps the mapping alive.
+    pub fn parts(self, n: usize) -> Vec<ShadowPart> {
         let ps = self.page_size;
-        let words = self.words;
         let budget = self.budget_slots;
-        let mut rest: &mut [u8] = &mut self.map[..];
+        let words = self.words;
+        let map = Arc::new(self.map);
+        let mut at = 0usize;
         let mut parts = Vec::with_capacity(n);
         for w in 0..n {
-            let share = worker_share(words, w, n);
-            let first_page = share.start as u64 * 64;
-            let pages = (share.len() * 64) as u64;
+            let share = Share::of(words, w, n);
+            let pages = share.pages();
             let (bytes, slot_of) = match budget {
-                None => (pages as usize * ps, None),
+                None => (pages * ps, None),
                 Some(total) => (
-                    worker_share(total, w, n).len() * ps,
-                    Some(vec![NO_SLOT; pages as usize]),
+                    Share::of(total, w, n).words.len() * ps,
+                    Some(vec![NO_SLOT; pages]),
                 ),
             };
-            let (data, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
-            rest = tail;
             let written = if slot_of.is_none() {
-                vec![0u64; share.len()]
+                PageBits::new(pages)
             } else {
-                Vec::new()
+                PageBits::default()
             };
             parts.push(ShadowPart {
-                data,
-                first_page,
-                pages,
+                map: Arc::clone(&map),
+                start: at,
+                len: bytes.min(map.len - at),
+                share,
                 slot_of,
                 written,
                 next_slot: 0,
                 page_size: ps,
             });
+            at += bytes.min(map.len - at);
         }
         parts
     }
@@ -132,59 +161,69 @@ impl ShadowStore {
 
 /// One worker's part of the shadow store.
 #[derive(Debug)]
-pub struct ShadowPart<'a> {
-    data: &'a mut [u8],
-    first_page: u64,
-    pages: u64,
+pub struct ShadowPart {
+    map: Arc<ShadowMap>,
+    /// This part's bytes: `[start, start + len)` of the mapping.
+    start: usize,
+    len: usize,
+    share: Share,
     /// Page -> slot, only under a budget.
     slot_of: Option<Vec<u32>>,
     /// Full store only: one bit per page, set once its slot was written.
-    written: Vec<u64>,
+    written: PageBits,
     next_slot: u32,
     page_size: usize,
 }
 
-impl ShadowPart<'_> {
+impl ShadowPart {
+    /// Slot `slot`'s bytes.
+    fn slot(&mut self, slot: usize) -> &mut [u8] {
+        let ps = self.page_size;
+        assert!((slot + 1) * ps <= self.len, "shadow slot out of its part");
+        // SAFETY: [start + slot*ps, start + (slot+1)*ps) lies inside this
+        // part's range (asserted above), which lies inside the mapping and
+        // is disjoint from every other part's; `&mut self` makes the access
+        // exclusive for the returned borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.map.base.add(self.start + slot * ps), ps) }
+    }
+
     /// The shadow of flat page `page`. `may_allocate` lets a page without a
     /// slot take a free one (the source passes it from round 1 on).
     pub fn lookup(&mut self, page: PageIndex, may_allocate: bool) -> Shadow<'_> {
-        let Some(local) = page
-            .0
-            .checked_sub(self.first_page)
-            .filter(|&l| l < self.pages)
-        else {
+        let Some(local) = self.share.local(page) else {
             return Shadow::None;
         };
-        let ps = self.page_size;
-        match &mut self.slot_of {
-            None => {
-                let at = local as usize * ps;
-                let bytes = &mut self.data[at..at + ps];
-                let word = &mut self.written[(local / 64) as usize];
-                let mask = 1u64 << (local % 64);
-                if *word & mask != 0 {
-                    Shadow::Known(bytes)
-                } else {
-                    Shadow::Zero(ZeroSlot { bytes, word, mask })
-                }
-            }
-            Some(slot_of) => {
-                let slot = slot_of[local as usize];
-                if slot != NO_SLOT {
-                    let at = slot as usize * ps;
-                    return Shadow::Known(&mut self.data[at..at + ps]);
-                }
-                let free = self.data.len() / ps;
-                if !may_allocate || self.next_slot as usize >= free {
-                    return Shadow::None;
-                }
-                let slot = self.next_slot;
-                self.next_slot += 1;
-                slot_of[local as usize] = slot;
-                let at = slot as usize * ps;
-                Shadow::Fresh(&mut self.data[at..at + ps])
-            }
+        let Some(slot_of) = &mut self.slot_of else {
+            let ps = self.page_size;
+            assert!((local + 1) * ps <= self.len, "shadow page out of its part");
+            // SAFETY: as in `slot`: the page lies inside this part's range
+            // (asserted above), exclusive through `&mut self`. Written by
+            // hand (not `self.slot`) so `written` can be borrowed beside it.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(self.map.base.add(self.start + local * ps), ps)
+            };
+            return if self.written.get(local) {
+                Shadow::Known(bytes)
+            } else {
+                Shadow::Zero(ZeroSlot {
+                    bytes,
+                    written: &mut self.written,
+                    local,
+                })
+            };
+        };
+        let slot = slot_of[local];
+        if slot != NO_SLOT {
+            return Shadow::Known(self.slot(slot as usize));
         }
+        let free = self.len / self.page_size;
+        if !may_allocate || self.next_slot as usize >= free {
+            return Shadow::None;
+        }
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        slot_of[local] = slot;
+        Shadow::Fresh(self.slot(slot as usize))
     }
 }
 
@@ -207,7 +246,7 @@ mod tests {
 
     #[test]
     fn full_store_starts_zero_and_parts_are_disjoint() {
-        let mut store = ShadowStore::full(&layout(256)).unwrap();
+        let store = ShadowStore::full(&layout(256)).unwrap();
         let mut parts = store.parts(2);
         let Shadow::Zero(a) = parts[0].lookup(PageIndex(5), false) else {
             panic!("page 5 starts zero")
@@ -235,7 +274,7 @@ mod tests {
 
     #[test]
     fn budget_hands_out_slots_once_and_then_runs_dry() {
-        let mut store = ShadowStore::with_budget(&layout(128), 2 * 4096).unwrap();
+        let store = ShadowStore::with_budget(&layout(128), 2 * 4096).unwrap();
         let mut parts = store.parts(1);
         let p = &mut parts[0];
         assert!(

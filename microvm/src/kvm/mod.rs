@@ -10,7 +10,6 @@
 //! `immediate_exit`, so KVM_RUN returns at once even mid-batch. A paused
 //! thread serves state requests until it is resumed or stopped.
 
-pub mod dirty;
 pub mod multiboot;
 pub mod program;
 pub mod state;
@@ -24,15 +23,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use kvm_bindings::{
-    kvm_enable_cap, kvm_irqchip, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES,
-};
+use hpmig_core::dirty::kvm::{DirtyLogMode, DirtyRing, KvmDirtyLog, KvmSlot, RING_ENTRIES};
+use hpmig_core::guest::{Guest, GuestError};
+use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
+use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use hpmig_core::vm_memory::bitmap::Bitmap;
+use hpmig_core::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{Guest, GuestError, Workload};
-use dirty::{DirtyLogMode, KvmDirtyLog, Slot};
+use crate::Workload;
 use program::{
     Program, BELL_BATCH, BELL_IDLE, DATA, GUEST_PAGE, HOTSPOT_PAGES, SCRATCH, SCRATCH_PER_VCPU,
 };
@@ -42,8 +41,6 @@ use state::{VcpuState, VmState};
 pub const MAX_VCPUS: u32 = 4;
 /// Largest memory slot.
 pub const SLOT_BYTES: u64 = 1 << 30;
-/// Entries of each vCPU's dirty ring (16 bytes each).
-pub const RING_ENTRIES: u32 = 65536;
 /// Writes per batch when the guest runs flat out.
 const FLAT_OUT_BATCH: u64 = 4096;
 /// Most pairs an aba batch remembers (its scratch area's size).
@@ -125,8 +122,8 @@ struct Created {
     kvm: Kvm,
     vm: Arc<VmFd>,
     fds: Vec<VcpuFd>,
-    slots: Vec<Slot>,
-    rings: Vec<sys::DirtyRing>,
+    slots: Vec<KvmSlot>,
+    rings: Vec<DirtyRing>,
 }
 
 /// A running micro-VM.
@@ -139,6 +136,9 @@ pub struct KvmVm<B: Bitmap + 'static> {
     dirty: Option<KvmDirtyLog>,
     paused: bool,
     cfg: KvmConfig,
+    /// Test hook: `pause` fails once this many vCPUs stopped, and leaves
+    /// them stopped, as a VMM's pause that fails halfway would.
+    pub fail_pause_after: Option<u32>,
     memory: GuestMemoryMmap<B>,
 }
 
@@ -203,40 +203,13 @@ impl<B: Bitmap + Send + Sync + 'static> KvmVm<B> {
         }
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        match mode {
-            DirtyLogMode::Bitmap => {}
-            DirtyLogMode::Clear => {
-                let mut cap = kvm_enable_cap {
-                    cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                    ..Default::default()
-                };
-                // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
-                cap.args[0] = 3;
-                vm.enable_cap(&cap)
-                    .map_err(kvm_err("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))?;
-            }
-            DirtyLogMode::Ring => {
-                let acq_rel =
-                    vm.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into()) > 0;
-                let which = if acq_rel {
-                    kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL
-                } else {
-                    kvm_bindings::KVM_CAP_DIRTY_LOG_RING
-                };
-                let mut cap = kvm_enable_cap {
-                    cap: which,
-                    ..Default::default()
-                };
-                cap.args[0] = u64::from(RING_ENTRIES) * 16;
-                vm.enable_cap(&cap)
-                    .map_err(kvm_err("enabling KVM_CAP_DIRTY_LOG_RING"))?;
-            }
-        }
+        mode.enable(&vm)
+            .map_err(|e| GuestError::Config(e.to_string()))?;
         vm.create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let mut slots = Vec::new();
         for (i, r) in memory.iter().enumerate() {
-            let s = Slot {
+            let s = KvmSlot {
                 slot: i as u32,
                 gpa: r.start_addr().0,
                 size: r.len(),
@@ -260,7 +233,7 @@ impl<B: Bitmap + Send + Sync + 'static> KvmVm<B> {
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             if mode == DirtyLogMode::Ring {
                 rings.push(
-                    sys::DirtyRing::map(fd.as_raw_fd(), RING_ENTRIES)
+                    DirtyRing::map(fd.as_raw_fd(), RING_ENTRIES)
                         .map_err(|e| GuestError::State(format!("mapping the dirty ring: {e}")))?,
                 );
             }
@@ -308,6 +281,7 @@ impl<B: Bitmap + Send + Sync + 'static> KvmVm<B> {
             dirty,
             paused: false,
             cfg,
+            fail_pause_after: None,
             memory,
         })
     }
@@ -339,7 +313,7 @@ impl<B: Bitmap + Send + Sync + 'static> KvmVm<B> {
 impl KvmVm<vm_memory::bitmap::AtomicBitmap> {
     /// Boots a fresh micro-VM on `memory` (laid out by [`memory_ranges`])
     /// running `cfg.workload`.
-    pub fn boot(memory: crate::memory::SourceMemory, cfg: KvmConfig) -> Result<Self, GuestError> {
+    pub fn boot(memory: SourceMemory, cfg: KvmConfig) -> Result<Self, GuestError> {
         let size: u64 = memory.iter().map(|r| r.len()).sum();
         memory_ranges(size)?;
         let program = program::assemble()
@@ -408,20 +382,35 @@ impl KvmVm<vm_memory::bitmap::AtomicBitmap> {
             fd.set_mp_state(runnable)
                 .map_err(kvm_err("KVM_SET_MP_STATE"))?;
         }
-        let layout =
-            crate::memory::Layout::of(&memory).map_err(|e| GuestError::State(e.to_string()))?;
+        let layout = Layout::of(&memory).map_err(|e| GuestError::State(e.to_string()))?;
         let dirty = KvmDirtyLog::new(Arc::clone(&vm), slots, layout, cfg.dirty_log, rings);
         Self::start(kvm, vm, fds, memory, Some(dirty), cfg, run)
     }
 }
 
-impl KvmVm<()> {
-    /// Creates a micro-VM on received `memory` from a state record and runs
-    /// it: the destination's switch-over.
-    pub fn restore(memory: crate::memory::DestMemory, record: &[u8]) -> Result<Self, GuestError> {
-        let st = VmState::decode(record)?;
+/// A micro-VM rebuilt on the destination from a state record: created,
+/// every vCPU's state applied, nothing running yet. [`RestoredVm::start`]
+/// runs it (after the Commit); dropping it discards it.
+pub struct RestoredVm {
+    kvm: Kvm,
+    vm: Arc<VmFd>,
+    fds: Vec<VcpuFd>,
+    memory: DestMemory,
+    cfg: KvmConfig,
+}
+
+impl std::fmt::Debug for RestoredVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoredVm").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl RestoredVm {
+    /// Creates a micro-VM on received `memory` and applies `st` to it. Fails
+    /// on anything this host cannot take (vCPU count, XSAVE size, MSRs).
+    pub fn new(memory: DestMemory, st: VmState) -> Result<Self, GuestError> {
         let vcpus = st.vcpus.len() as u32;
-        let Created { kvm, vm, fds, .. } = Self::create(&memory, vcpus, DirtyLogMode::Bitmap)?;
+        let Created { kvm, vm, fds, .. } = KvmVm::create(&memory, vcpus, DirtyLogMode::Bitmap)?;
         let mut clock = st.clock;
         clock.flags = 0;
         vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
@@ -467,9 +456,20 @@ impl KvmVm<()> {
             seed: 0,
             dirty_log: DirtyLogMode::Bitmap,
         };
-        let size: u64 = memory.iter().map(|r| r.len()).sum();
-        let (_, run) = params(&cfg, size);
-        Self::start(kvm, vm, fds, memory, None, cfg, run)
+        Ok(RestoredVm {
+            kvm,
+            vm,
+            fds,
+            memory,
+            cfg,
+        })
+    }
+
+    /// Runs the restored vCPUs: the destination's last step.
+    pub fn start(self) -> Result<KvmVm<()>, GuestError> {
+        let size: u64 = self.memory.iter().map(|r| r.len()).sum();
+        let (_, run) = params(&self.cfg, size);
+        KvmVm::start(self.kvm, self.vm, self.fds, self.memory, None, self.cfg, run)
     }
 }
 
@@ -618,10 +618,18 @@ impl<B: Bitmap + Send + Sync + 'static> Guest for KvmVm<B> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let alive = self.shared.alive.load(Ordering::SeqCst);
-            if self.shared.parked.load(Ordering::SeqCst) >= alive {
+            let parked = self.shared.parked.load(Ordering::SeqCst);
+            if let Some(n) = self.fail_pause_after.filter(|&n| parked >= n) {
+                return Err(GuestError::Pause(format!(
+                    "test hook: failing after {n} vCPU(s) stopped, leaving them stopped"
+                )));
+            }
+            if parked >= alive {
                 break;
             }
             if Instant::now() > deadline {
+                // Undo what stopped: a failed pause leaves the guest running.
+                let _ = self.resume();
                 return Err(GuestError::Pause("vCPUs did not stop within 5 s".into()));
             }
             for v in &self.vcpus {

@@ -12,7 +12,9 @@ use kvm_bindings::{
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-use crate::vm::{GuestError, Workload};
+use hpmig_core::guest::GuestError;
+
+use crate::Workload;
 
 const MAGIC: &[u8; 12] = b"hpmig-kvm-v1";
 /// Most MSRs a record may carry.

@@ -25,7 +25,7 @@ use iced_x86::code_asm::*;
 use super::program::{
     self, CODE, DATA, GUEST_PAGE, HEARTBEAT, HOTSPOT_PAGES, PDPT, PD_BASE, PML4, SCRATCH,
 };
-use crate::vm::Workload;
+use crate::Workload;
 
 /// Where QEMU loads the image.
 pub const LOAD: u64 = 0x10_0000;

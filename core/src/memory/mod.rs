@@ -10,13 +10,19 @@
 //! `word_base[r] .. word_base[r] + ceil(pages_r / 64)`, so every region starts
 //! on a 64-page word boundary and a bitmap word never spans two regions. A
 //! flat page index is `word * 64 + bit`; padding bits past a region's end are
-//! never set.
+//! never set. [`index`] holds the types that carry this arithmetic.
+
+mod fill;
+mod index;
 
 use std::fmt;
 
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+pub use fill::{fill_random, pseudo_random_bytes, XorShift64};
+pub use index::{find_region, PageBits, PageIndex, RegionOffset, Share, PAGES_PER_WORD};
 
 /// Guest memory on the source: tracked by vm-memory's atomic dirty bitmap.
 pub type SourceMemory = GuestMemoryMmap<AtomicBitmap>;
@@ -66,10 +72,6 @@ pub struct RegionSpec {
     pub base: GuestAddress,
     pub size: u64,
 }
-
-/// A flat page index (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PageIndex(pub u64);
 
 /// Where one page lives: its region, its byte offset in that region, and its
 /// guest physical address.
@@ -183,34 +185,49 @@ impl Layout {
     }
 
     /// Region that owns bitmap word `word` (regions are few: a linear scan
-    /// from a hint is cheaper than a search).
+    /// is cheaper than a search).
     fn region_of_word(&self, word: usize) -> Option<usize> {
         (0..self.regions.len()).find(|&r| word >= self.word_base[r] && word < self.word_base[r + 1])
     }
 
-    /// The region that owns bitmap word `word` and the guest address of the
-    /// word's first page; `None` past the end.
+    /// The region that owns bitmap word `word` and the byte offset, in that
+    /// region, of the word's first page; `None` past the end.
     pub fn word_start(&self, word: usize) -> Option<(usize, u64)> {
         let region = self.region_of_word(word)?;
-        let first = ((word - self.word_base[region]) as u64 * 64) << self.page_shift;
-        Some((region, first))
+        let first = PageIndex::from_word_bit(word - self.word_base[region], 0);
+        Some((region, first.0 << self.page_shift))
+    }
+
+    /// The flat index of page `n` of region `region`; `None` past its end.
+    pub fn page_index(&self, region: usize, n: u64) -> Option<PageIndex> {
+        (region < self.regions.len() && n < self.region_pages(region))
+            .then(|| PageIndex::from_word_bit(self.word_base[region], 0).offset(n))
     }
 
     /// Locates a flat page index; `None` for padding bits or past the end.
     pub fn page(&self, page: PageIndex) -> Option<PageLoc> {
-        let word = usize::try_from(page.0 / 64).ok()?;
-        let region = self.region_of_word(word)?;
-        let index_in_region = page.0 - (self.word_base[region] as u64) * 64;
-        if index_in_region >= self.region_pages(region) {
+        let region = self.region_of_word(page.word())?;
+        let n = page.0 - PageIndex::from_word_bit(self.word_base[region], 0).0;
+        if n >= self.region_pages(region) {
             return None;
         }
-        let offset = index_in_region << self.page_shift;
+        let offset = n << self.page_shift;
         let gpa = self.regions[region].base.checked_add(offset)?;
         Some(PageLoc {
             region,
             offset,
             gpa,
         })
+    }
+
+    /// Where `[gpa, gpa + len)` lies, when one region holds all of it.
+    pub fn find(&self, gpa: u64, len: u64) -> Option<RegionOffset> {
+        find_region(
+            self.regions.iter().map(|r| (r.base.raw_value(), r.size)),
+            gpa,
+            len,
+            0,
+        )
     }
 
     /// Finds the page that holds `[gpa, gpa + len)`, which must not cross a
@@ -225,24 +242,20 @@ impl Layout {
         {
             return Err(err);
         }
-        for (region, r) in self.regions.iter().enumerate() {
-            let base = r.base.raw_value();
-            if gpa >= base && gpa - base < r.size {
-                let offset = (gpa - base) & !(self.page_size as u64 - 1);
-                let page =
-                    PageIndex(self.word_base[region] as u64 * 64 + (offset >> self.page_shift));
-                let page_gpa = GuestAddress(base + offset);
-                return Ok((
-                    page,
-                    PageLoc {
-                        region,
-                        offset,
-                        gpa: page_gpa,
-                    },
-                ));
-            }
-        }
-        Err(err)
+        let at = self.find(gpa, len.max(1)).ok_or(err.clone())?;
+        let offset = at.offset & !(self.page_size as u64 - 1);
+        let page = self
+            .page_index(at.region, offset >> self.page_shift)
+            .ok_or(err)?;
+        let gpa = GuestAddress(self.regions[at.region].base.raw_value() + offset);
+        Ok((
+            page,
+            PageLoc {
+                region: at.region,
+                offset,
+                gpa,
+            },
+        ))
     }
 
     /// Allocates zeroed anonymous guest memory with this layout.
@@ -291,43 +304,6 @@ pub fn allocate_prefaulted(layout: &Layout, threads: usize) -> Result<DestMemory
     Ok(memory)
 }
 
-/// `len` pseudo-random bytes (xorshift from `seed`): data that does not
-/// compress, for tests and benchmarks.
-pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Fills every region with pseudo-random bytes (xorshift from `seed`): a
-/// guest whose every page holds data that does not compress.
-pub fn fill_random<B: vm_memory::bitmap::Bitmap + 'static>(memory: &GuestMemoryMmap<B>, seed: u64) {
-    use vm_memory::Bytes;
-    let chunk = pseudo_random_bytes(seed, 1 << 20);
-    for r in memory.iter() {
-        let mut off = 0u64;
-        while off < r.len() {
-            let n = (chunk.len() as u64).min(r.len() - off) as usize;
-            // Both ranges lie inside the region, so the write cannot fail.
-            let _ = memory.write_slice(&chunk[..n], GuestAddress(r.start_addr().0 + off));
-            off += n as u64;
-        }
-    }
-}
-
-/// The bitmap words owned by worker `w` of `n`: a fixed, contiguous share for
-/// the whole migration, computed the same way at both ends.
-pub fn worker_share(total_words: usize, w: usize, n: usize) -> std::ops::Range<usize> {
-    let n = n.max(1);
-    (total_words * w / n)..(total_words * (w + 1) / n)
-}
-
 /// A BLAKE3 digest of all guest memory, regions in layout order.
 ///
 /// # Safety
@@ -349,9 +325,82 @@ pub unsafe fn digest<M: GuestMemoryBackend>(memory: &M) -> [u8; 32] {
     *hasher.finalize().as_bytes()
 }
 
+/// Makes every page of `memory` zero, reading before writing so pages that
+/// are zero (the usual case: fresh memory) are not dirtied; returns how many
+/// pages were not. The destination's records assume zeroed memory (a zero
+/// marker or a segment leaves the rest of its page as it was), so memory a
+/// caller cannot vouch for is checked before round 0. Regions are scanned
+/// by `threads` threads.
+///
+/// # Safety
+/// Nothing else may read or write `memory` during the call.
+pub unsafe fn ensure_zeroed(memory: &DestMemory, page_size: usize, threads: usize) -> u64 {
+    let fixed = std::sync::atomic::AtomicU64::new(0);
+    let chunks: Vec<(usize, usize)> = memory
+        .iter()
+        .filter_map(|r| {
+            let slice = r.as_volatile_slice().ok()?;
+            Some((slice.ptr_guard_mut().as_ptr() as usize, slice.len()))
+        })
+        .flat_map(|(base, len)| {
+            const CHUNK: usize = 8 << 20;
+            (0..len.div_ceil(CHUNK)).map(move |i| (base + i * CHUNK, CHUNK.min(len - i * CHUNK)))
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(base, len)) = chunks.get(i) else {
+                    return;
+                };
+                // SAFETY: [base, base + len) lies inside one mapped region
+                // (cut from its volatile slice above); chunks are disjoint,
+                // each taken by one thread, and the caller guarantees no one
+                // else touches the memory meanwhile.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, len) };
+                for page in bytes.chunks_mut(page_size) {
+                    if !is_zero(page) {
+                        page.fill(0);
+                        fixed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    fixed.into_inner()
+}
+
+/// True when every byte is zero (an OR over words, which the compiler
+/// vectorises).
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (words, tail) = bytes.split_at(bytes.len() & !7);
+    words
+        .chunks_exact(8)
+        .fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+        })
+        == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ensure_zeroed_fixes_only_non_zero_pages() {
+        use vm_memory::Bytes;
+        let memory: DestMemory = two_regions().allocate().unwrap();
+        memory.write_obj(7u8, GuestAddress(5 * 4096 + 9)).unwrap();
+        memory.write_obj(7u8, GuestAddress((1 << 32) + 4095)).unwrap();
+        // SAFETY: nothing else uses this memory.
+        assert_eq!(unsafe { ensure_zeroed(&memory, 4096, 3) }, 2);
+        // SAFETY: as above.
+        assert_eq!(unsafe { ensure_zeroed(&memory, 4096, 1) }, 0);
+        assert_eq!(memory.read_obj::<u8>(GuestAddress(5 * 4096 + 9)).unwrap(), 0);
+    }
 
     fn two_regions() -> Layout {
         Layout::new(
@@ -432,18 +481,5 @@ mod tests {
             Layout::new(4096, vec![r(u64::MAX - 4095, 8192)]),
             Err(MemoryError::BadRegion { .. })
         ));
-    }
-
-    #[test]
-    fn shares_cover_every_word_once() {
-        for n in 1..9 {
-            let mut next = 0;
-            for w in 0..n {
-                let s = worker_share(1000, w, n);
-                assert_eq!(s.start, next);
-                next = s.end;
-            }
-            assert_eq!(next, 1000);
-        }
     }
 }

@@ -37,7 +37,7 @@
 
 use iced_x86::code_asm::*;
 
-use crate::vm::Workload;
+use crate::Workload;
 
 /// Guest page size: architectural on x86, independent of the host's.
 pub const GUEST_PAGE: u64 = 4096;

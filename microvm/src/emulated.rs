@@ -13,10 +13,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use hpmig_core::vm_memory::bitmap::Bitmap;
+use hpmig_core::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use super::{Guest, GuestError, Workload};
+use hpmig_core::guest::{Guest, GuestError};
+use hpmig_core::memory::XorShift64;
+
+use crate::Workload;
 
 /// Most emulated vCPUs (their heartbeats share page 0).
 pub const MAX_VCPUS: u32 = 64;
@@ -112,7 +115,7 @@ impl EmulatedGuest {
         let vcpus = cfg.vcpus.clamp(1, MAX_VCPUS);
         let shared = Arc::new(Shared::default());
         let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
-        let page = crate::memory::host_page_size() as u64;
+        let page = hpmig_core::memory::host_page_size() as u64;
         if regions.iter().map(|r| r.1).sum::<u64>() < (HOTSPOT_PAGES + 2) * page {
             return Err(GuestError::State(
                 "emulated guests need at least 66 pages".into(),
@@ -126,11 +129,7 @@ impl EmulatedGuest {
                     page,
                     index: i,
                     rate: cfg.dirty_rate.map(|r| (r / u64::from(vcpus)).max(1)),
-                    rng: cfg
-                        .seed
-                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                        .wrapping_add(u64::from(i) + 1)
-                        | 1,
+                    rng: XorShift64::new(cfg.seed.wrapping_add(u64::from(i) + 1)),
                     shared: Arc::clone(&shared),
                 };
                 std::thread::Builder::new()
@@ -160,6 +159,8 @@ impl Guest for EmulatedGuest {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.shared.parked.load(Ordering::SeqCst) < self.vcpus {
             if Instant::now() > deadline {
+                // Undo what stopped: a failed pause leaves the guest running.
+                let _ = self.resume();
                 return Err(GuestError::Pause(
                     "vCPU threads did not stop within 10 s".into(),
                 ));
@@ -212,17 +213,13 @@ struct Vcpu<B: Bitmap + 'static> {
     page: u64,
     index: u32,
     rate: Option<u64>,
-    rng: u64,
+    rng: XorShift64,
     shared: Arc<Shared>,
 }
 
 impl<B: Bitmap + 'static> Vcpu<B> {
     fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.rng.next_u64()
     }
 
     /// Guest address of byte `offset` of the flat memory (regions in order).

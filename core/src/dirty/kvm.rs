@@ -13,15 +13,27 @@
 //! switched on for all slots by the first harvest, so the guest pays for
 //! write-protect faults only while a migration runs. The VMM's own bitmap is
 //! ORed in by the caller ([`crate::dirty::Combined`]).
+//!
+//! A VMM that uses these: call [`DirtyLogMode::enable`] on its VM before it
+//! creates vCPUs, map each vCPU's ring with [`DirtyRing::map`] (ring mode),
+//! and hand the slots it registered to [`KvmDirtyLog::new`]. A vCPU that
+//! exits with `KVM_EXIT_DIRTY_RING_FULL` waits for the next harvest.
+
+mod sys;
 
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 
-use super::sys::{self, DirtyRing};
+pub use sys::DirtyRing;
+
 use crate::dirty::{DirtyBitmap, DirtyError, DirtySource};
 use crate::memory::Layout;
+
+/// Entries of each vCPU's dirty ring that [`DirtyLogMode::enable`] asks for
+/// (16 bytes each).
+pub const RING_ENTRIES: u32 = 65536;
 
 /// Pages re-protected per KVM_CLEAR_DIRTY_LOG call (a multiple of 64).
 pub const CLEAR_CHUNK_PAGES: usize = 64 * 1024;
@@ -50,6 +62,48 @@ impl DirtyLogMode {
     }
 }
 
+impl DirtyLogMode {
+    /// Prepares `vm` for this mode; call before creating vCPUs (KVM refuses
+    /// the dirty ring afterwards). `bitmap` needs nothing.
+    pub fn enable(self, vm: &VmFd) -> Result<(), DirtyError> {
+        let hypervisor = |call| {
+            move |e: kvm_ioctls::Error| DirtyError::Hypervisor {
+                call,
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            }
+        };
+        match self {
+            DirtyLogMode::Bitmap => Ok(()),
+            DirtyLogMode::Clear => {
+                let mut cap = kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    ..Default::default()
+                };
+                // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+                cap.args[0] = 3;
+                vm.enable_cap(&cap)
+                    .map_err(hypervisor("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"))
+            }
+            DirtyLogMode::Ring => {
+                let acq_rel =
+                    vm.check_extension_raw(kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL.into()) > 0;
+                let which = if acq_rel {
+                    kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL
+                } else {
+                    kvm_bindings::KVM_CAP_DIRTY_LOG_RING
+                };
+                let mut cap = kvm_enable_cap {
+                    cap: which,
+                    ..Default::default()
+                };
+                cap.args[0] = u64::from(RING_ENTRIES) * 16;
+                vm.enable_cap(&cap)
+                    .map_err(hypervisor("enabling KVM_CAP_DIRTY_LOG_RING"))
+            }
+        }
+    }
+}
+
 impl std::str::FromStr for DirtyLogMode {
     type Err = String;
 
@@ -61,17 +115,20 @@ impl std::str::FromStr for DirtyLogMode {
     }
 }
 
-/// A KVM memory slot as registered.
+/// A KVM memory slot as the VMM registered it: slot `i` must back region
+/// `i` of the [`Layout`].
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Slot {
+pub struct KvmSlot {
     pub slot: u32,
     pub gpa: u64,
     pub size: u64,
+    /// Host address of the mapping behind it.
     pub host: u64,
 }
 
-impl Slot {
-    pub(crate) fn region(&self, flags: u32) -> kvm_userspace_memory_region {
+impl KvmSlot {
+    /// The region as KVM_SET_USER_MEMORY_REGION takes it, with `flags`.
+    pub fn region(&self, flags: u32) -> kvm_userspace_memory_region {
         kvm_userspace_memory_region {
             slot: self.slot,
             flags,
@@ -86,7 +143,7 @@ impl Slot {
 #[derive(Debug)]
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
-    slots: Vec<Slot>,
+    slots: Vec<KvmSlot>,
     layout: Layout,
     mode: DirtyLogMode,
     rings: Vec<DirtyRing>,
@@ -94,9 +151,11 @@ pub struct KvmDirtyLog {
 }
 
 impl KvmDirtyLog {
-    pub(crate) fn new(
+    /// The log of `vm`, whose slots back `layout`'s regions in order; `rings`
+    /// are the vCPUs' mapped dirty rings (ring mode), else empty.
+    pub fn new(
         vm: Arc<VmFd>,
-        slots: Vec<Slot>,
+        slots: Vec<KvmSlot>,
         layout: Layout,
         mode: DirtyLogMode,
         rings: Vec<DirtyRing>,
@@ -177,10 +236,8 @@ impl DirtySource for KvmDirtyLog {
                 let layout = &self.layout;
                 for ring in &mut self.rings {
                     ring.harvest(|slot, offset| {
-                        if (slot as usize) < layout.regions().len() {
-                            into.set_page(
-                                layout.region_word_base(slot as usize) as u64 * 64 + offset,
-                            );
+                        if let Some(page) = layout.page_index(slot as usize, offset) {
+                            into.set_page(page);
                         }
                     });
                 }

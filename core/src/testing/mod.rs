@@ -1,14 +1,16 @@
 //! Helpers for tests of hpmig and of transports built on it (feature
-//! `testing`): guest memory with recognisable content, a byte-for-byte
-//! comparison that does not trust the digest code, and a check that a guest
-//! still runs.
+//! `testing`): a small test guest ([`Scribbler`]), guest memory with
+//! recognisable content, a byte-for-byte comparison that does not trust the
+//! digest code, and a check that a guest still runs.
+
+mod scribbler;
 
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::memory::{host_page_size, SourceMemory};
-use crate::vm::emulated::EmulatedGuest;
+pub use scribbler::{heartbeat, LandedScribbler, Scribbler};
 
 /// Source memory with the given `(base, bytes)` regions; every third page
 /// holds a pattern, the rest stays zero.
@@ -64,7 +66,7 @@ pub fn assert_same_memory<
 }
 
 /// Panics unless `guest` makes progress within 5 s.
-pub fn assert_guest_runs(guest: &EmulatedGuest) {
+pub fn assert_guest_runs(guest: &Scribbler) {
     let w = guest.writes();
     let t = Instant::now();
     while guest.writes() == w && t.elapsed() < Duration::from_secs(5) {

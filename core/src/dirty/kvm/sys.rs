@@ -1,18 +1,12 @@
-//! The KVM calls kvm-ioctls does not wrap, and the vCPU kick signal: all of
-//! the micro-VM's raw FFI in one place.
+//! The KVM dirty-log calls kvm-ioctls does not wrap: KVM_CLEAR_DIRTY_LOG,
+//! KVM_RESET_DIRTY_RINGS and the mapped per-vCPU dirty ring. All of core's
+//! KVM FFI is here.
 
-use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 
-use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_gfn, kvm_run,
-};
-
-/// The signal that kicks a vCPU thread out of KVM_RUN.
-pub(crate) const KICK: libc::c_int = libc::SIGUSR1;
+use kvm_bindings::{kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_gfn};
 
 const KVMIO: libc::c_ulong = 0xAE;
 const fn iowr(nr: libc::c_ulong, size: usize) -> libc::c_ulong {
@@ -24,50 +18,6 @@ const KVM_RESET_DIRTY_RINGS: libc::c_ulong = (KVMIO << 8) | 0xc7;
 const GFN_DIRTY: u32 = 1;
 const GFN_RESET: u32 = 2;
 
-thread_local! {
-    /// This thread's vCPU run structure, for the kick handler.
-    static RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int) {
-    let run = RUN.with(Cell::get);
-    if !run.is_null() {
-        // SAFETY: `run` is this thread's mapped kvm_run, registered by
-        // set_thread_run_struct and valid while the vCPU fd lives (the thread
-        // clears it before dropping the fd); a byte store is async-signal-safe.
-        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
-    }
-}
-
-/// Installs the kick handler once per process.
-pub(crate) fn install_kick_handler() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is valid; we set a plain handler with
-        // an empty mask and no SA_RESTART, so KVM_RUN returns EINTR.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = kick_handler as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(KICK, &sa, std::ptr::null_mut());
-        }
-    });
-}
-
-/// Registers (or, with null, forgets) this thread's kvm_run for the handler.
-pub(crate) fn set_thread_run_struct(run: *mut kvm_run) {
-    RUN.with(|r| r.set(run));
-}
-
-/// Kicks a vCPU thread.
-pub(crate) fn kick(thread: libc::pthread_t) {
-    // SAFETY: `thread` is the pthread of a live vCPU thread we spawned (its
-    // JoinHandle is held by the caller); the handler is installed.
-    unsafe {
-        libc::pthread_kill(thread, KICK);
-    }
-}
-
 fn errno_result(rc: libc::c_int, call: &'static str) -> Result<(), std::io::Error> {
     if rc < 0 {
         let e = std::io::Error::last_os_error();
@@ -78,7 +28,7 @@ fn errno_result(rc: libc::c_int, call: &'static str) -> Result<(), std::io::Erro
 
 /// KVM_CLEAR_DIRTY_LOG: re-protects the pages set in `bitmap` (which starts
 /// at `first_page`, a multiple of 64) of memory slot `slot`.
-pub(crate) fn clear_dirty_log(
+pub fn clear_dirty_log(
     vm: &impl AsRawFd,
     slot: u32,
     first_page: u64,
@@ -99,7 +49,7 @@ pub(crate) fn clear_dirty_log(
 }
 
 /// KVM_RESET_DIRTY_RINGS: re-protects the pages of every harvested entry.
-pub(crate) fn reset_dirty_rings(vm: &impl AsRawFd) -> Result<(), std::io::Error> {
+pub fn reset_dirty_rings(vm: &impl AsRawFd) -> Result<(), std::io::Error> {
     // SAFETY: an ioctl without argument on a VM fd.
     let rc = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS as _, 0) };
     errno_result(rc, "KVM_RESET_DIRTY_RINGS")
@@ -107,7 +57,7 @@ pub(crate) fn reset_dirty_rings(vm: &impl AsRawFd) -> Result<(), std::io::Error>
 
 /// One vCPU's dirty ring, mapped from its fd.
 #[derive(Debug)]
-pub(crate) struct DirtyRing {
+pub struct DirtyRing {
     base: NonNull<kvm_dirty_gfn>,
     entries: u32,
     next: u32,
@@ -119,7 +69,7 @@ unsafe impl Send for DirtyRing {}
 
 impl DirtyRing {
     /// Maps the ring of `entries` entries of vCPU fd `fd`.
-    pub(crate) fn map(fd: RawFd, entries: u32) -> Result<DirtyRing, std::io::Error> {
+    pub fn map(fd: RawFd, entries: u32) -> Result<DirtyRing, std::io::Error> {
         let page = crate::memory::host_page_size();
         let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
         // SAFETY: mapping a KVM vCPU fd at KVM_DIRTY_LOG_PAGE_OFFSET pages
@@ -147,7 +97,7 @@ impl DirtyRing {
 
     /// Collects the dirty entries published so far as `(slot, page offset)`,
     /// marking each for reset.
-    pub(crate) fn harvest(&mut self, mut each: impl FnMut(u32, u64)) {
+    pub fn harvest(&mut self, mut each: impl FnMut(u32, u64)) {
         loop {
             let i = (self.next % self.entries) as usize;
             // SAFETY: i < entries, inside the mapping; the kernel publishes

@@ -50,11 +50,15 @@
 //! bytes for a page can never overtake round r+1's. The destination rejects a
 //! record for a page its stream does not own.
 
-use thiserror::Error;
-use vm_memory::GuestAddress;
+mod hello;
+mod reader;
 
-use crate::memory::{Layout, RegionSpec, MAX_REGIONS};
-use crate::segment::Granularity;
+use thiserror::Error;
+
+use crate::memory::MAX_REGIONS;
+
+pub use hello::{Hello, Welcome, HELLO_FIXED, WELCOME_LEN};
+pub use reader::Reader;
 
 /// Bytes in every record header.
 pub const HEADER_LEN: usize = 16;
@@ -70,12 +74,8 @@ pub const MAX_STATE: u32 = 16 << 20;
 pub const MAX_ERROR_MESSAGE: u32 = 4096;
 /// Most data streams a migration may use.
 pub const MAX_STREAMS: u16 = 256;
-/// Bytes of the fixed part of a Hello, before the regions.
-const HELLO_FIXED: usize = 8 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 32;
 /// Largest Hello.
 pub const MAX_HELLO: u32 = (HELLO_FIXED + MAX_REGIONS * 16) as u32;
-/// Bytes of a Welcome.
-const WELCOME_LEN: u32 = 2 + 2 + 4 + 16 + 32;
 /// Bytes of a RoundEnd payload.
 pub const ROUND_END_LEN: usize = 16;
 /// Bytes of a digest.
@@ -92,6 +92,47 @@ pub const FLAG_FINAL: u8 = 1;
 pub const FLAG_VERIFIED: u8 = 1;
 /// Complete flag: the source sent a digest to verify.
 pub const FLAG_HAS_DIGEST: u8 = 1;
+
+/// What a dirty page is sent as (negotiated in the Hello).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Granularity {
+    /// Classic pre-copy: every dirty page goes whole.
+    Page = 1,
+    /// The paper: only the dirty offset segments inside each page.
+    Segment = 2,
+}
+
+impl Granularity {
+    pub fn from_u8(v: u8) -> Option<Granularity> {
+        match v {
+            1 => Some(Granularity::Page),
+            2 => Some(Granularity::Segment),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Page => "page",
+            Granularity::Segment => "segment",
+        }
+    }
+}
+
+impl std::str::FromStr for Granularity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "page" => Ok(Granularity::Page),
+            "segment" => Ok(Granularity::Segment),
+            other => Err(format!(
+                "unknown granularity '{other}' (expected page or segment)"
+            )),
+        }
+    }
+}
 
 /// Errors of decoding and checking what came from the peer. Each names what
 /// was wrong, so a refusal says why.
@@ -339,152 +380,6 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
-/// The source's opening offer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hello {
-    pub version: u16,
-    pub min_version: u16,
-    pub granularity: Granularity,
-    pub streams: u16,
-    pub features: u32,
-    pub layout: Layout,
-    /// The source's nonce and proof of the shared secret (zero when the
-    /// transport has no authentication).
-    pub nonce: [u8; 16],
-    pub auth: [u8; 32],
-}
-
-impl Hello {
-    pub fn encode(&self) -> Vec<u8> {
-        let regions = self.layout.regions();
-        let len = HELLO_FIXED + regions.len() * 16;
-        let mut b = Vec::with_capacity(HEADER_LEN + len);
-        b.extend_from_slice(&Header::new(Kind::Hello, 0, len as u32, 0).encode());
-        b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&self.version.to_le_bytes());
-        b.extend_from_slice(&self.min_version.to_le_bytes());
-        b.push(self.granularity as u8);
-        b.push(0);
-        b.extend_from_slice(&self.streams.to_le_bytes());
-        b.extend_from_slice(&(self.layout.page_size() as u32).to_le_bytes());
-        b.extend_from_slice(&self.features.to_le_bytes());
-        b.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-        b.extend_from_slice(&self.nonce);
-        b.extend_from_slice(&self.auth);
-        for r in regions {
-            b.extend_from_slice(&r.base.0.to_le_bytes());
-            b.extend_from_slice(&r.size.to_le_bytes());
-        }
-        b
-    }
-
-    /// Decodes a Hello payload. Checks the magic, the version range, the
-    /// granularity, the stream count, the feature bits and the layout's own
-    /// consistency; comparing the layout with ours is the destination's job.
-    pub fn decode(p: &[u8]) -> Result<Hello, ProtocolError> {
-        let mut r = Reader::new(p);
-        if r.bytes::<8>()? != MAGIC {
-            return Err(ProtocolError::BadMagic);
-        }
-        let version = r.u16()?;
-        let min_version = r.u16()?;
-        if min_version > VERSION || version < MIN_VERSION || min_version > version {
-            return Err(ProtocolError::Version {
-                peer_min: min_version,
-                peer_max: version,
-            });
-        }
-        let g = r.u8()?;
-        let granularity = Granularity::from_u8(g).ok_or(ProtocolError::Granularity(g))?;
-        if r.u8()? != 0 {
-            return Err(ProtocolError::Reserved(Kind::Hello));
-        }
-        let streams = r.u16()?;
-        if streams == 0 || streams > MAX_STREAMS {
-            return Err(ProtocolError::Streams(streams));
-        }
-        let page_size = r.u32()?;
-        let features = r.u32()?;
-        if features & !KNOWN_FEATURES != 0 {
-            return Err(ProtocolError::Features(features & !KNOWN_FEATURES));
-        }
-        let count = r.u32()? as usize;
-        let nonce = r.bytes::<16>()?;
-        let auth = r.bytes::<32>()?;
-        if count > MAX_REGIONS {
-            return Err(ProtocolError::Oversized {
-                kind: Kind::Hello,
-                len: count as u32,
-                max: MAX_REGIONS as u32,
-            });
-        }
-        let mut regions = Vec::with_capacity(count);
-        for _ in 0..count {
-            regions.push(RegionSpec {
-                base: GuestAddress(r.u64()?),
-                size: r.u64()?,
-            });
-        }
-        let layout =
-            Layout::new(page_size as usize, regions).map_err(|e| ProtocolError::Layout {
-                source_layout: e.to_string(),
-                dest_layout: "-".into(),
-            })?;
-        Ok(Hello {
-            version,
-            min_version,
-            granularity,
-            streams,
-            features,
-            layout,
-            nonce,
-            auth,
-        })
-    }
-
-    /// The version to speak with a peer that offered this Hello.
-    pub fn agreed_version(&self) -> u16 {
-        self.version.min(VERSION)
-    }
-}
-
-/// The destination's acceptance.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Welcome {
-    pub version: u16,
-    pub features: u32,
-    pub nonce: [u8; 16],
-    pub auth: [u8; 32],
-}
-
-impl Welcome {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(HEADER_LEN + WELCOME_LEN as usize);
-        b.extend_from_slice(&Header::new(Kind::Welcome, 0, WELCOME_LEN, 0).encode());
-        b.extend_from_slice(&self.version.to_le_bytes());
-        b.extend_from_slice(&[0, 0]);
-        b.extend_from_slice(&self.features.to_le_bytes());
-        b.extend_from_slice(&self.nonce);
-        b.extend_from_slice(&self.auth);
-        b
-    }
-
-    pub fn decode(p: &[u8]) -> Result<Welcome, ProtocolError> {
-        let mut r = Reader::new(p);
-        let version = r.u16()?;
-        if r.u16()? != 0 {
-            return Err(ProtocolError::Reserved(Kind::Welcome));
-        }
-        let features = r.u32()?;
-        Ok(Welcome {
-            version,
-            features,
-            nonce: r.bytes()?,
-            auth: r.bytes()?,
-        })
-    }
-}
-
 /// A stream's round-end record: how many data records it sent this round and
 /// the CRC-32 of all their bytes (headers and payloads, in order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -573,144 +468,16 @@ pub fn encode_error(code: ErrorCode, message: &str) -> Vec<u8> {
     encode_record(Kind::Error, 0, code as u64, &message.as_bytes()[..end])
 }
 
-/// Little-endian reader that turns running out of bytes into `Truncated`.
-struct Reader<'a> {
-    p: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(p: &'a [u8]) -> Self {
-        Reader { p }
-    }
-
-    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
-        let (head, rest) = self
-            .p
-            .split_first_chunk::<N>()
-            .ok_or(ProtocolError::Truncated {
-                needed: N,
-                had: self.p.len(),
-            })?;
-        self.p = rest;
-        Ok(*head)
-    }
-
-    fn u8(&mut self) -> Result<u8, ProtocolError> {
-        Ok(self.bytes::<1>()?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, ProtocolError> {
-        self.bytes().map(u16::from_le_bytes)
-    }
-
-    fn u32(&mut self) -> Result<u32, ProtocolError> {
-        self.bytes().map(u32::from_le_bytes)
-    }
-
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
-        self.bytes().map(u64::from_le_bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    fn hello() -> Hello {
-        Hello {
-            version: VERSION,
-            min_version: MIN_VERSION,
-            granularity: Granularity::Segment,
-            streams: 4,
-            features: FEATURE_ZSTD,
-            layout: Layout::new(
-                4096,
-                vec![
-                    RegionSpec {
-                        base: GuestAddress(0),
-                        size: 1 << 20,
-                    },
-                    RegionSpec {
-                        base: GuestAddress(1 << 32),
-                        size: 1 << 16,
-                    },
-                ],
-            )
-            .unwrap(),
-            nonce: [7; 16],
-            auth: [9; 32],
-        }
-    }
 
     fn one_record(bytes: &[u8]) -> Result<(Header, &[u8]), ProtocolError> {
         let mut it = Records::new(bytes, 4096);
         let r = it.next().expect("a record");
         assert!(it.next().is_none());
         r
-    }
-
-    #[test]
-    fn hello_round_trips() {
-        let h = hello();
-        let bytes = h.encode();
-        let (head, payload) = one_record(&bytes).unwrap();
-        assert_eq!(head.kind, Kind::Hello);
-        assert_eq!(Hello::decode(payload).unwrap(), h);
-    }
-
-    #[test]
-    fn welcome_and_round_end_round_trip() {
-        let w = Welcome {
-            version: 1,
-            features: 0,
-            nonce: [1; 16],
-            auth: [2; 32],
-        };
-        let bytes = w.encode();
-        let (_, p) = one_record(&bytes).unwrap();
-        assert_eq!(Welcome::decode(p).unwrap(), w);
-        let e = RoundEnd {
-            round: 7,
-            last: true,
-            records: 12345,
-            checksum: 0xdead_beef,
-        };
-        let bytes = e.encode();
-        let (h, p) = one_record(&bytes).unwrap();
-        assert_eq!(RoundEnd::decode(&h, p).unwrap(), e);
-    }
-
-    #[test]
-    fn hello_refusals_are_distinct() {
-        let good = hello().encode();
-        let payload = &good[HEADER_LEN..];
-        let mut bad = payload.to_vec();
-        bad[0] ^= 1;
-        assert_eq!(Hello::decode(&bad), Err(ProtocolError::BadMagic));
-        let mut bad = payload.to_vec();
-        bad[8..10].copy_from_slice(&9u16.to_le_bytes());
-        bad[10..12].copy_from_slice(&9u16.to_le_bytes());
-        assert_eq!(
-            Hello::decode(&bad),
-            Err(ProtocolError::Version {
-                peer_min: 9,
-                peer_max: 9
-            })
-        );
-        let mut bad = payload.to_vec();
-        bad[12] = 77;
-        assert_eq!(Hello::decode(&bad), Err(ProtocolError::Granularity(77)));
-        let mut bad = payload.to_vec();
-        bad[14..16].copy_from_slice(&0u16.to_le_bytes());
-        assert_eq!(Hello::decode(&bad), Err(ProtocolError::Streams(0)));
-        let mut bad = payload.to_vec();
-        bad[20..24].copy_from_slice(&0x80u32.to_le_bytes());
-        assert_eq!(Hello::decode(&bad), Err(ProtocolError::Features(0x80)));
-        assert!(matches!(
-            Hello::decode(&payload[..payload.len() - 1]),
-            Err(ProtocolError::Truncated { .. })
-        ));
     }
 
     #[test]

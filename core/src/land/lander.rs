@@ -1,0 +1,242 @@
+//! A stream lander: applies one data stream's records to guest memory.
+//!
+//! It reads each record header, checks it against the guest memory layout
+//! (inside one page of one region) and against the stream's own share of
+//! pages, and only then reads the payload straight into the guest page (no
+//! staging copy). Each round end is checked for order, record count and
+//! CRC-32. The mirror image of the source's [`crate::precopy`] worker.
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{ApplyError, LandStats};
+use crate::memory::{DestMemory, Layout, MemoryError, PageBits, Share};
+use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
+use crate::segment::compress::PageDecompressor;
+use crate::transport::StreamRx;
+
+/// Host pointers of the destination's guest regions.
+#[derive(Debug)]
+pub(crate) struct GuestPages {
+    regions: Vec<(*mut u8, u64)>,
+}
+
+// SAFETY: the pointers are only dereferenced by StreamLander::page_mut under
+// its ownership rule (a stream writes only pages of its own share), and the
+// mapping outlives every lander (they live inside `receive`'s scope, which
+// borrows the memory).
+unsafe impl Send for GuestPages {}
+// SAFETY: as above; shared references never write through the pointers.
+unsafe impl Sync for GuestPages {}
+
+impl GuestPages {
+    /// The `page_size` bytes at `offset` in region `region`, writable.
+    ///
+    /// # Safety
+    /// The caller checked that the page belongs to its stream's share;
+    /// shares are disjoint, so no other lander touches it, and the guest does
+    /// not run while landers do.
+    // A shared GuestPages hands out disjoint pages to the streams that own
+    // them: the exclusivity is the caller's contract, not the borrow's.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn page_mut(&self, region: usize, offset: u64, page_size: u64) -> Option<&mut [u8]> {
+        let (base, len) = *self.regions.get(region)?;
+        if base.is_null() || offset.checked_add(page_size)? > len {
+            return None;
+        }
+        // SAFETY: [offset, offset + page_size) lies inside the region's
+        // mapping (checked just above); exclusivity is the caller's contract.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(base.add(offset as usize), page_size as usize)
+        })
+    }
+
+    pub(crate) fn new(memory: &DestMemory) -> Self {
+        let regions = memory
+            .iter()
+            .map(|r| {
+                let len = r.len();
+                let ptr = r
+                    .as_volatile_slice()
+                    .map(|s| s.ptr_guard_mut().as_ptr())
+                    .unwrap_or(std::ptr::null_mut());
+                (ptr, len)
+            })
+            .collect();
+        GuestPages { regions }
+    }
+}
+
+/// Applies one data stream's records to guest memory.
+#[derive(Debug)]
+pub struct StreamLander<'a> {
+    stream: usize,
+    layout: &'a Layout,
+    pages: &'a GuestPages,
+    share: Share,
+    zstd: bool,
+    /// Made on the first compressed page, with the buffer its payload lands
+    /// in (compressed bytes cannot land in place).
+    decompressor: Option<PageDecompressor>,
+    scratch: Vec<u8>,
+    crc: crc32fast::Hasher,
+    records: u64,
+    pub(crate) next_round: u32,
+    pub(crate) stats: LandStats,
+    /// One bit per page of the share, set once the page was written: a zero
+    /// record for a page never written needs no write (and no page fault),
+    /// since destination memory starts zeroed.
+    written: PageBits,
+}
+
+impl<'a> StreamLander<'a> {
+    pub(crate) fn new(
+        stream: usize,
+        streams: usize,
+        layout: &'a Layout,
+        pages: &'a GuestPages,
+        zstd: bool,
+    ) -> Self {
+        let share = Share::of(layout.bitmap_words(), stream, streams);
+        StreamLander {
+            stream,
+            layout,
+            pages,
+            written: PageBits::new(share.pages()),
+            share,
+            zstd,
+            decompressor: None,
+            scratch: Vec::new(),
+            crc: crc32fast::Hasher::new(),
+            records: 0,
+            next_round: 0,
+            stats: LandStats::default(),
+        }
+    }
+
+    /// Reads and applies the next record; returns the round end when one closes.
+    pub fn step(&mut self, rx: &mut dyn StreamRx) -> Result<Option<RoundEnd>, ApplyError> {
+        let ps = self.layout.page_size() as u32;
+        let h = rx.next_header(ps)?;
+        match h.kind {
+            Kind::Segment | Kind::Page | Kind::Zero | Kind::PageZstd => {
+                self.data(h, rx).map(|()| None)
+            }
+            Kind::RoundEnd => {
+                let mut p = [0u8; ROUND_END_LEN];
+                rx.read_payload(&mut p)?;
+                let end = RoundEnd::decode(&h, &p).map_err(|e| ApplyError::Transport(e.into()))?;
+                if end.round != self.next_round {
+                    return Err(ApplyError::RoundOrder {
+                        expected: self.next_round,
+                        got: end.round,
+                    });
+                }
+                let got = std::mem::take(&mut self.crc).finalize();
+                if end.records != self.records {
+                    return Err(ApplyError::Count {
+                        round: end.round,
+                        expected: end.records,
+                        got: self.records,
+                    });
+                }
+                if end.checksum != got {
+                    return Err(ApplyError::Checksum {
+                        round: end.round,
+                        expected: end.checksum,
+                        got,
+                    });
+                }
+                self.records = 0;
+                self.stats.wire_bytes += (HEADER_LEN + ROUND_END_LEN) as u64;
+                self.next_round += 1;
+                self.stats.rounds = self.next_round;
+                Ok(Some(end))
+            }
+            other => Err(ApplyError::Unexpected(other)),
+        }
+    }
+
+    fn data(&mut self, h: Header, rx: &mut dyn StreamRx) -> Result<(), ApplyError> {
+        let ps = self.layout.page_size() as u64;
+        let whole = matches!(h.kind, Kind::Page | Kind::Zero | Kind::PageZstd);
+        if whole && h.arg % ps != 0 {
+            return Err(ApplyError::Unaligned {
+                kind: h.kind,
+                gpa: h.arg,
+            });
+        }
+        if h.kind == Kind::PageZstd && !self.zstd {
+            return Err(ApplyError::NotNegotiated);
+        }
+        let len = if whole { ps } else { u64::from(h.len) };
+        let (page, loc) = self.layout.locate(h.arg, len)?;
+        let Some(local) = self.share.local(page) else {
+            return Err(ApplyError::NotOwned {
+                gpa: h.arg,
+                stream: self.stream,
+            });
+        };
+        let pages: &'a GuestPages = self.pages;
+        // SAFETY: the page is in this stream's share (checked just above).
+        let Some(dst) = (unsafe { pages.page_mut(loc.region, loc.offset, ps) }) else {
+            return Err(ApplyError::OutOfRange(MemoryError::OutOfRange {
+                gpa: h.arg,
+                len,
+            }));
+        };
+        let was_written = if h.kind == Kind::Zero {
+            self.written.get(local)
+        } else {
+            self.written.set(local)
+        };
+        self.crc.update(&h.encode());
+        match h.kind {
+            Kind::Segment => {
+                let at = (h.arg - loc.gpa.0) as usize;
+                let dst = &mut dst[at..at + h.len as usize];
+                rx.read_payload(dst)?;
+                self.crc.update(dst);
+                self.stats.segments += 1;
+                self.stats.payload_bytes += u64::from(h.len);
+            }
+            Kind::Page => {
+                rx.read_payload(dst)?;
+                self.crc.update(dst);
+                self.stats.whole_pages += 1;
+                self.stats.payload_bytes += ps;
+            }
+            Kind::Zero => {
+                if was_written {
+                    dst.fill(0);
+                }
+                self.stats.zero_pages += 1;
+            }
+            Kind::PageZstd => {
+                if self.scratch.len() < ps as usize {
+                    self.scratch.resize(ps as usize, 0);
+                }
+                let src = &mut self.scratch[..h.len as usize];
+                rx.read_payload(src)?;
+                self.crc.update(src);
+                let d = match &mut self.decompressor {
+                    Some(d) => d,
+                    None => self.decompressor.insert(
+                        PageDecompressor::new()
+                            .map_err(|e| ApplyError::Corrupt(format!("zstd: {e}")))?,
+                    ),
+                };
+                d.decompress(src, dst).map_err(ApplyError::Corrupt)?;
+                self.stats.whole_pages += 1;
+                self.stats.zstd_pages += 1;
+                self.stats.payload_bytes += ps;
+            }
+            // Only data kinds reach here (checked by the caller).
+            other => return Err(ApplyError::Unexpected(other)),
+        }
+        self.records += 1;
+        self.stats.records += 1;
+        self.stats.wire_bytes += (HEADER_LEN + h.len as usize) as u64;
+        Ok(())
+    }
+}
+

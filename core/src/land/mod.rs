@@ -1,0 +1,237 @@
+//! Land: the destination side of a migration, the mirror image of
+//! [`crate::precopy`].
+//!
+//! The destination is a state machine ([`DestState`]):
+//!
+//! ```text
+//!  Handshake ──▶ Setup ──▶ Receiving ──────────▶ Verify ──▶ Restore ──▶ Acknowledged ──▶ Running
+//!   answer        memory     one lander per        every       DestGuest::   Ack sent;       Commit:
+//!   (handshake)   given,     stream; rounds        stream's    restore       wait for the    DestGuest::
+//!                 streams    land in place;        final       (before the   decision        start
+//!                 accepted,  control: State,       round,      Ack, so a
+//!                 Ready      Complete              digests     refusal still
+//!                                                  compared    lets the source
+//!                                                              resume)
+//!  any failure ──▶ the guest is discarded (DestGuest::discard), the source is told why
+//! ```
+//!
+//! [`lander`] applies one stream: each record header is checked against the
+//! guest memory layout (inside one page of one region) and against the
+//! stream's own share of pages before its payload is read straight into the
+//! guest page; round ends are checked for order, count and CRC-32.
+//! [`receive`] runs the machine from the handshake, [`accept`] plus
+//! [`receive_accepted`] split it where the caller allocates memory between
+//! the two (after the source proved it holds the token).
+//!
+//! The records assume destination memory starts zeroed (a zero marker or a
+//! segment leaves the rest of its page as it was). Unless the caller vouches
+//! for it ([`DestConfig::memory_zeroed`], e.g. memory fresh from
+//! [`Layout::allocate`]), Setup checks every page before round 0 and zeroes
+//! those that are not.
+
+mod lander;
+mod machine;
+mod receive;
+mod replay;
+mod switchover;
+
+use thiserror::Error;
+
+use crate::guest::{DestGuest, GuestError};
+use crate::handshake::{self, Accepted, HandshakeError, Terms};
+use crate::memory::{DestMemory, Layout, MemoryError};
+use crate::protocol::{Granularity, Kind, ProtocolError, DIGEST_LEN};
+use crate::transport::{DestTransport, TransportError};
+pub use lander::StreamLander;
+pub use machine::DestState;
+pub use replay::{land_stream, SliceRx};
+
+/// Why a record was not applied. Nothing of the record was written.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    OutOfRange(#[from] MemoryError),
+    /// a page address that is not page-aligned for a whole-page record
+    #[error("{kind:?} record at unaligned address {gpa:#x}")]
+    Unaligned { kind: Kind, gpa: u64 },
+    /// a record for a page another stream owns
+    #[error("record for guest address {gpa:#x} on stream {stream}, which does not own that page")]
+    NotOwned { gpa: u64, stream: usize },
+    /// the round-end checksum does not match the records received
+    #[error("round {round}: checksum mismatch (source {expected:#010x}, received {got:#010x})")]
+    Checksum { round: u32, expected: u32, got: u32 },
+    /// the round-end record count does not match
+    #[error("round {round}: {got} records received, source sent {expected}")]
+    Count { round: u32, expected: u64, got: u64 },
+    /// a round ended out of order
+    #[error("round {got} ended where round {expected} was due")]
+    RoundOrder { expected: u32, got: u32 },
+    /// a record type that has no place on a data stream
+    #[error("unexpected {0:?} record on a data stream")]
+    Unexpected(Kind),
+    /// a compressed page that does not decompress to exactly one page
+    #[error("{0}")]
+    Corrupt(String),
+    /// a compressed page without the zstd feature
+    #[error("compressed page received, but zstd was not negotiated")]
+    NotNegotiated,
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Why the destination gave up. In every case the guest must not run.
+#[derive(Debug, Error)]
+pub enum LandError {
+    /// the handshake failed: refused, wrong token, too large
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// a data stream failed in a round
+    #[error("stream {stream}, round {round}: {cause}")]
+    Stream {
+        stream: usize,
+        round: u32,
+        #[source]
+        cause: ApplyError,
+    },
+    /// the control exchange failed
+    #[error("control exchange: {0}")]
+    Control(#[from] TransportError),
+    /// the control exchange broke protocol
+    #[error("control exchange: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// the source reported an error and gave up
+    #[error("source reported: {0}")]
+    Peer(String),
+    /// the source completed, but a stream ended in another round
+    #[error("stream {stream} ended in round {got}, source completed round {expected}")]
+    FinalRound {
+        stream: usize,
+        expected: u32,
+        got: u32,
+    },
+    /// the guest refused its state record (it does not fit this host, or
+    /// does not decode)
+    #[error("restoring the guest's state: {0}")]
+    Restore(#[source] GuestError),
+    /// the source completed without sending vCPU state
+    #[error("source completed without sending vCPU state")]
+    NoState,
+    /// the guest could not be started after the Commit
+    #[error("starting the guest after the Commit: {0}")]
+    Start(#[source] GuestError),
+    /// the source did not commit after the acknowledgement: it may have
+    /// resumed its guest, so this one must not run
+    #[error(
+        "no Commit from the source after the acknowledgement ({0}); the guest must not run here"
+    )]
+    NoCommit(String),
+    /// the memory digest differs from the source's
+    #[error("guest memory digest differs from the source's")]
+    DigestMismatch,
+}
+
+impl LandError {
+    /// The phase of the migration the destination was in when it failed.
+    pub fn phase(&self) -> String {
+        match self {
+            LandError::Handshake(_) => "handshake".into(),
+            LandError::Stream { round, .. } => format!("round {round}"),
+            LandError::Control(_) | LandError::Protocol(_) | LandError::Peer(_) => {
+                "pre-copy (control exchange)".into()
+            }
+            LandError::FinalRound { .. } | LandError::NoState | LandError::Restore(_) => {
+                "state transfer".into()
+            }
+            LandError::DigestMismatch => "acknowledge".into(),
+            LandError::NoCommit(_) | LandError::Start(_) => "commit".into(),
+        }
+    }
+}
+
+/// What the destination accepts.
+#[derive(Clone, Debug, Default)]
+pub struct DestConfig {
+    /// The handshake's terms: token, stream and memory limits, features.
+    pub terms: Terms,
+    /// The memory handed to [`receive`] is known to be zero (freshly mapped
+    /// anonymous memory): skip the check before round 0.
+    pub memory_zeroed: bool,
+}
+
+/// Counts from one stream (summed over streams in [`Received`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LandStats {
+    pub records: u64,
+    /// Bytes received on the data streams, headers included.
+    pub wire_bytes: u64,
+    pub payload_bytes: u64,
+    pub zero_pages: u64,
+    pub whole_pages: u64,
+    pub zstd_pages: u64,
+    pub segments: u64,
+    pub rounds: u32,
+}
+
+impl std::ops::AddAssign for LandStats {
+    /// Sums the counts of two streams; `rounds` is the most either closed.
+    fn add_assign(&mut self, o: Self) {
+        self.records += o.records;
+        self.wire_bytes += o.wire_bytes;
+        self.payload_bytes += o.payload_bytes;
+        self.zero_pages += o.zero_pages;
+        self.whole_pages += o.whole_pages;
+        self.zstd_pages += o.zstd_pages;
+        self.segments += o.segments;
+        self.rounds = self.rounds.max(o.rounds);
+    }
+}
+
+/// A completed migration: the guest runs here now.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub granularity: Granularity,
+    pub vcpus: u32,
+    pub final_round: u32,
+    /// The source sent a digest and it matched.
+    pub verified: bool,
+    pub digest: [u8; DIGEST_LEN],
+    pub stats: LandStats,
+}
+
+/// Answers the handshake on `transport` (see [`crate::handshake::answer`]);
+/// with `expected`, a source whose layout differs is refused there too. On
+/// failure the source is told why. Nothing is allocated for the guest.
+pub fn accept<T: DestTransport>(
+    transport: &mut T,
+    cfg: &DestConfig,
+    expected: Option<&Layout>,
+) -> Result<Accepted, LandError> {
+    let result =
+        handshake::answer(transport.control(), &cfg.terms, expected).map_err(LandError::from);
+    machine::tell_source(transport, &result);
+    result
+}
+
+/// Receives one migration into `memory`: the handshake, then everything
+/// [`receive_accepted`] does.
+pub fn receive<T: DestTransport>(
+    memory: &DestMemory,
+    transport: &mut T,
+    cfg: &DestConfig,
+    guest: &mut dyn DestGuest,
+) -> Result<Received, LandError> {
+    machine::Dest::new(None, memory, transport, cfg, guest).run()
+}
+
+/// Lands an accepted migration into `memory`, which must have the Hello's
+/// layout; restores the guest's state into `guest` before acknowledging, and
+/// starts it once the source committed. On `Err` the guest was discarded.
+pub fn receive_accepted<T: DestTransport>(
+    accepted: &Accepted,
+    memory: &DestMemory,
+    transport: &mut T,
+    cfg: &DestConfig,
+    guest: &mut dyn DestGuest,
+) -> Result<Received, LandError> {
+    machine::Dest::new(Some(accepted.clone()), memory, transport, cfg, guest).run()
+}

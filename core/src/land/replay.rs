@@ -1,0 +1,253 @@
+//! Replaying a captured data stream: [`land_stream`] drives one
+//! [`StreamLander`] from a byte buffer, with every check of a real
+//! migration (the fuzz target `apply` and tests use it).
+
+use super::lander::{GuestPages, StreamLander};
+use super::ApplyError;
+use crate::memory::{DestMemory, Layout};
+use crate::protocol::{Header, ProtocolError, HEADER_LEN};
+use crate::transport::{StreamRx, TransportError};
+
+/// A data stream read from a byte buffer: one stream's records as they
+/// would arrive. Drives [`land_stream`] (fuzzing, replaying captures).
+#[derive(Debug)]
+pub struct SliceRx<'b> {
+    bytes: &'b [u8],
+}
+
+impl<'b> SliceRx<'b> {
+    pub fn new(bytes: &'b [u8]) -> Self {
+        SliceRx { bytes }
+    }
+}
+
+impl StreamRx for SliceRx<'_> {
+    fn next_header(&mut self, page_size: u32) -> Result<Header, TransportError> {
+        let (h, rest) = self
+            .bytes
+            .split_first_chunk::<HEADER_LEN>()
+            .ok_or(TransportError::Disconnected)?;
+        self.bytes = rest;
+        Ok(Header::decode(h, page_size)?)
+    }
+
+    fn read_payload(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
+        let src = self
+            .bytes
+            .get(..dst.len())
+            .ok_or(ProtocolError::Truncated {
+                needed: dst.len(),
+                had: self.bytes.len(),
+            })?;
+        dst.copy_from_slice(src);
+        self.bytes = &self.bytes[dst.len()..];
+        Ok(())
+    }
+}
+
+/// Lands `bytes` as the records of stream `stream` of `streams` into
+/// `memory`, until they run out or a record is refused; returns the rounds
+/// it closed. Every check of a real migration applies.
+pub fn land_stream(
+    memory: &DestMemory,
+    stream: usize,
+    streams: usize,
+    zstd: bool,
+    bytes: &[u8],
+) -> Result<u32, ApplyError> {
+    let layout = Layout::of(memory)?;
+    let pages = GuestPages::new(memory);
+    let mut lander = StreamLander::new(stream, streams.max(1), &layout, &pages, zstd);
+    let mut rx = SliceRx::new(bytes);
+    let mut rounds = 0;
+    while !rx.bytes.is_empty() {
+        if lander.step(&mut rx)?.is_some() {
+            rounds += 1;
+        }
+    }
+    Ok(rounds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::land::ApplyError;
+    use crate::memory::RegionSpec;
+    use crate::protocol::{Kind, RoundEnd};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const PS: u64 = 4096;
+
+    struct Fixture {
+        memory: DestMemory,
+    }
+
+    fn fixture() -> Fixture {
+        let ps = crate::memory::host_page_size() as u64;
+        assert_eq!(ps, PS, "these tests assume 4 KiB host pages");
+        let layout = Layout::new(
+            PS as usize,
+            vec![
+                RegionSpec {
+                    base: GuestAddress(0),
+                    size: 128 * PS,
+                },
+                RegionSpec {
+                    base: GuestAddress(1 << 30),
+                    size: 64 * PS,
+                },
+            ],
+        )
+        .unwrap();
+        Fixture {
+            memory: layout.allocate().unwrap(),
+        }
+    }
+
+    fn segment(gpa: u64, payload: &[u8]) -> Vec<u8> {
+        [
+            &Header::segment(gpa, payload.len() as u32).encode()[..],
+            payload,
+        ]
+        .concat()
+    }
+
+    fn round_end(round: u32, records: u64, checksum: u32) -> Vec<u8> {
+        RoundEnd {
+            round,
+            last: false,
+            records,
+            checksum,
+        }
+        .encode()
+        .to_vec()
+    }
+
+    fn crc(records: &[&[u8]]) -> u32 {
+        let mut h = crc32fast::Hasher::new();
+        for r in records {
+            h.update(r);
+        }
+        h.finalize()
+    }
+
+    /// Runs `bytes` through stream `stream` of 2; returns the first error.
+    fn land(f: &Fixture, stream: usize, bytes: &[u8]) -> Result<(), ApplyError> {
+        land_stream(&f.memory, stream, 2, false, bytes).map(|_| ())
+    }
+
+    fn untouched(f: &Fixture) -> bool {
+        let mut buf = vec![0u8; (128 * PS) as usize];
+        f.memory.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        buf.iter().all(|&b| b == 0)
+    }
+
+    #[test]
+    fn a_valid_round_lands() {
+        let f = fixture();
+        let s = segment(3 * PS + 10, b"hello");
+        let bytes = [s.clone(), round_end(0, 1, crc(&[&s]))].concat();
+        land(&f, 0, &bytes).unwrap();
+        let mut got = [0u8; 5];
+        f.memory
+            .read_slice(&mut got, GuestAddress(3 * PS + 10))
+            .unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn out_of_range_and_unowned_records_write_nothing() {
+        let f = fixture();
+        // In the hole between the regions.
+        let e = land(&f, 0, &segment(200 * PS, b"x")).unwrap_err();
+        assert!(matches!(e, ApplyError::OutOfRange(_)), "{e}");
+        // Crossing a page end.
+        let e = land(&f, 0, &segment(2 * PS - 2, b"abcd")).unwrap_err();
+        assert!(matches!(e, ApplyError::OutOfRange(_)), "{e}");
+        // Page 1 belongs to stream 0 of 2, not stream 1.
+        let e = land(&f, 1, &segment(PS, b"x")).unwrap_err();
+        assert!(matches!(e, ApplyError::NotOwned { stream: 1, .. }), "{e}");
+        // A whole page at an unaligned address.
+        let page = [
+            &Header::page(PS + 1, PS as u32).encode()[..],
+            &vec![1u8; PS as usize],
+        ]
+        .concat();
+        let e = land(&f, 0, &page).unwrap_err();
+        assert!(matches!(e, ApplyError::Unaligned { .. }), "{e}");
+        assert!(untouched(&f));
+    }
+
+    #[test]
+    fn round_end_checks_are_distinct() {
+        let f = fixture();
+        let s = segment(5 * PS, b"abc");
+        let e = land(
+            &f,
+            0,
+            &[s.clone(), round_end(0, 1, crc(&[&s]) ^ 1)].concat(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ApplyError::Checksum { round: 0, .. }), "{e}");
+        let e = land(&f, 0, &[s.clone(), round_end(0, 2, crc(&[&s]))].concat()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ApplyError::Count {
+                    expected: 2,
+                    got: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = land(&f, 0, &round_end(1, 0, crc(&[]))).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ApplyError::RoundOrder {
+                    expected: 0,
+                    got: 1
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn control_records_and_unnegotiated_zstd_are_refused_on_data_streams() {
+        let f = fixture();
+        let hello = Header::new(Kind::Ack, 0, 32, 0).encode();
+        let e = land(&f, 0, &[&hello[..], &[0u8; 32]].concat()).unwrap_err();
+        assert!(matches!(e, ApplyError::Unexpected(Kind::Ack)), "{e}");
+        let z = [
+            &Header::new(Kind::PageZstd, 0, 4, 0).encode()[..],
+            &[1u8; 4],
+        ]
+        .concat();
+        assert!(matches!(
+            land(&f, 0, &z).unwrap_err(),
+            ApplyError::NotNegotiated
+        ));
+        let mut unknown = Header::zero(0).encode();
+        unknown[0] = 99;
+        let e = land(&f, 0, &unknown).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ApplyError::Transport(TransportError::Protocol(ProtocolError::UnknownKind(99)))
+            ),
+            "{e}"
+        );
+        let big = Header::segment(0, PS as u32 + 1).encode();
+        let e = land(&f, 0, &big).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ApplyError::Transport(TransportError::Protocol(ProtocolError::Oversized { .. }))
+            ),
+            "{e}"
+        );
+        assert!(untouched(&f));
+    }
+}

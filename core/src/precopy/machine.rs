@@ -1,0 +1,385 @@
+//! The source's state machine: [`SourceState`] names every state, and
+//! [`Source::step`] is the one place that moves from one to the next (the
+//! diagram is in the module doc of [`super`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::controller::{decide, Decision, Projection, RoundMetrics, StopReason};
+use super::limiter::RateLimiter;
+use super::rounds::{compress_this_round, zstd_rate, PoolSpec, WorkerPool};
+use super::{fail, switchover, Cause, Failure, MigrationReport, Phase, RoundReport, SourceConfig};
+use crate::dirty::{DirtyBitmap, DirtySource};
+use crate::guest::Guest;
+use crate::handshake::{self, Agreed, Offer};
+use crate::memory::{Layout, SourceMemory};
+use crate::protocol::{self, Granularity, Kind, ProtocolError, HEADER_LEN};
+use crate::ring::Ring;
+use crate::segment::compress::ZstdMode;
+use crate::segment::shadow::ShadowStore;
+use crate::transport::{Control, SourceTransport};
+
+/// Where the source stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceState {
+    /// Offer the handshake.
+    Handshake,
+    /// Rings, streams, shadow and workers; wait for the destination's Ready.
+    Setup,
+    /// Pre-copy round `round` runs while the guest runs.
+    PreCopy { round: u32 },
+    /// The guest is paused; final round `round` sends what is left.
+    StopAndCopy { round: u32 },
+    /// The vCPU state and Complete (with the digest) go out; the Ack comes back.
+    SwitchOver { round: u32 },
+    /// The destination holds a verified copy: the decision goes out.
+    Commit { round: u32 },
+    /// Done: the guest belongs to the destination.
+    Migrated,
+}
+
+impl SourceState {
+    /// The phase errors in this state are named after.
+    pub fn phase(self) -> Phase {
+        match self {
+            SourceState::Handshake => Phase::Handshake,
+            SourceState::Setup => Phase::Setup,
+            SourceState::PreCopy { .. } => Phase::PreCopy,
+            SourceState::StopAndCopy { .. } => Phase::StopAndCopy,
+            SourceState::SwitchOver { .. } => Phase::Acknowledge,
+            SourceState::Commit { .. } | SourceState::Migrated => Phase::Commit,
+        }
+    }
+}
+
+/// Everything one migration on the source holds.
+pub(crate) struct Source<'a, T: SourceTransport> {
+    memory: &'a SourceMemory,
+    dirty: &'a mut dyn DirtySource,
+    guest: &'a mut dyn Guest,
+    transport: &'a mut T,
+    cfg: &'a SourceConfig,
+    on_round: &'a mut dyn FnMut(&RoundReport),
+    start: Instant,
+    layout: Layout,
+    workers: usize,
+    agreed: Option<Agreed>,
+    pool: Option<WorkerPool>,
+    bitmap: Arc<DirtyBitmap>,
+    history: Vec<RoundMetrics>,
+    rounds: Vec<RoundReport>,
+    stop: StopReason,
+    best_plain_rate: Option<f64>,
+    /// Set before `pause()` is called: a failed pause must be undone too.
+    pause_attempted: bool,
+    pause_at: Option<Instant>,
+    switch: switchover::Outcome,
+}
+
+impl<'a, T: SourceTransport> Source<'a, T> {
+    pub fn new(
+        layout: Layout,
+        memory: &'a SourceMemory,
+        dirty: &'a mut dyn DirtySource,
+        guest: &'a mut dyn Guest,
+        transport: &'a mut T,
+        cfg: &'a SourceConfig,
+        on_round: &'a mut dyn FnMut(&RoundReport),
+    ) -> Self {
+        Source {
+            memory,
+            dirty,
+            guest,
+            transport,
+            cfg,
+            on_round,
+            start: Instant::now(),
+            bitmap: Arc::new(DirtyBitmap::new(&layout)),
+            layout,
+            workers: cfg.workers.clamp(1, usize::from(protocol::MAX_STREAMS)),
+            agreed: None,
+            pool: None,
+            history: Vec::new(),
+            rounds: Vec::new(),
+            stop: StopReason::Clean,
+            best_plain_rate: None,
+            pause_attempted: false,
+            pause_at: None,
+            switch: switchover::Outcome::default(),
+        }
+    }
+
+    pub fn pause_attempted(&self) -> bool {
+        self.pause_attempted
+    }
+
+    /// What the caller needs after a failure: the guest to resume and the
+    /// transport to tell the peer why. Stops the workers first.
+    pub fn into_parts(mut self) -> (&'a mut dyn Guest, &'a mut T) {
+        if let Some(pool) = self.pool.take() {
+            self.transport.interrupt().trigger();
+            drop(pool);
+        }
+        (self.guest, self.transport)
+    }
+
+    /// Runs the machine to its end.
+    pub fn run(&mut self) -> Result<MigrationReport, Failure> {
+        let mut state = SourceState::Handshake;
+        loop {
+            state = match self.step(state) {
+                Ok(SourceState::Migrated) => return Ok(self.report()),
+                Ok(next) => next,
+                Err(e) => {
+                    // Unblock the workers before anything else.
+                    self.transport.interrupt().trigger();
+                    return Err(e);
+                }
+            };
+        }
+    }
+
+    /// One transition.
+    fn step(&mut self, state: SourceState) -> Result<SourceState, Failure> {
+        match state {
+            SourceState::Handshake => {
+                self.handshake()?;
+                Ok(SourceState::Setup)
+            }
+            SourceState::Setup => {
+                self.setup()?;
+                Ok(SourceState::PreCopy { round: 0 })
+            }
+            SourceState::PreCopy { round } => match self.precopy_round(round)? {
+                Decision::Continue => Ok(SourceState::PreCopy { round: round + 1 }),
+                Decision::Abort(reason) => Err(fail(Phase::PreCopy, round)(Cause::Aborted(reason))),
+                Decision::StopAndCopy(reason) => {
+                    self.stop = reason;
+                    self.pause(round + 1)?;
+                    Ok(SourceState::StopAndCopy { round: round + 1 })
+                }
+            },
+            SourceState::StopAndCopy { round } => {
+                self.final_round(round)?;
+                Ok(SourceState::SwitchOver { round })
+            }
+            SourceState::SwitchOver { round } => {
+                self.switch = switchover::complete(
+                    self.transport.control(),
+                    self.guest,
+                    self.memory,
+                    self.cfg.verify,
+                    round,
+                )?;
+                Ok(SourceState::Commit { round })
+            }
+            SourceState::Commit { round } => {
+                switchover::commit(self.transport.control(), round)?;
+                Ok(SourceState::Migrated)
+            }
+            SourceState::Migrated => Ok(SourceState::Migrated),
+        }
+    }
+
+    fn handshake(&mut self) -> Result<(), Failure> {
+        let page_size = self.layout.page_size();
+        if self.cfg.slot_size < 2 * (HEADER_LEN + page_size) {
+            return Err(fail(Phase::Setup, 0)(Cause::Setup(format!(
+                "ring slot size {} is too small for page size {page_size}: it needs at least {}",
+                self.cfg.slot_size,
+                2 * (HEADER_LEN + page_size)
+            ))));
+        }
+        let features = self.cfg.features
+            | if self.cfg.zstd == ZstdMode::Off {
+                0
+            } else {
+                protocol::FEATURE_ZSTD
+            };
+        let offer = Offer {
+            granularity: self.cfg.encoder.granularity,
+            streams: self.workers as u16,
+            features,
+            layout: &self.layout,
+            secret: &self.cfg.secret,
+        };
+        let agreed = handshake::offer(self.transport.control(), &offer)
+            .map_err(fail(Phase::Handshake, 0))?;
+        self.agreed = Some(agreed);
+        Ok(())
+    }
+
+    fn setup(&mut self) -> Result<(), Failure> {
+        let setup = |e: String| fail(Phase::Setup, 0)(Cause::Setup(e));
+        let layout = &self.layout;
+        let agreed = self.agreed.clone().ok_or_else(|| setup("no handshake".into()))?;
+        // Ring slots are whole pages (registrable memory); round the size up.
+        let page = crate::memory::host_page_size();
+        let slot_size = self.cfg.slot_size.div_ceil(page) * page;
+        let rings = (0..self.workers)
+            .map(|_| Ring::new(self.cfg.ring_slots, slot_size))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| setup(e.to_string()))?;
+        let streams = self
+            .transport
+            .open_streams(rings, &agreed.session)
+            .map_err(fail(Phase::Setup, 0))?;
+        let shadow = match (self.cfg.encoder.granularity, self.cfg.shadow_budget) {
+            (Granularity::Page, _) => None,
+            (Granularity::Segment, None) => Some(ShadowStore::full(layout)),
+            (Granularity::Segment, Some(b)) => Some(ShadowStore::with_budget(layout, b)),
+        }
+        .transpose()
+        .map_err(|e| setup(format!("allocating the shadow: {e}")))?;
+        let spec = PoolSpec {
+            memory: self.memory,
+            layout,
+            encoder: self.cfg.encoder,
+            shadow: shadow.map(|s| s.parts(self.workers)),
+            zstd: agreed.zstd() && self.cfg.zstd != ZstdMode::Off,
+            limiter: self.cfg.bandwidth.map(|b| Arc::new(RateLimiter::new(b))),
+            pin: self.cfg.pin,
+            interrupt: self.transport.interrupt(),
+        };
+        self.pool = Some(WorkerPool::start(streams, spec).map_err(fail(Phase::Setup, 0))?);
+        // No data before the destination can land it.
+        let ready = self
+            .transport
+            .control()
+            .recv()
+            .map_err(fail(Phase::Setup, 0))?;
+        match ready.header.kind {
+            Kind::Ready => {}
+            Kind::Error => return Err(fail(Phase::Setup, 0)(peer_error(&ready.payload))),
+            got => {
+                return Err(fail(Phase::Setup, 0)(ProtocolError::Unexpected {
+                    got,
+                    expected: "Ready",
+                }))
+            }
+        }
+        // Start tracking before the first read, then send everything.
+        let mut bitmap = DirtyBitmap::new(&self.layout);
+        self.dirty
+            .harvest(&mut bitmap)
+            .map_err(fail(Phase::PreCopy, 0))?;
+        bitmap.set_all();
+        self.bitmap = Arc::new(bitmap);
+        Ok(())
+    }
+
+    /// Sends the pages of `self.bitmap` as round `round`.
+    fn send_round(&mut self, round: u32, last: bool) -> Result<RoundReport, Failure> {
+        let phase = if last {
+            Phase::StopAndCopy
+        } else {
+            Phase::PreCopy
+        };
+        let t0 = Instant::now();
+        let agreed_zstd = self.agreed.as_ref().is_some_and(Agreed::zstd);
+        let compress = agreed_zstd
+            && self.cfg.zstd != ZstdMode::Off
+            && compress_this_round(
+                self.cfg.zstd,
+                self.cfg.bandwidth,
+                self.best_plain_rate,
+                zstd_rate(&self.rounds, self.workers),
+            );
+        let pool = self
+            .pool
+            .as_ref()
+            .ok_or_else(|| fail(phase, round)(Cause::Setup("no workers".into())))?;
+        let stats = pool
+            .round(round, last, compress, &self.bitmap)
+            .map_err(fail(phase, round))?;
+        let metrics = RoundMetrics {
+            round,
+            dirty_pages: stats.dirty_pages,
+            work_set_bytes: stats.work_set_bytes,
+            wire_bytes: stats.wire_bytes,
+            duration: t0.elapsed(),
+        };
+        let secs = metrics.duration.as_secs_f64();
+        if !compress && secs > 0.0 && metrics.wire_bytes > 0 {
+            let rate = metrics.wire_bytes as f64 / secs;
+            self.best_plain_rate = Some(self.best_plain_rate.map_or(rate, |b| b.max(rate)));
+        }
+        Ok(RoundReport {
+            metrics,
+            stats,
+            projection: Projection::default(),
+            decision: Decision::Continue,
+            last,
+        })
+    }
+
+    /// The workers took their bitmap back: harvest into it again.
+    fn harvest(&mut self, phase: Phase, round: u32) -> Result<(), Failure> {
+        let b = Arc::get_mut(&mut self.bitmap)
+            .ok_or_else(|| fail(phase, round)(Cause::Setup("bitmap still shared".into())))?;
+        self.dirty.harvest(b).map_err(fail(phase, round))
+    }
+
+    fn precopy_round(&mut self, round: u32) -> Result<Decision, Failure> {
+        let mut report = self.send_round(round, false)?;
+        self.history.push(report.metrics);
+        if let Some(b) = Arc::get_mut(&mut self.bitmap) {
+            b.clear();
+        }
+        self.harvest(Phase::PreCopy, round)?;
+        let page_size = self.layout.page_size() as u64;
+        let (decision, projection) = decide(
+            &self.cfg.policy,
+            &self.history,
+            self.bitmap.count(),
+            page_size,
+        );
+        report.decision = decision;
+        report.projection = projection;
+        (self.on_round)(&report);
+        self.rounds.push(report);
+        Ok(decision)
+    }
+
+    fn pause(&mut self, round: u32) -> Result<(), Failure> {
+        self.pause_attempted = true;
+        self.guest
+            .pause()
+            .map_err(fail(Phase::StopAndCopy, round))?;
+        self.pause_at = Some(Instant::now());
+        // Pages dirtied since the decision's harvest join the final round.
+        self.harvest(Phase::StopAndCopy, round)
+    }
+
+    fn final_round(&mut self, round: u32) -> Result<(), Failure> {
+        let mut report = self.send_round(round, true)?;
+        report.decision = Decision::StopAndCopy(self.stop);
+        (self.on_round)(&report);
+        self.rounds.push(report);
+        if let Some(pool) = &mut self.pool {
+            pool.finish();
+        }
+        Ok(())
+    }
+
+    fn report(&mut self) -> MigrationReport {
+        let downtime = self.pause_at.map(|t| t.elapsed()).unwrap_or_default();
+        let rounds = std::mem::take(&mut self.rounds);
+        let wire_bytes = rounds.iter().map(|r| r.metrics.wire_bytes).sum();
+        MigrationReport {
+            granularity: self.cfg.encoder.granularity,
+            rounds,
+            stop: self.stop,
+            total_time: self.start.elapsed(),
+            downtime,
+            verify_time: self.switch.verify_time,
+            wire_bytes,
+            verified: self.switch.verified,
+            digest: self.switch.digest,
+        }
+    }
+}
+
+pub(crate) fn peer_error(payload: &[u8]) -> Cause {
+    Cause::Peer(String::from_utf8_lossy(payload).into_owned())
+}
