@@ -43,7 +43,11 @@ pub enum TransportError {
     /// the peer sent bytes that are not a valid record
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    /// a transport-specific failure (device, verbs call, ...)
+    /// a transport-specific failure (a device, a verbs call, ...), typed by
+    /// the transport that raised it
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// a failure described in words only
     #[error("{0}")]
     Other(String),
 }
