@@ -8,13 +8,13 @@ use hpmig_core::auth::Secret;
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::limiter::parse_rate;
 use hpmig_core::precopy::SourceConfig;
-use hpmig_core::segment::compress::ZstdMode;
 use hpmig_core::protocol::Granularity;
+use hpmig_core::segment::compress::ZstdMode;
 use hpmig_microvm::Workload;
 
-use hpmig_microvm::{BootSpec, GuestChoice};
 use crate::units::{parse_bytes, parse_millis};
 use hpmig_core::dirty::kvm::DirtyLogMode;
+use hpmig_microvm::{BootSpec, GuestChoice};
 
 /// The guest to boot.
 #[derive(Args, Debug, Clone)]

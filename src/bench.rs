@@ -11,20 +11,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use hpmig_core::dirty::kvm::DirtyLogMode;
 use hpmig_core::land::{receive, DestConfig};
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, SourceConfig};
-use hpmig_core::segment::compress::ZstdMode;
 use hpmig_core::protocol::Granularity;
-use hpmig_core::dirty::kvm::DirtyLogMode;
+use hpmig_core::segment::compress::ZstdMode;
 use hpmig_microvm::Workload;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
-use hpmig_microvm::{self as guest, BootSpec, GuestChoice};
 use crate::plots;
 use crate::qemu;
 use crate::units::human;
+use hpmig_microvm::{self as guest, BootSpec, GuestChoice};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {

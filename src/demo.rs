@@ -86,8 +86,9 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
         (None, Wire::Tcp) => {
             let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
             let addr = listener.local_addr()?;
-            let dest =
-                std::thread::spawn(move || land(dm, TcpDest::accept(listener, TcpOptions::default())));
+            let dest = std::thread::spawn(move || {
+                land(dm, TcpDest::accept(listener, TcpOptions::default()))
+            });
             let mut t = TcpSource::connect(addr, TcpOptions::default())?;
             let (o, f) = migrate_booted(&mut booted, &mut t, &cfg)?;
             drop(t);

@@ -13,10 +13,10 @@ use hpmig_microvm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
-use hpmig_microvm::{self as guest, RunningGuest};
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_millis};
+use hpmig_microvm::{self as guest, RunningGuest};
 
 #[derive(Args, Debug)]
 pub struct SourceArgs {

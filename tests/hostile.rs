@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use hpmig_core::auth::{nonce, Secret};
 use hpmig_core::memory::{Layout, RegionSpec};
+use hpmig_core::protocol::Granularity;
 use hpmig_core::protocol::{
     encode_record, Header, Hello, Kind, Welcome, HEADER_LEN, MAX_STATE, MIN_VERSION, VERSION,
 };
-use hpmig_core::protocol::Granularity;
 use vm_memory::GuestAddress;
 
 const GUEST: u64 = 64 << 20;

@@ -9,7 +9,6 @@ use std::path::Path;
 use hpmig_core::land::land_stream;
 use hpmig_core::memory::{DestMemory, Layout, RegionSpec};
 use hpmig_core::protocol::{Hello, Kind, Records, Welcome};
-use hpmig_core::vm::emulated::EmulatedConfig;
 use vm_memory::{Bytes, GuestAddress};
 
 fn seed(target: &str, name: &str) -> Vec<u8> {
@@ -29,12 +28,7 @@ fn handshake_seeds_decode() {
         4
     );
     Welcome::decode(&seed("handshake", "welcome")).unwrap();
-    assert_eq!(
-        EmulatedConfig::from_state_record(&seed("handshake", "emulated-state"), 0)
-            .unwrap()
-            .vcpus,
-        2
-    );
+    // The state-record seed is the emulated guest's: hpmig-microvm checks it.
 }
 
 #[test]

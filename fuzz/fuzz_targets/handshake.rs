@@ -4,8 +4,8 @@
 #![no_main]
 
 use hpmig_core::protocol::{Hello, Welcome};
-use hpmig_core::vm::emulated::EmulatedConfig;
-use hpmig_core::vm::kvm::state::VmState;
+use hpmig_microvm::emulated::EmulatedConfig;
+use hpmig_microvm::kvm::state::VmState;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -14,7 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hpmig_core::vm_memory::bitmap::Bitmap;
-use hpmig_core::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use hpmig_core::vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use hpmig_core::guest::{Guest, GuestError};
 use hpmig_core::memory::XorShift64;
@@ -357,5 +359,16 @@ mod tests {
         assert!(EmulatedConfig::from_state_record(b"kvm-state", 1).is_none());
         assert!(EmulatedConfig::from_state_record(b"hpmig-emulated-v1 vcpus=999", 1).is_none());
         assert!(EmulatedConfig::from_state_record(&[0xff, 0xfe], 1).is_none());
+    }
+
+    #[test]
+    fn the_fuzzers_state_record_seed_decodes() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/handshake/emulated-state"
+        );
+        let seed = std::fs::read(p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        let cfg = EmulatedConfig::from_state_record(&seed, 0).expect("a valid record");
+        assert_eq!(cfg.vcpus, 2);
     }
 }

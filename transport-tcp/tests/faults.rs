@@ -8,134 +8,36 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{SocketAddr, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hpmig_core::dirty::vmm::VmmBitmap;
+use hpmig_core::guest::Guest;
 use hpmig_core::land::{accept, receive_accepted, DestConfig, LandError, Received};
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, MigrateError, SourceConfig};
-use hpmig_core::protocol::{Kind, Records};
 use hpmig_core::protocol::Granularity;
-use hpmig_core::testing::{assert_same_memory, pattern_memory};
-use hpmig_core::vm::emulated::{heartbeat, EmulatedConfig, EmulatedGuest};
-use hpmig_core::vm::{Guest, Workload};
+use hpmig_core::protocol::{Kind, Records};
+use hpmig_core::testing::proxy::{Action, Capture, Plan, Proxy, Which};
+use hpmig_core::testing::{
+    assert_same_memory, heartbeat, pattern_memory, LandedScribbler, Scribbler,
+};
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Action {
-    Cut,
-    Flip,
-    Stall,
-}
-
-/// Where and what: connection (0 control, 1.. data), direction, byte.
+/// A plan and the phase it falls in.
 #[derive(Clone, Copy, Debug)]
-struct Plan {
-    conn: usize,
-    to_dest: bool,
-    at: u64,
-    action: Action,
+struct Case {
+    plan: Plan,
     phase: &'static str,
 }
-
-type Capture = Arc<Mutex<BTreeMap<(usize, bool), Vec<u8>>>>;
 
 fn opts() -> TcpOptions {
     TcpOptions {
         io_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(3),
     }
-}
-
-/// A proxy to `target` applying `plan` (or capturing every byte); `fired`
-/// is set once the plan's byte went through it.
-fn proxy(
-    target: SocketAddr,
-    plan: Option<Plan>,
-    capture: Capture,
-    fired: Arc<AtomicBool>,
-) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let next = Arc::new(AtomicUsize::new(0));
-    thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(target) else {
-                return;
-            };
-            let conn = next.fetch_add(1, Ordering::SeqCst);
-            for (from, to, to_dest) in [
-                (
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    true,
-                ),
-                (server, client, false),
-            ] {
-                let (capture, fired) = (capture.clone(), fired.clone());
-                thread::spawn(move || pump(from, to, conn, to_dest, plan, &capture, &fired));
-            }
-        }
-    });
-    addr
-}
-
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    conn: usize,
-    to_dest: bool,
-    plan: Option<Plan>,
-    capture: &Capture,
-    fired: &AtomicBool,
-) {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut off = 0u64;
-    let mine = plan.filter(|p| p.conn == conn && p.to_dest == to_dest);
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &mut buf[..n];
-        if plan.is_none() {
-            capture
-                .lock()
-                .unwrap()
-                .entry((conn, to_dest))
-                .or_default()
-                .extend_from_slice(chunk);
-        }
-        if let Some(p) = mine.filter(|p| (off..off + n as u64).contains(&p.at)) {
-            let i = (p.at - off) as usize;
-            fired.store(true, Ordering::SeqCst);
-            match p.action {
-                Action::Flip => chunk[i] ^= 0xff,
-                Action::Cut | Action::Stall => {
-                    let _ = to.write_all(&chunk[..i]);
-                    if p.action == Action::Stall {
-                        // Hold the connection open, forwarding nothing, past the io timeout.
-                        thread::sleep(opts().io_timeout * 3);
-                    }
-                    let _ = from.shutdown(Shutdown::Both);
-                    let _ = to.shutdown(Shutdown::Both);
-                    return;
-                }
-            }
-        }
-        if to.write_all(chunk).is_err() {
-            break;
-        }
-        off += n as u64;
-    }
-    let _ = to.shutdown(Shutdown::Write);
 }
 
 fn config() -> SourceConfig {
@@ -163,7 +65,8 @@ fn destination() -> (SocketAddr, thread::JoinHandle<DestResult>) {
         let dcfg = DestConfig::default();
         let acc = accept(&mut t, &dcfg, None)?;
         let memory: DestMemory = acc.hello.layout.allocate().unwrap();
-        let r = receive_accepted(&acc, &memory, &mut t)?;
+        let mut guest = LandedScribbler::new(&memory);
+        let r = receive_accepted(&acc, &memory, &mut t, &dcfg, &mut guest)?;
         Ok((r, memory))
     });
     (addr, h)
@@ -184,7 +87,7 @@ fn run_source(
 }
 
 /// Byte ranges of each phase, from a clean run's captured streams.
-fn phases(cap: &BTreeMap<(usize, bool), Vec<u8>>) -> Vec<(&'static str, usize, bool, u64, u64)> {
+fn phases(cap: &Capture) -> Vec<(&'static str, usize, bool, u64, u64)> {
     let mut out = Vec::new();
     let spans = |bytes: &[u8]| -> Vec<(Kind, u64, u64)> {
         let mut at = 0u64;
@@ -253,30 +156,15 @@ fn heartbeat_moves(memory: &SourceMemory) -> bool {
 #[test]
 fn a_hundred_faults_over_every_phase_lose_nothing() {
     let memory = pattern_memory(&[(0, 4 << 20)]);
-    let mut guest = EmulatedGuest::start(
-        memory.clone(),
-        EmulatedConfig {
-            workload: Workload::Idle,
-            vcpus: 1,
-            dirty_rate: None,
-            seed: 5,
-        },
-    )
-    .unwrap();
+    let mut guest = Scribbler::start(memory.clone(), 1, Some(20_000));
 
     // Calibrate: a clean migration through a capturing proxy.
-    let cap: Capture = Arc::default();
     let (dest_addr, dest) = destination();
-    run_source(
-        proxy(dest_addr, None, cap.clone(), Arc::default()),
-        &memory,
-        &mut guest,
-    )
-    .expect("clean run");
+    let capturing = Proxy::start(dest_addr, None, true).unwrap();
+    run_source(capturing.addr(), &memory, &mut guest).expect("clean run");
     dest.join().unwrap().expect("clean destination");
     guest.resume().unwrap();
-    let cap = cap.lock().unwrap().clone();
-    let phases = phases(&cap);
+    let phases = phases(&capturing.captured());
     for needed in [
         "handshake",
         "round 0",
@@ -317,22 +205,31 @@ fn a_hundred_faults_over_every_phase_lose_nothing() {
             } else {
                 Action::Cut
             };
-            plans.push(Plan {
-                conn: s.1,
-                to_dest: s.2,
-                at: at.min(s.4 - 1),
-                action,
+            plans.push(Case {
+                plan: Plan {
+                    which: Which::Conn {
+                        conn: s.1,
+                        to_dest: s.2,
+                    },
+                    at: at.min(s.4 - 1),
+                    action,
+                },
                 phase,
             });
         }
     }
     for phase in ["round 0", "state", "acknowledge"] {
         let s = phases.iter().find(|p| p.0 == phase).unwrap();
-        plans.push(Plan {
-            conn: s.1,
-            to_dest: s.2,
-            at: (s.3 + s.4) / 2,
-            action: Action::Stall,
+        plans.push(Case {
+            plan: Plan {
+                which: Which::Conn {
+                    conn: s.1,
+                    to_dest: s.2,
+                },
+                at: (s.3 + s.4) / 2,
+                // Hold the connection open, forwarding nothing, past the io timeout.
+                action: Action::Stall(opts().io_timeout * 3),
+            },
             phase,
         });
     }
@@ -341,11 +238,10 @@ fn a_hundred_faults_over_every_phase_lose_nothing() {
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for plan in &plans {
         let (dest_addr, dest) = destination();
-        let fired = Arc::new(AtomicBool::new(false));
-        let via = proxy(dest_addr, Some(*plan), Arc::default(), fired.clone());
-        let src = run_source(via, &memory, &mut guest);
+        let via = Proxy::start(dest_addr, Some(plan.plan), false).unwrap();
+        let src = run_source(via.addr(), &memory, &mut guest);
         let dst = dest.join().unwrap();
-        if !fired.load(Ordering::SeqCst) {
+        if !via.fired() {
             // This run's streams ended before the planned byte (the round
             // count varies by one with timing): no fault, a clean migration.
             assert!(

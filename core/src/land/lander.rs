@@ -239,4 +239,3 @@ impl<'a> StreamLander<'a> {
         Ok(())
     }
 }
-

@@ -164,7 +164,8 @@ impl<'a, T: DestTransport> Dest<'a, T> {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             // SAFETY: no stream is accepted yet and the guest does not run:
             // nothing else touches the memory.
-            let fixed = unsafe { crate::memory::ensure_zeroed(self.memory, ours.page_size(), threads) };
+            let fixed =
+                unsafe { crate::memory::ensure_zeroed(self.memory, ours.page_size(), threads) };
             if fixed > 0 {
                 tracing::info!(pages = fixed, "zeroed destination pages that were not zero");
             }

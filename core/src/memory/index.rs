@@ -128,7 +128,10 @@ pub fn find_region(
 ) -> Option<RegionOffset> {
     let end = gpa.checked_add(len)?;
     let hit = |(base, size): (u64, u64)| {
-        gpa >= base && base.checked_add(size).is_some_and(|region_end| end <= region_end)
+        gpa >= base
+            && base
+                .checked_add(size)
+                .is_some_and(|region_end| end <= region_end)
     };
     let region = match regions.clone().nth(hint) {
         Some(r) if hit(r) => hint,

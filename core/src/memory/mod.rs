@@ -376,12 +376,9 @@ pub unsafe fn ensure_zeroed(memory: &DestMemory, page_size: usize, threads: usiz
 /// vectorises).
 pub fn is_zero(bytes: &[u8]) -> bool {
     let (words, tail) = bytes.split_at(bytes.len() & !7);
-    words
-        .chunks_exact(8)
-        .fold(0u64, |acc, w| {
-            acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
-        })
-        == 0
+    words.chunks_exact(8).fold(0u64, |acc, w| {
+        acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+    }) == 0
         && tail.iter().all(|&b| b == 0)
 }
 
@@ -394,12 +391,17 @@ mod tests {
         use vm_memory::Bytes;
         let memory: DestMemory = two_regions().allocate().unwrap();
         memory.write_obj(7u8, GuestAddress(5 * 4096 + 9)).unwrap();
-        memory.write_obj(7u8, GuestAddress((1 << 32) + 4095)).unwrap();
+        memory
+            .write_obj(7u8, GuestAddress((1 << 32) + 4095))
+            .unwrap();
         // SAFETY: nothing else uses this memory.
         assert_eq!(unsafe { ensure_zeroed(&memory, 4096, 3) }, 2);
         // SAFETY: as above.
         assert_eq!(unsafe { ensure_zeroed(&memory, 4096, 1) }, 0);
-        assert_eq!(memory.read_obj::<u8>(GuestAddress(5 * 4096 + 9)).unwrap(), 0);
+        assert_eq!(
+            memory.read_obj::<u8>(GuestAddress(5 * 4096 + 9)).unwrap(),
+            0
+        );
     }
 
     fn two_regions() -> Layout {

@@ -212,7 +212,10 @@ impl<'a, T: SourceTransport> Source<'a, T> {
     fn setup(&mut self) -> Result<(), Failure> {
         let setup = |e: String| fail(Phase::Setup, 0)(Cause::Setup(e));
         let layout = &self.layout;
-        let agreed = self.agreed.clone().ok_or_else(|| setup("no handshake".into()))?;
+        let agreed = self
+            .agreed
+            .clone()
+            .ok_or_else(|| setup("no handshake".into()))?;
         // Ring slots are whole pages (registrable memory); round the size up.
         let page = crate::memory::host_page_size();
         let slot_size = self.cfg.slot_size.div_ceil(page) * page;

@@ -226,7 +226,6 @@ impl MigrationReport {
     }
 }
 
-
 /// A failure inside the machine: where it happened and why.
 pub(crate) struct Failure {
     pub phase: Phase,

@@ -9,9 +9,7 @@ use super::machine::peer_error;
 use super::{fail, Cause, Failure, Phase};
 use crate::guest::Guest;
 use crate::memory::SourceMemory;
-use crate::protocol::{
-    self, Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_VERIFIED,
-};
+use crate::protocol::{self, Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_VERIFIED};
 use crate::transport::Control;
 
 /// What the Ack established.

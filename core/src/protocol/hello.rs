@@ -161,7 +161,6 @@ impl Welcome {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 //! recognisable content, a byte-for-byte comparison that does not trust the
 //! digest code, and a check that a guest still runs.
 
+pub mod conformance;
+pub mod proxy;
 mod scribbler;
 
 use std::time::{Duration, Instant};

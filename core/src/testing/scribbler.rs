@@ -55,8 +55,28 @@ impl Scribbler {
         vcpus: u32,
         rate: Option<u64>,
     ) -> Scribbler {
+        Self::spawn(memory, vcpus, rate, false)
+    }
+
+    /// Like [`Scribbler::start`], but every writer waits, parked, for
+    /// [`Guest::resume`] before its first write.
+    pub fn start_parked<B: Bitmap + Send + Sync + 'static>(
+        memory: GuestMemoryMmap<B>,
+        vcpus: u32,
+        rate: Option<u64>,
+    ) -> Scribbler {
+        Self::spawn(memory, vcpus, rate, true)
+    }
+
+    fn spawn<B: Bitmap + Send + Sync + 'static>(
+        memory: GuestMemoryMmap<B>,
+        vcpus: u32,
+        rate: Option<u64>,
+        parked: bool,
+    ) -> Scribbler {
         let vcpus = vcpus.clamp(1, 64);
         let shared = Arc::new(Shared::default());
+        shared.pause.store(parked, Ordering::SeqCst);
         let threads = (0..vcpus)
             .map(|i| {
                 let (memory, shared) = (memory.clone(), Arc::clone(&shared));
@@ -68,7 +88,7 @@ impl Scribbler {
             shared,
             threads,
             vcpus,
-            paused: false,
+            paused: parked,
             fail_pause_after: None,
         }
     }
@@ -91,7 +111,12 @@ impl Scribbler {
     }
 }
 
-fn scribble<B: Bitmap + 'static>(memory: &GuestMemoryMmap<B>, s: &Shared, i: u32, rate: Option<u64>) {
+fn scribble<B: Bitmap + 'static>(
+    memory: &GuestMemoryMmap<B>,
+    s: &Shared,
+    i: u32,
+    rate: Option<u64>,
+) {
     let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
     let total: u64 = regions.iter().map(|r| r.1).sum();
     let page = host_page_size() as u64;
@@ -190,7 +215,9 @@ impl Drop for Scribbler {
 }
 
 /// The destination's side of a [`Scribbler`]: checks its state record
-/// before the Ack and runs it on the received memory after the Commit.
+/// before the Ack and starts it on the received memory after the Commit,
+/// its writers parked until [`LandedScribbler::release`], so a test can
+/// compare memories first.
 #[derive(Debug)]
 pub struct LandedScribbler {
     memory: DestMemory,
@@ -210,9 +237,17 @@ impl LandedScribbler {
         }
     }
 
-    /// The guest running here after the Commit.
+    /// The guest started here after the Commit.
     pub fn running(&self) -> Option<&Scribbler> {
         self.running.as_ref()
+    }
+
+    /// Lets the started guest's writers run.
+    pub fn release(&mut self) -> Result<(), GuestError> {
+        match &mut self.running {
+            Some(g) => g.resume(),
+            None => Err(GuestError::Resume("no guest was started".into())),
+        }
     }
 }
 
@@ -239,7 +274,11 @@ impl DestGuest for LandedScribbler {
         let vcpus = self
             .vcpus
             .ok_or_else(|| GuestError::Resume("started without a restored state".into()))?;
-        self.running = Some(Scribbler::start(self.memory.clone(), vcpus, Some(100_000)));
+        self.running = Some(Scribbler::start_parked(
+            self.memory.clone(),
+            vcpus,
+            Some(100_000),
+        ));
         Ok(())
     }
 

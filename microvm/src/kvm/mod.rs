@@ -26,10 +26,14 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use hpmig_core::dirty::kvm::{DirtyLogMode, DirtyRing, KvmDirtyLog, KvmSlot, RING_ENTRIES};
 use hpmig_core::guest::{Guest, GuestError};
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
-use kvm_bindings::{kvm_irqchip, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use hpmig_core::vm_memory::bitmap::Bitmap;
-use hpmig_core::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use hpmig_core::vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use kvm_bindings::{
+    kvm_irqchip, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::Workload;
 use program::{
@@ -401,7 +405,9 @@ pub struct RestoredVm {
 
 impl std::fmt::Debug for RestoredVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RestoredVm").field("cfg", &self.cfg).finish()
+        f.debug_struct("RestoredVm")
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -469,7 +475,15 @@ impl RestoredVm {
     pub fn start(self) -> Result<KvmVm<()>, GuestError> {
         let size: u64 = self.memory.iter().map(|r| r.len()).sum();
         let (_, run) = params(&self.cfg, size);
-        KvmVm::start(self.kvm, self.vm, self.fds, self.memory, None, self.cfg, run)
+        KvmVm::start(
+            self.kvm,
+            self.vm,
+            self.fds,
+            self.memory,
+            None,
+            self.cfg,
+            run,
+        )
     }
 }
 

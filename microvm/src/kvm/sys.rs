@@ -9,7 +9,6 @@ use kvm_bindings::kvm_run;
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 pub(crate) const KICK: libc::c_int = libc::SIGUSR1;
 
-
 thread_local! {
     /// This thread's vCPU run structure, for the kick handler.
     static RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -53,4 +52,3 @@ pub(crate) fn kick(thread: libc::pthread_t) {
         libc::pthread_kill(thread, KICK);
     }
 }
-

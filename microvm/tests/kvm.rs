@@ -9,18 +9,20 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
+use hpmig_core::dirty::kvm::DirtyLogMode;
 use hpmig_core::dirty::vmm::VmmBitmap;
 use hpmig_core::dirty::Combined;
+use hpmig_core::guest::{DestGuest, GuestError};
 use hpmig_core::land::{receive, DestConfig};
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
-use hpmig_core::precopy::{migrate, SourceConfig};
+use hpmig_core::precopy::{migrate, MigrateError, Phase, SourceConfig};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::testing::assert_same_memory;
 use hpmig_core::transport::inproc::{pair, Faults};
-use hpmig_core::vm::kvm::dirty::DirtyLogMode;
-use hpmig_core::vm::kvm::{available, heartbeat, memory_ranges, KvmConfig, KvmVm};
-use hpmig_core::vm::Workload;
+use hpmig_core::vm_memory;
+use hpmig_microvm::kvm::{available, heartbeat, memory_ranges, KvmConfig, KvmVm};
+use hpmig_microvm::{Arrival, Workload};
 
 const MIB: u64 = 1 << 20;
 
@@ -83,6 +85,14 @@ fn every_workload_runs_at_cpl3() {
     }
 }
 
+/// The destination's memory is fresh from `Layout::allocate`: zero.
+fn fresh() -> DestConfig {
+    DestConfig {
+        memory_zeroed: true,
+        ..DestConfig::default()
+    }
+}
+
 fn config(granularity: Granularity) -> SourceConfig {
     let mut cfg = SourceConfig::new(granularity);
     cfg.workers = 2;
@@ -94,6 +104,30 @@ fn config(granularity: Granularity) -> SourceConfig {
         on_stall: OnStall::ForceStop,
     };
     cfg
+}
+
+/// The destination's micro-VM, compared byte for byte with the paused
+/// source in the one moment between the Commit and its start.
+struct Checked {
+    inner: Arrival,
+    source: SourceMemory,
+    dest: DestMemory,
+    heartbeats: Vec<u64>,
+}
+
+impl DestGuest for Checked {
+    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
+        self.inner.restore(vcpus, state)
+    }
+    fn start(&mut self) -> Result<(), GuestError> {
+        // The source sent its Commit: its guest is paused for good.
+        assert_same_memory(&self.source, &self.dest);
+        self.heartbeats = (0..4).map(|v| heartbeat(&self.dest, v)).collect();
+        self.inner.start()
+    }
+    fn discard(&mut self) {
+        self.inner.discard()
+    }
 }
 
 /// Migrates a running micro-VM through the in-process transport, checks the
@@ -111,8 +145,15 @@ fn migrate_running(
     let layout = Layout::of(&memory).unwrap();
     let dest_memory: DestMemory = layout.allocate().unwrap();
     let (mut src, mut dst) = pair(Faults::none());
+    let mut checked = Checked {
+        inner: Arrival::new(&dest_memory),
+        source: memory.clone(),
+        dest: dest_memory.clone(),
+        heartbeats: Vec::new(),
+    };
     let dm = dest_memory.clone();
-    let dest = thread::spawn(move || receive(&dm, &mut dst, &DestConfig::default()));
+    let dest =
+        thread::spawn(move || receive(&dm, &mut dst, &fresh(), &mut checked).map(|r| (r, checked)));
     let mut dirty = Combined(
         vm.take_dirty_log().unwrap(),
         VmmBitmap::new(memory.clone(), layout).unwrap(),
@@ -126,13 +167,16 @@ fn migrate_running(
         &mut |_| {},
     )
     .unwrap_or_else(|e| panic!("{workload:?}/{mode:?}: {e} (vCPU: {:?})", vm.failure()));
-    let received = dest.join().unwrap().unwrap();
+    let (received, checked) = dest.join().unwrap().unwrap();
     assert!(report.verified && received.verified);
-    // The source stays paused after a successful migration: compare directly.
-    assert_same_memory(&memory, &dest_memory);
     let before: Vec<u64> = (0..vcpus).map(|v| heartbeat(&memory, v)).collect();
+    assert_eq!(
+        before[..],
+        checked.heartbeats[..vcpus as usize],
+        "heartbeats arrived"
+    );
     drop(vm);
-    let resumed = KvmVm::restore(dest_memory.clone(), &received.state).unwrap();
+    let resumed = checked.inner.running().expect("started after the Commit");
     for (v, &b) in before.iter().enumerate() {
         let after = wait_for_heartbeat(&dest_memory, v as u32, b);
         assert!(
@@ -209,4 +253,54 @@ fn a_one_gib_guest_in_several_slots_migrates_byte_exact() {
         DirtyLogMode::Bitmap,
         Granularity::Segment,
     );
+}
+
+#[test]
+fn a_pause_that_fails_after_vcpu_0_stopped_leaves_every_vcpu_running() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut vm = boot(64 * MIB, Workload::Sparse, 2, DirtyLogMode::Bitmap);
+    vm.fail_pause_after = Some(1);
+    let memory = vm.memory().clone();
+    wait_for_heartbeat(&memory, 1, 2);
+    let layout = Layout::of(&memory).unwrap();
+    let dest_memory: DestMemory = layout.allocate().unwrap();
+    let (mut src, mut dst) = pair(Faults::none());
+    let dm = dest_memory.clone();
+    let dest =
+        thread::spawn(move || receive(&dm, &mut dst, &fresh(), &mut Arrival::new(&dm)).map(|_| ()));
+    let mut dirty = Combined(
+        vm.take_dirty_log().unwrap(),
+        VmmBitmap::new(memory.clone(), layout).unwrap(),
+    );
+    let err = migrate(
+        &memory,
+        &mut dirty,
+        &mut vm,
+        &mut src,
+        &config(Granularity::Segment),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MigrateError::Failed {
+                phase: Phase::StopAndCopy,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    drop(src);
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination keeps nothing"
+    );
+    for v in 0..2 {
+        let b = heartbeat(&memory, v);
+        let after = wait_for_heartbeat(&memory, v, b);
+        assert!(after > b, "vCPU {v} stuck at {b} after the failed pause");
+    }
 }
