@@ -15,7 +15,7 @@
 //!  any failure ──▶ the guest is discarded (DestGuest::discard), the source is told why
 //! ```
 //!
-//! [`lander`] applies one stream: each record header is checked against the
+//! [`StreamLander`] applies one stream: each record header is checked against the
 //! guest memory layout (inside one page of one region) and against the
 //! stream's own share of pages before its payload is read straight into the
 //! guest page; round ends are checked for order, count and CRC-32.

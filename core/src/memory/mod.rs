@@ -10,7 +10,8 @@
 //! `word_base[r] .. word_base[r] + ceil(pages_r / 64)`, so every region starts
 //! on a 64-page word boundary and a bitmap word never spans two regions. A
 //! flat page index is `word * 64 + bit`; padding bits past a region's end are
-//! never set. [`index`] holds the types that carry this arithmetic.
+//! never set. [`PageIndex`], [`Share`] and [`RegionOffset`] carry this
+//! arithmetic.
 
 mod fill;
 mod index;

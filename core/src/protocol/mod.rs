@@ -15,8 +15,9 @@
 //!    |   ... rounds 0..n, the last one's RoundEnd FINAL      |
 //!    | control: State {vCPU state}                      ---> |
 //!    | control: Complete {final round, source digest}   ---> | wait for every stream's FINAL,
-//!    | <--- Ack {destination digest, verified}  or Error     | digest guest memory, compare
-//!    | control: Commit                                  ---> | only now may it resume
+//!    | <--- Ack {destination digest, verified}  or Error     | digest guest memory, compare,
+//!    |                                                       | restore the vCPU state (not run)
+//!    | control: Commit                                  ---> | only now may it run the guest
 //!    | source keeps its guest paused (moved)                 |
 //! ```
 //!
@@ -46,7 +47,7 @@
 //!
 //! Record order: a page's records always travel on the stream that owns the
 //! page (its worker's fixed share of bitmap words, see
-//! [`crate::memory::worker_share`]), and a stream is ordered, so round r's
+//! [`crate::memory::Share`]), and a stream is ordered, so round r's
 //! bytes for a page can never overtake round r+1's. The destination rejects a
 //! record for a page its stream does not own.
 
