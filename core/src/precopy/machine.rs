@@ -8,7 +8,9 @@ use std::time::Instant;
 use super::controller::{decide, Decision, Projection, RoundMetrics, StopReason};
 use super::limiter::RateLimiter;
 use super::rounds::{compress_this_round, zstd_rate, PoolSpec, WorkerPool};
-use super::{fail, switchover, Cause, Failure, MigrationReport, Phase, RoundReport, SourceConfig};
+use super::{
+    fail, peer_error, switchover, Cause, Failure, MigrationReport, Phase, RoundReport, SourceConfig,
+};
 use crate::dirty::{DirtyBitmap, DirtySource};
 use crate::guest::Guest;
 use crate::handshake::{self, Agreed, Offer};
@@ -381,8 +383,4 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             digest: self.switch.digest,
         }
     }
-}
-
-pub(crate) fn peer_error(payload: &[u8]) -> Cause {
-    Cause::Peer(String::from_utf8_lossy(payload).into_owned())
 }

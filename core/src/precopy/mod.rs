@@ -241,6 +241,11 @@ pub(crate) fn fail<E: Into<Cause>>(phase: Phase, round: u32) -> impl FnOnce(E) -
     }
 }
 
+/// The cause for an Error record the destination sent.
+pub(crate) fn peer_error(payload: &[u8]) -> Cause {
+    Cause::Peer(String::from_utf8_lossy(payload).into_owned())
+}
+
 /// Migrates `memory` through `transport`. `dirty` must see every write to
 /// guest memory (for a KVM guest: KVM's log combined with the VMM bitmap);
 /// `on_round` is called after every round, for progress output.

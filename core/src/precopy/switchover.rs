@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::machine::peer_error;
-use super::{fail, Cause, Failure, Phase};
+use super::{fail, peer_error, Cause, Failure, Phase};
 use crate::guest::Guest;
 use crate::memory::SourceMemory;
 use crate::protocol::{self, Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_VERIFIED};

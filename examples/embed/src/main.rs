@@ -93,11 +93,12 @@ struct Arrival {
 
 impl DestGuest for Arrival {
     fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
-        let carried = <[u8; 8]>::try_from(state).map(u64::from_le_bytes);
-        match carried {
-            Ok(n) if n == u64::from(vcpus) => Ok(self.vcpus = Some(n)),
-            _ => Err(GuestError::State("not our state record".into())),
+        let carried = <[u8; 8]>::try_from(state).ok().map(u64::from_le_bytes);
+        if carried != Some(u64::from(vcpus)) {
+            return Err(GuestError::State("not our state record".into()));
         }
+        self.vcpus = Some(u64::from(vcpus));
+        Ok(())
     }
     fn start(&mut self) -> Result<(), GuestError> {
         let vcpus = self

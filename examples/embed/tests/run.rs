@@ -12,5 +12,8 @@ fn the_example_migrates_its_own_guest_byte_exact() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("verified: true, pages that differ: 0"), "{text}");
+    assert!(
+        text.contains("verified: true, pages that differ: 0"),
+        "{text}"
+    );
 }
