@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use hpmig_core::auth::Session;
 use hpmig_core::memory::DestMemory;
-use hpmig_core::ring::Ring;
+use hpmig_core::ring::{Ring, RingError};
 use hpmig_core::transport::{DestTransport, Interrupt, SourceTransport, TransportError};
 use hpmig_transport_tcp::{TcpControl, TcpDest, TcpOptions, TcpSource};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion};
 
-use crate::device;
+use crate::device::{self, DeviceError};
 use crate::rx::{LocalRegion, RdmaRx, RxParts};
 use crate::setup::{Answer, Offer, RemoteRegion};
 use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE, MAX_SLOT};
@@ -22,6 +23,51 @@ const MAX_STAGING: usize = 16 << 20;
 const SQ_DEPTH: u32 = 1024;
 /// Inline sizes tried, largest first, until the device accepts one.
 const INLINE_TRIES: [u32; 4] = [256, 128, 64, 0];
+
+/// Errors of opening an end of the transport: the device port and each
+/// stream's local resources.
+#[derive(Debug, Error)]
+pub enum EndpointError {
+    /// a verbs call failed
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    /// the device's GID table gave no usable GID
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// the port asked for is not active
+    #[error("checking the port failed: port {port} of {device} is {state}, not PORT_ACTIVE")]
+    PortNotActive {
+        device: String,
+        port: u8,
+        state: &'static str,
+    },
+    /// a ring slot is larger than a batch immediate can describe
+    #[error("RDMA: ring slots of {slot_size} bytes exceed the {MAX_SLOT}-byte batch an immediate can describe")]
+    SlotTooLarge { slot_size: usize },
+    /// a stream index does not fit the stream hello's 16 bits
+    #[error("RDMA stream {stream}: too many streams (at most {})", u16::MAX as usize + 1)]
+    TooManyStreams { stream: usize },
+    /// the staging ring could not be mapped
+    #[error("RDMA stream {stream}: staging ring: {source}")]
+    StagingRing {
+        stream: usize,
+        #[source]
+        source: RingError,
+    },
+    /// a guest memory region has no host mapping to register
+    #[error("guest memory region at {gpa:#x}: {source}")]
+    GuestRegion {
+        gpa: u64,
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+impl From<EndpointError> for TransportError {
+    fn from(e: EndpointError) -> Self {
+        TransportError::Device(Box::new(e))
+    }
+}
 
 /// Which device and port to use.
 #[derive(Clone, Debug)]
@@ -65,18 +111,14 @@ struct Port {
 }
 
 impl Port {
-    fn open(o: &RdmaOptions) -> Result<Port, VerbsError> {
+    fn open(o: &RdmaOptions) -> Result<Port, EndpointError> {
         let ctx = Context::open(&o.device)?;
         let info = ctx.port(o.port)?;
         if info.state != verbs::ibv_port_state::IBV_PORT_ACTIVE {
-            return Err(VerbsError {
-                call: "checking the port",
-                detail: format!(
-                    "port {} of {} is {}, not PORT_ACTIVE",
-                    o.port,
-                    o.device,
-                    verbs::port_state_str(info.state)
-                ),
+            return Err(EndpointError::PortNotActive {
+                device: o.device.clone(),
+                port: o.port,
+                state: verbs::port_state_str(info.state),
             });
         }
         let gid_index = match o.gid_index {
@@ -123,8 +165,7 @@ impl Port {
         send_sge: u32,
         remote_write: bool,
     ) -> Result<Arc<Qp>, VerbsError> {
-        let mut last = None;
-        for inline in INLINE_TRIES {
+        let attempt = |inline| {
             let cap = ibv_qp_cap {
                 max_send_wr: send_wr,
                 max_recv_wr: recv_wr,
@@ -132,15 +173,16 @@ impl Port {
                 max_recv_sge: 1,
                 max_inline_data: inline,
             };
-            match Qp::new(&self.pd, send_cq, recv_cq, cap, self.port, remote_write) {
-                Ok(qp) => return Ok(Arc::new(qp)),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or(VerbsError {
-            call: "ibv_create_qp",
-            detail: "no attempt".into(),
-        }))
+            Qp::new(&self.pd, send_cq, recv_cq, cap, self.port, remote_write)
+        };
+        // Each refusal tries the next smaller size; the last one's error is
+        // the answer.
+        INLINE_TRIES[1..]
+            .iter()
+            .fold(attempt(INLINE_TRIES[0]), |qp, &inline| {
+                qp.or_else(|_| attempt(inline))
+            })
+            .map(Arc::new)
     }
 }
 
@@ -229,9 +271,7 @@ impl RdmaSource {
     ) -> Result<OfferedStream, TransportError> {
         let slot_size = ring.slot_size();
         if slot_size > MAX_SLOT {
-            return Err(TransportError::Other(format!(
-                "RDMA: ring slots of {slot_size} bytes exceed the {MAX_SLOT}-byte batch an immediate can describe"
-            )));
+            return Err(EndpointError::SlotTooLarge { slot_size }.into());
         }
         let (base, len) = ring.region();
         // SAFETY: the ring's mapping lives as long as any of its slots; the
@@ -251,7 +291,7 @@ impl RdmaSource {
         // Credits may come back as soon as the first batch lands.
         post_recvs(&qp, slots)?;
         let index16 =
-            u16::try_from(index).map_err(|_| TransportError::Other("too many streams".into()))?;
+            u16::try_from(index).map_err(|_| EndpointError::TooManyStreams { stream: index })?;
         let mut conn = self.tcp.connect_stream(index16, session)?;
         let my_psn = psn(index);
         Offer {
@@ -398,8 +438,10 @@ impl RdmaDest {
                 "RDMA stream {index}: the source asked for {slots} staging slots of {slot_size} bytes (at most 64, page-multiple, {MAX_STAGING} bytes in all)"
             )));
         }
-        let staging = Ring::new(slots, slot_size)
-            .map_err(|e| TransportError::Other(format!("RDMA staging ring: {e}")))?;
+        let staging = Ring::new(slots, slot_size).map_err(|source| EndpointError::StagingRing {
+            stream: index,
+            source,
+        })?;
         let (base, len) = staging.region();
         // SAFETY: the staging ring is owned by the RdmaRx built below, which
         // drops this registration before the ring.
@@ -472,7 +514,10 @@ impl DestTransport for RdmaDest {
             let host = r
                 .as_volatile_slice()
                 .map(|s| s.ptr_guard_mut().as_ptr())
-                .map_err(|e| TransportError::Other(format!("guest memory region: {e}")))?;
+                .map_err(|source| EndpointError::GuestRegion {
+                    gpa: r.start_addr().0,
+                    source,
+                })?;
             // SAFETY: the region is a mapping of `memory`, which outlives the
             // migration these registrations serve; should it be unmapped
             // first, the registration still pins its pages, so the NIC never

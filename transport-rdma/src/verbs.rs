@@ -14,41 +14,60 @@
 use std::ffi::CStr;
 use std::sync::Arc;
 
+use hpmig_core::transport::TransportError;
 use rdma_sys::*;
+use thiserror::Error;
 
-/// A verbs call that failed, with the errno (or status) it gave.
-#[derive(Debug)]
-pub struct VerbsError {
-    pub call: &'static str,
-    pub detail: String,
+/// Errors of verbs calls: which call failed, and the errno (or count) it
+/// gave.
+#[derive(Debug, Error)]
+pub enum VerbsError {
+    /// a verbs call failed with an errno
+    #[error("{call} failed: {source}")]
+    Call {
+        call: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// ibv_poll_cq returned a negative count
+    #[error("ibv_poll_cq failed: returned {rc}")]
+    Poll { rc: i32 },
+    /// the device list could not be read while looking for a device by name
+    #[error("no RDMA device '{name}': ibv_get_device_list failed: {source} (does this kernel have RDMA support loaded? see `hpmig devices`)")]
+    DeviceList {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// no verbs device has the name asked for
+    #[error("no RDMA device '{name}'{}", present_devices(.present))]
+    NoSuchDevice { name: String, present: Vec<String> },
 }
 
-impl std::fmt::Display for VerbsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed: {}", self.call, self.detail)
+/// The tail of [`VerbsError::NoSuchDevice`]'s message: what the host has.
+fn present_devices(names: &[String]) -> String {
+    if names.is_empty() {
+        ": this host has no verbs devices".to_string()
+    } else {
+        format!("; this host has: {}", names.join(", "))
     }
 }
 
-impl std::error::Error for VerbsError {}
-
-impl From<VerbsError> for hpmig_core::transport::TransportError {
+impl From<VerbsError> for TransportError {
     fn from(e: VerbsError) -> Self {
-        hpmig_core::transport::TransportError::Other(e.to_string())
+        TransportError::Device(Box::new(e))
     }
 }
 
 /// The error of a call that set errno (or returned it, as the post and
 /// modify calls do: a positive return value is the errno).
 fn errno(call: &'static str, rc: i32) -> VerbsError {
-    let err = if rc > 0 {
+    let source = if rc > 0 {
         std::io::Error::from_raw_os_error(rc)
     } else {
         std::io::Error::last_os_error()
     };
-    VerbsError {
-        call,
-        detail: err.to_string(),
-    }
+    VerbsError::Call { call, source }
 }
 
 /// A work completion's status as libibverbs names it.
@@ -72,9 +91,9 @@ pub fn device_names() -> Result<Vec<String>, VerbsError> {
         if err.kind() == std::io::ErrorKind::Unsupported {
             return Ok(Vec::new());
         }
-        return Err(VerbsError {
+        return Err(VerbsError::Call {
             call: "ibv_get_device_list",
-            detail: err.to_string(),
+            source: err,
         });
     }
     let names = (0..n.max(0) as usize)
@@ -132,12 +151,9 @@ impl Context {
         // SAFETY: as in device_names.
         let list = unsafe { ibv_get_device_list(&mut n) };
         if list.is_null() {
-            let e = errno("ibv_get_device_list", 0);
-            return Err(VerbsError {
-                call: "finding the device",
-                detail: format!(
-                    "no RDMA device '{name}': {e} (does this kernel have RDMA support loaded? see `hpmig devices`)"
-                ),
+            return Err(VerbsError::DeviceList {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
             });
         }
         let mut found = std::ptr::null_mut();
@@ -165,16 +181,9 @@ impl Context {
         // SAFETY: freed once, after the last use of its entries.
         unsafe { ibv_free_device_list(list) };
         if found.is_null() {
-            return Err(VerbsError {
-                call: "finding the device",
-                detail: if names.is_empty() {
-                    format!("no RDMA device '{name}': this host has no verbs devices")
-                } else {
-                    format!(
-                        "no RDMA device '{name}'; this host has: {}",
-                        names.join(", ")
-                    )
-                },
+            return Err(VerbsError::NoSuchDevice {
+                name: name.to_string(),
+                present: names,
             });
         }
         if ctx.is_null() {
@@ -419,10 +428,7 @@ impl Cq {
         // SAFETY: the CQ is live and `wc` has room for `want` entries.
         let n = unsafe { ibv_poll_cq(self.cq, want, wc.as_mut_ptr()) };
         if n < 0 {
-            return Err(VerbsError {
-                call: "ibv_poll_cq",
-                detail: format!("returned {n}"),
-            });
+            return Err(VerbsError::Poll { rc: n });
         }
         for (o, w) in out.iter_mut().zip(&wc[..n as usize]) {
             *o = Completion {
