@@ -8,7 +8,7 @@ use std::sync::Arc;
 use hpmig_core::transport::TransportError;
 use thiserror::Error;
 
-use crate::verbs::{self, Context, PortInfo, VerbsError};
+use crate::verbs::{self, Context, Mtu, PortInfo, VerbsError};
 
 /// Errors of looking at the host's devices.
 #[derive(Debug, Error)]
@@ -171,12 +171,12 @@ pub fn describe(devices: &[Device]) -> String {
         let _ = writeln!(s, "\tmax_qp_wr:\t\t{}", d.max_qp_wr);
         for p in &d.ports {
             let _ = writeln!(s, "\tport:\t{}", p.number);
-            let _ = writeln!(s, "\t\tstate:\t\t{}", verbs::port_state_str(p.info.state));
+            let _ = writeln!(s, "\t\tstate:\t\t{}", p.info.state);
             let _ = writeln!(
                 s,
                 "\t\tmax_mtu:\t{}\n\t\tactive_mtu:\t{}",
-                verbs::mtu_bytes(p.info.max_mtu),
-                verbs::mtu_bytes(p.info.active_mtu)
+                p.info.max_mtu.map_or(0, Mtu::bytes),
+                p.info.active_mtu.map_or(0, Mtu::bytes)
             );
             let layer = if p.info.link_layer == LINK_LAYER_ETHERNET {
                 "Ethernet"

@@ -25,7 +25,7 @@ use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
 use crate::tx::imm_parts;
-use crate::verbs::{self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr, Qp};
+use crate::verbs::{Completion, Cq, Mr, Qp, SendList, WcOpcode};
 
 /// A guest memory region as the lander sees it: guest address, length and
 /// where it is mapped here.
@@ -73,16 +73,14 @@ pub struct RdmaRx {
     _guest: Arc<Vec<Mr>>,
     /// Credits sent whose completion was not polled yet.
     unacked_credits: u32,
+    /// The credit SEND's one-entry work request list, reused.
+    credit: SendList,
     interrupt: Interrupt,
     timeout: Duration,
     /// The stream's TCP setup connection, held open while this end lives
     /// (the source watches it).
     _liveness: Conn,
 }
-
-// SAFETY: the staging pointer is this struct's own mapping; verbs objects
-// are thread-safe (see verbs).
-unsafe impl Send for RdmaRx {}
 
 pub(crate) struct RxParts {
     pub qp: Arc<Qp>,
@@ -118,6 +116,7 @@ impl RdmaRx {
             regions: p.regions,
             _guest: p.guest,
             unacked_credits: 0,
+            credit: SendList::new(1, 0),
             interrupt: p.interrupt,
             timeout: p.timeout,
             _liveness: p.liveness,
@@ -152,11 +151,12 @@ impl RdmaRx {
             self.reap_sends()?;
             self.interrupt.check()?;
         }
-        let mut wr = verbs::send_wr();
-        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
-        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        self.credit.clear();
+        if let Some(wr) = self.credit.push_send() {
+            wr.set_signaled();
+        }
         // SAFETY: a SEND with no scatter entries names no local buffer.
-        unsafe { self.qp.post_send(&mut wr) }?;
+        unsafe { self.qp.post_send(&mut self.credit) }?;
         self.unacked_credits += 1;
         self.reap_sends()
     }
@@ -179,7 +179,7 @@ impl RdmaRx {
         if !c.ok() {
             return Err(self.completion_error(&c, "a batch receive"));
         }
-        if c.opcode != ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM {
+        if c.opcode != WcOpcode::RecvRdmaWithImm {
             return Err(self.fail(format!(
                 "expected an RDMA WRITE WITH IMMEDIATE, got receive opcode {}",
                 c.opcode
@@ -194,9 +194,7 @@ impl RdmaRx {
                 self.slot_size
             )));
         }
-        let mut r = verbs::recv_wr(0);
-        // SAFETY: a zero-length receive names no buffer.
-        unsafe { self.qp.post_recv(&mut r) }?;
+        self.qp.post_recv_empty(0)?;
         let (base, _) = self.staging.region();
         let slot = (self.seq % self.slots) as usize;
         self.cur = Some((base as usize + slot * self.slot_size, len));

@@ -22,7 +22,7 @@ use hpmig_core::transport::TransportError;
 use hpmig_transport_tcp::Conn;
 use std::io::IoSlice;
 
-use crate::verbs::Endpoint;
+use crate::verbs::{Endpoint, Mtu};
 
 const OFFER_MAGIC: [u8; 8] = *b"HPMIGRQ1";
 const ANSWER_MAGIC: [u8; 8] = *b"HPMIGRA1";
@@ -37,8 +37,8 @@ pub const MAX_REGIONS: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Offer {
     pub endpoint: Endpoint,
-    /// The source port's active MTU (verbs enum).
-    pub mtu: u32,
+    /// The source port's active MTU (sent as the verbs enum number).
+    pub mtu: Mtu,
     pub slots: u32,
     pub slot_size: u32,
 }
@@ -57,7 +57,7 @@ pub struct RemoteRegion {
 pub struct Answer {
     pub endpoint: Endpoint,
     /// The path MTU both ends use (the smaller active MTU).
-    pub mtu: u32,
+    pub mtu: Mtu,
     pub staging_addr: u64,
     pub staging_rkey: u32,
     pub slots: u32,
@@ -111,12 +111,17 @@ fn bad(what: String) -> TransportError {
     TransportError::Other(format!("RDMA stream setup: {what}"))
 }
 
+/// The MTU the verbs enum number `raw` names.
+fn mtu(raw: u32) -> Result<Mtu, TransportError> {
+    Mtu::from_raw(raw).ok_or_else(|| bad(format!("MTU {raw} is no verbs MTU")))
+}
+
 impl Offer {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(OFFER_LEN);
         b.extend_from_slice(&OFFER_MAGIC);
         put_endpoint(&mut b, &self.endpoint);
-        b.extend_from_slice(&self.mtu.to_le_bytes());
+        b.extend_from_slice(&self.mtu.raw().to_le_bytes());
         b.extend_from_slice(&self.slots.to_le_bytes());
         b.extend_from_slice(&self.slot_size.to_le_bytes());
         b
@@ -131,7 +136,7 @@ impl Offer {
         let mut r = Rd(&b[8..]);
         Ok(Offer {
             endpoint: r.endpoint(),
-            mtu: r.u32(),
+            mtu: mtu(r.u32())?,
             slots: r.u32(),
             slot_size: r.u32(),
         })
@@ -153,7 +158,7 @@ impl Answer {
         let mut b = Vec::with_capacity(ANSWER_FIXED + self.regions.len() * REGION_LEN);
         b.extend_from_slice(&ANSWER_MAGIC);
         put_endpoint(&mut b, &self.endpoint);
-        b.extend_from_slice(&self.mtu.to_le_bytes());
+        b.extend_from_slice(&self.mtu.raw().to_le_bytes());
         b.extend_from_slice(&self.staging_addr.to_le_bytes());
         b.extend_from_slice(&self.staging_rkey.to_le_bytes());
         b.extend_from_slice(&self.slots.to_le_bytes());
@@ -184,7 +189,7 @@ impl Answer {
         }
         let mut r = Rd(&b[8..]);
         let endpoint = r.endpoint();
-        let mtu = r.u32();
+        let mtu = mtu(r.u32())?;
         let staging_addr = r.u64();
         let staging_rkey = r.u32();
         let slots = r.u32();
@@ -234,7 +239,7 @@ mod tests {
                 lid: 3,
                 gid: [7; 16],
             },
-            mtu: 5,
+            mtu: Mtu::Mtu4096,
             slots: 8,
             slot_size: 256 << 10,
         };

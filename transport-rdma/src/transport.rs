@@ -15,7 +15,9 @@ use crate::device::{self, DeviceError};
 use crate::rx::{LocalRegion, RdmaRx, RxParts};
 use crate::setup::{Answer, Offer, RemoteRegion};
 use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE, MAX_SLOT};
-use crate::verbs::{self, ibv_qp_cap, Context, Cq, Endpoint, Mr, Path, Pd, Qp, VerbsError};
+use crate::verbs::{
+    self, Context, Cq, Endpoint, Mr, Mtu, Path, Pd, PortState, Qp, QpCaps, VerbsError,
+};
 
 /// Largest staging area one stream may ask a destination for.
 const MAX_STAGING: usize = 16 << 20;
@@ -39,8 +41,11 @@ pub enum EndpointError {
     PortNotActive {
         device: String,
         port: u8,
-        state: &'static str,
+        state: PortState,
     },
+    /// the port reports an active MTU that names no verbs MTU
+    #[error("checking the port failed: port {port} of {device} reports no valid active MTU")]
+    NoMtu { device: String, port: u8 },
     /// a ring slot is larger than a batch immediate can describe
     #[error("RDMA: ring slots of {slot_size} bytes exceed the {MAX_SLOT}-byte batch an immediate can describe")]
     SlotTooLarge { slot_size: usize },
@@ -107,20 +112,24 @@ struct Port {
     gid_index: u8,
     lid: u16,
     gid: [u8; 16],
-    active_mtu: u32,
+    active_mtu: Mtu,
 }
 
 impl Port {
     fn open(o: &RdmaOptions) -> Result<Port, EndpointError> {
         let ctx = Context::open(&o.device)?;
         let info = ctx.port(o.port)?;
-        if info.state != verbs::ibv_port_state::IBV_PORT_ACTIVE {
+        if info.state != PortState::Active {
             return Err(EndpointError::PortNotActive {
                 device: o.device.clone(),
                 port: o.port,
-                state: verbs::port_state_str(info.state),
+                state: info.state,
             });
         }
+        let active_mtu = info.active_mtu.ok_or(EndpointError::NoMtu {
+            device: o.device.clone(),
+            port: o.port,
+        })?;
         let gid_index = match o.gid_index {
             Some(i) => i,
             None => device::default_gid_index(&ctx, o.port)?,
@@ -134,7 +143,7 @@ impl Port {
             gid_index,
             lid: info.lid,
             gid,
-            active_mtu: info.active_mtu,
+            active_mtu,
         })
     }
 
@@ -147,7 +156,7 @@ impl Port {
         }
     }
 
-    fn path(&self, mtu: u32) -> Path {
+    fn path(&self, mtu: Mtu) -> Path {
         Path {
             port: self.port,
             gid_index: self.gid_index,
@@ -166,14 +175,14 @@ impl Port {
         remote_write: bool,
     ) -> Result<Arc<Qp>, VerbsError> {
         let attempt = |inline| {
-            let cap = ibv_qp_cap {
+            let caps = QpCaps {
                 max_send_wr: send_wr,
                 max_recv_wr: recv_wr,
                 max_send_sge: send_sge,
                 max_recv_sge: 1,
                 max_inline_data: inline,
             };
-            Qp::new(&self.pd, send_cq, recv_cq, cap, self.port, remote_write)
+            Qp::new(&self.pd, send_cq, recv_cq, caps, self.port, remote_write)
         };
         // Each refusal tries the next smaller size; the last one's error is
         // the answer.
@@ -188,9 +197,7 @@ impl Port {
 
 fn post_recvs(qp: &Qp, n: u32) -> Result<(), VerbsError> {
     for i in 0..n {
-        let mut r = verbs::recv_wr(u64::from(i));
-        // SAFETY: a zero-length receive names no buffer.
-        unsafe { qp.post_recv(&mut r) }?;
+        qp.post_recv_empty(u64::from(i))?;
     }
     Ok(())
 }
@@ -332,7 +339,7 @@ impl RdmaSource {
             psn: my_psn,
         } = o;
         let answer = Answer::recv(&mut conn)?;
-        if answer.slots == 0 || (answer.slot_size as usize) < slot_size || answer.mtu == 0 {
+        if answer.slots == 0 || (answer.slot_size as usize) < slot_size {
             return Err(TransportError::Other(format!(
                 "RDMA stream {index}: the destination offered {} staging slots of {} bytes at MTU {}",
                 answer.slots, answer.slot_size, answer.mtu

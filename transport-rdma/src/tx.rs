@@ -38,10 +38,7 @@ use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
 use crate::setup::{Answer, RemoteRegion};
-use crate::verbs::{
-    self, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr,
-    Qp,
-};
+use crate::verbs::{Completion, Cq, Mr, Qp, SendList, Sge, WcOpcode};
 
 /// Work requests per `ibv_post_send` (one doorbell) at most.
 pub const POST_CHUNK: usize = 64;
@@ -89,7 +86,7 @@ pub const MAX_SLOT: usize = (1 << 20) - 1;
 /// remote range.
 #[derive(Clone, Copy)]
 struct Gather {
-    sges: [ibv_sge; MAX_SGE],
+    sges: [Sge; MAX_SGE],
     n: usize,
     remote: u64,
     rkey: u32,
@@ -99,11 +96,7 @@ struct Gather {
 impl Gather {
     fn new() -> Gather {
         Gather {
-            sges: [ibv_sge {
-                addr: 0,
-                length: 0,
-                lkey: 0,
-            }; MAX_SGE],
+            sges: [Sge::default(); MAX_SGE],
             n: 0,
             remote: 0,
             rkey: 0,
@@ -120,8 +113,7 @@ impl Gather {
     }
 
     fn last_end(&self) -> u64 {
-        let l = &self.sges[self.n - 1];
-        l.addr + u64::from(l.length)
+        self.sges[self.n - 1].end()
     }
 
     /// Appends a piece (merged with the previous one when adjacent).
@@ -129,7 +121,7 @@ impl Gather {
         if self.n > 0 && self.last_end() == local {
             self.sges[self.n - 1].length += len;
         } else {
-            self.sges[self.n] = ibv_sge {
+            self.sges[self.n] = Sge {
                 addr: local,
                 length: len,
                 lkey,
@@ -137,28 +129,6 @@ impl Gather {
             self.n += 1;
         }
         self.bytes += u64::from(len);
-    }
-}
-
-/// Work-request scratch space, rebuilt before every post.
-struct Scratch<T>(Vec<T>);
-
-impl<T> std::fmt::Debug for Scratch<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{} work request slots]", self.0.len())
-    }
-}
-
-impl<T> std::ops::Deref for Scratch<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        &self.0
-    }
-}
-
-impl<T> std::ops::DerefMut for Scratch<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.0
     }
 }
 
@@ -190,9 +160,9 @@ pub struct RdmaTx {
     completed_wr_id: u64,
     sq_depth: u64,
     max_inline: u32,
-    wrs: Scratch<ibv_send_wr>,
-    /// MAX_SGE scatter entries per work request of `wrs`.
-    sges: Scratch<ibv_sge>,
+    /// The chain being built (up to POST_CHUNK work requests of up to
+    /// MAX_SGE pieces), posted when full and at the end of a batch.
+    wrs: SendList,
     max_sge: usize,
     stats: Arc<RdmaStats>,
     interrupt: Interrupt,
@@ -201,11 +171,6 @@ pub struct RdmaTx {
     /// the destination closes it when its end of the stream goes away.
     liveness: Conn,
 }
-
-// SAFETY: the raw pointers inside `wrs`/`sges` are scratch space rebuilt
-// before every post and point only into this struct's own vectors and ring;
-// the verbs objects are thread-safe (see verbs).
-unsafe impl Send for RdmaTx {}
 
 pub(crate) struct TxParts {
     pub qp: Arc<Qp>,
@@ -247,15 +212,7 @@ impl RdmaTx {
             completed_wr_id: 0,
             sq_depth: u64::from(p.sq_depth),
             max_inline,
-            wrs: Scratch((0..POST_CHUNK).map(|_| verbs::send_wr()).collect()),
-            sges: Scratch(vec![
-                ibv_sge {
-                    addr: 0,
-                    length: 0,
-                    lkey: 0
-                };
-                POST_CHUNK * MAX_SGE
-            ]),
+            wrs: SendList::new(POST_CHUNK, MAX_SGE),
             max_sge: p.max_sge.clamp(1, MAX_SGE),
             stats: p.stats,
             interrupt: p.interrupt,
@@ -299,15 +256,13 @@ impl RdmaTx {
             if !c.ok() {
                 return Err(self.completion_error(c, "a credit receive"));
             }
-            if c.opcode != ibv_wc_opcode::IBV_WC_RECV {
+            if c.opcode != WcOpcode::Recv {
                 return Err(TransportError::Other(format!(
                     "RDMA stream {}: unexpected receive opcode {} (a credit is a SEND)",
                     self.worker, c.opcode
                 )));
             }
-            let mut r = verbs::recv_wr(0);
-            // SAFETY: a zero-length receive names no buffer.
-            unsafe { self.qp.post_recv(&mut r) }?;
+            self.qp.post_recv_empty(0)?;
             self.credits += 1;
             any = true;
         }
@@ -360,38 +315,29 @@ impl RdmaTx {
         Ok((r.addr + (gpa - r.gpa), r.rkey))
     }
 
-    /// Posts the `n` work requests built in `wrs[..n]` as one chain.
-    fn post(&mut self, n: usize) -> Result<(), TransportError> {
-        if n == 0 {
+    /// Posts the work requests built in `wrs` as one chain.
+    fn post(&mut self) -> Result<(), TransportError> {
+        if self.wrs.is_empty() {
             return Ok(());
         }
         let depth = self.sq_depth;
-        let need = n as u64;
+        let need = self.wrs.len() as u64;
         self.wait("send queue space", |s| {
             s.next_wr_id - 1 - s.completed_wr_id + need <= depth
         })?;
-        for i in 0..n {
-            let next = if i + 1 < n {
-                &mut self.wrs[i + 1] as *mut ibv_send_wr
-            } else {
-                std::ptr::null_mut()
-            };
-            let sge = &mut self.sges[i * MAX_SGE] as *mut ibv_sge;
-            let wr = &mut self.wrs[i];
-            wr.next = next;
-            wr.sg_list = sge;
-            wr.wr_id = self.next_wr_id;
+        for wr in self.wrs.iter_mut() {
+            wr.set_id(self.next_wr_id);
             if self.next_wr_id % SIGNAL_EVERY == 0 {
-                wr.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+                wr.set_signaled();
             }
             self.next_wr_id += 1;
         }
-        // SAFETY: wrs[..n] is a well-formed chain built just above whose
-        // sges point into `sges`; every local address lies in the ring
-        // registered as `ring_mr` (or is inline), and the slot it lies in
-        // stays in `inflight`, untouched, until a signaled completion at or
-        // after its last work request is polled (see `progress`).
-        unsafe { self.qp.post_send(&mut self.wrs[0]) }?;
+        // SAFETY: every local address in `wrs` lies in the ring registered
+        // as `ring_mr` (or is inline), and the slot it lies in stays in
+        // `inflight`, untouched, until a signaled completion at or after
+        // its last work request is polled (see `progress`).
+        unsafe { self.qp.post_send(&mut self.wrs) }?;
+        self.wrs.clear();
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
         self.stats.work_requests.fetch_add(need, Ordering::Relaxed);
         Ok(())
@@ -399,30 +345,27 @@ impl RdmaTx {
 
     /// Turns `g` into the next work request of the chain (posting the
     /// chain first when it is full) and empties it.
-    fn emit(&mut self, n: &mut usize, g: &mut Gather) -> Result<(), TransportError> {
+    fn emit(&mut self, g: &mut Gather) -> Result<(), TransportError> {
         if g.n == 0 {
             return Ok(());
         }
-        if *n == POST_CHUNK {
-            self.post(*n)?;
-            *n = 0;
+        if self.wrs.is_full() {
+            self.post()?;
         }
         let inline = g.bytes <= u64::from(self.max_inline);
-        let wr = &mut self.wrs[*n];
-        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
-        wr.send_flags = if inline {
-            ibv_send_flags::IBV_SEND_INLINE.0
-        } else {
-            0
-        };
-        wr.num_sge = g.n as i32;
-        wr.wr.rdma.remote_addr = g.remote;
-        wr.wr.rdma.rkey = g.rkey;
-        self.sges[*n * MAX_SGE..*n * MAX_SGE + g.n].copy_from_slice(&g.sges[..g.n]);
+        if self
+            .wrs
+            .push_write(&g.sges[..g.n], g.remote, g.rkey, inline)
+            .is_none()
+        {
+            return Err(TransportError::Other(format!(
+                "RDMA stream {}: no room for a work request of {} pieces",
+                self.worker, g.n
+            )));
+        }
         if inline {
             self.stats.inline.fetch_add(1, Ordering::Relaxed);
         }
-        *n += 1;
         g.n = 0;
         g.bytes = 0;
         Ok(())
@@ -430,10 +373,8 @@ impl RdmaTx {
 
     /// Adds `len` local bytes at `local` for `remote` to `g`, emitting `g`
     /// first when they do not continue it.
-    #[allow(clippy::too_many_arguments)]
     fn gather(
         &mut self,
-        n: &mut usize,
         g: &mut Gather,
         local: u64,
         len: usize,
@@ -441,7 +382,7 @@ impl RdmaTx {
         rkey: u32,
     ) -> Result<(), TransportError> {
         if !g.continues(remote, rkey, self.max_sge, local) {
-            self.emit(n, g)?;
+            self.emit(g)?;
             g.remote = remote;
             g.rkey = rkey;
         }
@@ -491,7 +432,6 @@ impl StreamTx for RdmaTx {
         let bytes = buf.filled();
         let base = bytes.as_ptr() as u64;
         let len = bytes.len();
-        let mut n = 0usize;
         let (mut placed, mut staged) = (Gather::new(), Gather::new());
         let mut staged_len = 0u64;
         let mut in_place = 0u64;
@@ -511,49 +451,32 @@ impl StreamTx for RdmaTx {
             }
             let local = base + at as u64;
             if (kind == Kind::Segment as u8 || kind == Kind::Page as u8) && plen > 0 {
-                self.gather(
-                    &mut n,
-                    &mut staged,
-                    local,
-                    HEADER_LEN,
-                    staging + staged_len,
-                    srkey,
-                )?;
+                self.gather(&mut staged, local, HEADER_LEN, staging + staged_len, srkey)?;
                 staged_len += HEADER_LEN as u64;
                 let (remote, rkey) = self.region_of(gpa, plen as u64)?;
-                self.gather(
-                    &mut n,
-                    &mut placed,
-                    local + HEADER_LEN as u64,
-                    plen,
-                    remote,
-                    rkey,
-                )?;
+                self.gather(&mut placed, local + HEADER_LEN as u64, plen, remote, rkey)?;
                 in_place += plen as u64;
             } else {
                 let whole = HEADER_LEN + plen;
-                self.gather(
-                    &mut n,
-                    &mut staged,
-                    local,
-                    whole,
-                    staging + staged_len,
-                    srkey,
-                )?;
+                self.gather(&mut staged, local, whole, staging + staged_len, srkey)?;
                 staged_len += whole as u64;
             }
             at += HEADER_LEN + plen;
         }
-        self.emit(&mut n, &mut placed)?;
-        self.emit(&mut n, &mut staged)?;
+        self.emit(&mut placed)?;
+        self.emit(&mut staged)?;
         let (staged_bytes, staged_len) = (staged_len, staged_len as usize);
         // The last work request carries the immediate and is signaled.
-        let last = &mut self.wrs[n - 1];
-        last.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-        last.imm_data_invalidated_rkey_union.imm_data =
-            imm(self.worker, self.seq, staged_len).to_be();
-        last.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
-        self.post(n)?;
+        let imm = imm(self.worker, self.seq, staged_len);
+        let Some(last) = self.wrs.last_mut() else {
+            return Err(TransportError::Other(format!(
+                "RDMA stream {}: a batch of {len} bytes made no work request",
+                self.worker
+            )));
+        };
+        last.set_imm(imm);
+        last.set_signaled();
+        self.post()?;
         let last_id = self.next_wr_id - 1;
         self.inflight.push_back((last_id, buf));
         self.seq = self.seq.wrapping_add(1);

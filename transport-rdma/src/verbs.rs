@@ -10,6 +10,10 @@
 //!
 //! libibverbs objects may be used from several threads; the raw pointers
 //! below are only ever passed back to libibverbs.
+//!
+//! This is the crate's only door to `rdma_sys`: the rest of the crate sees
+//! the safe types below ([`Mtu`], [`PortState`], [`WcStatus`], [`WcOpcode`],
+//! [`QpCaps`], [`Sge`], [`SendList`]) and never an `ibv_*` type.
 
 use std::ffi::CStr;
 use std::sync::Arc;
@@ -70,13 +74,188 @@ fn errno(call: &'static str, rc: i32) -> VerbsError {
     VerbsError::Call { call, source }
 }
 
-/// A work completion's status as libibverbs names it.
-pub fn status_str(status: ibv_wc_status::Type) -> String {
-    // SAFETY: ibv_wc_status_str returns a pointer to a static string for any
-    // value (an "unknown" string for values it does not know).
-    unsafe { CStr::from_ptr(ibv_wc_status_str(status)) }
-        .to_string_lossy()
-        .into_owned()
+/// A path MTU, numbered as the verbs enum numbers it (the number is what
+/// the setup exchange carries). Ordered by size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mtu {
+    Mtu256,
+    Mtu512,
+    Mtu1024,
+    Mtu2048,
+    Mtu4096,
+}
+
+impl Mtu {
+    /// The MTU the verbs enum value `raw` names, if any.
+    pub fn from_raw(raw: u32) -> Option<Mtu> {
+        Some(match raw {
+            ibv_mtu::IBV_MTU_256 => Mtu::Mtu256,
+            ibv_mtu::IBV_MTU_512 => Mtu::Mtu512,
+            ibv_mtu::IBV_MTU_1024 => Mtu::Mtu1024,
+            ibv_mtu::IBV_MTU_2048 => Mtu::Mtu2048,
+            ibv_mtu::IBV_MTU_4096 => Mtu::Mtu4096,
+            _ => return None,
+        })
+    }
+
+    /// The verbs enum value.
+    pub fn raw(self) -> u32 {
+        match self {
+            Mtu::Mtu256 => ibv_mtu::IBV_MTU_256,
+            Mtu::Mtu512 => ibv_mtu::IBV_MTU_512,
+            Mtu::Mtu1024 => ibv_mtu::IBV_MTU_1024,
+            Mtu::Mtu2048 => ibv_mtu::IBV_MTU_2048,
+            Mtu::Mtu4096 => ibv_mtu::IBV_MTU_4096,
+        }
+    }
+
+    pub fn bytes(self) -> u32 {
+        match self {
+            Mtu::Mtu256 => 256,
+            Mtu::Mtu512 => 512,
+            Mtu::Mtu1024 => 1024,
+            Mtu::Mtu2048 => 2048,
+            Mtu::Mtu4096 => 4096,
+        }
+    }
+}
+
+impl std::fmt::Display for Mtu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.bytes())
+    }
+}
+
+/// A port's state, as `ibv_port_attr::state` gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortState {
+    Nop,
+    Down,
+    Init,
+    Armed,
+    Active,
+    ActiveDefer,
+    /// A value this build does not know.
+    Unknown(u32),
+}
+
+impl PortState {
+    fn from_raw(raw: ibv_port_state::Type) -> PortState {
+        match raw {
+            ibv_port_state::IBV_PORT_NOP => PortState::Nop,
+            ibv_port_state::IBV_PORT_DOWN => PortState::Down,
+            ibv_port_state::IBV_PORT_INIT => PortState::Init,
+            ibv_port_state::IBV_PORT_ARMED => PortState::Armed,
+            ibv_port_state::IBV_PORT_ACTIVE => PortState::Active,
+            ibv_port_state::IBV_PORT_ACTIVE_DEFER => PortState::ActiveDefer,
+            other => PortState::Unknown(other),
+        }
+    }
+}
+
+/// As `ibv_devinfo` names the state (PORT_ACTIVE, ...).
+impl std::fmt::Display for PortState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortState::Nop => "PORT_NOP",
+            PortState::Down => "PORT_DOWN",
+            PortState::Init => "PORT_INIT",
+            PortState::Armed => "PORT_ARMED",
+            PortState::Active => "PORT_ACTIVE",
+            PortState::ActiveDefer => "PORT_ACTIVE_DEFER",
+            PortState::Unknown(n) => return write!(f, "PORT_STATE_{n}"),
+        })
+    }
+}
+
+/// A work completion's status. A number rather than an enum: libibverbs
+/// defines two dozen codes and names them itself ([`WcStatus::name`]), and
+/// a code this build does not know must still be shown as it came.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WcStatus(u32);
+
+impl WcStatus {
+    pub const SUCCESS: WcStatus = WcStatus(ibv_wc_status::IBV_WC_SUCCESS);
+    /// What every outstanding work request of a queue pair in the error
+    /// state completes with.
+    pub const FLUSH_ERR: WcStatus = WcStatus(ibv_wc_status::IBV_WC_WR_FLUSH_ERR);
+
+    pub fn is_success(self) -> bool {
+        self == WcStatus::SUCCESS
+    }
+
+    /// The verbs status code.
+    pub fn code(self) -> u32 {
+        self.0
+    }
+
+    /// The status as libibverbs names it.
+    pub fn name(self) -> String {
+        // SAFETY: ibv_wc_status_str returns a pointer to a static string for
+        // any value (an "unknown" string for values it does not know).
+        unsafe { CStr::from_ptr(ibv_wc_status_str(self.0)) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// "NAME (code)".
+impl std::fmt::Display for WcStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+/// What a work completion completed: the opcodes this crate posts or
+/// receives, and any other as its number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WcOpcode {
+    #[default]
+    Send,
+    RdmaWrite,
+    /// A SEND arrived.
+    Recv,
+    /// An RDMA WRITE WITH IMMEDIATE arrived.
+    RecvRdmaWithImm,
+    Other(u32),
+}
+
+impl WcOpcode {
+    fn from_raw(raw: ibv_wc_opcode::Type) -> WcOpcode {
+        match raw {
+            ibv_wc_opcode::IBV_WC_SEND => WcOpcode::Send,
+            ibv_wc_opcode::IBV_WC_RDMA_WRITE => WcOpcode::RdmaWrite,
+            ibv_wc_opcode::IBV_WC_RECV => WcOpcode::Recv,
+            ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => WcOpcode::RecvRdmaWithImm,
+            other => WcOpcode::Other(other),
+        }
+    }
+
+    /// The verbs opcode number.
+    pub fn raw(self) -> u32 {
+        match self {
+            WcOpcode::Send => ibv_wc_opcode::IBV_WC_SEND,
+            WcOpcode::RdmaWrite => ibv_wc_opcode::IBV_WC_RDMA_WRITE,
+            WcOpcode::Recv => ibv_wc_opcode::IBV_WC_RECV,
+            WcOpcode::RecvRdmaWithImm => ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM,
+            WcOpcode::Other(n) => n,
+        }
+    }
+}
+
+/// "IBV_WC_NAME (number)", or the number alone for one this build does not
+/// name.
+impl std::fmt::Display for WcOpcode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            WcOpcode::Send => "IBV_WC_SEND",
+            WcOpcode::RdmaWrite => "IBV_WC_RDMA_WRITE",
+            WcOpcode::Recv => "IBV_WC_RECV",
+            WcOpcode::RecvRdmaWithImm => "IBV_WC_RECV_RDMA_WITH_IMM",
+            WcOpcode::Other(n) => return write!(f, "{n}"),
+        };
+        write!(f, "{name} ({})", self.raw())
+    }
 }
 
 /// Names of the verbs devices on this host. A kernel without RDMA support
@@ -136,9 +315,10 @@ unsafe impl Sync for Context {}
 /// What one port reports.
 #[derive(Clone, Debug)]
 pub struct PortInfo {
-    pub state: ibv_port_state::Type,
-    pub active_mtu: ibv_mtu::Type,
-    pub max_mtu: ibv_mtu::Type,
+    pub state: PortState,
+    /// `None` for a value that names no MTU.
+    pub active_mtu: Option<Mtu>,
+    pub max_mtu: Option<Mtu>,
     pub lid: u16,
     pub gid_table_len: i32,
     pub link_layer: u8,
@@ -233,9 +413,9 @@ impl Context {
             return Err(errno("ibv_query_port", rc));
         }
         Ok(PortInfo {
-            state: a.state,
-            active_mtu: a.active_mtu,
-            max_mtu: a.max_mtu,
+            state: PortState::from_raw(a.state),
+            active_mtu: Mtu::from_raw(a.active_mtu),
+            max_mtu: Mtu::from_raw(a.max_mtu),
             lid: a.lid,
             gid_table_len: a.gid_tbl_len,
             link_layer: a.link_layer,
@@ -375,8 +555,8 @@ unsafe impl Sync for Cq {}
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Completion {
     pub wr_id: u64,
-    pub status: ibv_wc_status::Type,
-    pub opcode: ibv_wc_opcode::Type,
+    pub status: WcStatus,
+    pub opcode: WcOpcode,
     pub byte_len: u32,
     /// The immediate, in host order (meaningful with a `*_WITH_IMM` opcode).
     pub imm: u32,
@@ -384,16 +564,14 @@ pub struct Completion {
 
 impl Completion {
     pub fn ok(&self) -> bool {
-        self.status == ibv_wc_status::IBV_WC_SUCCESS
+        self.status.is_success()
     }
 
     /// "`what` completed with status NAME (N) ..." for a failed completion.
     pub fn failure(&self, what: &str) -> String {
         format!(
-            "{what} completed with status {} ({}) (ibv_poll_cq, opcode {})",
-            status_str(self.status),
-            self.status,
-            self.opcode
+            "{what} completed with status {} (ibv_poll_cq, opcode {})",
+            self.status, self.opcode
         )
     }
 }
@@ -433,8 +611,8 @@ impl Cq {
         for (o, w) in out.iter_mut().zip(&wc[..n as usize]) {
             *o = Completion {
                 wr_id: w.wr_id,
-                status: w.status,
-                opcode: w.opcode,
+                status: WcStatus(w.status),
+                opcode: WcOpcode::from_raw(w.opcode),
                 byte_len: w.byte_len,
                 // SAFETY: both union members are a u32.
                 imm: u32::from_be(unsafe { w.imm_data_invalidated_rkey_union.imm_data }),
@@ -465,7 +643,19 @@ pub struct Endpoint {
 pub struct Path {
     pub port: u8,
     pub gid_index: u8,
-    pub mtu: ibv_mtu::Type,
+    pub mtu: Mtu,
+}
+
+/// The sizes of a queue pair's queues (`ibv_qp_cap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QpCaps {
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    /// Scatter entries per send work request.
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    /// Largest payload sent inline (the device may raise it).
+    pub max_inline_data: u32,
 }
 
 /// A reliable-connected queue pair.
@@ -506,7 +696,7 @@ impl Qp {
         pd: &Arc<Pd>,
         send_cq: &Arc<Cq>,
         recv_cq: &Arc<Cq>,
-        cap: ibv_qp_cap,
+        caps: QpCaps,
         port: u8,
         remote_write: bool,
     ) -> Result<Qp, VerbsError> {
@@ -514,7 +704,13 @@ impl Qp {
         let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = send_cq.cq;
         init.recv_cq = recv_cq.cq;
-        init.cap = cap;
+        init.cap = ibv_qp_cap {
+            max_send_wr: caps.max_send_wr,
+            max_recv_wr: caps.max_recv_wr,
+            max_send_sge: caps.max_send_sge,
+            max_recv_sge: caps.max_recv_sge,
+            max_inline_data: caps.max_inline_data,
+        };
         init.qp_type = ibv_qp_type::IBV_QPT_RC;
         init.sq_sig_all = 0;
         // SAFETY: the PD and CQs are live (and kept alive by the Arcs below).
@@ -558,7 +754,7 @@ impl Qp {
         // SAFETY: plain data, all-zero is valid.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        a.path_mtu = path.mtu;
+        a.path_mtu = path.mtu.raw();
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
         a.max_dest_rd_atomic = 1;
@@ -618,16 +814,24 @@ impl Qp {
         )
     }
 
-    /// Posts the chain of send work requests starting at `first`.
+    /// Posts every work request of `list`, in order, as one chain (one
+    /// doorbell). The list is left as it was; clear it to reuse it.
     ///
     /// # Safety
-    /// The chain is well formed (each `next` valid or null, each `sg_list`
-    /// valid for `num_sge` entries), every local buffer it names lies in a
-    /// region registered on this QP's PD (or is sent inline), and stays valid
-    /// and unchanged until the work request's completion is polled.
-    pub unsafe fn post_send(&self, first: &mut ibv_send_wr) -> Result<(), VerbsError> {
+    /// Every local buffer the list's scatter entries name lies in a region
+    /// registered on this queue pair's protection domain (or is sent
+    /// inline), and stays valid and unchanged until the work request's
+    /// completion is polled (or, unsignaled, until a later signaled work
+    /// request of this queue pair completes).
+    pub unsafe fn post_send(&self, list: &mut SendList) -> Result<(), VerbsError> {
+        let Some(first) = list.link() else {
+            return Ok(());
+        };
         let mut bad = std::ptr::null_mut();
-        // SAFETY: the QP is live; the chain's validity is the caller's contract.
+        // SAFETY: the QP is live; `link` made the chain well formed (every
+        // `next` and `sg_list` points into the list's own slabs, which
+        // `list`'s borrow keeps in place for this call); the buffers the
+        // entries name are the caller's contract.
         let rc = unsafe { ibv_post_send(self.qp, first, &mut bad) };
         if rc != 0 {
             return Err(errno("ibv_post_send", rc));
@@ -635,14 +839,20 @@ impl Qp {
         Ok(())
     }
 
-    /// Posts the chain of receive work requests starting at `first`.
-    ///
-    /// # Safety
-    /// As for [`Qp::post_send`], for the receive buffers.
-    pub unsafe fn post_recv(&self, first: &mut ibv_recv_wr) -> Result<(), VerbsError> {
+    /// Posts a receive work request with id `wr_id` and no buffer: it
+    /// accepts a WRITE WITH IMMEDIATE or a SEND without payload. Safe, as
+    /// it names no memory.
+    pub fn post_recv_empty(&self, wr_id: u64) -> Result<(), VerbsError> {
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: std::ptr::null_mut(),
+            num_sge: 0,
+        };
         let mut bad = std::ptr::null_mut();
-        // SAFETY: the QP is live; the chain's validity is the caller's contract.
-        let rc = unsafe { ibv_post_recv(self.qp, first, &mut bad) };
+        // SAFETY: the QP is live; `wr` is one work request with no next and
+        // no scatter entry, so libibverbs reads nothing but `wr` itself.
+        let rc = unsafe { ibv_post_recv(self.qp, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(errno("ibv_post_recv", rc));
         }
@@ -658,49 +868,310 @@ impl Drop for Qp {
     }
 }
 
-/// A zeroed send work request.
-pub fn send_wr() -> ibv_send_wr {
+/// One local piece of a work request: `length` bytes at `addr` of the
+/// registered region whose local key is `lkey`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sge {
+    pub addr: u64,
+    pub length: u32,
+    pub lkey: u32,
+}
+
+impl Sge {
+    /// The address just past the piece.
+    pub fn end(&self) -> u64 {
+        self.addr + u64::from(self.length)
+    }
+}
+
+/// A send work request inside a [`SendList`]: its id and flags may be set;
+/// what it writes is fixed when it is pushed.
+#[repr(transparent)]
+pub struct SendWr(ibv_send_wr);
+
+impl SendWr {
+    pub fn id(&self) -> u64 {
+        self.0.wr_id
+    }
+
+    pub fn set_id(&mut self, id: u64) {
+        self.0.wr_id = id;
+    }
+
+    /// Asks for a completion of this work request.
+    pub fn set_signaled(&mut self) {
+        self.0.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+    }
+
+    pub fn is_signaled(&self) -> bool {
+        self.0.send_flags & ibv_send_flags::IBV_SEND_SIGNALED.0 != 0
+    }
+
+    pub fn is_inline(&self) -> bool {
+        self.0.send_flags & ibv_send_flags::IBV_SEND_INLINE.0 != 0
+    }
+
+    /// Carries `imm` (host order): an RDMA WRITE becomes a WRITE WITH
+    /// IMMEDIATE and a SEND a SEND WITH IMMEDIATE; the receiver's completion
+    /// shows it.
+    pub fn set_imm(&mut self, imm: u32) {
+        self.0.opcode = match self.0.opcode {
+            ibv_wr_opcode::IBV_WR_SEND => ibv_wr_opcode::IBV_WR_SEND_WITH_IMM,
+            _ => ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+        };
+        self.0.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+    }
+}
+
+impl std::fmt::Debug for SendWr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendWr")
+            .field("wr_id", &self.0.wr_id)
+            .field("opcode", &self.0.opcode)
+            .field("send_flags", &self.0.send_flags)
+            .field("num_sge", &self.0.num_sge)
+            .finish()
+    }
+}
+
+/// A zeroed send work request: no next, no scatter entries, opcode 0.
+fn zeroed_send_wr() -> SendWr {
     // SAFETY: ibv_send_wr is plain data (integers, raw pointers, unions of
     // those); all-zero is a valid value (null pointers, opcode 0).
-    unsafe { std::mem::zeroed() }
+    SendWr(unsafe { std::mem::zeroed() })
 }
 
-/// A zero-length receive work request with id `wr_id` (it accepts a WRITE
-/// WITH IMMEDIATE or a SEND without payload).
-pub fn recv_wr(wr_id: u64) -> ibv_recv_wr {
-    ibv_recv_wr {
-        wr_id,
-        next: std::ptr::null_mut(),
-        sg_list: std::ptr::null_mut(),
-        num_sge: 0,
+/// Work requests posted together as one chain, with room for `sge_per_wr`
+/// scatter entries each. Both slabs are allocated once, by [`SendList::new`],
+/// and reused: pushing copies, posting links them in place.
+pub struct SendList {
+    wrs: Box<[SendWr]>,
+    sges: Box<[ibv_sge]>,
+    sge_per_wr: usize,
+    len: usize,
+}
+
+// SAFETY: the raw pointers inside the work requests are null or point into
+// this list's own slabs; they are written by `link` and read only by
+// ibv_post_send, both under `&mut self`.
+unsafe impl Send for SendList {}
+
+impl std::fmt::Debug for SendList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SendList({} of {} work requests, {} scatter entries each)",
+            self.len,
+            self.wrs.len(),
+            self.sge_per_wr
+        )
     }
 }
 
-/// The path MTU enum as bytes.
-pub fn mtu_bytes(mtu: ibv_mtu::Type) -> u32 {
-    match mtu {
-        ibv_mtu::IBV_MTU_256 => 256,
-        ibv_mtu::IBV_MTU_512 => 512,
-        ibv_mtu::IBV_MTU_1024 => 1024,
-        ibv_mtu::IBV_MTU_2048 => 2048,
-        ibv_mtu::IBV_MTU_4096 => 4096,
-        _ => 0,
+impl SendList {
+    /// Room for `capacity` work requests of up to `sge_per_wr` scatter
+    /// entries each.
+    pub fn new(capacity: usize, sge_per_wr: usize) -> SendList {
+        let zero_sge = ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        };
+        SendList {
+            wrs: (0..capacity).map(|_| zeroed_send_wr()).collect(),
+            sges: vec![zero_sge; capacity * sge_per_wr].into_boxed_slice(),
+            sge_per_wr,
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == self.wrs.len()
+    }
+
+    /// Forgets the work requests (after they were posted).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends an RDMA WRITE of the local pieces `sges`, in order, to
+    /// `remote_addr` of the peer's region with key `rkey`, sent inline when
+    /// `inline`. `None` (and nothing appended) when the list is full or
+    /// `sges` has more pieces than a work request here holds.
+    pub fn push_write(
+        &mut self,
+        sges: &[Sge],
+        remote_addr: u64,
+        rkey: u32,
+        inline: bool,
+    ) -> Option<&mut SendWr> {
+        let wr = self.push(sges)?;
+        wr.0.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        if inline {
+            wr.0.send_flags = ibv_send_flags::IBV_SEND_INLINE.0;
+        }
+        wr.0.wr.rdma.remote_addr = remote_addr;
+        wr.0.wr.rdma.rkey = rkey;
+        Some(wr)
+    }
+
+    /// Appends a SEND without payload. `None` when the list is full.
+    pub fn push_send(&mut self) -> Option<&mut SendWr> {
+        let wr = self.push(&[])?;
+        wr.0.opcode = ibv_wr_opcode::IBV_WR_SEND;
+        Some(wr)
+    }
+
+    /// Appends a zeroed work request with `sges` copied into its slab.
+    fn push(&mut self, sges: &[Sge]) -> Option<&mut SendWr> {
+        if self.is_full() || sges.len() > self.sge_per_wr {
+            return None;
+        }
+        let at = self.len * self.sge_per_wr;
+        for (slot, s) in self.sges[at..at + sges.len()].iter_mut().zip(sges) {
+            *slot = ibv_sge {
+                addr: s.addr,
+                length: s.length,
+                lkey: s.lkey,
+            };
+        }
+        let wr = &mut self.wrs[self.len];
+        *wr = zeroed_send_wr();
+        wr.0.num_sge = sges.len() as i32;
+        self.len += 1;
+        Some(wr)
+    }
+
+    /// The work requests appended so far.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut SendWr> {
+        self.wrs[..self.len].iter_mut()
+    }
+
+    /// The last work request appended.
+    pub fn last_mut(&mut self) -> Option<&mut SendWr> {
+        self.wrs[..self.len].last_mut()
+    }
+
+    /// Points each work request at its scatter entries and the next one
+    /// (the last at none); returns the first, or `None` when empty.
+    fn link(&mut self) -> Option<*mut ibv_send_wr> {
+        if self.len == 0 {
+            return None;
+        }
+        let wrs = self.wrs.as_mut_ptr().cast::<ibv_send_wr>();
+        let sges = self.sges.as_mut_ptr();
+        for i in 0..self.len {
+            // SAFETY: i < len <= wrs.len(), so `wrs.add(i)` (and `add(i + 1)`
+            // when i + 1 < len) lies in the slab; SendWr is a transparent
+            // ibv_send_wr. Every pushed work request has num_sge <=
+            // sge_per_wr, so its entries i * sge_per_wr.. lie in `sges`. No
+            // reference into either slab is live meanwhile.
+            unsafe {
+                let wr = &mut *wrs.add(i);
+                wr.next = if i + 1 < self.len {
+                    wrs.add(i + 1)
+                } else {
+                    std::ptr::null_mut()
+                };
+                wr.sg_list = if wr.num_sge > 0 {
+                    sges.add(i * self.sge_per_wr)
+                } else {
+                    std::ptr::null_mut()
+                };
+            }
+        }
+        Some(wrs)
     }
 }
 
-/// A port state as ibv_devinfo names it.
-pub fn port_state_str(s: ibv_port_state::Type) -> &'static str {
-    match s {
-        ibv_port_state::IBV_PORT_DOWN => "PORT_DOWN",
-        ibv_port_state::IBV_PORT_INIT => "PORT_INIT",
-        ibv_port_state::IBV_PORT_ARMED => "PORT_ARMED",
-        ibv_port_state::IBV_PORT_ACTIVE => "PORT_ACTIVE",
-        ibv_port_state::IBV_PORT_ACTIVE_DEFER => "PORT_ACTIVE_DEFER",
-        _ => "PORT_NOP",
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtu_numbers_round_trip_and_order_by_size() {
+        for raw in 1..=5 {
+            let mtu = Mtu::from_raw(raw).unwrap();
+            assert_eq!(mtu.raw(), raw);
+            assert_eq!(mtu.bytes(), 128 << raw);
+        }
+        assert_eq!(Mtu::from_raw(0), None);
+        assert_eq!(Mtu::from_raw(6), None);
+        assert_eq!(Mtu::Mtu4096.min(Mtu::Mtu1024), Mtu::Mtu1024);
+    }
+
+    #[test]
+    fn opcodes_and_states_keep_their_numbers() {
+        for raw in [0, 1, 128, 129, 7, 200] {
+            assert_eq!(WcOpcode::from_raw(raw).raw(), raw);
+        }
+        assert_eq!(WcOpcode::from_raw(129), WcOpcode::RecvRdmaWithImm);
+        assert_eq!(
+            WcOpcode::RecvRdmaWithImm.to_string(),
+            "IBV_WC_RECV_RDMA_WITH_IMM (129)"
+        );
+        assert_eq!(PortState::from_raw(4).to_string(), "PORT_ACTIVE");
+        assert_eq!(PortState::from_raw(9).to_string(), "PORT_STATE_9");
+        assert!(WcStatus::default().is_success());
+        assert!(WcStatus::FLUSH_ERR.to_string().ends_with("(5)"));
+    }
+
+    #[test]
+    fn a_send_list_copies_pieces_refuses_overflow_and_links_in_place() {
+        let mut list = SendList::new(3, 2);
+        let piece = |addr| Sge {
+            addr,
+            length: 8,
+            lkey: 7,
+        };
+        assert!(list.link().is_none(), "an empty list posts nothing");
+        assert!(list.push_write(&[piece(0x10)], 0x1000, 9, true).is_some());
+        assert!(
+            list.push_write(&[piece(0), piece(1), piece(2)], 0, 9, false)
+                .is_none(),
+            "more pieces than a work request holds"
+        );
+        assert!(list
+            .push_write(&[piece(0x20), piece(0x40)], 0x2000, 9, false)
+            .is_some());
+        let last = list.push_send().unwrap();
+        last.set_imm(0x0102_0304);
+        last.set_signaled();
+        assert!(list.is_full());
+        assert!(list.push_send().is_none(), "a full list takes no more");
+        assert_eq!(list.len(), 3);
+
+        let first = list.link().unwrap();
+        let base = list.wrs.as_ptr().cast::<ibv_send_wr>();
+        assert_eq!(first.cast_const(), base);
+        let wrs = &list.wrs;
+        assert!(wrs[0].is_inline() && !wrs[1].is_inline());
+        // SAFETY: in-bounds offsets of the three-entry slab.
+        let (w1, w2) = unsafe { (base.add(1), base.add(2)) };
+        assert_eq!(wrs[0].0.next.cast_const(), w1);
+        assert_eq!(wrs[1].0.next.cast_const(), w2);
+        assert!(wrs[2].0.next.is_null(), "the chain ends at the last");
+        assert_eq!(wrs[1].0.num_sge, 2);
+        // SAFETY: in bounds: entry 1 owns scatter slots 2 and 3 of 6.
+        let sg = unsafe { list.sges.as_ptr().add(2) };
+        assert_eq!(wrs[1].0.sg_list.cast_const(), sg);
+        assert_eq!((list.sges[3].addr, list.sges[3].length), (0x40, 8));
+        assert!(wrs[2].0.sg_list.is_null(), "a SEND without payload");
+        assert_eq!(wrs[2].0.opcode, ibv_wr_opcode::IBV_WR_SEND_WITH_IMM);
+        assert!(wrs[2].is_signaled() && !wrs[0].is_signaled());
+        // SAFETY: reading the union member just written by set_imm.
+        let imm = unsafe { wrs[2].0.imm_data_invalidated_rkey_union.imm_data };
+        assert_eq!(u32::from_be(imm), 0x0102_0304);
+
+        list.clear();
+        assert!(list.is_empty() && list.link().is_none());
     }
 }
-
-pub use rdma_sys::{
-    ibv_mtu, ibv_port_state, ibv_qp_cap, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode,
-    ibv_wc_status, ibv_wr_opcode,
-};
