@@ -19,8 +19,6 @@ use crate::verbs::{
     self, Context, Cq, Endpoint, Mr, Mtu, Path, Pd, PortState, Qp, QpCaps, VerbsError,
 };
 
-/// Largest staging area one stream may ask a destination for.
-const MAX_STAGING: usize = 16 << 20;
 /// Send queue depth of a source stream (capped by the device).
 const SQ_DEPTH: u32 = 1024;
 /// Inline sizes tried, largest first, until the device accepts one.
@@ -339,12 +337,7 @@ impl RdmaSource {
             psn: my_psn,
         } = o;
         let answer = Answer::recv(&mut conn)?;
-        if answer.slots == 0 || (answer.slot_size as usize) < slot_size {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {index}: the destination offered {} staging slots of {} bytes at MTU {}",
-                answer.slots, answer.slot_size, answer.mtu
-            )));
-        }
+        answer.check(index, slot_size)?;
         qp.connect(&answer.endpoint, my_psn, self.port.path(answer.mtu))?;
         self.qps
             .lock()
@@ -432,19 +425,8 @@ impl RdmaDest {
         local: &Arc<Vec<LocalRegion>>,
     ) -> Result<RdmaRx, TransportError> {
         let offer = Offer::recv(&mut conn)?;
+        offer.check(index, hpmig_core::memory::host_page_size())?;
         let (slots, slot_size) = (offer.slots as usize, offer.slot_size as usize);
-        let page = hpmig_core::memory::host_page_size();
-        if slots == 0
-            || slots > 64
-            || slot_size == 0
-            || slot_size % page != 0
-            || slot_size > MAX_SLOT
-            || slots * slot_size > MAX_STAGING
-        {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {index}: the source asked for {slots} staging slots of {slot_size} bytes (at most 64, page-multiple, {MAX_STAGING} bytes in all)"
-            )));
-        }
         let staging = Ring::new(slots, slot_size).map_err(|source| EndpointError::StagingRing {
             stream: index,
             source,
