@@ -30,6 +30,8 @@ mod rx;
 #[cfg(feature = "rdma")]
 pub mod setup;
 #[cfg(feature = "rdma")]
+mod stream;
+#[cfg(feature = "rdma")]
 mod tx;
 #[cfg(feature = "rdma")]
 pub mod verbs;
@@ -39,7 +41,9 @@ mod transport;
 #[cfg(feature = "rdma")]
 pub use rx::RdmaRx;
 #[cfg(feature = "rdma")]
-pub use transport::{QueuePairs, RdmaDest, RdmaOptions, RdmaSource};
+pub use stream::StreamError;
+#[cfg(feature = "rdma")]
+pub use transport::{EndpointError, QueuePairs, RdmaDest, RdmaOptions, RdmaSource};
 #[cfg(feature = "rdma")]
 pub use tx::{imm, imm_parts, RdmaStats, RdmaTx, POST_CHUNK};
 

@@ -24,6 +24,7 @@ use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
 use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
+use crate::stream::StreamError;
 use crate::tx::imm_parts;
 use crate::verbs::{Completion, Cq, Mr, Qp, SendList, WcOpcode};
 
@@ -123,23 +124,29 @@ impl RdmaRx {
         }
     }
 
-    fn fail(&self, what: String) -> TransportError {
-        TransportError::Other(format!("RDMA stream {}: {what}", self.worker))
-    }
-
-    fn completion_error(&self, c: &Completion, what: &str) -> TransportError {
-        self.fail(c.failure(what))
+    fn completion_error(&self, c: &Completion, what: &'static str) -> TransportError {
+        StreamError::Completion {
+            worker: self.worker,
+            what,
+            status: c.status,
+            opcode: c.opcode,
+        }
+        .into()
     }
 
     /// Reaps credit-send completions (each credit is signaled).
     fn reap_sends(&mut self) -> Result<(), TransportError> {
         let mut wc = [Completion::default(); 8];
-        let n = self.send_cq.poll(&mut wc)?;
+        let n = self
+            .send_cq
+            .poll(&mut wc)
+            .map_err(StreamError::verbs(self.worker))?;
         for c in &wc[..n] {
             if !c.ok() {
                 return Err(self.completion_error(c, "a credit SEND"));
             }
-            self.unacked_credits -= 1;
+            // Only this end's own credit SENDs complete here.
+            self.unacked_credits = self.unacked_credits.saturating_sub(1);
         }
         Ok(())
     }
@@ -156,7 +163,7 @@ impl RdmaRx {
             wr.set_signaled();
         }
         // SAFETY: a SEND with no scatter entries names no local buffer.
-        unsafe { self.qp.post_send(&mut self.credit) }?;
+        unsafe { self.qp.post_send(&mut self.credit) }.map_err(StreamError::verbs(self.worker))?;
         self.unacked_credits += 1;
         self.reap_sends()
     }
@@ -166,7 +173,11 @@ impl RdmaRx {
         let mut wc = [Completion::default(); 1];
         let mut backoff = Backoff::new(self.worker, self.timeout);
         loop {
-            if self.recv_cq.poll(&mut wc)? == 1 {
+            let n = self
+                .recv_cq
+                .poll(&mut wc)
+                .map_err(StreamError::verbs(self.worker))?;
+            if n == 1 {
                 break;
             }
             self.reap_sends()?;
@@ -180,21 +191,29 @@ impl RdmaRx {
             return Err(self.completion_error(&c, "a batch receive"));
         }
         if c.opcode != WcOpcode::RecvRdmaWithImm {
-            return Err(self.fail(format!(
-                "expected an RDMA WRITE WITH IMMEDIATE, got receive opcode {}",
-                c.opcode
-            )));
+            return Err(StreamError::Opcode {
+                worker: self.worker,
+                got: c.opcode,
+                expected: "an RDMA WRITE WITH IMMEDIATE",
+            }
+            .into());
         }
         let (worker, seq, len) = imm_parts(c.imm);
         if worker != self.worker & 0x3f || seq != self.seq & 0x3f || len > self.slot_size {
-            return Err(self.fail(format!(
-                "batch immediate names worker {worker} batch {seq} of {len} bytes; expected worker {} batch {} of at most {} bytes",
-                self.worker & 0x3f,
-                self.seq & 0x3f,
-                self.slot_size
-            )));
+            return Err(StreamError::Immediate {
+                worker: self.worker,
+                got_worker: worker,
+                got_batch: seq,
+                got_len: len,
+                want_worker: self.worker & 0x3f,
+                want_batch: self.seq & 0x3f,
+                max_len: self.slot_size,
+            }
+            .into());
         }
-        self.qp.post_recv_empty(0)?;
+        self.qp
+            .post_recv_empty(0)
+            .map_err(StreamError::verbs(self.worker))?;
         let (base, _) = self.staging.region();
         let slot = (self.seq % self.slots) as usize;
         self.cur = Some((base as usize + slot * self.slot_size, len));
@@ -224,7 +243,11 @@ impl StreamRx for RdmaRx {
             }
         }
         let Some((slot, len)) = self.cur else {
-            return Err(self.fail("no batch".into()));
+            return Err(StreamError::Internal {
+                worker: self.worker,
+                what: "no batch after waiting for one",
+            }
+            .into());
         };
         if len - self.pos < HEADER_LEN {
             return Err(ProtocolError::Truncated {
@@ -248,11 +271,10 @@ impl StreamRx for RdmaRx {
         self.pos += HEADER_LEN;
         let plen = h.len as usize;
         self.pending = if matches!(h.kind, Kind::Segment | Kind::Page) {
-            let host = self.host_of(h.arg, plen).ok_or_else(|| {
-                self.fail(format!(
-                    "a payload for guest address {:#x} is outside guest memory",
-                    h.arg
-                ))
+            let host = self.host_of(h.arg, plen).ok_or(StreamError::OutsideGuest {
+                worker: self.worker,
+                gpa: h.arg,
+                len: h.len,
             })?;
             Pending::InPlace { host, len: plen }
         } else {
@@ -274,20 +296,25 @@ impl StreamRx for RdmaRx {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::InPlace { host, len } => {
                 if dst.as_ptr() as usize != host || dst.len() != len {
-                    return Err(self.fail(format!(
-                        "the payload landed at {host:#x} ({len} bytes) but was asked for at {:#x} ({} bytes)",
-                        dst.as_ptr() as usize,
-                        dst.len()
-                    )));
+                    return Err(StreamError::Misplaced {
+                        worker: self.worker,
+                        landed_at: host,
+                        len,
+                        asked_at: dst.as_ptr() as usize,
+                        asked_len: dst.len(),
+                    }
+                    .into());
                 }
                 Ok(())
             }
             Pending::Staged { at, len } => {
                 if dst.len() != len {
-                    return Err(self.fail(format!(
-                        "a {len}-byte payload was read into {} bytes",
-                        dst.len()
-                    )));
+                    return Err(StreamError::PayloadLength {
+                        worker: self.worker,
+                        len,
+                        asked_len: dst.len(),
+                    }
+                    .into());
                 }
                 // SAFETY: [at, at + len) lies inside the current batch of
                 // the staging mapping (checked in next_header); dst is a
@@ -295,7 +322,10 @@ impl StreamRx for RdmaRx {
                 unsafe { std::ptr::copy_nonoverlapping(at as *const u8, dst.as_mut_ptr(), len) };
                 Ok(())
             }
-            Pending::None => Err(self.fail("a payload was read without a header".into())),
+            Pending::None => Err(StreamError::NoHeader {
+                worker: self.worker,
+            }
+            .into()),
         }
     }
 }

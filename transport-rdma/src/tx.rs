@@ -38,6 +38,7 @@ use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
 use crate::setup::{Answer, RemoteRegion};
+use crate::stream::StreamError;
 use crate::verbs::{Completion, Cq, Mr, Qp, SendList, Sge, WcOpcode};
 
 /// Work requests per `ibv_post_send` (one doorbell) at most.
@@ -226,8 +227,14 @@ impl RdmaTx {
         &self.qp
     }
 
-    fn completion_error(&self, c: &Completion, what: &str) -> TransportError {
-        TransportError::Other(format!("RDMA stream {}: {}", self.worker, c.failure(what)))
+    fn completion_error(&self, c: &Completion, what: &'static str) -> TransportError {
+        StreamError::Completion {
+            worker: self.worker,
+            what,
+            status: c.status,
+            opcode: c.opcode,
+        }
+        .into()
     }
 
     /// Polls both queues once: frees slots whose writes completed and takes
@@ -235,7 +242,10 @@ impl RdmaTx {
     fn progress(&mut self) -> Result<bool, TransportError> {
         let mut wc = [Completion::default(); 16];
         let mut any = false;
-        let n = self.send_cq.poll(&mut wc)?;
+        let n = self
+            .send_cq
+            .poll(&mut wc)
+            .map_err(StreamError::verbs(self.worker))?;
         for c in &wc[..n] {
             if !c.ok() {
                 return Err(self.completion_error(c, "an RDMA WRITE"));
@@ -251,26 +261,35 @@ impl RdmaTx {
                 self.free.push(b);
             }
         }
-        let n = self.recv_cq.poll(&mut wc)?;
+        let n = self
+            .recv_cq
+            .poll(&mut wc)
+            .map_err(StreamError::verbs(self.worker))?;
         for c in &wc[..n] {
             if !c.ok() {
                 return Err(self.completion_error(c, "a credit receive"));
             }
             if c.opcode != WcOpcode::Recv {
-                return Err(TransportError::Other(format!(
-                    "RDMA stream {}: unexpected receive opcode {} (a credit is a SEND)",
-                    self.worker, c.opcode
-                )));
+                return Err(StreamError::Opcode {
+                    worker: self.worker,
+                    got: c.opcode,
+                    expected: "a credit SEND",
+                }
+                .into());
             }
-            self.qp.post_recv_empty(0)?;
+            self.qp
+                .post_recv_empty(0)
+                .map_err(StreamError::verbs(self.worker))?;
             self.credits += 1;
             any = true;
         }
         if self.credits > self.staging_slots {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: the destination returned more credits than it has slots",
-                self.worker
-            )));
+            return Err(StreamError::Credits {
+                worker: self.worker,
+                credits: self.credits,
+                slots: self.staging_slots,
+            }
+            .into());
         }
         Ok(any)
     }
@@ -292,10 +311,11 @@ impl RdmaTx {
             // that went away returns no credits and posts no error; its
             // closed connection says so at once.
             if backoff.idle(&self.interrupt, what)? && self.liveness.peer_closed() {
-                return Err(TransportError::Other(format!(
-                    "RDMA stream {}: the destination closed the stream while this end waited for {what}",
-                    self.worker
-                )));
+                return Err(StreamError::PeerClosed {
+                    worker: self.worker,
+                    waiting_for: what,
+                }
+                .into());
             }
         }
         Ok(())
@@ -304,12 +324,15 @@ impl RdmaTx {
     fn region_of(&mut self, gpa: u64, len: u64) -> Result<(u64, u32), TransportError> {
         let hit = |r: &RemoteRegion| gpa >= r.gpa && gpa + len <= r.gpa + r.len;
         if !self.regions.get(self.hint).is_some_and(hit) {
-            self.hint = self.regions.iter().position(hit).ok_or_else(|| {
-                TransportError::Other(format!(
-                    "RDMA stream {}: guest address {gpa:#x}+{len} is in no region the destination registered",
-                    self.worker
-                ))
-            })?;
+            self.hint = self
+                .regions
+                .iter()
+                .position(hit)
+                .ok_or(StreamError::NotRegistered {
+                    worker: self.worker,
+                    gpa,
+                    len,
+                })?;
         }
         let r = &self.regions[self.hint];
         Ok((r.addr + (gpa - r.gpa), r.rkey))
@@ -336,7 +359,7 @@ impl RdmaTx {
         // as `ring_mr` (or is inline), and the slot it lies in stays in
         // `inflight`, untouched, until a signaled completion at or after
         // its last work request is polled (see `progress`).
-        unsafe { self.qp.post_send(&mut self.wrs) }?;
+        unsafe { self.qp.post_send(&mut self.wrs) }.map_err(StreamError::verbs(self.worker))?;
         self.wrs.clear();
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
         self.stats.work_requests.fetch_add(need, Ordering::Relaxed);
@@ -358,10 +381,11 @@ impl RdmaTx {
             .push_write(&g.sges[..g.n], g.remote, g.rkey, inline)
             .is_none()
         {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: no room for a work request of {} pieces",
-                self.worker, g.n
-            )));
+            return Err(StreamError::Internal {
+                worker: self.worker,
+                what: "no room in the post list for a gathered work request",
+            }
+            .into());
         }
         if inline {
             self.stats.inline.fetch_add(1, Ordering::Relaxed);
@@ -395,10 +419,10 @@ impl StreamTx for RdmaTx {
     fn take_free(&mut self) -> Result<SendBuf, TransportError> {
         self.interrupt.check()?;
         self.wait("a ring slot to be sent", |s| !s.free.is_empty())?;
-        let mut b = self
-            .free
-            .pop()
-            .ok_or(TransportError::Other("no free ring slot".into()))?;
+        let mut b = self.free.pop().ok_or(StreamError::Internal {
+            worker: self.worker,
+            what: "no free ring slot after waiting for one",
+        })?;
         b.clear();
         Ok(b)
     }
@@ -410,12 +434,12 @@ impl StreamTx for RdmaTx {
             return Ok(());
         }
         if buf.len() as u64 > self.staging_slot_size {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: a {}-byte batch does not fit the destination's {}-byte staging slot",
-                self.worker,
-                buf.len(),
-                self.staging_slot_size
-            )));
+            return Err(StreamError::StagingOverflow {
+                worker: self.worker,
+                len: buf.len(),
+                slot_size: self.staging_slot_size,
+            }
+            .into());
         }
         if self.round_closed {
             let all = self.staging_slots;
@@ -469,10 +493,11 @@ impl StreamTx for RdmaTx {
         // The last work request carries the immediate and is signaled.
         let imm = imm(self.worker, self.seq, staged_len);
         let Some(last) = self.wrs.last_mut() else {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: a batch of {len} bytes made no work request",
-                self.worker
-            )));
+            return Err(StreamError::Internal {
+                worker: self.worker,
+                what: "a batch made no work request",
+            }
+            .into());
         };
         last.set_imm(imm);
         last.set_signaled();

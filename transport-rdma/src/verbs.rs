@@ -566,14 +566,6 @@ impl Completion {
     pub fn ok(&self) -> bool {
         self.status.is_success()
     }
-
-    /// "`what` completed with status NAME (N) ..." for a failed completion.
-    pub fn failure(&self, what: &str) -> String {
-        format!(
-            "{what} completed with status {} (ibv_poll_cq, opcode {})",
-            self.status, self.opcode
-        )
-    }
 }
 
 impl Cq {
