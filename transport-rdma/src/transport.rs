@@ -353,6 +353,11 @@ impl RdmaSource {
             answer,
             sq_depth,
             max_sge,
+            // The source's layout is always `Layout::of` its memory, whose
+            // pages are the host's (see hpmig_core::precopy::migrate): the
+            // size its workers encode Page and Segment records for. A page
+            // size beyond u32 fails every Page record at submit, loudly.
+            page_size: u32::try_from(hpmig_core::memory::host_page_size()).unwrap_or(u32::MAX),
             stats: Arc::clone(&self.stats),
             interrupt: self.tcp.interrupt(),
             timeout: self.opts.tcp.io_timeout,

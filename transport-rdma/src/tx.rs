@@ -1,7 +1,9 @@
 //! Source side of one stream: posts a filled ring slot as RDMA WRITEs.
 //!
-//! The slot is walked record by record (the worker wrote them, so they are
-//! trusted). Segment and Page payloads are written straight from the ring
+//! The slot is walked record by record with hpmig-core's
+//! [`Records`] reader, the one every end uses (the worker wrote these
+//! records, so one that does not decode is a bug here: the stream fails
+//! with [`StreamError::Record`]). Segment and Page payloads are written straight from the ring
 //! to region base + guest address at the destination, payloads for adjacent
 //! guest addresses gathered into one work request (up to [`MAX_SGE`]
 //! scatter entries). Every other byte (headers, zero markers, zstd payloads,
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hpmig_core::protocol::{Kind, HEADER_LEN};
+use hpmig_core::protocol::{Kind, Records, HEADER_LEN};
 use hpmig_core::ring::SendBuf;
 use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
 
@@ -165,6 +167,9 @@ pub struct RdmaTx {
     /// MAX_SGE pieces), posted when full and at the end of a batch.
     wrs: SendList,
     max_sge: usize,
+    /// The page size the worker's records were written for (bounds the
+    /// Segment and Page records the batch walk decodes).
+    page_size: u32,
     stats: Arc<RdmaStats>,
     interrupt: Interrupt,
     timeout: Duration,
@@ -183,6 +188,7 @@ pub(crate) struct TxParts {
     pub answer: Answer,
     pub sq_depth: u32,
     pub max_sge: usize,
+    pub page_size: u32,
     pub stats: Arc<RdmaStats>,
     pub interrupt: Interrupt,
     pub timeout: Duration,
@@ -215,6 +221,7 @@ impl RdmaTx {
             max_inline,
             wrs: SendList::new(POST_CHUNK, MAX_SGE),
             max_sge: p.max_sge.clamp(1, MAX_SGE),
+            page_size: p.page_size,
             stats: p.stats,
             interrupt: p.interrupt,
             timeout: p.timeout,
@@ -455,29 +462,26 @@ impl StreamTx for RdmaTx {
         let srkey = self.staging_rkey;
         let bytes = buf.filled();
         let base = bytes.as_ptr() as u64;
-        let len = bytes.len();
         let (mut placed, mut staged) = (Gather::new(), Gather::new());
         let mut staged_len = 0u64;
         let mut in_place = 0u64;
+        // Offset of the current record in the slot.
         let mut at = 0usize;
-        while at + HEADER_LEN <= len {
-            // The worker wrote these records; read kind, length and address
-            // without re-validating them.
-            let kind = bytes[at];
-            let mut word = [0u8; 4];
-            word.copy_from_slice(&bytes[at + 4..at + 8]);
-            let plen = u32::from_le_bytes(word) as usize;
-            let mut gpa = [0u8; 8];
-            gpa.copy_from_slice(&bytes[at + 8..at + 16]);
-            let gpa = u64::from_le_bytes(gpa);
-            if kind == Kind::RoundEnd as u8 {
+        for record in Records::new(bytes, self.page_size) {
+            let (header, payload) = record.map_err(|source| StreamError::Record {
+                worker: self.worker,
+                at,
+                source,
+            })?;
+            let plen = payload.len();
+            if header.kind == Kind::RoundEnd {
                 self.round_closed = true;
             }
             let local = base + at as u64;
-            if (kind == Kind::Segment as u8 || kind == Kind::Page as u8) && plen > 0 {
+            if matches!(header.kind, Kind::Segment | Kind::Page) && plen > 0 {
                 self.gather(&mut staged, local, HEADER_LEN, staging + staged_len, srkey)?;
                 staged_len += HEADER_LEN as u64;
-                let (remote, rkey) = self.region_of(gpa, plen as u64)?;
+                let (remote, rkey) = self.region_of(header.arg, plen as u64)?;
                 self.gather(&mut placed, local + HEADER_LEN as u64, plen, remote, rkey)?;
                 in_place += plen as u64;
             } else {
