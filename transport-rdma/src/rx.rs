@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hpmig_core::memory::find_region;
 use hpmig_core::protocol::{Header, Kind, ProtocolError, HEADER_LEN};
 use hpmig_core::ring::Ring;
 use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
@@ -35,6 +36,21 @@ pub(crate) struct LocalRegion {
     pub gpa: u64,
     pub len: u64,
     pub host: usize,
+}
+
+/// Where guest range `[gpa, gpa + len)` is mapped here: the region's index
+/// and the host address; `None` unless all of it lies in one region.
+/// `hint` is tried first.
+fn host_in(regions: &[LocalRegion], gpa: u64, len: u32, hint: usize) -> Option<(usize, usize)> {
+    let at = find_region(
+        regions.iter().map(|r| (r.gpa, r.len)),
+        gpa,
+        u64::from(len),
+        hint,
+    )?;
+    let r = regions.get(at.region)?;
+    let host = r.host.checked_add(usize::try_from(at.offset).ok()?)?;
+    Some((at.region, host))
 }
 
 #[derive(Debug)]
@@ -70,6 +86,8 @@ pub struct RdmaRx {
     seq: u32,
     pending: Pending,
     regions: Arc<Vec<LocalRegion>>,
+    /// Last region hit (a batch's payloads are mostly in one).
+    hint: usize,
     /// Keeps guest memory registered while this stream can receive.
     _guest: Arc<Vec<Mr>>,
     /// Credits sent whose completion was not polled yet.
@@ -115,6 +133,7 @@ impl RdmaRx {
             seq: 0,
             pending: Pending::None,
             regions: p.regions,
+            hint: 0,
             _guest: p.guest,
             unacked_credits: 0,
             credit: SendList::new(1, 0),
@@ -214,6 +233,9 @@ impl RdmaRx {
         self.qp
             .post_recv_empty(0)
             .map_err(StreamError::verbs(self.worker))?;
+        // slots >= 1 (Offer::check); slot * slot_size lies inside the
+        // staging ring, whose size Ring::new computed with checked
+        // arithmetic.
         let (base, _) = self.staging.region();
         let slot = (self.seq % self.slots) as usize;
         self.cur = Some((base as usize + slot * self.slot_size, len));
@@ -222,11 +244,13 @@ impl RdmaRx {
         Ok(())
     }
 
-    fn host_of(&self, gpa: u64, len: usize) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.gpa && gpa + len as u64 <= r.gpa + r.len)
-            .map(|r| r.host + (gpa - r.gpa) as usize)
+    /// Where guest range `[gpa, gpa + len)` (from the peer) is mapped
+    /// here, if all of it lies in one region: the one lookup, checked
+    /// arithmetic, the last region hit tried first.
+    fn host_of(&mut self, gpa: u64, len: u32) -> Option<usize> {
+        let (region, host) = host_in(&self.regions, gpa, len, self.hint)?;
+        self.hint = region;
+        Some(host)
     }
 }
 
@@ -271,11 +295,13 @@ impl StreamRx for RdmaRx {
         self.pos += HEADER_LEN;
         let plen = h.len as usize;
         self.pending = if matches!(h.kind, Kind::Segment | Kind::Page) {
-            let host = self.host_of(h.arg, plen).ok_or(StreamError::OutsideGuest {
-                worker: self.worker,
-                gpa: h.arg,
-                len: h.len,
-            })?;
+            let host = self
+                .host_of(h.arg, h.len)
+                .ok_or(StreamError::OutsideGuest {
+                    worker: self.worker,
+                    gpa: h.arg,
+                    len: h.len,
+                })?;
             Pending::InPlace { host, len: plen }
         } else {
             if len - self.pos < plen {
@@ -327,5 +353,39 @@ impl StreamRx for RdmaRx {
             }
             .into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_lands_only_inside_one_region_whatever_its_address() {
+        let regions = [
+            LocalRegion {
+                gpa: 0,
+                len: 0xa_0000,
+                host: 0x7f00_0000_0000,
+            },
+            LocalRegion {
+                gpa: 0x10_0000,
+                len: 0x100_0000,
+                host: 0x7f10_0000_0000,
+            },
+        ];
+        assert_eq!(
+            host_in(&regions, 0x10_1000, 4096, 0),
+            Some((1, 0x7f10_0000_1000))
+        );
+        assert_eq!(
+            host_in(&regions, 0x9_f000, 4096, 1),
+            Some((0, 0x7f00_0009_f000))
+        );
+        // In the hole, across a region's end, wrapping past u64::MAX.
+        assert_eq!(host_in(&regions, 0xb_0000, 1, 0), None);
+        assert_eq!(host_in(&regions, 0x9_ffff, 2, 0), None);
+        assert_eq!(host_in(&regions, u64::MAX, 4096, 0), None);
+        assert_eq!(host_in(&regions, u64::MAX - 10, u32::MAX, 1), None);
     }
 }

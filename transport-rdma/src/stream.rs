@@ -71,6 +71,11 @@ pub enum StreamError {
         #[source]
         source: ProtocolError,
     },
+    /// a remote address the destination gave wraps around the address space
+    #[error(
+        "RDMA stream {worker}: remote address {addr:#x}+{offset} wraps around the address space"
+    )]
+    RemoteWraps { worker: u32, addr: u64, offset: u64 },
     /// a payload's guest range is in no region the destination registered
     #[error("RDMA stream {worker}: guest address {gpa:#x}+{len} is in no region the destination registered")]
     NotRegistered { worker: u32, gpa: u64, len: u64 },

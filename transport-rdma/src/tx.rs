@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hpmig_core::memory::find_region;
 use hpmig_core::protocol::{Kind, Records, HEADER_LEN};
 use hpmig_core::ring::SendBuf;
 use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
@@ -85,6 +86,20 @@ pub fn imm_parts(imm: u32) -> (u32, u32, usize) {
 /// Largest slot an immediate can describe.
 pub const MAX_SLOT: usize = (1 << 20) - 1;
 
+/// Where the destination registered guest range `[gpa, gpa + len)`: the
+/// region's index, the remote address and key; `None` unless all of it
+/// lies in one region. `hint` is tried first.
+fn remote_of(
+    regions: &[RemoteRegion],
+    gpa: u64,
+    len: u64,
+    hint: usize,
+) -> Option<(usize, u64, u32)> {
+    let at = find_region(regions.iter().map(|r| (r.gpa, r.len)), gpa, len, hint)?;
+    let r = regions.get(at.region)?;
+    Some((at.region, r.addr.checked_add(at.offset)?, r.rkey))
+}
+
 /// One work request being gathered: local pieces for one contiguous
 /// remote range.
 #[derive(Clone, Copy)]
@@ -111,7 +126,7 @@ impl Gather {
     fn continues(&self, remote: u64, rkey: u32, max_sge: usize, local: u64) -> bool {
         self.n > 0
             && rkey == self.rkey
-            && remote == self.remote + self.bytes
+            && self.remote.checked_add(self.bytes) == Some(remote)
             && (self.n < max_sge || self.last_end() == local)
     }
 
@@ -328,21 +343,28 @@ impl RdmaTx {
         Ok(())
     }
 
-    fn region_of(&mut self, gpa: u64, len: u64) -> Result<(u64, u32), TransportError> {
-        let hit = |r: &RemoteRegion| gpa >= r.gpa && gpa + len <= r.gpa + r.len;
-        if !self.regions.get(self.hint).is_some_and(hit) {
-            self.hint = self
-                .regions
-                .iter()
-                .position(hit)
-                .ok_or(StreamError::NotRegistered {
-                    worker: self.worker,
-                    gpa,
-                    len,
-                })?;
-        }
-        let r = &self.regions[self.hint];
-        Ok((r.addr + (gpa - r.gpa), r.rkey))
+    /// Where the destination registered guest range `[gpa, gpa + len)`:
+    /// the remote address and key. One lookup for every end (checked
+    /// arithmetic, the last region hit tried first).
+    fn region_of(&mut self, gpa: u64, len: u64) -> Result<(u64, u32), StreamError> {
+        let Some((region, remote, rkey)) = remote_of(&self.regions, gpa, len, self.hint) else {
+            return Err(StreamError::NotRegistered {
+                worker: self.worker,
+                gpa,
+                len,
+            });
+        };
+        self.hint = region;
+        Ok((remote, rkey))
+    }
+
+    /// `addr + offset` of a remote address the destination gave.
+    fn remote(&self, addr: u64, offset: u64) -> Result<u64, StreamError> {
+        addr.checked_add(offset).ok_or(StreamError::RemoteWraps {
+            worker: self.worker,
+            addr,
+            offset,
+        })
     }
 
     /// Posts the work requests built in `wrs` as one chain.
@@ -457,8 +479,10 @@ impl StreamTx for RdmaTx {
         }
         self.wait("a staging credit", |s| s.credits > 0)?;
         self.credits -= 1;
+        // staging_slots >= 1 and the staging area does not wrap: Answer::
+        // check and Answer::decode made sure.
         let slot = u64::from(self.seq % self.staging_slots);
-        let staging = self.staging_addr + slot * self.staging_slot_size;
+        let staging = self.remote(self.staging_addr, slot * self.staging_slot_size)?;
         let srkey = self.staging_rkey;
         let bytes = buf.filled();
         let base = bytes.as_ptr() as u64;
@@ -478,15 +502,16 @@ impl StreamTx for RdmaTx {
                 self.round_closed = true;
             }
             let local = base + at as u64;
+            let to_staging = self.remote(staging, staged_len)?;
             if matches!(header.kind, Kind::Segment | Kind::Page) && plen > 0 {
-                self.gather(&mut staged, local, HEADER_LEN, staging + staged_len, srkey)?;
+                self.gather(&mut staged, local, HEADER_LEN, to_staging, srkey)?;
                 staged_len += HEADER_LEN as u64;
                 let (remote, rkey) = self.region_of(header.arg, plen as u64)?;
                 self.gather(&mut placed, local + HEADER_LEN as u64, plen, remote, rkey)?;
                 in_place += plen as u64;
             } else {
                 let whole = HEADER_LEN + plen;
-                self.gather(&mut staged, local, whole, staging + staged_len, srkey)?;
+                self.gather(&mut staged, local, whole, to_staging, srkey)?;
                 staged_len += whole as u64;
             }
             at += HEADER_LEN + plen;
@@ -537,6 +562,44 @@ impl Drop for RdmaTx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_range_maps_to_its_region_and_a_hostile_one_to_none() {
+        let regions = [
+            RemoteRegion {
+                gpa: 0,
+                len: 0x10_0000,
+                addr: 0x7000_0000,
+                rkey: 1,
+            },
+            RemoteRegion {
+                gpa: 0x1_0000_0000,
+                len: 0x10_0000,
+                addr: 0x9000_0000,
+                rkey: 2,
+            },
+        ];
+        assert_eq!(remote_of(&regions, 0x1000, 8, 0), Some((0, 0x7000_1000, 1)));
+        // A wrong hint falls back to the search.
+        assert_eq!(
+            remote_of(&regions, 0x1_0000_0010, 16, 0),
+            Some((1, 0x9000_0010, 2))
+        );
+        assert_eq!(
+            remote_of(&regions, 0x1000, 8, 99),
+            Some((0, 0x7000_1000, 1))
+        );
+        // Straddling a region's end, past every region, wrapping: none.
+        assert_eq!(remote_of(&regions, 0xf_fff8, 16, 0), None);
+        assert_eq!(remote_of(&regions, 0x2_0000_0000, 1, 1), None);
+        assert_eq!(remote_of(&regions, u64::MAX - 4, 16, 0), None);
+        // A remote address that would wrap is refused, not wrapped.
+        let high = [RemoteRegion {
+            addr: u64::MAX - 0x10,
+            ..regions[0]
+        }];
+        assert_eq!(remote_of(&high, 0x1000, 8, 0), None);
+    }
 
     #[test]
     fn the_immediate_names_worker_batch_and_length() {
