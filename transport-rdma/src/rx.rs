@@ -2,7 +2,7 @@
 //! only reads headers.
 //!
 //! A batch is announced by the receive completion of its WRITE WITH
-//! IMMEDIATE ([`crate::tx::imm`]: worker, batch sequence, staged length, all
+//! IMMEDIATE ([`crate::imm`]: worker, batch sequence, staged length, all
 //! checked). Its headers and the payloads that cannot land in place sit
 //! packed, in order, in a staging slot; Segment and Page payloads were
 //! already written to guest memory by the NIC, so
@@ -25,8 +25,8 @@ use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
 use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
+use crate::imm::imm_parts;
 use crate::stream::StreamError;
-use crate::tx::imm_parts;
 use crate::verbs::{Completion, Cq, Mr, Qp, SendList, WcOpcode};
 
 /// A guest memory region as the lander sees it: guest address, length and
@@ -178,9 +178,14 @@ impl RdmaRx {
             self.interrupt.check()?;
         }
         self.credit.clear();
-        if let Some(wr) = self.credit.push_send() {
-            wr.set_signaled();
-        }
+        let worker = self.worker;
+        self.credit
+            .push_send()
+            .ok_or(StreamError::Internal {
+                worker,
+                what: "no room in the credit's post list",
+            })?
+            .set_signaled();
         // SAFETY: a SEND with no scatter entries names no local buffer.
         unsafe { self.qp.post_send(&mut self.credit) }.map_err(StreamError::verbs(self.worker))?;
         self.unacked_credits += 1;

@@ -30,7 +30,7 @@ use hpmig_core::transport::TransportError;
 use hpmig_transport_tcp::Conn;
 use thiserror::Error;
 
-use crate::tx::MAX_SLOT;
+use crate::imm::MAX_SLOT;
 use crate::verbs::{Endpoint, Mtu};
 
 const OFFER_MAGIC: [u8; 8] = *b"HPMIGRQ1";

@@ -12,9 +12,10 @@ use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion};
 
 use crate::device::{self, DeviceError};
+use crate::imm::MAX_SLOT;
 use crate::rx::{LocalRegion, RdmaRx, RxParts};
 use crate::setup::{Answer, Offer, RemoteRegion};
-use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE, MAX_SLOT};
+use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE};
 use crate::verbs::{
     self, Context, Cq, Endpoint, Mr, Mtu, Path, Pd, PortState, Qp, QpCaps, VerbsError,
 };

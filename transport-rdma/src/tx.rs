@@ -9,7 +9,7 @@
 //! scatter entries). Every other byte (headers, zero markers, zstd payloads,
 //! the round end) is packed, in order, into a destination staging slot,
 //! gathered the same way. The batch's last work request carries the
-//! immediate ([`imm`]: worker, batch, staged length) that tells the
+//! immediate ([`crate::imm`]: worker, batch, staged length) that tells the
 //! destination the batch has landed: an RC queue pair completes a later
 //! message only after every earlier one is placed.
 //!
@@ -40,6 +40,7 @@ use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
 use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
+use crate::imm::imm;
 use crate::setup::{Answer, RemoteRegion};
 use crate::stream::StreamError;
 use crate::verbs::{Completion, Cq, Mr, Qp, SendList, Sge, WcOpcode};
@@ -71,20 +72,6 @@ impl RdmaStats {
         self.work_requests.load(Ordering::Relaxed) as f64 / d as f64
     }
 }
-
-/// The immediate of a batch: worker (6 bits), batch sequence (6 bits),
-/// length of the batch's staged bytes (20 bits).
-pub fn imm(worker: u32, seq: u32, len: usize) -> u32 {
-    ((worker & 0x3f) << 26) | ((seq & 0x3f) << 20) | (len as u32 & 0xf_ffff)
-}
-
-/// The parts of an immediate: (worker, sequence, length).
-pub fn imm_parts(imm: u32) -> (u32, u32, usize) {
-    (imm >> 26, (imm >> 20) & 0x3f, (imm & 0xf_ffff) as usize)
-}
-
-/// Largest slot an immediate can describe.
-pub const MAX_SLOT: usize = (1 << 20) - 1;
 
 /// Where the destination registered guest range `[gpa, gpa + len)`: the
 /// region's index, the remote address and key; `None` unless all of it
@@ -599,11 +586,5 @@ mod tests {
             ..regions[0]
         }];
         assert_eq!(remote_of(&high, 0x1000, 8, 0), None);
-    }
-
-    #[test]
-    fn the_immediate_names_worker_batch_and_length() {
-        assert_eq!(imm_parts(imm(5, 66, 262_144)), (5, 2, 262_144));
-        assert_eq!(imm_parts(imm(63, 63, MAX_SLOT)), (63, 63, MAX_SLOT));
     }
 }
