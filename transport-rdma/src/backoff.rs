@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use hpmig_core::transport::{Interrupt, TransportError};
 
+use crate::stream::StreamError;
+
 /// Polls spun before the first sleep (and between slow checks).
 const SPINS: u32 = 256;
 const SLEEP: Duration = Duration::from_micros(50);
@@ -47,7 +49,7 @@ impl Backoff {
     pub(crate) fn idle(
         &mut self,
         interrupt: &Interrupt,
-        what: &str,
+        what: &'static str,
     ) -> Result<bool, TransportError> {
         self.idle += 1;
         if self.idle < SPINS {
@@ -56,10 +58,12 @@ impl Backoff {
         }
         interrupt.check()?;
         if self.since.elapsed() > self.timeout {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: no progress for {:?} while waiting for {what}",
-                self.worker, self.timeout
-            )));
+            return Err(StreamError::Stalled {
+                worker: self.worker,
+                timeout: self.timeout,
+                waiting_for: what,
+            }
+            .into());
         }
         let slow_check = self.idle % SPINS == 0;
         std::thread::sleep(SLEEP);

@@ -5,7 +5,27 @@ use std::fmt::Write as _;
 use std::net::Ipv6Addr;
 use std::sync::Arc;
 
-use crate::verbs::{self, Context, PortInfo, VerbsError};
+use hpmig_core::transport::TransportError;
+use thiserror::Error;
+
+use crate::verbs::{self, Context, Mtu, PortInfo, VerbsError};
+
+/// Errors of looking at the host's devices.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// a verbs call failed
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    /// the port has no GID a connection could use
+    #[error("choosing a GID failed: port {port} of {device} has no GID set (does its network device have an address?)")]
+    NoGid { device: String, port: u8 },
+}
+
+impl From<DeviceError> for TransportError {
+    fn from(e: DeviceError) -> Self {
+        TransportError::Device(Box::new(e))
+    }
+}
 
 /// One GID table entry in use.
 #[derive(Clone, Debug)]
@@ -83,7 +103,7 @@ pub const LINK_LAYER_ETHERNET: u8 = 2;
 /// The GID index a connection uses when none is given: on RoCE the first
 /// RoCE v2 IPv4-mapped entry (routable, what most fabrics use), else the
 /// first RoCE v2 entry, else the first entry set; on InfiniBand index 0.
-pub fn default_gid_index(ctx: &Context, port: u8) -> Result<u8, VerbsError> {
+pub fn default_gid_index(ctx: &Context, port: u8) -> Result<u8, DeviceError> {
     let info = ctx.port(port)?;
     if info.link_layer != LINK_LAYER_ETHERNET {
         return Ok(0);
@@ -98,12 +118,9 @@ pub fn default_gid_index(ctx: &Context, port: u8) -> Result<u8, VerbsError> {
         .or_else(|| gids.first());
     match pick {
         Some(g) => Ok(g.index as u8),
-        None => Err(VerbsError {
-            call: "choosing a GID",
-            detail: format!(
-                "port {port} of {} has no GID set (does its network device have an address?)",
-                ctx.name()
-            ),
+        None => Err(DeviceError::NoGid {
+            device: ctx.name().to_string(),
+            port,
         }),
     }
 }
@@ -154,12 +171,12 @@ pub fn describe(devices: &[Device]) -> String {
         let _ = writeln!(s, "\tmax_qp_wr:\t\t{}", d.max_qp_wr);
         for p in &d.ports {
             let _ = writeln!(s, "\tport:\t{}", p.number);
-            let _ = writeln!(s, "\t\tstate:\t\t{}", verbs::port_state_str(p.info.state));
+            let _ = writeln!(s, "\t\tstate:\t\t{}", p.info.state);
             let _ = writeln!(
                 s,
                 "\t\tmax_mtu:\t{}\n\t\tactive_mtu:\t{}",
-                verbs::mtu_bytes(p.info.max_mtu),
-                verbs::mtu_bytes(p.info.active_mtu)
+                p.info.max_mtu.map_or(0, Mtu::bytes),
+                p.info.active_mtu.map_or(0, Mtu::bytes)
             );
             let layer = if p.info.link_layer == LINK_LAYER_ETHERNET {
                 "Ethernet"

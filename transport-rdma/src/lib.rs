@@ -26,9 +26,13 @@ mod backoff;
 #[cfg(feature = "rdma")]
 pub mod device;
 #[cfg(feature = "rdma")]
+mod imm;
+#[cfg(feature = "rdma")]
 mod rx;
 #[cfg(feature = "rdma")]
 pub mod setup;
+#[cfg(feature = "rdma")]
+mod stream;
 #[cfg(feature = "rdma")]
 mod tx;
 #[cfg(feature = "rdma")]
@@ -37,11 +41,15 @@ pub mod verbs;
 #[cfg(feature = "rdma")]
 mod transport;
 #[cfg(feature = "rdma")]
+pub use imm::{imm, imm_parts};
+#[cfg(feature = "rdma")]
 pub use rx::RdmaRx;
 #[cfg(feature = "rdma")]
-pub use transport::{QueuePairs, RdmaDest, RdmaOptions, RdmaSource};
+pub use stream::StreamError;
 #[cfg(feature = "rdma")]
-pub use tx::{imm, imm_parts, RdmaStats, RdmaTx, POST_CHUNK};
+pub use transport::{EndpointError, QueuePairs, RdmaDest, RdmaOptions, RdmaSource};
+#[cfg(feature = "rdma")]
+pub use tx::{RdmaStats, RdmaTx, POST_CHUNK};
 
 /// Whether this build has the RDMA transport.
 pub const ENABLED: bool = cfg!(feature = "rdma");

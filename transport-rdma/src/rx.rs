@@ -2,7 +2,7 @@
 //! only reads headers.
 //!
 //! A batch is announced by the receive completion of its WRITE WITH
-//! IMMEDIATE ([`crate::tx::imm`]: worker, batch sequence, staged length, all
+//! IMMEDIATE ([`crate::imm`]: worker, batch sequence, staged length, all
 //! checked). Its headers and the payloads that cannot land in place sit
 //! packed, in order, in a staging slot; Segment and Page payloads were
 //! already written to guest memory by the NIC, so
@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hpmig_core::memory::find_region;
 use hpmig_core::protocol::{Header, Kind, ProtocolError, HEADER_LEN};
 use hpmig_core::ring::Ring;
 use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
@@ -24,8 +25,9 @@ use hpmig_core::transport::{Interrupt, StreamRx, TransportError};
 use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
-use crate::tx::imm_parts;
-use crate::verbs::{self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr, Qp};
+use crate::imm::imm_parts;
+use crate::stream::StreamError;
+use crate::verbs::{Completion, Cq, Mr, Qp, SendList, WcOpcode};
 
 /// A guest memory region as the lander sees it: guest address, length and
 /// where it is mapped here.
@@ -34,6 +36,21 @@ pub(crate) struct LocalRegion {
     pub gpa: u64,
     pub len: u64,
     pub host: usize,
+}
+
+/// Where guest range `[gpa, gpa + len)` is mapped here: the region's index
+/// and the host address; `None` unless all of it lies in one region.
+/// `hint` is tried first.
+fn host_in(regions: &[LocalRegion], gpa: u64, len: u32, hint: usize) -> Option<(usize, usize)> {
+    let at = find_region(
+        regions.iter().map(|r| (r.gpa, r.len)),
+        gpa,
+        u64::from(len),
+        hint,
+    )?;
+    let r = regions.get(at.region)?;
+    let host = r.host.checked_add(usize::try_from(at.offset).ok()?)?;
+    Some((at.region, host))
 }
 
 #[derive(Debug)]
@@ -69,20 +86,20 @@ pub struct RdmaRx {
     seq: u32,
     pending: Pending,
     regions: Arc<Vec<LocalRegion>>,
+    /// Last region hit (a batch's payloads are mostly in one).
+    hint: usize,
     /// Keeps guest memory registered while this stream can receive.
     _guest: Arc<Vec<Mr>>,
     /// Credits sent whose completion was not polled yet.
     unacked_credits: u32,
+    /// The credit SEND's one-entry work request list, reused.
+    credit: SendList,
     interrupt: Interrupt,
     timeout: Duration,
     /// The stream's TCP setup connection, held open while this end lives
     /// (the source watches it).
     _liveness: Conn,
 }
-
-// SAFETY: the staging pointer is this struct's own mapping; verbs objects
-// are thread-safe (see verbs).
-unsafe impl Send for RdmaRx {}
 
 pub(crate) struct RxParts {
     pub qp: Arc<Qp>,
@@ -116,31 +133,39 @@ impl RdmaRx {
             seq: 0,
             pending: Pending::None,
             regions: p.regions,
+            hint: 0,
             _guest: p.guest,
             unacked_credits: 0,
+            credit: SendList::new(1, 0),
             interrupt: p.interrupt,
             timeout: p.timeout,
             _liveness: p.liveness,
         }
     }
 
-    fn fail(&self, what: String) -> TransportError {
-        TransportError::Other(format!("RDMA stream {}: {what}", self.worker))
-    }
-
-    fn completion_error(&self, c: &Completion, what: &str) -> TransportError {
-        self.fail(c.failure(what))
+    fn completion_error(&self, c: &Completion, what: &'static str) -> TransportError {
+        StreamError::Completion {
+            worker: self.worker,
+            what,
+            status: c.status,
+            opcode: c.opcode,
+        }
+        .into()
     }
 
     /// Reaps credit-send completions (each credit is signaled).
     fn reap_sends(&mut self) -> Result<(), TransportError> {
         let mut wc = [Completion::default(); 8];
-        let n = self.send_cq.poll(&mut wc)?;
+        let n = self
+            .send_cq
+            .poll(&mut wc)
+            .map_err(StreamError::verbs(self.worker))?;
         for c in &wc[..n] {
             if !c.ok() {
                 return Err(self.completion_error(c, "a credit SEND"));
             }
-            self.unacked_credits -= 1;
+            // Only this end's own credit SENDs complete here.
+            self.unacked_credits = self.unacked_credits.saturating_sub(1);
         }
         Ok(())
     }
@@ -152,11 +177,17 @@ impl RdmaRx {
             self.reap_sends()?;
             self.interrupt.check()?;
         }
-        let mut wr = verbs::send_wr();
-        wr.opcode = ibv_wr_opcode::IBV_WR_SEND;
-        wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0;
+        self.credit.clear();
+        let worker = self.worker;
+        self.credit
+            .push_send()
+            .ok_or(StreamError::Internal {
+                worker,
+                what: "no room in the credit's post list",
+            })?
+            .set_signaled();
         // SAFETY: a SEND with no scatter entries names no local buffer.
-        unsafe { self.qp.post_send(&mut wr) }?;
+        unsafe { self.qp.post_send(&mut self.credit) }.map_err(StreamError::verbs(self.worker))?;
         self.unacked_credits += 1;
         self.reap_sends()
     }
@@ -166,7 +197,11 @@ impl RdmaRx {
         let mut wc = [Completion::default(); 1];
         let mut backoff = Backoff::new(self.worker, self.timeout);
         loop {
-            if self.recv_cq.poll(&mut wc)? == 1 {
+            let n = self
+                .recv_cq
+                .poll(&mut wc)
+                .map_err(StreamError::verbs(self.worker))?;
+            if n == 1 {
                 break;
             }
             self.reap_sends()?;
@@ -179,24 +214,33 @@ impl RdmaRx {
         if !c.ok() {
             return Err(self.completion_error(&c, "a batch receive"));
         }
-        if c.opcode != ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM {
-            return Err(self.fail(format!(
-                "expected an RDMA WRITE WITH IMMEDIATE, got receive opcode {}",
-                c.opcode
-            )));
+        if c.opcode != WcOpcode::RecvRdmaWithImm {
+            return Err(StreamError::Opcode {
+                worker: self.worker,
+                got: c.opcode,
+                expected: "an RDMA WRITE WITH IMMEDIATE",
+            }
+            .into());
         }
         let (worker, seq, len) = imm_parts(c.imm);
         if worker != self.worker & 0x3f || seq != self.seq & 0x3f || len > self.slot_size {
-            return Err(self.fail(format!(
-                "batch immediate names worker {worker} batch {seq} of {len} bytes; expected worker {} batch {} of at most {} bytes",
-                self.worker & 0x3f,
-                self.seq & 0x3f,
-                self.slot_size
-            )));
+            return Err(StreamError::Immediate {
+                worker: self.worker,
+                got_worker: worker,
+                got_batch: seq,
+                got_len: len,
+                want_worker: self.worker & 0x3f,
+                want_batch: self.seq & 0x3f,
+                max_len: self.slot_size,
+            }
+            .into());
         }
-        let mut r = verbs::recv_wr(0);
-        // SAFETY: a zero-length receive names no buffer.
-        unsafe { self.qp.post_recv(&mut r) }?;
+        self.qp
+            .post_recv_empty(0)
+            .map_err(StreamError::verbs(self.worker))?;
+        // slots >= 1 (Offer::check); slot * slot_size lies inside the
+        // staging ring, whose size Ring::new computed with checked
+        // arithmetic.
         let (base, _) = self.staging.region();
         let slot = (self.seq % self.slots) as usize;
         self.cur = Some((base as usize + slot * self.slot_size, len));
@@ -205,11 +249,13 @@ impl RdmaRx {
         Ok(())
     }
 
-    fn host_of(&self, gpa: u64, len: usize) -> Option<usize> {
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.gpa && gpa + len as u64 <= r.gpa + r.len)
-            .map(|r| r.host + (gpa - r.gpa) as usize)
+    /// Where guest range `[gpa, gpa + len)` (from the peer) is mapped
+    /// here, if all of it lies in one region: the one lookup, checked
+    /// arithmetic, the last region hit tried first.
+    fn host_of(&mut self, gpa: u64, len: u32) -> Option<usize> {
+        let (region, host) = host_in(&self.regions, gpa, len, self.hint)?;
+        self.hint = region;
+        Some(host)
     }
 }
 
@@ -226,7 +272,11 @@ impl StreamRx for RdmaRx {
             }
         }
         let Some((slot, len)) = self.cur else {
-            return Err(self.fail("no batch".into()));
+            return Err(StreamError::Internal {
+                worker: self.worker,
+                what: "no batch after waiting for one",
+            }
+            .into());
         };
         if len - self.pos < HEADER_LEN {
             return Err(ProtocolError::Truncated {
@@ -250,12 +300,13 @@ impl StreamRx for RdmaRx {
         self.pos += HEADER_LEN;
         let plen = h.len as usize;
         self.pending = if matches!(h.kind, Kind::Segment | Kind::Page) {
-            let host = self.host_of(h.arg, plen).ok_or_else(|| {
-                self.fail(format!(
-                    "a payload for guest address {:#x} is outside guest memory",
-                    h.arg
-                ))
-            })?;
+            let host = self
+                .host_of(h.arg, h.len)
+                .ok_or(StreamError::OutsideGuest {
+                    worker: self.worker,
+                    gpa: h.arg,
+                    len: h.len,
+                })?;
             Pending::InPlace { host, len: plen }
         } else {
             if len - self.pos < plen {
@@ -276,20 +327,25 @@ impl StreamRx for RdmaRx {
         match std::mem::replace(&mut self.pending, Pending::None) {
             Pending::InPlace { host, len } => {
                 if dst.as_ptr() as usize != host || dst.len() != len {
-                    return Err(self.fail(format!(
-                        "the payload landed at {host:#x} ({len} bytes) but was asked for at {:#x} ({} bytes)",
-                        dst.as_ptr() as usize,
-                        dst.len()
-                    )));
+                    return Err(StreamError::Misplaced {
+                        worker: self.worker,
+                        landed_at: host,
+                        len,
+                        asked_at: dst.as_ptr() as usize,
+                        asked_len: dst.len(),
+                    }
+                    .into());
                 }
                 Ok(())
             }
             Pending::Staged { at, len } => {
                 if dst.len() != len {
-                    return Err(self.fail(format!(
-                        "a {len}-byte payload was read into {} bytes",
-                        dst.len()
-                    )));
+                    return Err(StreamError::PayloadLength {
+                        worker: self.worker,
+                        len,
+                        asked_len: dst.len(),
+                    }
+                    .into());
                 }
                 // SAFETY: [at, at + len) lies inside the current batch of
                 // the staging mapping (checked in next_header); dst is a
@@ -297,7 +353,44 @@ impl StreamRx for RdmaRx {
                 unsafe { std::ptr::copy_nonoverlapping(at as *const u8, dst.as_mut_ptr(), len) };
                 Ok(())
             }
-            Pending::None => Err(self.fail("a payload was read without a header".into())),
+            Pending::None => Err(StreamError::NoHeader {
+                worker: self.worker,
+            }
+            .into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_lands_only_inside_one_region_whatever_its_address() {
+        let regions = [
+            LocalRegion {
+                gpa: 0,
+                len: 0xa_0000,
+                host: 0x7f00_0000_0000,
+            },
+            LocalRegion {
+                gpa: 0x10_0000,
+                len: 0x100_0000,
+                host: 0x7f10_0000_0000,
+            },
+        ];
+        assert_eq!(
+            host_in(&regions, 0x10_1000, 4096, 0),
+            Some((1, 0x7f10_0000_1000))
+        );
+        assert_eq!(
+            host_in(&regions, 0x9_f000, 4096, 1),
+            Some((0, 0x7f00_0009_f000))
+        );
+        // In the hole, across a region's end, wrapping past u64::MAX.
+        assert_eq!(host_in(&regions, 0xb_0000, 1, 0), None);
+        assert_eq!(host_in(&regions, 0x9_ffff, 2, 0), None);
+        assert_eq!(host_in(&regions, u64::MAX, 4096, 0), None);
+        assert_eq!(host_in(&regions, u64::MAX - 10, u32::MAX, 1), None);
     }
 }

@@ -15,14 +15,23 @@
 //!                              staging address, rkey, slots, slot size,
 //!                              n, n x (gpa, length, address, rkey)
 //! ```
-//! Integers are little-endian; the guest memory table has at most
-//! [`MAX_REGIONS`] entries and every length is checked before use.
+//! Integers are little-endian, read with hpmig-core's [`Reader`], so a short
+//! message is refused, never zero-filled. The guest memory table has at
+//! most [`MAX_REGIONS`] entries (no more than a guest memory layout may
+//! have), and every length and address range is checked before use: an
+//! Offer by [`Offer::check`] at the destination, an Answer by
+//! [`Answer::decode`] and [`Answer::check`] at the source.
 
-use hpmig_core::transport::TransportError;
-use hpmig_transport_tcp::Conn;
 use std::io::IoSlice;
 
-use crate::verbs::Endpoint;
+use hpmig_core::memory::MAX_REGIONS;
+use hpmig_core::protocol::{ProtocolError, Reader};
+use hpmig_core::transport::TransportError;
+use hpmig_transport_tcp::Conn;
+use thiserror::Error;
+
+use crate::imm::MAX_SLOT;
+use crate::verbs::{Endpoint, Mtu};
 
 const OFFER_MAGIC: [u8; 8] = *b"HPMIGRQ1";
 const ANSWER_MAGIC: [u8; 8] = *b"HPMIGRA1";
@@ -30,15 +39,81 @@ const ENDPOINT_LEN: usize = 4 + 4 + 2 + 2 + 16;
 const OFFER_LEN: usize = 8 + ENDPOINT_LEN + 4 + 4 + 4;
 const ANSWER_FIXED: usize = 8 + ENDPOINT_LEN + 4 + 8 + 4 + 4 + 4 + 4;
 const REGION_LEN: usize = 8 + 8 + 8 + 4 + 4;
-/// Most guest memory regions a destination announces.
-pub const MAX_REGIONS: usize = 1024;
+/// Most staging slots a source may ask a destination for.
+pub const MAX_SLOTS: u32 = 64;
+/// Largest staging area one stream may ask a destination for.
+pub const MAX_STAGING: usize = 16 << 20;
+
+/// Errors of the setup exchange: an Offer or Answer that is short,
+/// malformed, or asks for what the other end will not do.
+#[derive(Debug, Error)]
+pub enum SetupError {
+    /// the source sent something other than an RDMA stream offer
+    #[error("RDMA stream setup: the source did not offer an RDMA stream (is it using TCP?)")]
+    ForeignOffer,
+    /// the destination answered with something other than an RDMA stream answer
+    #[error("RDMA stream setup: the destination did not answer with an RDMA stream (is it listening for TCP?)")]
+    ForeignAnswer,
+    /// an Offer ended before its last field
+    #[error("RDMA stream setup: a short Offer: {0}")]
+    ShortOffer(#[source] ProtocolError),
+    /// an Answer ended before its last field
+    #[error("RDMA stream setup: a short Answer: {0}")]
+    ShortAnswer(#[source] ProtocolError),
+    /// bytes follow a complete Offer or Answer
+    #[error("RDMA stream setup: {extra} bytes after the {what}")]
+    Trailing { what: &'static str, extra: usize },
+    /// an MTU number that names no verbs MTU
+    #[error("RDMA stream setup: the {what} names MTU {raw}, which is no verbs MTU (1 to 5)")]
+    Mtu { what: &'static str, raw: u32 },
+    /// the guest memory table is empty or longer than a layout may be
+    #[error("RDMA stream setup: the destination announced {n} memory regions (1 to {MAX_REGIONS} allowed)")]
+    RegionCount { n: u32 },
+    /// a guest memory region whose guest or remote address range wraps
+    #[error("RDMA stream setup: the destination's region {index} (guest {gpa:#x}, {len} bytes at {addr:#x}) wraps around the address space")]
+    RegionWraps {
+        index: usize,
+        gpa: u64,
+        len: u64,
+        addr: u64,
+    },
+    /// the staging area's address range wraps
+    #[error("RDMA stream setup: the destination's staging area at {addr:#x} ({slots} slots of {slot_size} bytes) wraps around the address space")]
+    StagingWraps {
+        addr: u64,
+        slots: u32,
+        slot_size: u32,
+    },
+    /// the source asked for a staging area this destination does not provide
+    #[error("RDMA stream {stream}: the source asked for {slots} staging slots of {slot_size} bytes (at most {MAX_SLOTS}, page-multiple, {MAX_STAGING} bytes in all)")]
+    StagingAsked {
+        stream: usize,
+        slots: u32,
+        slot_size: u32,
+    },
+    /// the destination's staging area cannot take this source's batches
+    #[error("RDMA stream {stream}: the destination offered {slots} staging slots of {slot_size} bytes at MTU {mtu}; this source needs at least one slot of {needed} bytes")]
+    StagingOffered {
+        stream: usize,
+        slots: u32,
+        slot_size: u32,
+        mtu: Mtu,
+        needed: usize,
+    },
+}
+
+impl From<SetupError> for TransportError {
+    fn from(e: SetupError) -> Self {
+        TransportError::Device(Box::new(e))
+    }
+}
 
 /// The source's half.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Offer {
     pub endpoint: Endpoint,
-    /// The source port's active MTU (verbs enum).
-    pub mtu: u32,
+    /// The source port's active MTU (sent as the verbs enum number).
+    pub mtu: Mtu,
     pub slots: u32,
     pub slot_size: u32,
 }
@@ -57,11 +132,13 @@ pub struct RemoteRegion {
 pub struct Answer {
     pub endpoint: Endpoint,
     /// The path MTU both ends use (the smaller active MTU).
-    pub mtu: u32,
+    pub mtu: Mtu,
     pub staging_addr: u64,
     pub staging_rkey: u32,
     pub slots: u32,
     pub slot_size: u32,
+    /// Each region's guest range and remote range lie within the address
+    /// space (checked by [`Answer::decode`]).
     pub regions: Vec<RemoteRegion>,
 }
 
@@ -73,42 +150,30 @@ fn put_endpoint(b: &mut Vec<u8>, e: &Endpoint) {
     b.extend_from_slice(&e.gid);
 }
 
-struct Rd<'a>(&'a [u8]);
-
-impl Rd<'_> {
-    fn take<const N: usize>(&mut self) -> [u8; N] {
-        let mut a = [0u8; N];
-        // Callers read fixed layouts whose total they checked first.
-        let n = N.min(self.0.len());
-        a[..n].copy_from_slice(&self.0[..n]);
-        self.0 = &self.0[n..];
-        a
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.take())
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.take())
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take())
-    }
-    fn endpoint(&mut self) -> Endpoint {
-        let qpn = self.u32();
-        let psn = self.u32();
-        let lid = self.u16();
-        let _ = self.u16();
-        Endpoint {
-            qpn,
-            psn,
-            lid,
-            gid: self.take(),
-        }
-    }
+fn read_endpoint(r: &mut Reader<'_>) -> Result<Endpoint, ProtocolError> {
+    let qpn = r.u32()?;
+    let psn = r.u32()?;
+    let lid = r.u16()?;
+    let _reserved = r.u16()?;
+    Ok(Endpoint {
+        qpn,
+        psn,
+        lid,
+        gid: r.bytes()?,
+    })
 }
 
-fn bad(what: String) -> TransportError {
-    TransportError::Other(format!("RDMA stream setup: {what}"))
+/// The MTU the verbs enum number `raw` names.
+fn mtu(what: &'static str, raw: u32) -> Result<Mtu, SetupError> {
+    Mtu::from_raw(raw).ok_or(SetupError::Mtu { what, raw })
+}
+
+/// Refuses bytes after a complete message.
+fn ends(what: &'static str, r: &Reader<'_>) -> Result<(), SetupError> {
+    match r.remaining() {
+        0 => Ok(()),
+        extra => Err(SetupError::Trailing { what, extra }),
+    }
 }
 
 impl Offer {
@@ -116,25 +181,55 @@ impl Offer {
         let mut b = Vec::with_capacity(OFFER_LEN);
         b.extend_from_slice(&OFFER_MAGIC);
         put_endpoint(&mut b, &self.endpoint);
-        b.extend_from_slice(&self.mtu.to_le_bytes());
+        b.extend_from_slice(&self.mtu.raw().to_le_bytes());
         b.extend_from_slice(&self.slots.to_le_bytes());
         b.extend_from_slice(&self.slot_size.to_le_bytes());
         b
     }
 
-    pub fn decode(b: &[u8; OFFER_LEN]) -> Result<Offer, TransportError> {
-        if b[..8] != OFFER_MAGIC {
-            return Err(bad(
-                "the source did not offer an RDMA stream (is it using TCP?)".into(),
-            ));
+    /// Decodes a whole Offer: short input, bytes after it or an MTU that
+    /// names none are refused.
+    pub fn decode(b: &[u8]) -> Result<Offer, SetupError> {
+        let short = SetupError::ShortOffer;
+        let mut r = Reader::new(b);
+        if r.bytes::<8>().map_err(short)? != OFFER_MAGIC {
+            return Err(SetupError::ForeignOffer);
         }
-        let mut r = Rd(&b[8..]);
+        let endpoint = read_endpoint(&mut r).map_err(short)?;
+        let mtu = mtu("Offer", r.u32().map_err(short)?)?;
+        let slots = r.u32().map_err(short)?;
+        let slot_size = r.u32().map_err(short)?;
+        ends("Offer", &r)?;
         Ok(Offer {
-            endpoint: r.endpoint(),
-            mtu: r.u32(),
-            slots: r.u32(),
-            slot_size: r.u32(),
+            endpoint,
+            mtu,
+            slots,
+            slot_size,
         })
+    }
+
+    /// Whether a destination with pages of `page` bytes provides the
+    /// staging this offer asks for (stream `stream`): 1 to [`MAX_SLOTS`]
+    /// slots of a page multiple no larger than an immediate describes,
+    /// [`MAX_STAGING`] bytes in all.
+    pub fn check(&self, stream: usize, page: usize) -> Result<(), SetupError> {
+        let slot_size = self.slot_size as usize;
+        let total = (self.slots as usize).checked_mul(slot_size);
+        if self.slots == 0
+            || self.slots > MAX_SLOTS
+            || slot_size == 0
+            || page == 0
+            || slot_size % page != 0
+            || slot_size > MAX_SLOT
+            || total.is_none_or(|t| t > MAX_STAGING)
+        {
+            return Err(SetupError::StagingAsked {
+                stream,
+                slots: self.slots,
+                slot_size: self.slot_size,
+            });
+        }
+        Ok(())
     }
 
     pub fn send(&self, conn: &mut Conn) -> Result<(), TransportError> {
@@ -144,7 +239,7 @@ impl Offer {
     pub fn recv(conn: &mut Conn) -> Result<Offer, TransportError> {
         let mut b = [0u8; OFFER_LEN];
         conn.read_exact(&mut b)?;
-        Offer::decode(&b)
+        Ok(Offer::decode(&b)?)
     }
 }
 
@@ -153,7 +248,7 @@ impl Answer {
         let mut b = Vec::with_capacity(ANSWER_FIXED + self.regions.len() * REGION_LEN);
         b.extend_from_slice(&ANSWER_MAGIC);
         put_endpoint(&mut b, &self.endpoint);
-        b.extend_from_slice(&self.mtu.to_le_bytes());
+        b.extend_from_slice(&self.mtu.raw().to_le_bytes());
         b.extend_from_slice(&self.staging_addr.to_le_bytes());
         b.extend_from_slice(&self.staging_rkey.to_le_bytes());
         b.extend_from_slice(&self.slots.to_le_bytes());
@@ -169,46 +264,69 @@ impl Answer {
         b
     }
 
-    pub fn send(&self, conn: &mut Conn) -> Result<(), TransportError> {
-        conn.write_all(&mut [IoSlice::new(&self.encode())])
+    /// The length of the region table that follows the fixed part `fixed`
+    /// (which starts with the magic), once its count is allowed.
+    fn table_len(fixed: &[u8]) -> Result<usize, SetupError> {
+        let short = SetupError::ShortAnswer;
+        let mut r = Reader::new(fixed);
+        if r.bytes::<8>().map_err(short)? != ANSWER_MAGIC {
+            return Err(SetupError::ForeignAnswer);
+        }
+        r.slice(ANSWER_FIXED - 8 - 4).map_err(short)?;
+        let n = r.u32().map_err(short)?;
+        if n == 0 || n as usize > MAX_REGIONS {
+            return Err(SetupError::RegionCount { n });
+        }
+        Ok(n as usize * REGION_LEN)
     }
 
-    pub fn recv(conn: &mut Conn) -> Result<Answer, TransportError> {
-        let mut b = [0u8; ANSWER_FIXED];
-        conn.read_exact(&mut b)?;
-        if b[..8] != ANSWER_MAGIC {
-            return Err(bad(
-                "the destination did not answer with an RDMA stream (is it listening for TCP?)"
-                    .into(),
-            ));
+    /// Decodes a whole Answer: short input, bytes after it, an MTU that
+    /// names none, a region count outside 1 to [`MAX_REGIONS`], and a
+    /// staging area or region whose range wraps are refused.
+    pub fn decode(b: &[u8]) -> Result<Answer, SetupError> {
+        let short = SetupError::ShortAnswer;
+        Answer::table_len(b)?;
+        let mut r = Reader::new(b);
+        r.bytes::<8>().map_err(short)?;
+        let endpoint = read_endpoint(&mut r).map_err(short)?;
+        let mtu = mtu("Answer", r.u32().map_err(short)?)?;
+        let staging_addr = r.u64().map_err(short)?;
+        let staging_rkey = r.u32().map_err(short)?;
+        let slots = r.u32().map_err(short)?;
+        let slot_size = r.u32().map_err(short)?;
+        let n = r.u32().map_err(short)? as usize;
+        if staging_addr
+            .checked_add(u64::from(slots) * u64::from(slot_size))
+            .is_none()
+        {
+            return Err(SetupError::StagingWraps {
+                addr: staging_addr,
+                slots,
+                slot_size,
+            });
         }
-        let mut r = Rd(&b[8..]);
-        let endpoint = r.endpoint();
-        let mtu = r.u32();
-        let staging_addr = r.u64();
-        let staging_rkey = r.u32();
-        let slots = r.u32();
-        let slot_size = r.u32();
-        let n = r.u32() as usize;
-        if n == 0 || n > MAX_REGIONS {
-            return Err(bad(format!(
-                "the destination announced {n} memory regions (1 to {MAX_REGIONS} allowed)"
-            )));
+        let mut regions = Vec::with_capacity(n);
+        for index in 0..n {
+            let region = RemoteRegion {
+                gpa: r.u64().map_err(short)?,
+                len: r.u64().map_err(short)?,
+                addr: r.u64().map_err(short)?,
+                rkey: r.u32().map_err(short)?,
+            };
+            let _padding = r.u32().map_err(short)?;
+            if region.gpa.checked_add(region.len).is_none()
+                || region.addr.checked_add(region.len).is_none()
+            {
+                return Err(SetupError::RegionWraps {
+                    index,
+                    gpa: region.gpa,
+                    len: region.len,
+                    addr: region.addr,
+                });
+            }
+            regions.push(region);
         }
-        let mut table = vec![0u8; n * REGION_LEN];
-        conn.read_exact(&mut table)?;
-        let regions = table
-            .chunks_exact(REGION_LEN)
-            .map(|c| {
-                let mut r = Rd(c);
-                RemoteRegion {
-                    gpa: r.u64(),
-                    len: r.u64(),
-                    addr: r.u64(),
-                    rkey: r.u32(),
-                }
-            })
-            .collect();
+        ends("Answer", &r)?;
         Ok(Answer {
             endpoint,
             mtu,
@@ -219,29 +337,212 @@ impl Answer {
             regions,
         })
     }
+
+    /// Whether this answer's staging takes stream `stream`'s batches of up
+    /// to `needed` bytes: at least one slot, each that large.
+    pub fn check(&self, stream: usize, needed: usize) -> Result<(), SetupError> {
+        if self.slots == 0 || (self.slot_size as usize) < needed {
+            return Err(SetupError::StagingOffered {
+                stream,
+                slots: self.slots,
+                slot_size: self.slot_size,
+                mtu: self.mtu,
+                needed,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn send(&self, conn: &mut Conn) -> Result<(), TransportError> {
+        conn.write_all(&mut [IoSlice::new(&self.encode())])
+    }
+
+    /// Reads the fixed part, then the region table its count announces
+    /// (the count is checked before anything is allocated for it).
+    pub fn recv(conn: &mut Conn) -> Result<Answer, TransportError> {
+        let mut b = vec![0u8; ANSWER_FIXED];
+        conn.read_exact(&mut b)?;
+        let table = Answer::table_len(&b)?;
+        b.resize(ANSWER_FIXED + table, 0);
+        conn.read_exact(&mut b[ANSWER_FIXED..])?;
+        Ok(Answer::decode(&b)?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn offer_round_trips_and_a_foreign_magic_is_refused() {
-        let o = Offer {
-            endpoint: Endpoint {
-                qpn: 17,
-                psn: 0x12345,
-                lid: 3,
-                gid: [7; 16],
-            },
-            mtu: 5,
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            qpn: 17,
+            psn: 0x12345,
+            lid: 3,
+            gid: [7; 16],
+        }
+    }
+
+    fn offer() -> Offer {
+        Offer {
+            endpoint: endpoint(),
+            mtu: Mtu::Mtu4096,
             slots: 8,
             slot_size: 256 << 10,
-        };
-        let b: [u8; OFFER_LEN] = o.encode().try_into().unwrap();
+        }
+    }
+
+    fn answer() -> Answer {
+        Answer {
+            endpoint: endpoint(),
+            mtu: Mtu::Mtu1024,
+            staging_addr: 0x7f00_0000_0000,
+            staging_rkey: 0x55,
+            slots: 8,
+            slot_size: 256 << 10,
+            regions: vec![
+                RemoteRegion {
+                    gpa: 0,
+                    len: 1 << 30,
+                    addr: 0x7e00_0000_0000,
+                    rkey: 0x66,
+                },
+                RemoteRegion {
+                    gpa: 1 << 32,
+                    len: 1 << 20,
+                    addr: 0x7d00_0000_0000,
+                    rkey: 0x77,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn offer_round_trips_and_a_foreign_magic_is_refused() {
+        let o = offer();
+        let b = o.encode();
+        assert_eq!(b.len(), OFFER_LEN);
         assert_eq!(Offer::decode(&b).unwrap(), o);
         let mut tcp = b;
         tcp[..8].copy_from_slice(b"HPMIGSTR");
-        assert!(Offer::decode(&tcp).is_err());
+        assert!(matches!(Offer::decode(&tcp), Err(SetupError::ForeignOffer)));
+    }
+
+    #[test]
+    fn the_wire_layout_is_unchanged() {
+        let b = offer().encode();
+        assert_eq!(&b[..8], b"HPMIGRQ1");
+        assert_eq!(&b[8..12], &17u32.to_le_bytes());
+        assert_eq!(&b[16..18], &3u16.to_le_bytes());
+        assert_eq!(&b[36..40], &5u32.to_le_bytes(), "MTU as the verbs number");
+        let b = answer().encode();
+        assert_eq!(b.len(), ANSWER_FIXED + 2 * REGION_LEN);
+        assert_eq!(&b[36..40], &3u32.to_le_bytes());
+        assert_eq!(&b[ANSWER_FIXED - 4..ANSWER_FIXED], &2u32.to_le_bytes());
+    }
+
+    #[test]
+    fn answer_round_trips() {
+        let a = answer();
+        assert_eq!(Answer::decode(&a.encode()).unwrap(), a);
+    }
+
+    #[test]
+    fn a_truncated_answer_is_refused_not_zero_filled() {
+        let b = answer().encode();
+        for cut in 0..b.len() {
+            match Answer::decode(&b[..cut]) {
+                Err(SetupError::ShortAnswer(ProtocolError::Truncated { .. })) => {}
+                other => panic!("{cut} of {} bytes: {other:?}", b.len()),
+            }
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(matches!(
+            Answer::decode(&long),
+            Err(SetupError::Trailing { extra: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_truncated_offer_is_refused() {
+        let b = offer().encode();
+        for cut in 0..b.len() {
+            assert!(
+                matches!(Offer::decode(&b[..cut]), Err(SetupError::ShortOffer(_))),
+                "{cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_region_count_outside_a_layouts_is_refused_before_the_table_is_read() {
+        for n in [0, MAX_REGIONS as u32 + 1, u32::MAX] {
+            let mut b = answer().encode();
+            b[ANSWER_FIXED - 4..ANSWER_FIXED].copy_from_slice(&n.to_le_bytes());
+            assert!(matches!(
+                Answer::table_len(&b[..ANSWER_FIXED]),
+                Err(SetupError::RegionCount { .. })
+            ));
+            assert!(Answer::decode(&b).is_err());
+        }
+    }
+
+    #[test]
+    fn unknown_mtus_and_wrapping_ranges_are_refused() {
+        let mut b = answer().encode();
+        b[36..40].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            Answer::decode(&b),
+            Err(SetupError::Mtu { raw: 0, .. })
+        ));
+        let mut a = answer();
+        a.regions[1].gpa = u64::MAX - 10;
+        assert!(matches!(
+            Answer::decode(&a.encode()),
+            Err(SetupError::RegionWraps { index: 1, .. })
+        ));
+        let mut a = answer();
+        a.regions[0].addr = u64::MAX - 10;
+        assert!(matches!(
+            Answer::decode(&a.encode()),
+            Err(SetupError::RegionWraps { index: 0, .. })
+        ));
+        let mut a = answer();
+        a.staging_addr = u64::MAX - 4096;
+        assert!(matches!(
+            Answer::decode(&a.encode()),
+            Err(SetupError::StagingWraps { .. })
+        ));
+    }
+
+    #[test]
+    fn staging_asked_and_offered_are_checked() {
+        let page = 4096;
+        assert!(offer().check(0, page).is_ok());
+        for (slots, slot_size) in [
+            (0, 4096),
+            (MAX_SLOTS + 1, 4096),
+            (8, 0),
+            (8, 4097),
+            (1, (MAX_SLOT as u32 + 1).next_multiple_of(4096)),
+            (64, 1 << 19),
+        ] {
+            let o = Offer {
+                slots,
+                slot_size,
+                ..offer()
+            };
+            assert!(
+                matches!(
+                    o.check(3, page),
+                    Err(SetupError::StagingAsked { stream: 3, .. })
+                ),
+                "{slots} x {slot_size}"
+            );
+        }
+        let a = answer();
+        assert!(a.check(0, 256 << 10).is_ok());
+        assert!(a.check(0, (256 << 10) + 1).is_err());
+        assert!(Answer { slots: 0, ..a }.check(0, 1).is_err());
     }
 }

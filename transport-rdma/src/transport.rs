@@ -5,23 +5,73 @@ use std::sync::Arc;
 
 use hpmig_core::auth::Session;
 use hpmig_core::memory::DestMemory;
-use hpmig_core::ring::Ring;
+use hpmig_core::ring::{Ring, RingError};
 use hpmig_core::transport::{DestTransport, Interrupt, SourceTransport, TransportError};
 use hpmig_transport_tcp::{TcpControl, TcpDest, TcpOptions, TcpSource};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion};
 
-use crate::device;
+use crate::device::{self, DeviceError};
+use crate::imm::MAX_SLOT;
 use crate::rx::{LocalRegion, RdmaRx, RxParts};
 use crate::setup::{Answer, Offer, RemoteRegion};
-use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE, MAX_SLOT};
-use crate::verbs::{self, ibv_qp_cap, Context, Cq, Endpoint, Mr, Path, Pd, Qp, VerbsError};
+use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE};
+use crate::verbs::{
+    self, Context, Cq, Endpoint, Mr, Mtu, Path, Pd, PortState, Qp, QpCaps, VerbsError,
+};
 
-/// Largest staging area one stream may ask a destination for.
-const MAX_STAGING: usize = 16 << 20;
 /// Send queue depth of a source stream (capped by the device).
 const SQ_DEPTH: u32 = 1024;
 /// Inline sizes tried, largest first, until the device accepts one.
 const INLINE_TRIES: [u32; 4] = [256, 128, 64, 0];
+
+/// Errors of opening an end of the transport: the device port and each
+/// stream's local resources.
+#[derive(Debug, Error)]
+pub enum EndpointError {
+    /// a verbs call failed
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    /// the device's GID table gave no usable GID
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// the port asked for is not active
+    #[error("checking the port failed: port {port} of {device} is {state}, not PORT_ACTIVE")]
+    PortNotActive {
+        device: String,
+        port: u8,
+        state: PortState,
+    },
+    /// the port reports an active MTU that names no verbs MTU
+    #[error("checking the port failed: port {port} of {device} reports no valid active MTU")]
+    NoMtu { device: String, port: u8 },
+    /// a ring slot is larger than a batch immediate can describe
+    #[error("RDMA: ring slots of {slot_size} bytes exceed the {MAX_SLOT}-byte batch an immediate can describe")]
+    SlotTooLarge { slot_size: usize },
+    /// a stream index does not fit the stream hello's 16 bits
+    #[error("RDMA stream {stream}: too many streams (at most {})", u16::MAX as usize + 1)]
+    TooManyStreams { stream: usize },
+    /// the staging ring could not be mapped
+    #[error("RDMA stream {stream}: staging ring: {source}")]
+    StagingRing {
+        stream: usize,
+        #[source]
+        source: RingError,
+    },
+    /// a guest memory region has no host mapping to register
+    #[error("guest memory region at {gpa:#x}: {source}")]
+    GuestRegion {
+        gpa: u64,
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+impl From<EndpointError> for TransportError {
+    fn from(e: EndpointError) -> Self {
+        TransportError::Device(Box::new(e))
+    }
+}
 
 /// Which device and port to use.
 #[derive(Clone, Debug)]
@@ -61,24 +111,24 @@ struct Port {
     gid_index: u8,
     lid: u16,
     gid: [u8; 16],
-    active_mtu: u32,
+    active_mtu: Mtu,
 }
 
 impl Port {
-    fn open(o: &RdmaOptions) -> Result<Port, VerbsError> {
+    fn open(o: &RdmaOptions) -> Result<Port, EndpointError> {
         let ctx = Context::open(&o.device)?;
         let info = ctx.port(o.port)?;
-        if info.state != verbs::ibv_port_state::IBV_PORT_ACTIVE {
-            return Err(VerbsError {
-                call: "checking the port",
-                detail: format!(
-                    "port {} of {} is {}, not PORT_ACTIVE",
-                    o.port,
-                    o.device,
-                    verbs::port_state_str(info.state)
-                ),
+        if info.state != PortState::Active {
+            return Err(EndpointError::PortNotActive {
+                device: o.device.clone(),
+                port: o.port,
+                state: info.state,
             });
         }
+        let active_mtu = info.active_mtu.ok_or(EndpointError::NoMtu {
+            device: o.device.clone(),
+            port: o.port,
+        })?;
         let gid_index = match o.gid_index {
             Some(i) => i,
             None => device::default_gid_index(&ctx, o.port)?,
@@ -92,7 +142,7 @@ impl Port {
             gid_index,
             lid: info.lid,
             gid,
-            active_mtu: info.active_mtu,
+            active_mtu,
         })
     }
 
@@ -105,7 +155,7 @@ impl Port {
         }
     }
 
-    fn path(&self, mtu: u32) -> Path {
+    fn path(&self, mtu: Mtu) -> Path {
         Path {
             port: self.port,
             gid_index: self.gid_index,
@@ -123,32 +173,30 @@ impl Port {
         send_sge: u32,
         remote_write: bool,
     ) -> Result<Arc<Qp>, VerbsError> {
-        let mut last = None;
-        for inline in INLINE_TRIES {
-            let cap = ibv_qp_cap {
+        let attempt = |inline| {
+            let caps = QpCaps {
                 max_send_wr: send_wr,
                 max_recv_wr: recv_wr,
                 max_send_sge: send_sge,
                 max_recv_sge: 1,
                 max_inline_data: inline,
             };
-            match Qp::new(&self.pd, send_cq, recv_cq, cap, self.port, remote_write) {
-                Ok(qp) => return Ok(Arc::new(qp)),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or(VerbsError {
-            call: "ibv_create_qp",
-            detail: "no attempt".into(),
-        }))
+            Qp::new(&self.pd, send_cq, recv_cq, caps, self.port, remote_write)
+        };
+        // Each refusal tries the next smaller size; the last one's error is
+        // the answer.
+        INLINE_TRIES[1..]
+            .iter()
+            .fold(attempt(INLINE_TRIES[0]), |qp, &inline| {
+                qp.or_else(|_| attempt(inline))
+            })
+            .map(Arc::new)
     }
 }
 
 fn post_recvs(qp: &Qp, n: u32) -> Result<(), VerbsError> {
     for i in 0..n {
-        let mut r = verbs::recv_wr(u64::from(i));
-        // SAFETY: a zero-length receive names no buffer.
-        unsafe { qp.post_recv(&mut r) }?;
+        qp.post_recv_empty(u64::from(i))?;
     }
     Ok(())
 }
@@ -229,9 +277,7 @@ impl RdmaSource {
     ) -> Result<OfferedStream, TransportError> {
         let slot_size = ring.slot_size();
         if slot_size > MAX_SLOT {
-            return Err(TransportError::Other(format!(
-                "RDMA: ring slots of {slot_size} bytes exceed the {MAX_SLOT}-byte batch an immediate can describe"
-            )));
+            return Err(EndpointError::SlotTooLarge { slot_size }.into());
         }
         let (base, len) = ring.region();
         // SAFETY: the ring's mapping lives as long as any of its slots; the
@@ -251,7 +297,7 @@ impl RdmaSource {
         // Credits may come back as soon as the first batch lands.
         post_recvs(&qp, slots)?;
         let index16 =
-            u16::try_from(index).map_err(|_| TransportError::Other("too many streams".into()))?;
+            u16::try_from(index).map_err(|_| EndpointError::TooManyStreams { stream: index })?;
         let mut conn = self.tcp.connect_stream(index16, session)?;
         let my_psn = psn(index);
         Offer {
@@ -292,12 +338,7 @@ impl RdmaSource {
             psn: my_psn,
         } = o;
         let answer = Answer::recv(&mut conn)?;
-        if answer.slots == 0 || (answer.slot_size as usize) < slot_size || answer.mtu == 0 {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {index}: the destination offered {} staging slots of {} bytes at MTU {}",
-                answer.slots, answer.slot_size, answer.mtu
-            )));
-        }
+        answer.check(index, slot_size)?;
         qp.connect(&answer.endpoint, my_psn, self.port.path(answer.mtu))?;
         self.qps
             .lock()
@@ -313,6 +354,11 @@ impl RdmaSource {
             answer,
             sq_depth,
             max_sge,
+            // The source's layout is always `Layout::of` its memory, whose
+            // pages are the host's (see hpmig_core::precopy::migrate): the
+            // size its workers encode Page and Segment records for. A page
+            // size beyond u32 fails every Page record at submit, loudly.
+            page_size: u32::try_from(hpmig_core::memory::host_page_size()).unwrap_or(u32::MAX),
             stats: Arc::clone(&self.stats),
             interrupt: self.tcp.interrupt(),
             timeout: self.opts.tcp.io_timeout,
@@ -385,21 +431,12 @@ impl RdmaDest {
         local: &Arc<Vec<LocalRegion>>,
     ) -> Result<RdmaRx, TransportError> {
         let offer = Offer::recv(&mut conn)?;
+        offer.check(index, hpmig_core::memory::host_page_size())?;
         let (slots, slot_size) = (offer.slots as usize, offer.slot_size as usize);
-        let page = hpmig_core::memory::host_page_size();
-        if slots == 0
-            || slots > 64
-            || slot_size == 0
-            || slot_size % page != 0
-            || slot_size > MAX_SLOT
-            || slots * slot_size > MAX_STAGING
-        {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {index}: the source asked for {slots} staging slots of {slot_size} bytes (at most 64, page-multiple, {MAX_STAGING} bytes in all)"
-            )));
-        }
-        let staging = Ring::new(slots, slot_size)
-            .map_err(|e| TransportError::Other(format!("RDMA staging ring: {e}")))?;
+        let staging = Ring::new(slots, slot_size).map_err(|source| EndpointError::StagingRing {
+            stream: index,
+            source,
+        })?;
         let (base, len) = staging.region();
         // SAFETY: the staging ring is owned by the RdmaRx built below, which
         // drops this registration before the ring.
@@ -472,7 +509,10 @@ impl DestTransport for RdmaDest {
             let host = r
                 .as_volatile_slice()
                 .map(|s| s.ptr_guard_mut().as_ptr())
-                .map_err(|e| TransportError::Other(format!("guest memory region: {e}")))?;
+                .map_err(|source| EndpointError::GuestRegion {
+                    gpa: r.start_addr().0,
+                    source,
+                })?;
             // SAFETY: the region is a mapping of `memory`, which outlives the
             // migration these registrations serve; should it be unmapped
             // first, the registration still pins its pages, so the NIC never

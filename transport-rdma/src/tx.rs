@@ -1,13 +1,15 @@
 //! Source side of one stream: posts a filled ring slot as RDMA WRITEs.
 //!
-//! The slot is walked record by record (the worker wrote them, so they are
-//! trusted). Segment and Page payloads are written straight from the ring
+//! The slot is walked record by record with hpmig-core's
+//! [`Records`] reader, the one every end uses (the worker wrote these
+//! records, so one that does not decode is a bug here: the stream fails
+//! with [`StreamError::Record`]). Segment and Page payloads are written straight from the ring
 //! to region base + guest address at the destination, payloads for adjacent
 //! guest addresses gathered into one work request (up to [`MAX_SGE`]
 //! scatter entries). Every other byte (headers, zero markers, zstd payloads,
 //! the round end) is packed, in order, into a destination staging slot,
 //! gathered the same way. The batch's last work request carries the
-//! immediate ([`imm`]: worker, batch, staged length) that tells the
+//! immediate ([`crate::imm`]: worker, batch, staged length) that tells the
 //! destination the batch has landed: an RC queue pair completes a later
 //! message only after every earlier one is placed.
 //!
@@ -30,18 +32,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hpmig_core::protocol::{Kind, HEADER_LEN};
+use hpmig_core::memory::find_region;
+use hpmig_core::protocol::{Kind, Records, HEADER_LEN};
 use hpmig_core::ring::SendBuf;
 use hpmig_core::transport::{Interrupt, StreamTx, TransportError};
 
 use hpmig_transport_tcp::Conn;
 
 use crate::backoff::Backoff;
+use crate::imm::imm;
 use crate::setup::{Answer, RemoteRegion};
-use crate::verbs::{
-    self, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode, ibv_wr_opcode, Completion, Cq, Mr,
-    Qp,
-};
+use crate::stream::StreamError;
+use crate::verbs::{Completion, Cq, Mr, Qp, SendList, Sge, WcOpcode};
 
 /// Work requests per `ibv_post_send` (one doorbell) at most.
 pub const POST_CHUNK: usize = 64;
@@ -71,25 +73,25 @@ impl RdmaStats {
     }
 }
 
-/// The immediate of a batch: worker (6 bits), batch sequence (6 bits),
-/// length of the batch's staged bytes (20 bits).
-pub fn imm(worker: u32, seq: u32, len: usize) -> u32 {
-    ((worker & 0x3f) << 26) | ((seq & 0x3f) << 20) | (len as u32 & 0xf_ffff)
+/// Where the destination registered guest range `[gpa, gpa + len)`: the
+/// region's index, the remote address and key; `None` unless all of it
+/// lies in one region. `hint` is tried first.
+fn remote_of(
+    regions: &[RemoteRegion],
+    gpa: u64,
+    len: u64,
+    hint: usize,
+) -> Option<(usize, u64, u32)> {
+    let at = find_region(regions.iter().map(|r| (r.gpa, r.len)), gpa, len, hint)?;
+    let r = regions.get(at.region)?;
+    Some((at.region, r.addr.checked_add(at.offset)?, r.rkey))
 }
-
-/// The parts of an immediate: (worker, sequence, length).
-pub fn imm_parts(imm: u32) -> (u32, u32, usize) {
-    (imm >> 26, (imm >> 20) & 0x3f, (imm & 0xf_ffff) as usize)
-}
-
-/// Largest slot an immediate can describe.
-pub const MAX_SLOT: usize = (1 << 20) - 1;
 
 /// One work request being gathered: local pieces for one contiguous
 /// remote range.
 #[derive(Clone, Copy)]
 struct Gather {
-    sges: [ibv_sge; MAX_SGE],
+    sges: [Sge; MAX_SGE],
     n: usize,
     remote: u64,
     rkey: u32,
@@ -99,11 +101,7 @@ struct Gather {
 impl Gather {
     fn new() -> Gather {
         Gather {
-            sges: [ibv_sge {
-                addr: 0,
-                length: 0,
-                lkey: 0,
-            }; MAX_SGE],
+            sges: [Sge::default(); MAX_SGE],
             n: 0,
             remote: 0,
             rkey: 0,
@@ -115,13 +113,12 @@ impl Gather {
     fn continues(&self, remote: u64, rkey: u32, max_sge: usize, local: u64) -> bool {
         self.n > 0
             && rkey == self.rkey
-            && remote == self.remote + self.bytes
+            && self.remote.checked_add(self.bytes) == Some(remote)
             && (self.n < max_sge || self.last_end() == local)
     }
 
     fn last_end(&self) -> u64 {
-        let l = &self.sges[self.n - 1];
-        l.addr + u64::from(l.length)
+        self.sges[self.n - 1].end()
     }
 
     /// Appends a piece (merged with the previous one when adjacent).
@@ -129,7 +126,7 @@ impl Gather {
         if self.n > 0 && self.last_end() == local {
             self.sges[self.n - 1].length += len;
         } else {
-            self.sges[self.n] = ibv_sge {
+            self.sges[self.n] = Sge {
                 addr: local,
                 length: len,
                 lkey,
@@ -137,28 +134,6 @@ impl Gather {
             self.n += 1;
         }
         self.bytes += u64::from(len);
-    }
-}
-
-/// Work-request scratch space, rebuilt before every post.
-struct Scratch<T>(Vec<T>);
-
-impl<T> std::fmt::Debug for Scratch<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "[{} work request slots]", self.0.len())
-    }
-}
-
-impl<T> std::ops::Deref for Scratch<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        &self.0
-    }
-}
-
-impl<T> std::ops::DerefMut for Scratch<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        &mut self.0
     }
 }
 
@@ -190,10 +165,13 @@ pub struct RdmaTx {
     completed_wr_id: u64,
     sq_depth: u64,
     max_inline: u32,
-    wrs: Scratch<ibv_send_wr>,
-    /// MAX_SGE scatter entries per work request of `wrs`.
-    sges: Scratch<ibv_sge>,
+    /// The chain being built (up to POST_CHUNK work requests of up to
+    /// MAX_SGE pieces), posted when full and at the end of a batch.
+    wrs: SendList,
     max_sge: usize,
+    /// The page size the worker's records were written for (bounds the
+    /// Segment and Page records the batch walk decodes).
+    page_size: u32,
     stats: Arc<RdmaStats>,
     interrupt: Interrupt,
     timeout: Duration,
@@ -201,11 +179,6 @@ pub struct RdmaTx {
     /// the destination closes it when its end of the stream goes away.
     liveness: Conn,
 }
-
-// SAFETY: the raw pointers inside `wrs`/`sges` are scratch space rebuilt
-// before every post and point only into this struct's own vectors and ring;
-// the verbs objects are thread-safe (see verbs).
-unsafe impl Send for RdmaTx {}
 
 pub(crate) struct TxParts {
     pub qp: Arc<Qp>,
@@ -217,6 +190,7 @@ pub(crate) struct TxParts {
     pub answer: Answer,
     pub sq_depth: u32,
     pub max_sge: usize,
+    pub page_size: u32,
     pub stats: Arc<RdmaStats>,
     pub interrupt: Interrupt,
     pub timeout: Duration,
@@ -247,16 +221,9 @@ impl RdmaTx {
             completed_wr_id: 0,
             sq_depth: u64::from(p.sq_depth),
             max_inline,
-            wrs: Scratch((0..POST_CHUNK).map(|_| verbs::send_wr()).collect()),
-            sges: Scratch(vec![
-                ibv_sge {
-                    addr: 0,
-                    length: 0,
-                    lkey: 0
-                };
-                POST_CHUNK * MAX_SGE
-            ]),
+            wrs: SendList::new(POST_CHUNK, MAX_SGE),
             max_sge: p.max_sge.clamp(1, MAX_SGE),
+            page_size: p.page_size,
             stats: p.stats,
             interrupt: p.interrupt,
             timeout: p.timeout,
@@ -269,8 +236,14 @@ impl RdmaTx {
         &self.qp
     }
 
-    fn completion_error(&self, c: &Completion, what: &str) -> TransportError {
-        TransportError::Other(format!("RDMA stream {}: {}", self.worker, c.failure(what)))
+    fn completion_error(&self, c: &Completion, what: &'static str) -> TransportError {
+        StreamError::Completion {
+            worker: self.worker,
+            what,
+            status: c.status,
+            opcode: c.opcode,
+        }
+        .into()
     }
 
     /// Polls both queues once: frees slots whose writes completed and takes
@@ -278,7 +251,10 @@ impl RdmaTx {
     fn progress(&mut self) -> Result<bool, TransportError> {
         let mut wc = [Completion::default(); 16];
         let mut any = false;
-        let n = self.send_cq.poll(&mut wc)?;
+        let n = self
+            .send_cq
+            .poll(&mut wc)
+            .map_err(StreamError::verbs(self.worker))?;
         for c in &wc[..n] {
             if !c.ok() {
                 return Err(self.completion_error(c, "an RDMA WRITE"));
@@ -294,28 +270,35 @@ impl RdmaTx {
                 self.free.push(b);
             }
         }
-        let n = self.recv_cq.poll(&mut wc)?;
+        let n = self
+            .recv_cq
+            .poll(&mut wc)
+            .map_err(StreamError::verbs(self.worker))?;
         for c in &wc[..n] {
             if !c.ok() {
                 return Err(self.completion_error(c, "a credit receive"));
             }
-            if c.opcode != ibv_wc_opcode::IBV_WC_RECV {
-                return Err(TransportError::Other(format!(
-                    "RDMA stream {}: unexpected receive opcode {} (a credit is a SEND)",
-                    self.worker, c.opcode
-                )));
+            if c.opcode != WcOpcode::Recv {
+                return Err(StreamError::Opcode {
+                    worker: self.worker,
+                    got: c.opcode,
+                    expected: "a credit SEND",
+                }
+                .into());
             }
-            let mut r = verbs::recv_wr(0);
-            // SAFETY: a zero-length receive names no buffer.
-            unsafe { self.qp.post_recv(&mut r) }?;
+            self.qp
+                .post_recv_empty(0)
+                .map_err(StreamError::verbs(self.worker))?;
             self.credits += 1;
             any = true;
         }
         if self.credits > self.staging_slots {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: the destination returned more credits than it has slots",
-                self.worker
-            )));
+            return Err(StreamError::Credits {
+                worker: self.worker,
+                credits: self.credits,
+                slots: self.staging_slots,
+            }
+            .into());
         }
         Ok(any)
     }
@@ -337,61 +320,63 @@ impl RdmaTx {
             // that went away returns no credits and posts no error; its
             // closed connection says so at once.
             if backoff.idle(&self.interrupt, what)? && self.liveness.peer_closed() {
-                return Err(TransportError::Other(format!(
-                    "RDMA stream {}: the destination closed the stream while this end waited for {what}",
-                    self.worker
-                )));
+                return Err(StreamError::PeerClosed {
+                    worker: self.worker,
+                    waiting_for: what,
+                }
+                .into());
             }
         }
         Ok(())
     }
 
-    fn region_of(&mut self, gpa: u64, len: u64) -> Result<(u64, u32), TransportError> {
-        let hit = |r: &RemoteRegion| gpa >= r.gpa && gpa + len <= r.gpa + r.len;
-        if !self.regions.get(self.hint).is_some_and(hit) {
-            self.hint = self.regions.iter().position(hit).ok_or_else(|| {
-                TransportError::Other(format!(
-                    "RDMA stream {}: guest address {gpa:#x}+{len} is in no region the destination registered",
-                    self.worker
-                ))
-            })?;
-        }
-        let r = &self.regions[self.hint];
-        Ok((r.addr + (gpa - r.gpa), r.rkey))
+    /// Where the destination registered guest range `[gpa, gpa + len)`:
+    /// the remote address and key. One lookup for every end (checked
+    /// arithmetic, the last region hit tried first).
+    fn region_of(&mut self, gpa: u64, len: u64) -> Result<(u64, u32), StreamError> {
+        let Some((region, remote, rkey)) = remote_of(&self.regions, gpa, len, self.hint) else {
+            return Err(StreamError::NotRegistered {
+                worker: self.worker,
+                gpa,
+                len,
+            });
+        };
+        self.hint = region;
+        Ok((remote, rkey))
     }
 
-    /// Posts the `n` work requests built in `wrs[..n]` as one chain.
-    fn post(&mut self, n: usize) -> Result<(), TransportError> {
-        if n == 0 {
+    /// `addr + offset` of a remote address the destination gave.
+    fn remote(&self, addr: u64, offset: u64) -> Result<u64, StreamError> {
+        addr.checked_add(offset).ok_or(StreamError::RemoteWraps {
+            worker: self.worker,
+            addr,
+            offset,
+        })
+    }
+
+    /// Posts the work requests built in `wrs` as one chain.
+    fn post(&mut self) -> Result<(), TransportError> {
+        if self.wrs.is_empty() {
             return Ok(());
         }
         let depth = self.sq_depth;
-        let need = n as u64;
+        let need = self.wrs.len() as u64;
         self.wait("send queue space", |s| {
             s.next_wr_id - 1 - s.completed_wr_id + need <= depth
         })?;
-        for i in 0..n {
-            let next = if i + 1 < n {
-                &mut self.wrs[i + 1] as *mut ibv_send_wr
-            } else {
-                std::ptr::null_mut()
-            };
-            let sge = &mut self.sges[i * MAX_SGE] as *mut ibv_sge;
-            let wr = &mut self.wrs[i];
-            wr.next = next;
-            wr.sg_list = sge;
-            wr.wr_id = self.next_wr_id;
+        for wr in self.wrs.iter_mut() {
+            wr.set_id(self.next_wr_id);
             if self.next_wr_id % SIGNAL_EVERY == 0 {
-                wr.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
+                wr.set_signaled();
             }
             self.next_wr_id += 1;
         }
-        // SAFETY: wrs[..n] is a well-formed chain built just above whose
-        // sges point into `sges`; every local address lies in the ring
-        // registered as `ring_mr` (or is inline), and the slot it lies in
-        // stays in `inflight`, untouched, until a signaled completion at or
-        // after its last work request is polled (see `progress`).
-        unsafe { self.qp.post_send(&mut self.wrs[0]) }?;
+        // SAFETY: every local address in `wrs` lies in the ring registered
+        // as `ring_mr` (or is inline), and the slot it lies in stays in
+        // `inflight`, untouched, until a signaled completion at or after
+        // its last work request is polled (see `progress`).
+        unsafe { self.qp.post_send(&mut self.wrs) }.map_err(StreamError::verbs(self.worker))?;
+        self.wrs.clear();
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
         self.stats.work_requests.fetch_add(need, Ordering::Relaxed);
         Ok(())
@@ -399,30 +384,28 @@ impl RdmaTx {
 
     /// Turns `g` into the next work request of the chain (posting the
     /// chain first when it is full) and empties it.
-    fn emit(&mut self, n: &mut usize, g: &mut Gather) -> Result<(), TransportError> {
+    fn emit(&mut self, g: &mut Gather) -> Result<(), TransportError> {
         if g.n == 0 {
             return Ok(());
         }
-        if *n == POST_CHUNK {
-            self.post(*n)?;
-            *n = 0;
+        if self.wrs.is_full() {
+            self.post()?;
         }
         let inline = g.bytes <= u64::from(self.max_inline);
-        let wr = &mut self.wrs[*n];
-        wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE;
-        wr.send_flags = if inline {
-            ibv_send_flags::IBV_SEND_INLINE.0
-        } else {
-            0
-        };
-        wr.num_sge = g.n as i32;
-        wr.wr.rdma.remote_addr = g.remote;
-        wr.wr.rdma.rkey = g.rkey;
-        self.sges[*n * MAX_SGE..*n * MAX_SGE + g.n].copy_from_slice(&g.sges[..g.n]);
+        if self
+            .wrs
+            .push_write(&g.sges[..g.n], g.remote, g.rkey, inline)
+            .is_none()
+        {
+            return Err(StreamError::Internal {
+                worker: self.worker,
+                what: "no room in the post list for a gathered work request",
+            }
+            .into());
+        }
         if inline {
             self.stats.inline.fetch_add(1, Ordering::Relaxed);
         }
-        *n += 1;
         g.n = 0;
         g.bytes = 0;
         Ok(())
@@ -430,10 +413,8 @@ impl RdmaTx {
 
     /// Adds `len` local bytes at `local` for `remote` to `g`, emitting `g`
     /// first when they do not continue it.
-    #[allow(clippy::too_many_arguments)]
     fn gather(
         &mut self,
-        n: &mut usize,
         g: &mut Gather,
         local: u64,
         len: usize,
@@ -441,7 +422,7 @@ impl RdmaTx {
         rkey: u32,
     ) -> Result<(), TransportError> {
         if !g.continues(remote, rkey, self.max_sge, local) {
-            self.emit(n, g)?;
+            self.emit(g)?;
             g.remote = remote;
             g.rkey = rkey;
         }
@@ -454,10 +435,10 @@ impl StreamTx for RdmaTx {
     fn take_free(&mut self) -> Result<SendBuf, TransportError> {
         self.interrupt.check()?;
         self.wait("a ring slot to be sent", |s| !s.free.is_empty())?;
-        let mut b = self
-            .free
-            .pop()
-            .ok_or(TransportError::Other("no free ring slot".into()))?;
+        let mut b = self.free.pop().ok_or(StreamError::Internal {
+            worker: self.worker,
+            what: "no free ring slot after waiting for one",
+        })?;
         b.clear();
         Ok(b)
     }
@@ -469,12 +450,12 @@ impl StreamTx for RdmaTx {
             return Ok(());
         }
         if buf.len() as u64 > self.staging_slot_size {
-            return Err(TransportError::Other(format!(
-                "RDMA stream {}: a {}-byte batch does not fit the destination's {}-byte staging slot",
-                self.worker,
-                buf.len(),
-                self.staging_slot_size
-            )));
+            return Err(StreamError::StagingOverflow {
+                worker: self.worker,
+                len: buf.len(),
+                slot_size: self.staging_slot_size,
+            }
+            .into());
         }
         if self.round_closed {
             let all = self.staging_slots;
@@ -485,75 +466,58 @@ impl StreamTx for RdmaTx {
         }
         self.wait("a staging credit", |s| s.credits > 0)?;
         self.credits -= 1;
+        // staging_slots >= 1 and the staging area does not wrap: Answer::
+        // check and Answer::decode made sure.
         let slot = u64::from(self.seq % self.staging_slots);
-        let staging = self.staging_addr + slot * self.staging_slot_size;
+        let staging = self.remote(self.staging_addr, slot * self.staging_slot_size)?;
         let srkey = self.staging_rkey;
         let bytes = buf.filled();
         let base = bytes.as_ptr() as u64;
-        let len = bytes.len();
-        let mut n = 0usize;
         let (mut placed, mut staged) = (Gather::new(), Gather::new());
         let mut staged_len = 0u64;
         let mut in_place = 0u64;
+        // Offset of the current record in the slot.
         let mut at = 0usize;
-        while at + HEADER_LEN <= len {
-            // The worker wrote these records; read kind, length and address
-            // without re-validating them.
-            let kind = bytes[at];
-            let mut word = [0u8; 4];
-            word.copy_from_slice(&bytes[at + 4..at + 8]);
-            let plen = u32::from_le_bytes(word) as usize;
-            let mut gpa = [0u8; 8];
-            gpa.copy_from_slice(&bytes[at + 8..at + 16]);
-            let gpa = u64::from_le_bytes(gpa);
-            if kind == Kind::RoundEnd as u8 {
+        for record in Records::new(bytes, self.page_size) {
+            let (header, payload) = record.map_err(|source| StreamError::Record {
+                worker: self.worker,
+                at,
+                source,
+            })?;
+            let plen = payload.len();
+            if header.kind == Kind::RoundEnd {
                 self.round_closed = true;
             }
             let local = base + at as u64;
-            if (kind == Kind::Segment as u8 || kind == Kind::Page as u8) && plen > 0 {
-                self.gather(
-                    &mut n,
-                    &mut staged,
-                    local,
-                    HEADER_LEN,
-                    staging + staged_len,
-                    srkey,
-                )?;
+            let to_staging = self.remote(staging, staged_len)?;
+            if matches!(header.kind, Kind::Segment | Kind::Page) && plen > 0 {
+                self.gather(&mut staged, local, HEADER_LEN, to_staging, srkey)?;
                 staged_len += HEADER_LEN as u64;
-                let (remote, rkey) = self.region_of(gpa, plen as u64)?;
-                self.gather(
-                    &mut n,
-                    &mut placed,
-                    local + HEADER_LEN as u64,
-                    plen,
-                    remote,
-                    rkey,
-                )?;
+                let (remote, rkey) = self.region_of(header.arg, plen as u64)?;
+                self.gather(&mut placed, local + HEADER_LEN as u64, plen, remote, rkey)?;
                 in_place += plen as u64;
             } else {
                 let whole = HEADER_LEN + plen;
-                self.gather(
-                    &mut n,
-                    &mut staged,
-                    local,
-                    whole,
-                    staging + staged_len,
-                    srkey,
-                )?;
+                self.gather(&mut staged, local, whole, to_staging, srkey)?;
                 staged_len += whole as u64;
             }
             at += HEADER_LEN + plen;
         }
-        self.emit(&mut n, &mut placed)?;
-        self.emit(&mut n, &mut staged)?;
+        self.emit(&mut placed)?;
+        self.emit(&mut staged)?;
         let (staged_bytes, staged_len) = (staged_len, staged_len as usize);
         // The last work request carries the immediate and is signaled.
-        let last = &mut self.wrs[n - 1];
-        last.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-        last.imm_data_invalidated_rkey_union.imm_data =
-            imm(self.worker, self.seq, staged_len).to_be();
-        last.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
-        self.post(n)?;
+        let imm = imm(self.worker, self.seq, staged_len);
+        let Some(last) = self.wrs.last_mut() else {
+            return Err(StreamError::Internal {
+                worker: self.worker,
+                what: "a batch made no work request",
+            }
+            .into());
+        };
+        last.set_imm(imm);
+        last.set_signaled();
+        self.post()?;
         let last_id = self.next_wr_id - 1;
         self.inflight.push_back((last_id, buf));
         self.seq = self.seq.wrapping_add(1);
@@ -587,8 +551,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_immediate_names_worker_batch_and_length() {
-        assert_eq!(imm_parts(imm(5, 66, 262_144)), (5, 2, 262_144));
-        assert_eq!(imm_parts(imm(63, 63, MAX_SLOT)), (63, 63, MAX_SLOT));
+    fn a_guest_range_maps_to_its_region_and_a_hostile_one_to_none() {
+        let regions = [
+            RemoteRegion {
+                gpa: 0,
+                len: 0x10_0000,
+                addr: 0x7000_0000,
+                rkey: 1,
+            },
+            RemoteRegion {
+                gpa: 0x1_0000_0000,
+                len: 0x10_0000,
+                addr: 0x9000_0000,
+                rkey: 2,
+            },
+        ];
+        assert_eq!(remote_of(&regions, 0x1000, 8, 0), Some((0, 0x7000_1000, 1)));
+        // A wrong hint falls back to the search.
+        assert_eq!(
+            remote_of(&regions, 0x1_0000_0010, 16, 0),
+            Some((1, 0x9000_0010, 2))
+        );
+        assert_eq!(
+            remote_of(&regions, 0x1000, 8, 99),
+            Some((0, 0x7000_1000, 1))
+        );
+        // Straddling a region's end, past every region, wrapping: none.
+        assert_eq!(remote_of(&regions, 0xf_fff8, 16, 0), None);
+        assert_eq!(remote_of(&regions, 0x2_0000_0000, 1, 1), None);
+        assert_eq!(remote_of(&regions, u64::MAX - 4, 16, 0), None);
+        // A remote address that would wrap is refused, not wrapped.
+        let high = [RemoteRegion {
+            addr: u64::MAX - 0x10,
+            ..regions[0]
+        }];
+        assert_eq!(remote_of(&high, 0x1000, 8, 0), None);
     }
 }

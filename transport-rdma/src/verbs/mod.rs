@@ -10,54 +10,75 @@
 //!
 //! libibverbs objects may be used from several threads; the raw pointers
 //! below are only ever passed back to libibverbs.
+//!
+//! This module (with `codes` and `wr`) is the crate's only door to
+//! `rdma_sys`: the rest of the crate sees the safe types ([`Mtu`],
+//! [`PortState`], [`WcStatus`], [`WcOpcode`], [`QpCaps`], [`Sge`],
+//! [`SendList`]) and never an `ibv_*` type.
 
 use std::ffi::CStr;
 use std::sync::Arc;
 
+use hpmig_core::transport::TransportError;
 use rdma_sys::*;
+use thiserror::Error;
 
-/// A verbs call that failed, with the errno (or status) it gave.
-#[derive(Debug)]
-pub struct VerbsError {
-    pub call: &'static str,
-    pub detail: String,
+mod codes;
+mod wr;
+
+pub use codes::{Mtu, PortState, WcOpcode, WcStatus};
+pub use wr::{SendList, SendWr, Sge};
+
+/// Errors of verbs calls: which call failed, and the errno (or count) it
+/// gave.
+#[derive(Debug, Error)]
+pub enum VerbsError {
+    /// a verbs call failed with an errno
+    #[error("{call} failed: {source}")]
+    Call {
+        call: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// ibv_poll_cq returned a negative count
+    #[error("ibv_poll_cq failed: returned {rc}")]
+    Poll { rc: i32 },
+    /// the device list could not be read while looking for a device by name
+    #[error("no RDMA device '{name}': ibv_get_device_list failed: {source} (does this kernel have RDMA support loaded? see `hpmig devices`)")]
+    DeviceList {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// no verbs device has the name asked for
+    #[error("no RDMA device '{name}'{}", present_devices(.present))]
+    NoSuchDevice { name: String, present: Vec<String> },
 }
 
-impl std::fmt::Display for VerbsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} failed: {}", self.call, self.detail)
+/// The tail of [`VerbsError::NoSuchDevice`]'s message: what the host has.
+fn present_devices(names: &[String]) -> String {
+    if names.is_empty() {
+        ": this host has no verbs devices".to_string()
+    } else {
+        format!("; this host has: {}", names.join(", "))
     }
 }
 
-impl std::error::Error for VerbsError {}
-
-impl From<VerbsError> for hpmig_core::transport::TransportError {
+impl From<VerbsError> for TransportError {
     fn from(e: VerbsError) -> Self {
-        hpmig_core::transport::TransportError::Other(e.to_string())
+        TransportError::Device(Box::new(e))
     }
 }
 
 /// The error of a call that set errno (or returned it, as the post and
 /// modify calls do: a positive return value is the errno).
 fn errno(call: &'static str, rc: i32) -> VerbsError {
-    let err = if rc > 0 {
+    let source = if rc > 0 {
         std::io::Error::from_raw_os_error(rc)
     } else {
         std::io::Error::last_os_error()
     };
-    VerbsError {
-        call,
-        detail: err.to_string(),
-    }
-}
-
-/// A work completion's status as libibverbs names it.
-pub fn status_str(status: ibv_wc_status::Type) -> String {
-    // SAFETY: ibv_wc_status_str returns a pointer to a static string for any
-    // value (an "unknown" string for values it does not know).
-    unsafe { CStr::from_ptr(ibv_wc_status_str(status)) }
-        .to_string_lossy()
-        .into_owned()
+    VerbsError::Call { call, source }
 }
 
 /// Names of the verbs devices on this host. A kernel without RDMA support
@@ -72,9 +93,9 @@ pub fn device_names() -> Result<Vec<String>, VerbsError> {
         if err.kind() == std::io::ErrorKind::Unsupported {
             return Ok(Vec::new());
         }
-        return Err(VerbsError {
+        return Err(VerbsError::Call {
             call: "ibv_get_device_list",
-            detail: err.to_string(),
+            source: err,
         });
     }
     let names = (0..n.max(0) as usize)
@@ -117,9 +138,10 @@ unsafe impl Sync for Context {}
 /// What one port reports.
 #[derive(Clone, Debug)]
 pub struct PortInfo {
-    pub state: ibv_port_state::Type,
-    pub active_mtu: ibv_mtu::Type,
-    pub max_mtu: ibv_mtu::Type,
+    pub state: PortState,
+    /// `None` for a value that names no MTU.
+    pub active_mtu: Option<Mtu>,
+    pub max_mtu: Option<Mtu>,
     pub lid: u16,
     pub gid_table_len: i32,
     pub link_layer: u8,
@@ -132,12 +154,9 @@ impl Context {
         // SAFETY: as in device_names.
         let list = unsafe { ibv_get_device_list(&mut n) };
         if list.is_null() {
-            let e = errno("ibv_get_device_list", 0);
-            return Err(VerbsError {
-                call: "finding the device",
-                detail: format!(
-                    "no RDMA device '{name}': {e} (does this kernel have RDMA support loaded? see `hpmig devices`)"
-                ),
+            return Err(VerbsError::DeviceList {
+                name: name.to_string(),
+                source: std::io::Error::last_os_error(),
             });
         }
         let mut found = std::ptr::null_mut();
@@ -165,16 +184,9 @@ impl Context {
         // SAFETY: freed once, after the last use of its entries.
         unsafe { ibv_free_device_list(list) };
         if found.is_null() {
-            return Err(VerbsError {
-                call: "finding the device",
-                detail: if names.is_empty() {
-                    format!("no RDMA device '{name}': this host has no verbs devices")
-                } else {
-                    format!(
-                        "no RDMA device '{name}'; this host has: {}",
-                        names.join(", ")
-                    )
-                },
+            return Err(VerbsError::NoSuchDevice {
+                name: name.to_string(),
+                present: names,
             });
         }
         if ctx.is_null() {
@@ -224,9 +236,9 @@ impl Context {
             return Err(errno("ibv_query_port", rc));
         }
         Ok(PortInfo {
-            state: a.state,
-            active_mtu: a.active_mtu,
-            max_mtu: a.max_mtu,
+            state: PortState::from_raw(a.state),
+            active_mtu: Mtu::from_raw(a.active_mtu),
+            max_mtu: Mtu::from_raw(a.max_mtu),
             lid: a.lid,
             gid_table_len: a.gid_tbl_len,
             link_layer: a.link_layer,
@@ -366,8 +378,8 @@ unsafe impl Sync for Cq {}
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Completion {
     pub wr_id: u64,
-    pub status: ibv_wc_status::Type,
-    pub opcode: ibv_wc_opcode::Type,
+    pub status: WcStatus,
+    pub opcode: WcOpcode,
     pub byte_len: u32,
     /// The immediate, in host order (meaningful with a `*_WITH_IMM` opcode).
     pub imm: u32,
@@ -375,17 +387,7 @@ pub struct Completion {
 
 impl Completion {
     pub fn ok(&self) -> bool {
-        self.status == ibv_wc_status::IBV_WC_SUCCESS
-    }
-
-    /// "`what` completed with status NAME (N) ..." for a failed completion.
-    pub fn failure(&self, what: &str) -> String {
-        format!(
-            "{what} completed with status {} ({}) (ibv_poll_cq, opcode {})",
-            status_str(self.status),
-            self.status,
-            self.opcode
-        )
+        self.status.is_success()
     }
 }
 
@@ -419,16 +421,13 @@ impl Cq {
         // SAFETY: the CQ is live and `wc` has room for `want` entries.
         let n = unsafe { ibv_poll_cq(self.cq, want, wc.as_mut_ptr()) };
         if n < 0 {
-            return Err(VerbsError {
-                call: "ibv_poll_cq",
-                detail: format!("returned {n}"),
-            });
+            return Err(VerbsError::Poll { rc: n });
         }
         for (o, w) in out.iter_mut().zip(&wc[..n as usize]) {
             *o = Completion {
                 wr_id: w.wr_id,
-                status: w.status,
-                opcode: w.opcode,
+                status: WcStatus::from_raw(w.status),
+                opcode: WcOpcode::from_raw(w.opcode),
                 byte_len: w.byte_len,
                 // SAFETY: both union members are a u32.
                 imm: u32::from_be(unsafe { w.imm_data_invalidated_rkey_union.imm_data }),
@@ -459,7 +458,19 @@ pub struct Endpoint {
 pub struct Path {
     pub port: u8,
     pub gid_index: u8,
-    pub mtu: ibv_mtu::Type,
+    pub mtu: Mtu,
+}
+
+/// The sizes of a queue pair's queues (`ibv_qp_cap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QpCaps {
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    /// Scatter entries per send work request.
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    /// Largest payload sent inline (the device may raise it).
+    pub max_inline_data: u32,
 }
 
 /// A reliable-connected queue pair.
@@ -500,7 +511,7 @@ impl Qp {
         pd: &Arc<Pd>,
         send_cq: &Arc<Cq>,
         recv_cq: &Arc<Cq>,
-        cap: ibv_qp_cap,
+        caps: QpCaps,
         port: u8,
         remote_write: bool,
     ) -> Result<Qp, VerbsError> {
@@ -508,7 +519,13 @@ impl Qp {
         let mut init: ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = send_cq.cq;
         init.recv_cq = recv_cq.cq;
-        init.cap = cap;
+        init.cap = ibv_qp_cap {
+            max_send_wr: caps.max_send_wr,
+            max_recv_wr: caps.max_recv_wr,
+            max_send_sge: caps.max_send_sge,
+            max_recv_sge: caps.max_recv_sge,
+            max_inline_data: caps.max_inline_data,
+        };
         init.qp_type = ibv_qp_type::IBV_QPT_RC;
         init.sq_sig_all = 0;
         // SAFETY: the PD and CQs are live (and kept alive by the Arcs below).
@@ -552,7 +569,7 @@ impl Qp {
         // SAFETY: plain data, all-zero is valid.
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_RTR;
-        a.path_mtu = path.mtu;
+        a.path_mtu = path.mtu.raw();
         a.dest_qp_num = remote.qpn;
         a.rq_psn = remote.psn;
         a.max_dest_rd_atomic = 1;
@@ -612,16 +629,24 @@ impl Qp {
         )
     }
 
-    /// Posts the chain of send work requests starting at `first`.
+    /// Posts every work request of `list`, in order, as one chain (one
+    /// doorbell). The list is left as it was; clear it to reuse it.
     ///
     /// # Safety
-    /// The chain is well formed (each `next` valid or null, each `sg_list`
-    /// valid for `num_sge` entries), every local buffer it names lies in a
-    /// region registered on this QP's PD (or is sent inline), and stays valid
-    /// and unchanged until the work request's completion is polled.
-    pub unsafe fn post_send(&self, first: &mut ibv_send_wr) -> Result<(), VerbsError> {
+    /// Every local buffer the list's scatter entries name lies in a region
+    /// registered on this queue pair's protection domain (or is sent
+    /// inline), and stays valid and unchanged until the work request's
+    /// completion is polled (or, unsignaled, until a later signaled work
+    /// request of this queue pair completes).
+    pub unsafe fn post_send(&self, list: &mut SendList) -> Result<(), VerbsError> {
+        let Some(first) = list.link() else {
+            return Ok(());
+        };
         let mut bad = std::ptr::null_mut();
-        // SAFETY: the QP is live; the chain's validity is the caller's contract.
+        // SAFETY: the QP is live; `link` made the chain well formed (every
+        // `next` and `sg_list` points into the list's own slabs, which
+        // `list`'s borrow keeps in place for this call); the buffers the
+        // entries name are the caller's contract.
         let rc = unsafe { ibv_post_send(self.qp, first, &mut bad) };
         if rc != 0 {
             return Err(errno("ibv_post_send", rc));
@@ -629,14 +654,20 @@ impl Qp {
         Ok(())
     }
 
-    /// Posts the chain of receive work requests starting at `first`.
-    ///
-    /// # Safety
-    /// As for [`Qp::post_send`], for the receive buffers.
-    pub unsafe fn post_recv(&self, first: &mut ibv_recv_wr) -> Result<(), VerbsError> {
+    /// Posts a receive work request with id `wr_id` and no buffer: it
+    /// accepts a WRITE WITH IMMEDIATE or a SEND without payload. Safe, as
+    /// it names no memory.
+    pub fn post_recv_empty(&self, wr_id: u64) -> Result<(), VerbsError> {
+        let mut wr = ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: std::ptr::null_mut(),
+            num_sge: 0,
+        };
         let mut bad = std::ptr::null_mut();
-        // SAFETY: the QP is live; the chain's validity is the caller's contract.
-        let rc = unsafe { ibv_post_recv(self.qp, first, &mut bad) };
+        // SAFETY: the QP is live; `wr` is one work request with no next and
+        // no scatter entry, so libibverbs reads nothing but `wr` itself.
+        let rc = unsafe { ibv_post_recv(self.qp, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(errno("ibv_post_recv", rc));
         }
@@ -651,50 +682,3 @@ impl Drop for Qp {
         unsafe { ibv_destroy_qp(self.qp) };
     }
 }
-
-/// A zeroed send work request.
-pub fn send_wr() -> ibv_send_wr {
-    // SAFETY: ibv_send_wr is plain data (integers, raw pointers, unions of
-    // those); all-zero is a valid value (null pointers, opcode 0).
-    unsafe { std::mem::zeroed() }
-}
-
-/// A zero-length receive work request with id `wr_id` (it accepts a WRITE
-/// WITH IMMEDIATE or a SEND without payload).
-pub fn recv_wr(wr_id: u64) -> ibv_recv_wr {
-    ibv_recv_wr {
-        wr_id,
-        next: std::ptr::null_mut(),
-        sg_list: std::ptr::null_mut(),
-        num_sge: 0,
-    }
-}
-
-/// The path MTU enum as bytes.
-pub fn mtu_bytes(mtu: ibv_mtu::Type) -> u32 {
-    match mtu {
-        ibv_mtu::IBV_MTU_256 => 256,
-        ibv_mtu::IBV_MTU_512 => 512,
-        ibv_mtu::IBV_MTU_1024 => 1024,
-        ibv_mtu::IBV_MTU_2048 => 2048,
-        ibv_mtu::IBV_MTU_4096 => 4096,
-        _ => 0,
-    }
-}
-
-/// A port state as ibv_devinfo names it.
-pub fn port_state_str(s: ibv_port_state::Type) -> &'static str {
-    match s {
-        ibv_port_state::IBV_PORT_DOWN => "PORT_DOWN",
-        ibv_port_state::IBV_PORT_INIT => "PORT_INIT",
-        ibv_port_state::IBV_PORT_ARMED => "PORT_ARMED",
-        ibv_port_state::IBV_PORT_ACTIVE => "PORT_ACTIVE",
-        ibv_port_state::IBV_PORT_ACTIVE_DEFER => "PORT_ACTIVE_DEFER",
-        _ => "PORT_NOP",
-    }
-}
-
-pub use rdma_sys::{
-    ibv_mtu, ibv_port_state, ibv_qp_cap, ibv_send_flags, ibv_send_wr, ibv_sge, ibv_wc_opcode,
-    ibv_wc_status, ibv_wr_opcode,
-};
