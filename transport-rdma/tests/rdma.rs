@@ -30,8 +30,7 @@ use hpmig_core::testing::{
 };
 use hpmig_transport_rdma::device::default_gid_index;
 use hpmig_transport_rdma::verbs::{
-    self, ibv_send_flags, ibv_wc_opcode, ibv_wr_opcode, Completion, Context, Cq, Endpoint, Mr,
-    Path, Pd, Qp,
+    self, Completion, Context, Cq, Endpoint, Mr, Path, Pd, Qp, QpCaps, SendList, Sge, WcOpcode,
 };
 use hpmig_transport_rdma::{RdmaDest, RdmaOptions, RdmaSource, RdmaStats};
 use hpmig_transport_tcp::TcpOptions;
@@ -89,7 +88,7 @@ fn loopback(dev: &str, inline: u32) -> Loop {
     let port = ctx.port(1).unwrap();
     let gid_index = default_gid_index(&ctx, 1).unwrap();
     let gid = ctx.gid(1, i32::from(gid_index)).unwrap();
-    let cap = verbs::ibv_qp_cap {
+    let cap = QpCaps {
         max_send_wr: 16,
         max_recv_wr: 16,
         max_send_sge: 1,
@@ -104,7 +103,7 @@ fn loopback(dev: &str, inline: u32) -> Loop {
     let path = Path {
         port: 1,
         gid_index,
-        mtu: port.active_mtu,
+        mtu: port.active_mtu.expect("an active MTU"),
     };
     let ep = |q: &Qp, psn| Endpoint {
         qpn: q.qpn,
@@ -140,37 +139,24 @@ fn loopback(dev: &str, inline: u32) -> Loop {
 /// of the destination buffer with immediate `imm`; returns the receive
 /// completion.
 fn write_imm(l: &mut Loop, len: usize, at: u64, imm: u32, inline: bool) -> Completion {
-    let mut r = verbs::recv_wr(9);
-    // SAFETY: a zero-length receive names no buffer.
-    unsafe { l.b.post_recv(&mut r) }.unwrap();
-    let mut sge = verbs::ibv_sge {
+    l.b.post_recv_empty(9).unwrap();
+    let sge = Sge {
         addr: l.src.as_ptr() as u64 + 11,
         length: len as u32,
         lkey: l.src_mr.lkey,
     };
-    let mut wr = verbs::send_wr();
-    wr.wr_id = 1;
-    wr.sg_list = &mut sge;
-    wr.num_sge = 1;
-    wr.opcode = ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM;
-    wr.send_flags = ibv_send_flags::IBV_SEND_SIGNALED.0
-        | if inline {
-            ibv_send_flags::IBV_SEND_INLINE.0
-        } else {
-            0
-        };
-    wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-    wr.wr.rdma.remote_addr = l.dst_mr.addr + at;
-    wr.wr.rdma.rkey = l.dst_mr.rkey;
+    let mut list = SendList::new(1, 1);
+    let wr = list
+        .push_write(&[sge], l.dst_mr.addr + at, l.dst_mr.rkey, inline)
+        .expect("room for one work request");
+    wr.set_id(1);
+    wr.set_imm(imm);
+    wr.set_signaled();
     // SAFETY: one work request; its buffer is registered as src_mr and is
     // not touched until the completion is polled below.
-    unsafe { l.a.post_send(&mut wr) }.unwrap();
+    unsafe { l.a.post_send(&mut list) }.unwrap();
     let sent = poll_one(&l.a_cq);
-    assert!(
-        sent.ok(),
-        "send completion: {}",
-        verbs::status_str(sent.status)
-    );
+    assert!(sent.ok(), "send completion: {}", sent.status);
     poll_one(&l.b_rcq)
 }
 
@@ -187,8 +173,8 @@ fn a_write_with_immediate_lands_at_its_address_with_its_immediate_inline_and_not
         (32, 9001, 0x0102_0304, true),
     ] {
         let got = write_imm(&mut l, len, at, imm, inline);
-        assert!(got.ok(), "receive: {}", verbs::status_str(got.status));
-        assert_eq!(got.opcode, ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM);
+        assert!(got.ok(), "receive: {}", got.status);
+        assert_eq!(got.opcode, WcOpcode::RecvRdmaWithImm);
         assert_eq!(got.imm, imm, "the immediate arrives as sent");
         let at = at as usize;
         assert_eq!(
