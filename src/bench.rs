@@ -23,7 +23,7 @@ use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use hpmig_microvm::{self as guest, BootSpec, GuestChoice};
 use crate::plots;
-use crate::qemu;
+use hpmig_bench::qemu;
 use crate::units::human;
 
 #[derive(Args, Debug)]

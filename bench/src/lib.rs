@@ -1,1 +1,11 @@
-//! Benchmarks live in benches/.
+//! hpmig-bench: hpmig's benchmarks. The criterion micro-benchmarks are in
+//! `benches/`; this library is the migration benchmark the `hpmig` binary
+//! runs:
+//!
+//! - [`qemu`]: QEMU as the peer, booting the micro-VM's workload as a
+//!   multiboot image and migrating it with its own migration.
+//!
+//! Errors are `anyhow`: this is a harness whose every error ends as a line
+//! `hpmig bench` prints, not a library a VMM embeds.
+
+pub mod qemu;

@@ -1,0 +1,348 @@
+//! QEMU as the benchmark's peer: the micro-VM's workload as a multiboot
+//! image ([`multiboot`]), booted by two QEMU processes and migrated between
+//! them over loopback with QEMU's own migration, driven through QMP; QEMU's
+//! `query-migrate` figures and the guest's heartbeat (read with HMP `xp`)
+//! give the same columns as hpmig's runs. This module owns the QEMU
+//! processes, their QMP conversation and the image's pacing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hpmig_microvm::Workload;
+use serde_json::{json, Value};
+
+pub mod multiboot;
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+/// QEMU's migration flavours compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Whole dirty pages, one stream.
+    Plain,
+    /// XOR + run-length deltas against a page cache (QEMU's nearest to
+    /// dirty segments).
+    Xbzrle,
+    /// Whole pages over several channels.
+    Multifd,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "qemu",
+            Mode::Xbzrle => "qemu-xbzrle",
+            Mode::Multifd => "qemu-multifd",
+        }
+    }
+}
+
+/// Whether `qemu-system-x86_64` can be run.
+pub fn available() -> bool {
+    Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// One QEMU process with its QMP connection.
+struct Vm {
+    child: Child,
+    qmp: BufReader<UnixStream>,
+}
+
+impl Vm {
+    fn start(image: &Path, memory: u64, sock: &Path, incoming: bool) -> Result<Vm> {
+        let mut cmd = Command::new(QEMU);
+        // arch-capabilities off: its MSR cannot be set under some nested
+        // hypervisors (PVM among them), and the guest does not need it.
+        cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"])
+            .args(["-smp", "1", "-nodefaults"])
+            .args(["-display", "none", "-serial", "none", "-monitor", "none"])
+            .args(["-m", &format!("{}M", memory >> 20)])
+            .arg("-kernel")
+            .arg(image)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let mut child = cmd.spawn().with_context(|| format!("starting {QEMU}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let mut err = String::new();
+                        if let Some(mut e) = child.stderr.take() {
+                            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                        }
+                        bail!("{QEMU} exited ({status}): {}", err.trim());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(e).context("connecting to QEMU's QMP socket");
+                }
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut vm = Vm {
+            child,
+            qmp: BufReader::new(stream),
+        };
+        vm.line()?; // the greeting
+        vm.cmd("qmp_capabilities", json!({}))?;
+        Ok(vm)
+    }
+
+    fn line(&mut self) -> Result<Value> {
+        let mut s = String::new();
+        if self.qmp.read_line(&mut s)? == 0 {
+            bail!("QEMU closed its QMP socket");
+        }
+        Ok(serde_json::from_str(&s)?)
+    }
+
+    /// Runs a QMP command; returns its "return" value.
+    fn cmd(&mut self, name: &str, args: Value) -> Result<Value> {
+        let req = json!({ "execute": name, "arguments": args });
+        let stream = self.qmp.get_mut();
+        stream.write_all(format!("{req}\n").as_bytes())?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {name}: {}", e["desc"].as_str().unwrap_or("error"));
+            }
+            // An event: skip it.
+        }
+    }
+
+    /// The guest's heartbeat (vCPU 0's counter at guest address 0).
+    fn heartbeat(&mut self) -> Result<u64> {
+        let out = self.cmd(
+            "human-monitor-command",
+            json!({ "command-line": "xp /1gx 0" }),
+        )?;
+        let text = out.as_str().unwrap_or_default();
+        let hex = text
+            .split(": ")
+            .nth(1)
+            .map(|h| h.trim().trim_start_matches("0x"))
+            .ok_or_else(|| anyhow!("unexpected xp output {text:?}"))?;
+        Ok(u64::from_str_radix(hex, 16)?)
+    }
+}
+
+impl Vm {
+    /// Waits until the workload runs: QEMU's firmware runs at CPL0, which
+    /// nested virtualisation here emulates slowly, so boot takes seconds.
+    /// Until then guest address 0 holds the firmware's interrupt vectors.
+    fn wait_running(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let mut last = self.heartbeat()?;
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.heartbeat()?;
+            if now > last && now < 1 << 48 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the QEMU guest did not start its workload within {limit:?}");
+            }
+            last = now;
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one QEMU migration did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub dirty_syncs: u64,
+    pub transferred: u64,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub converged: bool,
+    /// Heartbeats per second during migration over before it.
+    pub progress: f64,
+    /// Guest stores per second before migration (measured).
+    pub rate_before: f64,
+}
+
+/// Settings of one comparison run, the same values hpmig's run gets.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub workload: Workload,
+    /// Guest stores per second (the guest paces itself); `None`: flat out.
+    pub dirty_rate: Option<u64>,
+    pub memory: u64,
+    pub mode: Mode,
+    /// Bytes per second; `None` leaves QEMU's limit effectively off.
+    pub bandwidth: Option<u64>,
+    pub downtime_limit: Duration,
+    pub channels: usize,
+    /// Give up (and count the run as not converged) after this long.
+    pub timeout: Duration,
+}
+
+/// Stores per heartbeat, as the micro-VM batches them: about one heartbeat
+/// per millisecond when paced.
+fn per_batch(dirty_rate: Option<u64>) -> u64 {
+    dirty_rate.map_or(4096, |r| (r / 1000).clamp(1, 4096))
+}
+
+/// The multiboot image of `workload` for QEMU (`qemu-system-x86_64 -accel
+/// kvm -cpu host,-arch-capabilities -kernel IMAGE`).
+pub fn image(workload: Workload, memory: u64, dirty_rate: Option<u64>) -> Result<Vec<u8>> {
+    let per_batch = per_batch(dirty_rate);
+    let cycles = dirty_rate.map_or(0, |r| (tsc_hz() * per_batch as f64 / r as f64) as u64);
+    multiboot::image(workload, memory, per_batch, cycles, 7).context("building the QEMU image")
+}
+
+/// Boots the workload in two QEMUs and migrates it from one to the other.
+pub fn migrate(run: &Run) -> Result<Outcome> {
+    let dir = TempDir::new()?;
+    let image_path = dir.0.join("guest.img");
+    let per_batch = per_batch(run.dirty_rate);
+    std::fs::write(
+        &image_path,
+        image(run.workload, run.memory, run.dirty_rate)?,
+    )?;
+    let image = image_path;
+    let mut src = Vm::start(&image, run.memory, &dir.0.join("src.qmp"), false)?;
+    let mut dst = Vm::start(&image, run.memory, &dir.0.join("dst.qmp"), true)?;
+    src.wait_running(Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (h0, t0) = (src.heartbeat()?, Instant::now());
+    std::thread::sleep(Duration::from_millis(200));
+    let rate_before = (src.heartbeat()? - h0) as f64 / t0.elapsed().as_secs_f64();
+    if rate_before <= 0.0 {
+        bail!("the QEMU guest does not run (its heartbeat stands still)");
+    }
+
+    let caps: Vec<Value> = match run.mode {
+        Mode::Plain => vec![],
+        Mode::Xbzrle => vec![json!({"capability": "xbzrle", "state": true})],
+        Mode::Multifd => vec![json!({"capability": "multifd", "state": true})],
+    };
+    for vm in [&mut src, &mut dst] {
+        if !caps.is_empty() {
+            vm.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+        }
+    }
+    let mut params = json!({
+        "max-bandwidth": run.bandwidth.unwrap_or(1 << 40),
+        "downtime-limit": run.downtime_limit.as_millis() as u64,
+    });
+    if run.mode == Mode::Xbzrle {
+        params["xbzrle-cache-size"] = json!(run.memory);
+    }
+    if run.mode == Mode::Multifd {
+        params["multifd-channels"] = json!(run.channels);
+        dst.cmd(
+            "migrate-set-parameters",
+            json!({"multifd-channels": run.channels}),
+        )?;
+    }
+    src.cmd("migrate-set-parameters", params)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    dst.cmd("migrate-incoming", json!({ "uri": uri }))?;
+    let (h1, t1) = (src.heartbeat()?, Instant::now());
+    src.cmd("migrate", json!({ "uri": uri }))?;
+    let (status, info) = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let info = src.cmd("query-migrate", json!({}))?;
+        let status = info["status"].as_str().unwrap_or("").to_string();
+        match status.as_str() {
+            "completed" | "failed" | "cancelled" => break (status, info),
+            _ if t1.elapsed() > run.timeout => {
+                src.cmd("migrate_cancel", json!({}))?;
+                break ("timeout".into(), info);
+            }
+            _ => {}
+        }
+    };
+    let elapsed = t1.elapsed().as_secs_f64();
+    if status == "failed" {
+        bail!(
+            "QEMU's migration failed: {}",
+            info["error-desc"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let converged = status == "completed";
+    // The source guest is paused once completed; its heartbeat there is
+    // where it stopped.
+    let h2 = src.heartbeat()?;
+    if converged {
+        // QEMU's own check: the guest runs on at the destination.
+        let d0 = dst.heartbeat()?;
+        std::thread::sleep(Duration::from_millis(100));
+        if dst.heartbeat()? <= d0 {
+            bail!("QEMU's destination guest does not run after migration");
+        }
+    }
+    let ram = &info["ram"];
+    let total_ms = info["total-time"].as_f64().unwrap_or(elapsed * 1e3);
+    Ok(Outcome {
+        dirty_syncs: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+        transferred: ram["transferred"].as_u64().unwrap_or(0),
+        total_ms,
+        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        converged,
+        progress: (h2 - h1) as f64 / elapsed / rate_before,
+        rate_before: rate_before * per_batch as f64,
+    })
+}
+
+/// The time-stamp counter's rate, measured over 50 ms (a KVM guest's TSC
+/// runs at the host's).
+fn tsc_hz() -> f64 {
+    // SAFETY: rdtsc has no preconditions on x86-64.
+    let read = || unsafe { std::arch::x86_64::_rdtsc() };
+    let (c0, t0) = (read(), Instant::now());
+    std::thread::sleep(Duration::from_millis(50));
+    (read() - c0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// A private temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("hpmig-qemu-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
