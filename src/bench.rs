@@ -22,7 +22,7 @@ use hpmig_microvm::Workload;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use hpmig_microvm::{self as guest, BootSpec, GuestChoice};
-use crate::plots;
+use hpmig_bench::plots;
 use hpmig_bench::qemu;
 use crate::units::human;
 

@@ -6,7 +6,6 @@ mod bench;
 mod demo;
 mod dest;
 mod model;
-mod plots;
 mod qemu;
 mod rdma;
 mod report;
