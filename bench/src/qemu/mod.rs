@@ -19,7 +19,8 @@ pub mod multiboot;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
-/// QEMU's migration flavours compared.
+/// QEMU's migration flavours compared (named in the results by
+/// [`crate::results::Variant`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Whole dirty pages, one stream.
@@ -29,16 +30,6 @@ pub enum Mode {
     Xbzrle,
     /// Whole pages over several channels.
     Multifd,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Plain => "qemu",
-            Mode::Xbzrle => "qemu-xbzrle",
-            Mode::Multifd => "qemu-multifd",
-        }
-    }
 }
 
 /// Whether `qemu-system-x86_64` can be run.
