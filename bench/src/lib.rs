@@ -6,6 +6,8 @@
 //! - [`results`]: what a run measured, as types: bench.json (versioned),
 //!   bench.csv, and the per-cell summaries the figures draw;
 //! - [`stats`]: the median and spread over a cell's runs;
+//! - [`model`]: `hpmig model`, predictions for guests and links larger
+//!   than a test machine has, calibrated on a bench.json;
 //! - [`plots`]: the figures (SVG): bytes per round, time and downtime
 //!   against the link, the paper's comparison;
 //! - [`qemu`]: QEMU as the peer, booting the micro-VM's workload as a
@@ -17,6 +19,7 @@
 use hpmig_core::precopy::controller::{OnStall, Policy};
 
 pub mod matrix;
+pub mod model;
 pub mod plots;
 pub mod qemu;
 pub mod results;
