@@ -39,6 +39,7 @@ use hpmig_microvm::Workload;
 
 use crate::human;
 use crate::results::{BenchResults, Cell, Variant};
+use crate::stats::{median, quantile};
 
 /// What `hpmig model` predicts, from what.
 #[derive(Clone, Debug)]
@@ -170,15 +171,6 @@ fn predict(p: &Profile, m: &Machine, memory: f64, link: f64) -> Prediction {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// A measured cell: its settings and medians.
 struct Measured {
     memory: f64,
@@ -206,10 +198,8 @@ fn measured(doc: &BenchResults) -> Result<Vec<Measured>> {
         if c.variant.is_qemu() {
             continue;
         }
-        let get = |f: fn(&crate::results::Run) -> f64| median(runs.iter().map(f).collect());
-        let first = |f: fn(&crate::results::Run) -> Option<f64>| {
-            median(runs.iter().filter_map(f).collect())
-        };
+        let get = |f: fn(&crate::results::Run) -> f64| median(runs.iter().map(f));
+        let first = |f: fn(&crate::results::Run) -> Option<f64>| median(runs.iter().filter_map(f));
         out.push(Measured {
             memory: c.memory_bytes as f64,
             workload: c.workload,
@@ -261,15 +251,13 @@ fn calibrate(cells: &[Measured]) -> (Vec<Profile>, Machine) {
         cells
             .iter()
             .filter(|c| c.link.is_none() && c.round0_s > 0.0)
-            .map(|c| c.memory / c.round0_s)
-            .collect(),
+            .map(|c| c.memory / c.round0_s),
     );
     let digest_rate = median(
         cells
             .iter()
             .filter(|c| c.verify_s > 0.0)
-            .map(|c| c.memory / c.verify_s)
-            .collect(),
+            .map(|c| c.memory / c.verify_s),
     );
     let mut profiles: Vec<Profile> = Vec::new();
     for c in cells {
@@ -282,8 +270,8 @@ fn calibrate(cells: &[Measured]) -> (Vec<Profile>, Machine) {
             dirty_rate: c.dirty_rate,
             load: c.load.clone(),
             variant: c.variant,
-            writes_per_s: median(same.iter().map(|x| x.rate_before * x.progress).collect()),
-            round0_per_byte: median(same.iter().map(|x| x.round0_bytes / x.memory).collect()),
+            writes_per_s: median(same.iter().map(|x| x.rate_before * x.progress)),
+            round0_per_byte: median(same.iter().map(|x| x.round0_bytes / x.memory)),
         });
     }
     let mut machine = Machine {
@@ -331,13 +319,8 @@ fn calibrate(cells: &[Measured]) -> (Vec<Profile>, Machine) {
         machine.digest_rate = 1.0 / slope;
         machine.fixed_downtime = (my - slope * mx).max(0.0);
     } else {
-        machine.fixed_downtime = median(
-            residuals
-                .iter()
-                .map(|(m, r)| r - m / machine.digest_rate)
-                .collect(),
-        )
-        .max(0.0);
+        machine.fixed_downtime =
+            median(residuals.iter().map(|(m, r)| r - m / machine.digest_rate)).max(0.0);
     }
     (profiles, machine)
 }
@@ -370,12 +353,8 @@ pub fn run(a: &Options) -> Result<bool> {
         }
         n += 1;
     }
-    let pct = |v: &[f64]| median(v.to_vec()) * 100.0;
-    let p90 = |v: &[f64]| {
-        let mut s = v.to_vec();
-        s.sort_by(|a, b| a.total_cmp(b));
-        s.get(s.len() * 9 / 10).copied().unwrap_or(f64::NAN) * 100.0
-    };
+    let pct = |v: &[f64]| median(v.iter().copied()) * 100.0;
+    let p90 = |v: &[f64]| quantile(v.iter().copied(), 0.9) * 100.0;
     println!(
         "  total time: median {:.0}% off, 90th percentile {:.0}%; downtime: median {:.0}%, 90th percentile {:.0}%; rounds within one: {same_rounds}/{n}",
         pct(&e_total),
