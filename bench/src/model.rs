@@ -1,27 +1,36 @@
 //! `hpmig model`: predicts pre-copy migrations of guests larger and links
 //! faster than a test machine has, from what `hpmig bench` measured.
 //!
-//! The model replays hpmig's controller round by round:
+//! The model runs pre-copy round by round and lets hpmig's own controller
+//! decide after each round:
 //! - round 0 sends `b0 · M` bytes (`b0`: bytes per byte of guest memory the
 //!   measured round 0 sent, per workload and method) and scans all of M;
 //! - a round of duration T leaves the next one the data the guest dirtied in
-//!   T. Random 8-byte stores at `w` stores/s over P pages touch
+//!   T. Random 8-byte stores at `w` stores/s over P pages of size p touch
 //!   D = P(1 − e^(−wT/P)) distinct pages with k = wT/D stores each; page
-//!   pre-copy sends D · 4112 bytes, segment pre-copy D · min(24k, 4112)
-//!   (header plus 8 bytes per store, at most the whole page). Sequential
-//!   page rewrites (dense) dirty min(P, wT/512) whole pages, the hotspot
-//!   workload the same 64 pages, idle nothing. `w` is the stores/s the guest
-//!   kept up *during* migration (the bench's measured progress);
+//!   pre-copy sends D · (p + h) bytes (h: a record header,
+//!   [`HEADER_LEN`]), segment pre-copy D · min(k · (8 + h), p + h) (a
+//!   header plus 8 bytes per store, at most the whole page). Sequential
+//!   page rewrites (dense) dirty min(P, 8wT/p) whole pages, the hotspot
+//!   workload the same 64 guest pages, idle nothing. `w` is the stores/s
+//!   the guest kept up *during* migration (the bench's measured progress);
 //! - a round lasts max(bytes / link, scanned bytes / scan rate), the scan
 //!   rate measured on uncapped round 0s;
-//! - the controller stops when the next round's bytes over the rate so far
-//!   (all bytes over all round time) fit the 300 ms downtime target or are
-//!   under 256 KiB, or after 10 rounds, or after 5 rounds
-//!   without a smaller work set (the bench's policy); downtime is the last
-//!   round plus a cost per guest byte (hpmig's digest check, mostly) plus a
-//!   fixed cost, both fitted by least squares on the converged measured
-//!   cells (with one guest size: the measured digest rate and the median
-//!   residual).
+//! - after each round the model hands the rounds so far, as the
+//!   [`RoundMetrics`] the source would have recorded (dirty pages, work
+//!   set, wire bytes, duration), and the pages dirtied during the last one
+//!   to [`controller::decide`] with the bench's own policy
+//!   ([`crate::policy`]), as the source does after a real round. So the
+//!   model stops where hpmig would: when the projected downtime fits the
+//!   target, the projected work set is small, the work set stalls or the
+//!   round cap is reached; whatever the controller's rules are, not a copy
+//!   of them. Round 0's work set is taken as its bytes less a header per
+//!   page (the bench records only wire bytes per round). p is this host's
+//!   page size ([`host_page_size`]);
+//! - downtime is the last round plus a cost per guest byte (hpmig's digest
+//!   check, mostly) plus a fixed cost, both fitted by least squares on the
+//!   converged measured cells (with one guest size: the measured digest
+//!   rate and the median residual).
 //!
 //! It cannot say: anything about a guest whose writes are not like the
 //! measured workloads; link effects beyond a bandwidth cap (latency, loss,
@@ -33,12 +42,17 @@
 //! [`crate::results::SCHEMA`]) and calibrates only on hpmig's cells.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use hpmig_core::memory::host_page_size;
+use hpmig_core::precopy::controller::{self, Decision, RoundMetrics};
+use hpmig_core::protocol::HEADER_LEN;
+use hpmig_microvm::kvm::program::{GUEST_PAGE, HOTSPOT_PAGES};
 use hpmig_microvm::Workload;
 
 use crate::human;
-use crate::results::{BenchResults, Cell, Variant};
+use crate::results::{BenchResults, Cell, Run, Variant};
 use crate::stats::{median, quantile};
 
 /// What `hpmig model` predicts, from what.
@@ -59,14 +73,8 @@ pub struct Options {
     pub digest_rate: Option<f64>,
 }
 
-const PAGE: f64 = 4096.0;
-const PAGE_WIRE: f64 = 4096.0 + 16.0;
-const SEGMENT_WIRE: f64 = 8.0 + 16.0;
-const DOWNTIME_TARGET_S: f64 = 0.3;
-const MIN_WORK_SET: f64 = 256.0 * 1024.0;
-const MAX_ROUNDS: usize = 10;
-const STALL_ROUNDS: usize = 5;
-const HOTSPOT_PAGES: f64 = 64.0;
+/// Bytes per store of the micro-VM's workloads (8-byte words).
+const STORE: f64 = 8.0;
 
 /// How a workload dirties memory, and what one method sends for it.
 #[derive(Clone, Debug)]
@@ -106,68 +114,110 @@ struct Prediction {
     converged: bool,
 }
 
-fn dirtied(p: &Profile, memory: f64, t: f64) -> (f64, f64) {
-    let pages = memory / PAGE;
+/// What the guest dirtied in one round, and what sending it costs.
+#[derive(Clone, Copy, Debug)]
+struct Dirtied {
+    /// Distinct pages (of the host's page size).
+    pages: f64,
+    /// Payload bytes to send (the round's work set).
+    work: f64,
+    /// Bytes on the wire, headers included.
+    wire: f64,
+}
+
+/// What `p`'s guest of `memory` bytes dirties in `t` seconds, in pages of
+/// `page` bytes.
+fn dirtied(p: &Profile, memory: f64, t: f64, page: f64) -> Dirtied {
+    let pages = memory / page;
+    let header = HEADER_LEN as f64;
     let w = p.writes_per_s * t;
-    let segment = p.variant.sends_segments();
+    let hotspot = (HOTSPOT_PAGES as f64 * GUEST_PAGE as f64 / page).max(1.0);
+    // Distinct pages, and stores per page.
     let (d, per_page) = match p.workload {
         Workload::Sparse => {
             let d = pages * (1.0 - (-w / pages).exp());
             (d, if d > 0.0 { w / d } else { 0.0 })
         }
-        Workload::Dense => ((w / 512.0).min(pages), 512.0),
+        Workload::Dense => ((w * STORE / page).min(pages), page / STORE),
         Workload::Hotspot => (
-            HOTSPOT_PAGES.min(w),
-            if w > 0.0 {
-                w / HOTSPOT_PAGES.min(w)
-            } else {
-                0.0
-            },
+            hotspot.min(w),
+            if w > 0.0 { w / hotspot.min(w) } else { 0.0 },
         ),
         Workload::Aba | Workload::Idle => (0.0, 0.0),
     };
-    let bytes = if segment {
-        d * (SEGMENT_WIRE * per_page).min(PAGE_WIRE)
+    let (work, wire) = if p.variant.sends_segments() {
+        let work = (STORE * per_page).min(page);
+        let wire = ((STORE + header) * per_page).min(page + header);
+        (d * work, d * wire)
     } else {
-        d * PAGE_WIRE
+        (d * page, d * (page + header))
     };
-    (bytes, d * PAGE)
+    Dirtied {
+        pages: d,
+        work,
+        wire,
+    }
+}
+
+/// Seconds as a round's duration (a duration too long to hold is held as
+/// the longest one).
+fn duration(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
 }
 
 fn predict(p: &Profile, m: &Machine, memory: f64, link: f64) -> Prediction {
+    let policy = crate::policy();
+    let page = host_page_size() as f64;
     let round_time = |bytes: f64, scanned: f64| (bytes / link).max(scanned / m.scan_rate);
-    let mut bytes = p.round0_per_byte * memory;
-    let mut t = round_time(bytes, memory);
-    let (mut total, mut sent, mut rounds) = (t, bytes, 1usize);
-    let (mut best, mut since_best) = (f64::MAX, 0usize);
-    loop {
-        let (next, scanned) = dirtied(p, memory, t);
-        if next < best {
-            best = next;
-            since_best = 0;
-        } else {
-            since_best += 1;
+    let pages = memory / page;
+    let wire0 = p.round0_per_byte * memory;
+    let mut t = round_time(wire0, memory);
+    let mut rounds = vec![RoundMetrics {
+        round: 0,
+        dirty_pages: pages as u64,
+        work_set_bytes: (wire0 - pages * HEADER_LEN as f64).max(0.0) as u64,
+        wire_bytes: wire0 as u64,
+        duration: duration(t),
+    }];
+    let (mut total, mut sent) = (t, wire0);
+    let (stop, next) = loop {
+        let next = dirtied(p, memory, t, page);
+        let dirty_now = next.pages.ceil() as u64;
+        match controller::decide(&policy, &rounds, dirty_now, page as u64).0 {
+            Decision::Continue => {}
+            Decision::StopAndCopy(stop) => break (stop, next),
+            // Not with the bench's policy (it forces a stop): the guest
+            // would stay on the source.
+            Decision::Abort(_) => {
+                return Prediction {
+                    rounds: rounds.len(),
+                    total_s: total,
+                    downtime_s: 0.0,
+                    bytes: sent,
+                    converged: false,
+                }
+            }
         }
-        // As hpmig's controller: the next round's bytes over the rate
-        // measured so far (total bytes over total round time).
-        let fits = next / (sent / total) <= DOWNTIME_TARGET_S || next <= MIN_WORK_SET;
-        if fits || rounds + 1 >= MAX_ROUNDS || since_best >= STALL_ROUNDS {
-            // Stop and copy.
-            let last = round_time(next, scanned);
-            let downtime = last + memory / m.digest_rate + m.fixed_downtime;
-            return Prediction {
-                rounds: rounds + 1,
-                total_s: total + downtime,
-                downtime_s: downtime,
-                bytes: sent + next,
-                converged: fits,
-            };
-        }
-        bytes = next;
-        t = round_time(bytes, scanned);
+        t = round_time(next.wire, next.pages * page);
+        rounds.push(RoundMetrics {
+            round: rounds.len() as u32,
+            dirty_pages: dirty_now,
+            work_set_bytes: next.work as u64,
+            wire_bytes: next.wire as u64,
+            duration: duration(t),
+        });
         total += t;
-        sent += bytes;
-        rounds += 1;
+        sent += next.wire;
+    };
+    // Stop and copy: the pages dirtied during the last round.
+    let last = round_time(next.wire, next.pages * page);
+    let downtime = last + memory / m.digest_rate + m.fixed_downtime;
+    Prediction {
+        rounds: rounds.len() + 1,
+        total_s: total + downtime,
+        downtime_s: downtime,
+        bytes: sent + next.wire,
+        converged: stop.converged(),
     }
 }
 
@@ -198,8 +248,8 @@ fn measured(doc: &BenchResults) -> Result<Vec<Measured>> {
         if c.variant.is_qemu() {
             continue;
         }
-        let get = |f: fn(&crate::results::Run) -> f64| median(runs.iter().map(f));
-        let first = |f: fn(&crate::results::Run) -> Option<f64>| median(runs.iter().filter_map(f));
+        let get = |f: fn(&Run) -> f64| median(runs.iter().map(f));
+        let first = |f: fn(&Run) -> Option<f64>| median(runs.iter().filter_map(f));
         out.push(Measured {
             memory: c.memory_bytes as f64,
             workload: c.workload,
@@ -447,9 +497,32 @@ mod tests {
         let link = 1e9 / 8.0;
         let page = predict(&sparse(Variant::Page), &M, gib, link);
         let seg = predict(&sparse(Variant::Segment), &M, gib, link);
-        assert!(!page.converged && page.rounds >= 6, "{page:?}");
-        assert!(seg.converged && seg.rounds == 2, "{seg:?}");
+        // Pages: every round re-sends most of memory, the work set keeps
+        // shrinking a little, so the controller's round cap ends it, forced.
+        let cap = crate::policy().max_rounds as usize;
+        assert!(!page.converged && page.rounds == cap + 1, "{page:?}");
+        // Segments: round 0 sent every page whole, so the controller
+        // projects round 1 from whole pages and runs it; round 1's few bytes
+        // per page then project a small work set: round 0, round 1 and the
+        // stop-and-copy round.
+        assert!(seg.converged && seg.rounds == 3, "{seg:?}");
         assert!(seg.bytes < page.bytes / 2.0);
+    }
+
+    #[test]
+    fn a_guest_whose_round_0_was_mostly_zero_pages_stops_after_it() {
+        // As measured (docs/results): round 0 of a fresh guest sends zero
+        // pages as markers, a few bytes per page, so the controller
+        // projects the pages dirtied meanwhile as cheap and stops at once.
+        let gib = (1u64 << 30) as f64;
+        for variant in [Variant::Page, Variant::Segment] {
+            let fresh = Profile {
+                round0_per_byte: 0.02,
+                ..sparse(variant)
+            };
+            let r = predict(&fresh, &M, gib, 1e9 / 8.0);
+            assert!(r.converged && r.rounds == 2, "{variant}: {r:?}");
+        }
     }
 
     #[test]
