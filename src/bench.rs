@@ -1,12 +1,14 @@
-//! `hpmig bench`: its flags; the matrix is hpmig-bench's
-//! ([`hpmig_bench::matrix`]).
+//! The flags of `hpmig bench`, `hpmig model` and `hpmig qemu-image`; what
+//! they run is hpmig-bench's ([`hpmig_bench::matrix`], [`hpmig_bench::model`],
+//! [`hpmig_bench::qemu`]).
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
-use hpmig_bench::matrix::{self, Options};
-use hpmig_microvm::GuestChoice;
+use hpmig_bench::qemu::QEMU;
+use hpmig_bench::{matrix, model};
+use hpmig_microvm::{GuestChoice, Workload};
 
 use crate::units::parse_bytes;
 
@@ -39,7 +41,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
-    matrix::run(&Options {
+    matrix::run(&matrix::Options {
         quick: a.quick,
         repeats: a.repeats,
         out: a.out.clone(),
@@ -48,4 +50,66 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
         memory: a.memory.clone(),
         peer_memory: a.peer_memory,
     })
+}
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// The bench.json `hpmig bench` wrote.
+    #[arg(long)]
+    from: PathBuf,
+    /// Guest sizes to predict (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64G,256G,1T", value_parser = parse_bytes)]
+    memory: Vec<u64>,
+    /// Link speeds to predict, Gbit/s (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "25,100,400")]
+    link: Vec<f64>,
+    /// Where to write model.csv (next to bench.json when absent).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Scan (snapshot + diff) rate of the target hosts, GB/s, instead of
+    /// the measured one (e.g. from scripts/scaling.sh on such a host).
+    #[arg(long)]
+    scan_rate: Option<f64>,
+    /// Digest rate of the target hosts, GB/s, instead of the measured one.
+    #[arg(long)]
+    digest_rate: Option<f64>,
+}
+
+pub fn model(a: &ModelArgs) -> Result<bool> {
+    model::run(&model::Options {
+        from: a.from.clone(),
+        memory: a.memory.clone(),
+        link_gbit: a.link.clone(),
+        out: a.out.clone(),
+        scan_rate: a.scan_rate,
+        digest_rate: a.digest_rate,
+    })
+}
+
+/// `hpmig qemu-image`: the guest program for running by hand in QEMU.
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// Where to write the image.
+    #[arg(long)]
+    out: PathBuf,
+    /// Guest memory (QEMU's -m must be the same).
+    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    memory: u64,
+    #[arg(long, default_value = "sparse")]
+    workload: Workload,
+    /// Guest stores per second (paced by the TSC); flat out when absent.
+    #[arg(long)]
+    dirty_rate: Option<u64>,
+}
+
+pub fn qemu_image(a: &ImageArgs) -> Result<bool> {
+    let image = hpmig_bench::qemu::image(a.workload, a.memory, a.dirty_rate)?;
+    std::fs::write(&a.out, image).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}: boot with {QEMU} -accel kvm -cpu host,-arch-capabilities -m {}M -kernel {}; vCPU 0's heartbeat is the 8 bytes at guest address 0",
+        a.out.display(),
+        a.memory >> 20,
+        a.out.display()
+    );
+    Ok(true)
 }
