@@ -11,8 +11,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hpmig_core::memory::host_page_size;
-use hpmig_core::segment::diff::Differ;
 use hpmig_core::protocol::Granularity;
+use hpmig_core::segment::diff::Differ;
 use hpmig_core::segment::{EncoderConfig, PageEncoder};
 
 const PAGES: usize = 4096;
