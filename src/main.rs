@@ -5,9 +5,6 @@ mod args;
 mod bench;
 mod demo;
 mod dest;
-mod model;
-mod plots;
-mod qemu;
 mod rdma;
 mod report;
 mod source;
@@ -39,9 +36,9 @@ enum Command {
     /// List the RDMA devices: ports, state, MTU, GID table (like ibv_devinfo).
     Devices,
     /// Predict migrations of large guests on fast links from a bench run.
-    Model(model::ModelArgs),
+    Model(bench::ModelArgs),
     /// Write the workload as a multiboot image QEMU boots (the bench's peer).
-    QemuImage(qemu::ImageArgs),
+    QemuImage(bench::ImageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,8 +49,8 @@ fn main() -> std::process::ExitCode {
         Command::Dest(a) => dest::run(&a),
         Command::Bench(a) => bench::run(&a),
         Command::Devices => rdma::devices(),
-        Command::Model(a) => model::run(&a),
-        Command::QemuImage(a) => qemu::write_image(&a),
+        Command::Model(a) => bench::model(&a),
+        Command::QemuImage(a) => bench::qemu_image(&a),
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,

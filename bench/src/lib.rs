@@ -1,1 +1,54 @@
-//! Benchmarks live in benches/.
+//! hpmig-bench: hpmig's benchmarks. The criterion micro-benchmarks are in
+//! `benches/`; this library is the migration benchmark the `hpmig` binary
+//! runs:
+//!
+//! - [`matrix`]: `hpmig bench`, the cells and how each one runs;
+//! - [`results`]: what a run measured, as types: bench.json (versioned),
+//!   bench.csv, and the per-cell summaries the figures draw;
+//! - [`stats`]: the median and spread over a cell's runs;
+//! - [`model`]: `hpmig model`, predictions for guests and links larger
+//!   than a test machine has, calibrated on a bench.json;
+//! - [`plots`]: the figures (SVG): bytes per round, time and downtime
+//!   against the link, the paper's comparison;
+//! - [`qemu`]: QEMU as the peer, booting the micro-VM's workload as a
+//!   multiboot image and migrating it with its own migration.
+//!
+//! Errors are `anyhow`: this is a harness whose every error ends as a line
+//! `hpmig bench` prints, not a library a VMM embeds.
+
+use hpmig_core::precopy::controller::{OnStall, Policy};
+
+pub mod matrix;
+pub mod model;
+pub mod plots;
+pub mod qemu;
+pub mod results;
+pub mod stats;
+
+/// The stop policy of every hpmig run of the benchmark: the controller's
+/// defaults, at most 10 rounds, then a forced stop-and-copy (so every run
+/// finishes and its downtime is measured). QEMU gets its downtime target as
+/// its downtime limit.
+pub fn policy() -> Policy {
+    Policy {
+        max_rounds: 10,
+        on_stall: OnStall::ForceStop,
+        ..Policy::default()
+    }
+}
+
+/// Bytes for people, as the `hpmig` binary prints them: `1.5 GiB`.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

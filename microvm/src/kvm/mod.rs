@@ -10,7 +10,6 @@
 //! `immediate_exit`, so KVM_RUN returns at once even mid-batch. A paused
 //! thread serves state requests until it is resumed or stopped.
 
-pub mod multiboot;
 pub mod program;
 mod restore;
 pub mod state;

@@ -147,7 +147,7 @@ pub fn assemble() -> Result<Program, IcedError> {
 
 /// The same loops pacing themselves by the time-stamp counter (the
 /// doorbell is a RAM page holding [`PACE_DEADLINE`] and [`PACE_CYCLES`]),
-/// for a guest no hpmig VMM runs: QEMU's (see `multiboot`).
+/// for a guest no hpmig VMM runs: QEMU's (see hpmig-bench's `qemu::multiboot`).
 pub fn assemble_paced() -> Result<Program, IcedError> {
     assemble_with(true)
 }

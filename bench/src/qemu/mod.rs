@@ -1,8 +1,9 @@
 //! QEMU as the benchmark's peer: the micro-VM's workload as a multiboot
-//! image (`hpmig_microvm::kvm::multiboot`), booted by two QEMU processes
-//! and migrated between them over loopback with QEMU's own migration,
-//! driven through QMP; QEMU's `query-migrate` figures and the guest's
-//! heartbeat (read with HMP `xp`) give the same columns as hpmig's runs.
+//! image ([`multiboot`]), booted by two QEMU processes and migrated between
+//! them over loopback with QEMU's own migration, driven through QMP; QEMU's
+//! `query-migrate` figures and the guest's heartbeat (read with HMP `xp`)
+//! give the same columns as hpmig's runs. This module owns the QEMU
+//! processes, their QMP conversation and the image's pacing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -11,13 +12,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use hpmig_microvm::kvm::multiboot;
 use hpmig_microvm::Workload;
 use serde_json::{json, Value};
 
+pub mod multiboot;
+
 pub const QEMU: &str = "qemu-system-x86_64";
 
-/// QEMU's migration flavours compared.
+/// QEMU's migration flavours compared (named in the results by
+/// [`crate::results::Variant`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Whole dirty pages, one stream.
@@ -27,16 +30,6 @@ pub enum Mode {
     Xbzrle,
     /// Whole pages over several channels.
     Multifd,
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Plain => "qemu",
-            Mode::Xbzrle => "qemu-xbzrle",
-            Mode::Multifd => "qemu-multifd",
-        }
-    }
 }
 
 /// Whether `qemu-system-x86_64` can be run.
@@ -216,34 +209,6 @@ pub fn image(workload: Workload, memory: u64, dirty_rate: Option<u64>) -> Result
     let per_batch = per_batch(dirty_rate);
     let cycles = dirty_rate.map_or(0, |r| (tsc_hz() * per_batch as f64 / r as f64) as u64);
     multiboot::image(workload, memory, per_batch, cycles, 7).context("building the QEMU image")
-}
-
-/// `hpmig qemu-image`: the guest program for running by hand in QEMU.
-#[derive(clap::Args, Debug)]
-pub struct ImageArgs {
-    /// Where to write the image.
-    #[arg(long)]
-    out: PathBuf,
-    /// Guest memory (QEMU's -m must be the same).
-    #[arg(long, default_value = "256M", value_parser = crate::units::parse_bytes)]
-    memory: u64,
-    #[arg(long, default_value = "sparse")]
-    workload: Workload,
-    /// Guest stores per second (paced by the TSC); flat out when absent.
-    #[arg(long)]
-    dirty_rate: Option<u64>,
-}
-
-pub fn write_image(a: &ImageArgs) -> Result<bool> {
-    std::fs::write(&a.out, image(a.workload, a.memory, a.dirty_rate)?)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    println!(
-        "{}: boot with {QEMU} -accel kvm -cpu host,-arch-capabilities -m {}M -kernel {}; vCPU 0's heartbeat is the 8 bytes at guest address 0",
-        a.out.display(),
-        a.memory >> 20,
-        a.out.display()
-    );
-    Ok(true)
 }
 
 /// Boots the workload in two QEMUs and migrates it from one to the other.

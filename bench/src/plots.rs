@@ -5,32 +5,19 @@
 //!   volume) per migration method, one group per link, QEMU included.
 //!
 //! Every figure draws the reference load: the sparse workload at the
-//! smallest measured guest size (100k stores/s when measured).
+//! smallest measured guest size (100k stores/s when measured). The figures
+//! draw cells' [`Summary`]s, the medians bench.csv holds.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Result};
+use hpmig_microvm::Workload;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::coord::types::RangedCoordu32;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-/// One cell's medians, as the figures need them.
-#[derive(Clone, Debug)]
-pub struct Point {
-    pub workload: String,
-    pub memory: u64,
-    pub link: String,
-    /// Link cap in Gbit/s; `None` uncapped.
-    pub link_gbit: Option<f64>,
-    pub variant: String,
-    pub rounds: f64,
-    pub total_bytes: f64,
-    pub total_ms: f64,
-    pub downtime_ms: f64,
-    /// Bytes per round of the run with the median total bytes (hpmig only).
-    pub bytes_per_round: Vec<u64>,
-}
+use crate::results::{Link, Summary, Variant};
 
 const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -41,77 +28,75 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(23, 190, 207),
 ];
 
-fn color(variant: &str) -> RGBColor {
-    let order = [
-        "page",
-        "segment",
-        "segment+zstd",
-        "qemu",
-        "qemu-xbzrle",
-        "qemu-multifd",
-    ];
-    COLORS[order.iter().position(|v| *v == variant).unwrap_or(5)]
+fn color(variant: Variant) -> RGBColor {
+    COLORS[Variant::ALL.iter().position(|v| *v == variant).unwrap_or(5)]
 }
 
 fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing a plot: {e}")
 }
 
-/// The points of the reference load.
-fn reference(points: &[Point]) -> Vec<&Point> {
-    let sparse: Vec<&Point> = points
+/// The cells of the reference load.
+fn reference(points: &[Summary]) -> Vec<&Summary> {
+    let sparse: Vec<&Summary> = points
         .iter()
-        .filter(|p| p.workload.starts_with("sparse"))
+        .filter(|p| p.setting.workload == Workload::Sparse)
         .collect();
     let pool = if sparse.is_empty() {
         points.iter().collect()
     } else {
         sparse
     };
-    let Some(memory) = pool.iter().map(|p| p.memory).min() else {
+    let Some(memory) = pool.iter().map(|p| p.setting.memory_bytes).min() else {
         return Vec::new();
     };
-    let load = pool
-        .iter()
-        .filter(|p| p.memory == memory)
-        .map(|p| p.workload.as_str())
-        .find(|w| w.contains("100k"))
-        .or_else(|| pool.first().map(|p| p.workload.as_str()))
-        .unwrap_or_default()
-        .to_string();
-    pool.into_iter()
-        .filter(|p| p.memory == memory && p.workload == load)
+    let at_memory = || pool.iter().filter(|p| p.setting.memory_bytes == memory);
+    let Some(load) = at_memory()
+        .find(|p| p.setting.dirty_rate == Some(100_000))
+        .or_else(|| at_memory().next())
+        .map(|p| (p.setting.workload, p.setting.dirty_rate))
+    else {
+        return Vec::new();
+    };
+    pool.iter()
+        .copied()
+        .filter(|p| {
+            p.setting.memory_bytes == memory && (p.setting.workload, p.setting.dirty_rate) == load
+        })
         .collect()
 }
 
-fn variants(points: &[&Point]) -> Vec<String> {
-    let mut v: Vec<String> = Vec::new();
+fn variants(points: &[&Summary]) -> Vec<Variant> {
+    let mut v: Vec<Variant> = Vec::new();
     for p in points {
-        if !v.contains(&p.variant) {
-            v.push(p.variant.clone());
+        if !v.contains(&p.setting.variant) {
+            v.push(p.setting.variant);
         }
     }
     v
 }
 
-fn links(points: &[&Point]) -> Vec<(String, Option<f64>)> {
-    let mut l: Vec<(String, Option<f64>)> = Vec::new();
+/// The links measured, slowest first, uncapped last.
+fn links(points: &[&Summary]) -> Vec<Link> {
+    let mut l: Vec<Link> = Vec::new();
     for p in points {
-        if !l.iter().any(|(n, _)| *n == p.link) {
-            l.push((p.link.clone(), p.link_gbit));
+        if !l.contains(&p.setting.link) {
+            l.push(p.setting.link);
         }
     }
-    l.sort_by(|a, b| a.1.unwrap_or(f64::MAX).total_cmp(&b.1.unwrap_or(f64::MAX)));
+    l.sort_by_key(|l| l.bytes_per_s().unwrap_or(u64::MAX));
     l
 }
 
-/// Draws every figure into `dir`; returns the files written.
-pub fn write(dir: &Path, points: &[Point]) -> Result<Vec<PathBuf>> {
+/// Draws every figure of `points` (one per cell) into `dir`; returns the
+/// files written.
+pub fn write(dir: &Path, points: &[Summary]) -> Result<Vec<PathBuf>> {
     let refs = reference(points);
     if refs.is_empty() {
         return Ok(Vec::new());
     }
-    let title = format!("{}, {} MiB guest", refs[0].workload, refs[0].memory >> 20);
+    let s = &refs[0].setting;
+    let title = format!("{}, {} MiB guest", s.load(), s.memory_bytes >> 20);
     Ok(vec![
         bytes_per_round(dir, &refs, &title)?,
         time_vs_link(dir, &refs, &title)?,
@@ -119,7 +104,7 @@ pub fn write(dir: &Path, points: &[Point]) -> Result<Vec<PathBuf>> {
     ])
 }
 
-fn bytes_per_round(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
+fn bytes_per_round(dir: &Path, refs: &[&Summary], title: &str) -> Result<PathBuf> {
     const NAME: &str = "bytes_per_round.svg";
     let path = dir.join(NAME);
     let root =
@@ -127,10 +112,10 @@ fn bytes_per_round(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> 
     root.fill(&WHITE).map_err(err)?;
     let ls = links(refs);
     let areas = root.split_evenly((ls.len().max(1), 1));
-    for ((link, _), area) in ls.iter().zip(areas) {
-        let series: Vec<&&Point> = refs
+    for (link, area) in ls.iter().zip(areas) {
+        let series: Vec<&&Summary> = refs
             .iter()
-            .filter(|p| p.link == *link && !p.bytes_per_round.is_empty())
+            .filter(|p| p.setting.link == *link && !p.bytes_per_round.is_empty())
             .collect();
         let max_rounds = series
             .iter()
@@ -166,7 +151,7 @@ fn bytes_per_round(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> 
                 .enumerate()
                 .map(|(i, &b)| (i as u32, (b as f64).max(1.0)))
                 .collect();
-            line(&mut chart, pts, &p.variant, 3)?;
+            line(&mut chart, pts, p.setting.variant, 3)?;
         }
         legend(&mut chart)?;
     }
@@ -174,7 +159,7 @@ fn bytes_per_round(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> 
     Ok(dir.join(NAME))
 }
 
-fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
+fn time_vs_link(dir: &Path, refs: &[&Summary], title: &str) -> Result<PathBuf> {
     const NAME: &str = "time_vs_link.svg";
     let path = dir.join(NAME);
     let root = SVGBackend::new(&path, (1200, 460)).into_drawing_area();
@@ -183,11 +168,11 @@ fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
     let vs = variants(refs);
     let (left, right) = root.split_horizontally(600);
     for (area, what) in [(left, "total time"), (right, "downtime")] {
-        let value = |p: &Point| {
+        let value = |p: &Summary| {
             if what == "total time" {
-                p.total_ms
+                p.total_ms.median
             } else {
-                p.downtime_ms
+                p.downtime_ms.median
             }
         };
         let max = refs
@@ -202,7 +187,7 @@ fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
             .y_label_area_size(70)
             .build_cartesian_2d(0..ls.len() as u32, (1f64..max * 2.0).log_scale())
             .map_err(err)?;
-        let names: Vec<String> = ls.iter().map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = ls.iter().map(Link::to_string).collect();
         chart
             .configure_mesh()
             .x_labels(ls.len() + 1)
@@ -211,13 +196,13 @@ fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
             .y_desc(format!("{what}, ms"))
             .draw()
             .map_err(err)?;
-        for v in &vs {
+        for &v in &vs {
             let pts = ls
                 .iter()
                 .enumerate()
-                .filter_map(|(i, (l, _))| {
+                .filter_map(|(i, l)| {
                     refs.iter()
-                        .find(|p| p.link == *l && p.variant == *v)
+                        .find(|p| p.setting.link == *l && p.setting.variant == v)
                         .map(|p| (i as u32, value(p)))
                         .filter(|(_, y)| y.is_finite() && *y > 0.0)
                 })
@@ -230,7 +215,7 @@ fn time_vs_link(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
     Ok(dir.join(NAME))
 }
 
-fn paper(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
+fn paper(dir: &Path, refs: &[&Summary], title: &str) -> Result<PathBuf> {
     const NAME: &str = "paper.svg";
     let path = dir.join(NAME);
     let ls = links(refs);
@@ -238,22 +223,24 @@ fn paper(dir: &Path, refs: &[&Point], title: &str) -> Result<PathBuf> {
     let root = SVGBackend::new(&path, (1350, 380 * ls.len().max(1) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let rows = root.split_evenly((ls.len().max(1), 3));
-    type Metric = fn(&Point) -> f64;
+    type Metric = fn(&Summary) -> f64;
     let metrics: [(&str, Metric); 3] = [
         ("iterations (rounds)", |p| p.rounds),
-        ("total time, ms", |p| p.total_ms),
-        ("data volume, MiB", |p| p.total_bytes / (1u64 << 20) as f64),
+        ("total time, ms", |p| p.total_ms.median),
+        ("data volume, MiB", |p| {
+            p.total_bytes.median / (1u64 << 20) as f64
+        }),
     ];
     for (i, area) in rows.iter().enumerate() {
-        let (link, _) = &ls[i / 3];
+        let link = ls[i / 3];
         let (name, f) = metrics[i % 3];
-        let pts: Vec<(usize, f64, &str)> = vs
+        let pts: Vec<(usize, f64, Variant)> = vs
             .iter()
             .enumerate()
-            .filter_map(|(k, v)| {
+            .filter_map(|(k, &v)| {
                 refs.iter()
-                    .find(|p| p.link == *link && p.variant == *v)
-                    .map(|p| (k, f(p), v.as_str()))
+                    .find(|p| p.setting.link == link && p.setting.variant == v)
+                    .map(|p| (k, f(p), v))
             })
             .collect();
         let max = pts.iter().map(|p| p.1).fold(1e-3, f64::max);
@@ -277,14 +264,14 @@ type LineChart<'a, 'b> =
 fn line(
     chart: &mut LineChart<'_, '_>,
     pts: Vec<(u32, f64)>,
-    variant: &str,
+    variant: Variant,
     dot: u32,
 ) -> Result<()> {
     let c = color(variant);
     chart
         .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
         .map_err(err)?
-        .label(variant)
+        .label(variant.name())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c));
     chart
         .draw_series(pts.into_iter().map(|p| Circle::new(p, dot, c.filled())))
@@ -310,7 +297,7 @@ fn bar_panel<Y>(
     slots: usize,
     y: Y,
     floor: f64,
-    pts: &[(usize, f64, &str)],
+    pts: &[(usize, f64, Variant)],
 ) -> Result<()>
 where
     Y: AsRangedCoord<Value = f64>,
@@ -364,19 +351,31 @@ fn short(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::results::Setting;
+    use crate::stats::Spread;
 
-    fn point(link: &str, gbit: Option<f64>, variant: &str, scale: f64) -> Point {
-        Point {
-            workload: "sparse@100k/s".into(),
-            memory: 256 << 20,
-            link: link.into(),
-            link_gbit: gbit,
-            variant: variant.into(),
+    fn point(link: Link, variant: Variant, scale: f64) -> Summary {
+        let same = |median: f64| Spread {
+            median,
+            min: median,
+            max: median,
+        };
+        Summary {
+            setting: Setting {
+                memory_bytes: 256 << 20,
+                workload: Workload::Sparse,
+                dirty_rate: Some(100_000),
+                link,
+                variant,
+            },
+            runs: 1,
             rounds: 2.0 * scale,
-            total_bytes: 1e6 * scale,
-            total_ms: 200.0 * scale,
-            downtime_ms: 90.0 * scale,
-            bytes_per_round: if variant.starts_with("qemu") {
+            total_bytes: same(1e6 * scale),
+            total_ms: same(200.0 * scale),
+            downtime_ms: same(90.0 * scale),
+            converged_runs: 1,
+            progress: 1.0,
+            bytes_per_round: if variant.is_qemu() {
                 Vec::new()
             } else {
                 vec![(1e6 * scale) as u64, (1e4 * scale) as u64]
@@ -387,9 +386,13 @@ mod tests {
     #[test]
     fn every_figure_names_every_link_and_method() {
         let mut points = Vec::new();
-        for (link, gbit) in [("1Gbit", Some(1.0)), ("10Gbit", Some(10.0))] {
-            for (variant, scale) in [("page", 100.0), ("segment", 1.0), ("qemu-xbzrle", 30.0)] {
-                points.push(point(link, gbit, variant, scale));
+        for link in [Link::gbit(1), Link::gbit(10)] {
+            for (variant, scale) in [
+                (Variant::Page, 100.0),
+                (Variant::Segment, 1.0),
+                (Variant::QemuXbzrle, 30.0),
+            ] {
+                points.push(point(link, variant, scale));
             }
         }
         let dir = std::env::temp_dir().join(format!("hpmig-plots-{}", std::process::id()));

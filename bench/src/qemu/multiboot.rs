@@ -1,5 +1,7 @@
 //! The micro-VM's workload as a multiboot image, so QEMU can boot the same
-//! guest program (the benchmark's peer, see `hpmig bench --qemu`).
+//! guest program (the benchmark's peer, see `hpmig bench --peer`). It owns
+//! the image's layout and the 32- and 64-bit stubs; the workload loops and
+//! the guest memory map are the micro-VM's ([`program`]).
 //!
 //! QEMU's multiboot loader enters 32-bit protected mode without paging at
 //! `entry32`. The stub there copies the workload loops to [`CODE`] (where
@@ -22,10 +24,10 @@
 
 use iced_x86::code_asm::*;
 
-use super::program::{
+use hpmig_microvm::kvm::program::{
     self, CODE, DATA, GUEST_PAGE, HEARTBEAT, HOTSPOT_PAGES, PDPT, PD_BASE, PML4, SCRATCH,
 };
-use crate::Workload;
+use hpmig_microvm::Workload;
 
 /// Where QEMU loads the image.
 pub const LOAD: u64 = 0x10_0000;

@@ -1,0 +1,338 @@
+//! The migration benchmark matrix behind `hpmig bench`. It owns the cells
+//! (guest size × load × link × method) and how one run of a cell goes: boot
+//! a guest, migrate it over TCP on loopback (the cap emulates the link),
+//! and record rounds, bytes per round, total bytes, total time, downtime,
+//! convergence and the guest's own progress during migration relative to
+//! before. Cells repeat; the table printed as they finish and the reports
+//! written at the end ([`crate::results`]) give the median and the spread
+//! (min..max), and the figures ([`crate::plots`]) are drawn from them.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use hpmig_core::dirty::kvm::DirtyLogMode;
+use hpmig_core::land::{receive, DestConfig};
+use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
+use hpmig_core::precopy::{migrate, SourceConfig};
+use hpmig_core::protocol::Granularity;
+use hpmig_core::segment::compress::ZstdMode;
+use hpmig_microvm::{self as guest, BootSpec, GuestChoice, Workload};
+use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
+
+use crate::results::{BenchResults, Cell, Link, Run, Setting, Variant};
+use crate::{human, plots, policy, qemu};
+
+/// What `hpmig bench` runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The small matrix (a few minutes on 2 cores), as CI runs it.
+    pub quick: bool,
+    /// Runs per cell (at least one).
+    pub repeats: usize,
+    /// Where the CSV and JSON reports and the figures go.
+    pub out: PathBuf,
+    /// Which guest to migrate.
+    pub guest: GuestChoice,
+    /// Only the comparison with QEMU (the full matrix includes it).
+    pub peer: bool,
+    /// Only these guest sizes of the full matrix; all when empty.
+    pub memory: Vec<u64>,
+    /// Guest size of the QEMU comparison.
+    pub peer_memory: u64,
+}
+
+/// A workload and its dirty rate.
+type Load = (Workload, Option<u64>);
+
+/// The comparison with QEMU on the same guest program: the sparse workload
+/// at 100k stores/s (QEMU's guest paces itself by the TSC, hpmig's VMM at
+/// its doorbell), hpmig page and segment next to QEMU plain, xbzrle and
+/// multifd, at 1 and 10 Gbit/s.
+fn peer_matrix(memory: u64, with_qemu: bool) -> Vec<Setting> {
+    let mut variants = vec![Variant::Page, Variant::Segment];
+    if with_qemu {
+        variants.extend([Variant::Qemu, Variant::QemuXbzrle, Variant::QemuMultifd]);
+    }
+    let mut cells = Vec::new();
+    for link in [Link::gbit(1), Link::gbit(10)] {
+        for &variant in &variants {
+            cells.push(Setting {
+                memory_bytes: memory,
+                workload: Workload::Sparse,
+                dirty_rate: Some(100_000),
+                link,
+                variant,
+            });
+        }
+    }
+    cells
+}
+
+fn matrix(quick: bool) -> Vec<Setting> {
+    use Variant::{Page, Segment, SegmentZstd};
+    let (memories, loads, variants, links): (Vec<u64>, Vec<Load>, Vec<Variant>, Vec<Link>) =
+        if quick {
+            (
+                vec![64 << 20],
+                vec![
+                    (Workload::Sparse, Some(100_000)),
+                    (Workload::Dense, Some(20_000)),
+                    (Workload::Idle, None),
+                ],
+                vec![Page, Segment],
+                vec![Link::gbit(1), Link::UNCAPPED],
+            )
+        } else {
+            (
+                vec![256 << 20, 1 << 30, 4 << 30],
+                vec![
+                    (Workload::Sparse, Some(10_000)),
+                    (Workload::Sparse, Some(100_000)),
+                    (Workload::Sparse, Some(1_000_000)),
+                    (Workload::Dense, None),
+                    (Workload::Hotspot, None),
+                    (Workload::Idle, None),
+                ],
+                vec![Page, Segment, SegmentZstd],
+                vec![
+                    Link::gbit(1),
+                    Link::gbit(10),
+                    Link::gbit(25),
+                    Link::UNCAPPED,
+                ],
+            )
+        };
+    let mut cells = Vec::new();
+    for &memory_bytes in &memories {
+        for &(workload, dirty_rate) in &loads {
+            for &link in &links {
+                for &variant in &variants {
+                    cells.push(Setting {
+                        memory_bytes,
+                        workload,
+                        dirty_rate,
+                        link,
+                        variant,
+                    });
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// One run of a cell.
+fn run_cell(cell: &Setting, choice: GuestChoice) -> Result<Run> {
+    let hpmig = |granularity, zstd| run_hpmig(cell, granularity, zstd, choice);
+    match cell.variant {
+        Variant::Page => hpmig(Granularity::Page, ZstdMode::Off),
+        Variant::Segment => hpmig(Granularity::Segment, ZstdMode::Off),
+        Variant::SegmentZstd => hpmig(Granularity::Segment, ZstdMode::Auto),
+        Variant::Qemu => run_qemu(cell, qemu::Mode::Plain),
+        Variant::QemuXbzrle => run_qemu(cell, qemu::Mode::Xbzrle),
+        Variant::QemuMultifd => run_qemu(cell, qemu::Mode::Multifd),
+    }
+}
+
+fn run_hpmig(
+    cell: &Setting,
+    granularity: Granularity,
+    zstd: ZstdMode,
+    choice: GuestChoice,
+) -> Result<Run> {
+    let memory = SourceMemory::from_ranges(&hpmig_microvm::kvm::memory_ranges(cell.memory_bytes)?)?;
+    let spec = BootSpec {
+        choice,
+        workload: cell.workload,
+        vcpus: 1,
+        dirty_rate: cell.dirty_rate,
+        dirty_log: DirtyLogMode::Bitmap,
+    };
+    let (mut guest, mut dirty, _) = guest::boot(&memory, &spec)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (w0, t0) = (guest.writes(), Instant::now());
+    std::thread::sleep(Duration::from_millis(200));
+    let rate_before = (guest.writes() - w0) as f64 / t0.elapsed().as_secs_f64();
+
+    let dest_memory: DestMemory = Layout::of(&memory)?.allocate()?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let dm = dest_memory.clone();
+    let dest = std::thread::spawn(move || -> Result<()> {
+        let mut t = TcpDest::accept(listener, TcpOptions::default())?;
+        let cfg = DestConfig {
+            memory_zeroed: true,
+            ..DestConfig::default()
+        };
+        let mut arrival = hpmig_microvm::Arrival::new(&dm);
+        receive(&dm, &mut t, &cfg, &mut arrival)?;
+        arrival.stop();
+        Ok(())
+    });
+    let mut cfg = SourceConfig::new(granularity);
+    cfg.bandwidth = cell.link.bytes_per_s();
+    cfg.zstd = zstd;
+    cfg.policy = policy();
+    let mut t = TcpSource::connect(addr, TcpOptions::default())?;
+    let (w1, t1) = (guest.writes(), Instant::now());
+    let report = migrate(
+        &memory,
+        dirty.as_mut(),
+        &mut guest,
+        &mut t,
+        &cfg,
+        &mut |_| {},
+    );
+    let rate_during = (guest.writes() - w1) as f64 / t1.elapsed().as_secs_f64();
+    drop(t);
+    dest.join()
+        .map_err(|_| anyhow!("destination thread panicked"))??;
+    let r = report?;
+    if !r.verified {
+        return Err(anyhow!("digest not verified"));
+    }
+    Ok(Run {
+        rounds: r.rounds.len(),
+        bytes_per_round: r.rounds.iter().map(|x| x.metrics.wire_bytes).collect(),
+        ms_per_round: r
+            .rounds
+            .iter()
+            .map(|x| x.metrics.duration.as_secs_f64() * 1e3)
+            .collect(),
+        total_bytes: r.wire_bytes,
+        total_ms: r.total_time.as_secs_f64() * 1e3,
+        downtime_ms: r.downtime.as_secs_f64() * 1e3,
+        verify_ms: r.verify_time.as_secs_f64() * 1e3,
+        converged: r.converged(),
+        guest_progress: if rate_before > 0.0 {
+            rate_during / rate_before
+        } else {
+            1.0
+        },
+        guest_writes_per_s_before: rate_before,
+    })
+}
+
+fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
+    let o = qemu::migrate(&qemu::Run {
+        workload: cell.workload,
+        dirty_rate: cell.dirty_rate,
+        memory: cell.memory_bytes,
+        mode,
+        bandwidth: cell.link.bytes_per_s(),
+        downtime_limit: policy().downtime_target,
+        channels: SourceConfig::new(Granularity::Page).workers,
+        timeout: Duration::from_secs(20),
+    })?;
+    Ok(Run {
+        rounds: o.dirty_syncs as usize,
+        bytes_per_round: Vec::new(),
+        ms_per_round: Vec::new(),
+        total_bytes: o.transferred,
+        total_ms: o.total_ms,
+        downtime_ms: o.downtime_ms,
+        verify_ms: 0.0,
+        converged: o.converged,
+        guest_progress: o.progress,
+        guest_writes_per_s_before: o.rate_before,
+    })
+}
+
+/// `hpmig bench`: runs the matrix, printing a row per cell as it finishes,
+/// then writes bench.csv, bench.json and the figures into `o.out`. False
+/// when a run failed (the other runs are still reported).
+pub fn run(o: &Options) -> Result<bool> {
+    let with_qemu = !o.quick && qemu::available();
+    let mut cells = if o.peer { Vec::new() } else { matrix(o.quick) };
+    if !o.memory.is_empty() {
+        cells.retain(|c| o.memory.contains(&c.memory_bytes));
+    }
+    if !o.quick {
+        cells.extend(peer_matrix(o.peer_memory, with_qemu));
+    }
+    let repeats = o.repeats.max(1);
+    println!(
+        "hpmig bench: {} cells x {repeats} runs ({})",
+        cells.len(),
+        if o.quick {
+            "quick matrix"
+        } else if o.peer {
+            "the QEMU comparison"
+        } else {
+            "full matrix"
+        }
+    );
+    println!("  wire: TCP over loopback, the cap emulating the link");
+    if !o.quick {
+        let qemu = qemu::QEMU;
+        if with_qemu {
+            println!("  peer: QEMU ({qemu}) on the same guest program, migrating over loopback with its own migration");
+        } else {
+            println!("  peer: {qemu} not found, so hpmig runs alone (apt-get install qemu-system-x86 adds the QEMU comparison)");
+        }
+    }
+    println!();
+    println!(
+        "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>9} {:>9}",
+        "memory",
+        "workload",
+        "link",
+        "variant",
+        "rounds",
+        "total bytes",
+        "time ms",
+        "down ms",
+        "converged",
+        "progress"
+    );
+    std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
+    let mut done = Vec::new();
+    let mut ok = true;
+    for setting in cells {
+        let mut runs = Vec::new();
+        for _ in 0..repeats {
+            match run_cell(&setting, o.guest) {
+                Ok(r) => runs.push(r),
+                Err(e) => {
+                    ok = false;
+                    println!(
+                        "  {} {} {} {}: run FAILED: {e:#}",
+                        human(setting.memory_bytes),
+                        setting.load(),
+                        setting.link,
+                        setting.variant
+                    );
+                }
+            }
+        }
+        if runs.is_empty() {
+            continue;
+        }
+        let cell = Cell { setting, runs };
+        let s = cell.summary();
+        println!(
+            "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>9} {:>8.0}%",
+            human(setting.memory_bytes),
+            setting.load(),
+            setting.link,
+            setting.variant,
+            s.rounds,
+            human(s.total_bytes.median as u64),
+            s.total_ms.median,
+            s.downtime_ms.median,
+            format!("{}/{}", s.converged_runs, s.runs),
+            s.progress * 100.0
+        );
+        done.push(cell);
+    }
+    let results = BenchResults::new(done);
+    let (csv, json) = results.write(&o.out)?;
+    println!("\n  results: {} and {}", csv.display(), json.display());
+    let summaries: Vec<_> = results.cells.iter().map(Cell::summary).collect();
+    for plot in plots::write(&o.out, &summaries)? {
+        println!("  plot:    {}", plot.display());
+    }
+    Ok(ok)
+}

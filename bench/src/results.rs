@@ -1,0 +1,498 @@
+//! The benchmark's results as types: what `hpmig bench` writes to
+//! `bench.json` and `bench.csv`, what `hpmig model` reads back and what the
+//! figures draw. One cell is one [`Setting`] (guest size, workload and its
+//! dirty rate, link, method) with its [`Run`]s; a [`Summary`] is a cell's
+//! runs reduced to medians and ranges ([`crate::stats`]).
+//!
+//! # bench.json and its schema version
+//!
+//! ```text
+//! { "schema": 1,
+//!   "cells": [ { "memory_bytes": 67108864, "workload": "sparse",
+//!                "dirty_rate": 100000,          (null: flat out)
+//!                "link": "1Gbit",               ("uncapped": no cap)
+//!                "variant": "segment",          (page, segment, segment+zstd,
+//!                                                qemu, qemu-xbzrle, qemu-multifd)
+//!                "runs": [ { "rounds", "bytes_per_round", "ms_per_round",
+//!                            "total_bytes", "total_ms", "downtime_ms",
+//!                            "verify_ms", "converged", "guest_progress",
+//!                            "guest_writes_per_s_before" }, ... ] }, ... ] }
+//! ```
+//!
+//! `schema` is the version of this layout, the first field of the file. It
+//! is 1 for the layout above and goes up by one whenever a field is removed
+//! or renamed or changes its meaning or unit, so that a reader never takes
+//! one figure for another; adding a field does not change it. A reader
+//! refuses a schema newer than [`SCHEMA`]. A file without the field was
+//! written before it existed (the runs in `docs/results/`); its layout is
+//! that of schema 1, so it is read as such and reports schema 0.
+//!
+//! Figures that are not numbers (QEMU reported no downtime for a migration
+//! it did not finish) are written as `null` and read back as NaN.
+//!
+//! `bench.csv` has one row per cell: the cell's setting and its
+//! [`Summary`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use hpmig_microvm::Workload;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::stats::{median, spread, Spread};
+
+/// The version of the bench.json layout this code writes and reads.
+pub const SCHEMA: u32 = 1;
+
+/// Everything one `hpmig bench` run measured: the content of bench.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BenchResults {
+    /// The layout's version: [`SCHEMA`] when written; 0 when read from a
+    /// file older than the field.
+    #[serde(default)]
+    pub schema: u32,
+    /// The cells with at least one successful run, in the order they ran.
+    pub cells: Vec<Cell>,
+}
+
+/// One cell of the matrix and its runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    #[serde(flatten)]
+    pub setting: Setting,
+    pub runs: Vec<Run>,
+}
+
+/// What a cell migrates, over what, and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    #[serde(with = "workload_name")]
+    pub workload: Workload,
+    /// Guest stores per second asked for; `None`: flat out.
+    pub dirty_rate: Option<u64>,
+    pub link: Link,
+    pub variant: Variant,
+}
+
+/// One migration's figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// Rounds, the stop-and-copy round included (QEMU: its dirty syncs).
+    pub rounds: usize,
+    /// Bytes on the wire per round (hpmig only; empty for QEMU).
+    pub bytes_per_round: Vec<u64>,
+    /// Each round's duration, ms (hpmig only).
+    pub ms_per_round: Vec<f64>,
+    pub total_bytes: u64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub total_ms: f64,
+    #[serde(deserialize_with = "nan_if_null")]
+    pub downtime_ms: f64,
+    /// Of the downtime, how long hpmig digested memory to verify the copy
+    /// (QEMU verifies nothing: 0).
+    #[serde(deserialize_with = "nan_if_null")]
+    pub verify_ms: f64,
+    /// Pre-copy converged rather than being cut short.
+    pub converged: bool,
+    /// Guest writes per second during migration over before it.
+    #[serde(deserialize_with = "nan_if_null")]
+    pub guest_progress: f64,
+    /// Guest writes per second before migration (what the pacing achieved).
+    #[serde(deserialize_with = "nan_if_null")]
+    pub guest_writes_per_s_before: f64,
+}
+
+/// Who migrates, and how. Written by name: `page`, `segment`,
+/// `segment+zstd`, `qemu`, `qemu-xbzrle`, `qemu-multifd`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Variant {
+    /// hpmig, whole dirty pages.
+    #[serde(rename = "page")]
+    Page,
+    /// hpmig, dirty offset segments (the paper's method).
+    #[serde(rename = "segment")]
+    Segment,
+    /// hpmig, segments, wide pages zstd-compressed when that pays.
+    #[serde(rename = "segment+zstd")]
+    SegmentZstd,
+    /// QEMU's migration, plain.
+    #[serde(rename = "qemu")]
+    Qemu,
+    /// QEMU with XBZRLE page deltas.
+    #[serde(rename = "qemu-xbzrle")]
+    QemuXbzrle,
+    /// QEMU with multifd channels.
+    #[serde(rename = "qemu-multifd")]
+    QemuMultifd,
+}
+
+impl Variant {
+    /// Every variant, in the order the figures list them.
+    pub const ALL: [Variant; 6] = [
+        Variant::Page,
+        Variant::Segment,
+        Variant::SegmentZstd,
+        Variant::Qemu,
+        Variant::QemuXbzrle,
+        Variant::QemuMultifd,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Page => "page",
+            Variant::Segment => "segment",
+            Variant::SegmentZstd => "segment+zstd",
+            Variant::Qemu => "qemu",
+            Variant::QemuXbzrle => "qemu-xbzrle",
+            Variant::QemuMultifd => "qemu-multifd",
+        }
+    }
+
+    /// QEMU migrates, not hpmig.
+    pub fn is_qemu(self) -> bool {
+        matches!(
+            self,
+            Variant::Qemu | Variant::QemuXbzrle | Variant::QemuMultifd
+        )
+    }
+
+    /// hpmig sending dirty offset segments rather than whole pages.
+    pub fn sends_segments(self) -> bool {
+        matches!(self, Variant::Segment | Variant::SegmentZstd)
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// A link: its bandwidth cap in bytes per second, or none. Written as its
+/// label, `1Gbit` or `uncapped`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Link(pub Option<u64>);
+
+impl Link {
+    pub const UNCAPPED: Link = Link(None);
+
+    /// A link capped at `gbit` Gbit/s.
+    pub const fn gbit(gbit: u64) -> Link {
+        Link(Some(gbit * 125_000_000))
+    }
+
+    /// The cap in bytes per second.
+    pub fn bytes_per_s(self) -> Option<u64> {
+        self.0
+    }
+
+    /// The cap in Gbit/s.
+    pub fn gbit_per_s(self) -> Option<f64> {
+        self.0.map(|c| c as f64 * 8.0 / 1e9)
+    }
+
+    /// Reads a label as [`Link`]'s `Display` writes it.
+    pub fn parse(label: &str) -> Option<Link> {
+        if label == "uncapped" {
+            return Some(Link::UNCAPPED);
+        }
+        let gbit: f64 = label.strip_suffix("Gbit")?.parse().ok()?;
+        (gbit.is_finite() && gbit > 0.0).then(|| Link(Some((gbit * 125e6).round() as u64)))
+    }
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let label = match self.0 {
+            None => "uncapped".to_string(),
+            Some(c) if (c * 8) % 1_000_000_000 == 0 => format!("{}Gbit", c * 8 / 1_000_000_000),
+            Some(_) => format!("{}Gbit", self.gbit_per_s().unwrap_or_default()),
+        };
+        f.pad(&label)
+    }
+}
+
+impl Serialize for Link {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Link {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Link, D::Error> {
+        let label = String::deserialize(d)?;
+        Link::parse(&label).ok_or_else(|| {
+            serde::de::Error::custom(format!("link '{label}': expected NGbit or uncapped"))
+        })
+    }
+}
+
+/// A workload by its name, as `Workload::as_str` writes it.
+mod workload_name {
+    use hpmig_microvm::Workload;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(w: &Workload, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(w.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Workload, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A float that serde_json wrote as `null` (it writes NaN so) is NaN.
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+impl Setting {
+    /// The load as people read it: `sparse@100k/s`, `dense@max`, `idle`.
+    pub fn load(&self) -> String {
+        match self.dirty_rate {
+            Some(r) => format!("{}@{}k/s", self.workload.as_str(), r / 1000),
+            None if self.workload == Workload::Idle => "idle".into(),
+            None => format!("{}@max", self.workload.as_str()),
+        }
+    }
+}
+
+/// A cell's runs reduced to the figures bench.csv, the table and the
+/// figures show.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub setting: Setting,
+    /// Successful runs.
+    pub runs: usize,
+    pub rounds: f64,
+    pub total_bytes: Spread,
+    pub total_ms: Spread,
+    pub downtime_ms: Spread,
+    /// Runs whose pre-copy converged.
+    pub converged_runs: usize,
+    /// Median guest progress during migration (writes per second during
+    /// over before).
+    pub progress: f64,
+    /// Bytes per round of the run with the median total bytes (hpmig only).
+    pub bytes_per_round: Vec<u64>,
+}
+
+impl Cell {
+    /// The cell's medians and ranges.
+    pub fn summary(&self) -> Summary {
+        let runs = &self.runs;
+        let mut by_bytes: Vec<&Run> = runs.iter().collect();
+        by_bytes.sort_by_key(|r| r.total_bytes);
+        Summary {
+            setting: self.setting,
+            runs: runs.len(),
+            rounds: median(runs.iter().map(|r| r.rounds as f64)),
+            total_bytes: spread(runs.iter().map(|r| r.total_bytes as f64)),
+            total_ms: spread(runs.iter().map(|r| r.total_ms)),
+            downtime_ms: spread(runs.iter().map(|r| r.downtime_ms)),
+            converged_runs: runs.iter().filter(|r| r.converged).count(),
+            progress: median(runs.iter().map(|r| r.guest_progress)),
+            bytes_per_round: by_bytes
+                .get(by_bytes.len() / 2)
+                .map(|r| r.bytes_per_round.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+const CSV_HEADER: &str = "memory_bytes,workload,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,converged_runs,progress_median\n";
+
+impl BenchResults {
+    /// Results of the current schema.
+    pub fn new(cells: Vec<Cell>) -> BenchResults {
+        BenchResults {
+            schema: SCHEMA,
+            cells,
+        }
+    }
+
+    /// Reads a bench.json of this schema or an older one.
+    pub fn read(path: &Path) -> Result<BenchResults> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let doc: BenchResults =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if doc.schema > SCHEMA {
+            bail!(
+                "{} has schema {}, this hpmig reads up to {SCHEMA}",
+                path.display(),
+                doc.schema
+            );
+        }
+        Ok(doc)
+    }
+
+    /// bench.csv: a header, then one row per cell.
+    pub fn csv(&self) -> String {
+        let mut csv = String::from(CSV_HEADER);
+        for cell in &self.cells {
+            let s = cell.summary();
+            let (b, t, d) = (s.total_bytes, s.total_ms, s.downtime_ms);
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
+                s.setting.memory_bytes,
+                s.setting.workload.as_str(),
+                s.setting.dirty_rate.unwrap_or(0),
+                s.setting.link,
+                s.setting.variant,
+                s.runs,
+                s.rounds,
+                b.median,
+                b.min,
+                b.max,
+                t.median,
+                t.min,
+                t.max,
+                d.median,
+                d.min,
+                d.max,
+                s.converged_runs,
+                s.progress
+            ));
+        }
+        csv
+    }
+
+    /// Writes bench.csv and bench.json into `dir`; returns their paths.
+    pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        let csv = dir.join("bench.csv");
+        std::fs::write(&csv, self.csv()).with_context(|| format!("writing {}", csv.display()))?;
+        let json = dir.join("bench.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
+        Ok((csv, json))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(total_bytes: u64, downtime_ms: f64) -> Run {
+        Run {
+            rounds: 2,
+            bytes_per_round: vec![total_bytes - 10, 10],
+            ms_per_round: vec![5.0, 0.5],
+            total_bytes,
+            total_ms: 12.5,
+            downtime_ms,
+            converged: true,
+            guest_progress: 0.5,
+            guest_writes_per_s_before: 1e5,
+            ..Run::default()
+        }
+    }
+
+    fn cell(variant: Variant, link: Link, runs: Vec<Run>) -> Cell {
+        Cell {
+            setting: Setting {
+                memory_bytes: 64 << 20,
+                workload: Workload::Sparse,
+                dirty_rate: Some(100_000),
+                link,
+                variant,
+            },
+            runs,
+        }
+    }
+
+    #[test]
+    fn bench_json_round_trips_with_the_schema_first_and_nan_as_null() {
+        let doc = BenchResults::new(vec![
+            cell(Variant::SegmentZstd, Link::gbit(10), vec![run(1000, 3.0)]),
+            cell(Variant::QemuXbzrle, Link::UNCAPPED, vec![run(2000, 4.0)]),
+        ]);
+        let text = serde_json::to_string_pretty(&doc).unwrap();
+        assert!(
+            text.trim_start().starts_with("{\n  \"schema\": 1,"),
+            "{text}"
+        );
+        for key in [
+            "\"variant\": \"segment+zstd\"",
+            "\"variant\": \"qemu-xbzrle\"",
+            "\"link\": \"10Gbit\"",
+            "\"link\": \"uncapped\"",
+            "\"workload\": \"sparse\"",
+            "\"converged\": true",
+        ] {
+            assert!(text.contains(key), "{key} missing from {text}");
+        }
+        assert_eq!(serde_json::from_str::<BenchResults>(&text).unwrap(), doc);
+
+        let mut nan = doc.clone();
+        nan.cells[1].runs[0].downtime_ms = f64::NAN;
+        let text = serde_json::to_string(&nan).unwrap();
+        assert!(text.contains("\"downtime_ms\":null"), "{text}");
+        let back: BenchResults = serde_json::from_str(&text).unwrap();
+        assert!(back.cells[1].runs[0].downtime_ms.is_nan());
+    }
+
+    #[test]
+    fn a_file_without_schema_reads_as_schema_zero_and_a_newer_one_is_refused() {
+        let old = r#"{"cells":[{"memory_bytes":268435456,"workload":"dense","dirty_rate":null,
+            "link":"1Gbit","variant":"qemu","runs":[{"rounds":3,"bytes_per_round":[],
+            "ms_per_round":[],"total_bytes":5,"total_ms":20000.0,"downtime_ms":null,
+            "verify_ms":0.0,"converged":false,"guest_progress":0.9,
+            "guest_writes_per_s_before":1000.0}]}]}"#;
+        let doc: BenchResults = serde_json::from_str(old).unwrap();
+        assert_eq!(doc.schema, 0);
+        let s = doc.cells[0].setting;
+        assert_eq!(s.workload, Workload::Dense);
+        assert_eq!(s.link.bytes_per_s(), Some(125_000_000));
+        assert_eq!((s.variant, s.load()), (Variant::Qemu, "dense@max".into()));
+
+        let dir = std::env::temp_dir().join(format!("hpmig-results-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let newer = dir.join("bench.json");
+        std::fs::write(&newer, old.replacen('{', "{\"schema\":2,", 1)).unwrap();
+        let e = BenchResults::read(&newer).unwrap_err();
+        assert!(format!("{e:#}").contains("schema 2"), "{e:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn links_and_variants_read_back_what_they_write() {
+        for link in [Link::gbit(1), Link::gbit(25), Link::UNCAPPED] {
+            assert_eq!(Link::parse(&link.to_string()), Some(link));
+        }
+        assert_eq!(Link::parse("2.5Gbit"), Some(Link(Some(312_500_000))));
+        assert_eq!(Link(Some(312_500_000)).to_string(), "2.5Gbit");
+        assert_eq!(Link::parse("fast"), None);
+        for v in Variant::ALL {
+            let json = serde_json::to_string(&v).unwrap();
+            assert_eq!(json, format!("\"{}\"", v.name()));
+            assert_eq!(serde_json::from_str::<Variant>(&json).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn csv_has_one_row_per_cell_with_the_medians() {
+        let doc = BenchResults::new(vec![
+            cell(
+                Variant::Page,
+                Link::gbit(1),
+                vec![run(300, 1.0), run(100, 2.0), run(200, 3.0)],
+            ),
+            cell(Variant::Segment, Link::UNCAPPED, vec![run(50, 1.0)]),
+        ]);
+        let csv = doc.csv();
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            rows[1],
+            "67108864,sparse,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,3,0.500"
+        );
+        assert!(rows[2].starts_with("67108864,sparse,100000,uncapped,segment,1,"));
+        assert_eq!(doc.cells[0].summary().bytes_per_round, vec![190, 10]);
+    }
+}
