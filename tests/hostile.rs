@@ -52,6 +52,8 @@ fn a_hostile_sender_cannot_grow_the_destination_past_guest_memory_and_allowance(
             "64M",
             "--io-timeout",
             "3s",
+            // One migration, then exit: the test reads its whole output.
+            "--once",
         ])
         .env_remove("HPMIG_TOKEN")
         .stdout(Stdio::piped())
@@ -85,6 +87,11 @@ fn a_hostile_sender_cannot_grow_the_destination_past_guest_memory_and_allowance(
         layout: layout.clone(),
         nonce: ns,
         auth: secret.hello(&ns),
+        guest: hpmig_core::protocol::GuestInfo {
+            vcpus: 1,
+            requirements: Vec::new(),
+        },
+        verify: hpmig_core::verify::VerifyMode::Strict,
     };
     control.write_all(&hello.encode()).unwrap();
     let (h, p) = read_record(&mut control);

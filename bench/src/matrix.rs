@@ -166,7 +166,7 @@ fn run_hpmig(
             memory_zeroed: true,
             ..DestConfig::default()
         };
-        let mut arrival = hpmig_microvm::Arrival::new(&dm);
+        let mut arrival = hpmig_microvm::Arrival::new();
         receive(&dm, &mut t, &cfg, &mut arrival)?;
         arrival.stop();
         Ok(())

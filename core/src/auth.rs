@@ -126,10 +126,77 @@ pub struct Session {
     nonce_d: [u8; 16],
 }
 
+/// A session's name on the wire: fixed by both nonces, the same at both
+/// ends, public (it proves nothing by itself).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub [u8; 16]);
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+impl std::str::FromStr for SessionId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not a session id (32 hex digits)");
+        if s.len() != 32 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(SessionId(id))
+    }
+}
+
 impl Session {
     /// A session for transports that need no binding (in-process).
     pub fn unbound() -> Session {
         Secret::none().session([0; 16], [0; 16])
+    }
+
+    /// The session's name on the wire.
+    pub fn id(&self) -> SessionId {
+        let h = self
+            .secret
+            .mac(b"session id", &[&self.nonce_s, &self.nonce_d]);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h.as_bytes()[..16]);
+        SessionId(id)
+    }
+
+    /// Both nonces, from which [`Secret::session`] rebuilds the session
+    /// (a destination's journal keeps them).
+    pub fn nonces(&self) -> ([u8; 16], [u8; 16]) {
+        (self.nonce_s, self.nonce_d)
+    }
+
+    /// The key of the per-page hashes both ends keep (see
+    /// [`crate::verify`]): derived from the session, never sent.
+    pub fn page_hash_key(&self) -> [u8; 32] {
+        self.record_mac(b"page hash key", b"")
+    }
+
+    /// A MAC over a switch-over record's `body` under this session's key;
+    /// `label` separates the kinds of record.
+    pub fn record_mac(&self, label: &[u8], body: &[u8]) -> [u8; 32] {
+        *self
+            .secret
+            .mac(label, &[&self.nonce_s, &self.nonce_d, body])
+            .as_bytes()
     }
 
     /// The tag data connection `index` presents.
@@ -170,6 +237,14 @@ mod tests {
         assert!(!Secret::verify(a.hello(&ns), &[0u8; 31]), "short MAC");
         let s = a.session(ns, nd);
         assert_ne!(s.stream_tag(0), s.stream_tag(1));
+        assert_eq!(s.id(), a.session(ns, nd).id());
+        assert_ne!(s.id(), a.session(nd, ns).id());
+        assert_eq!(s.id().to_string().parse::<SessionId>(), Ok(s.id()));
+        assert_ne!(s.record_mac(b"x", b"1"), s.record_mac(b"x", b"2"));
+        assert_ne!(
+            s.record_mac(b"x", b"1"),
+            b.session(ns, nd).record_mac(b"x", b"1")
+        );
         assert_ne!(s.stream_tag(0), b.session(ns, nd).stream_tag(0));
         assert!(a.is_set() && !Secret::none().is_set());
     }

@@ -11,6 +11,8 @@
 
 use thiserror::Error;
 
+use crate::memory::DestMemory;
+
 /// Errors of controlling a guest.
 #[derive(Debug, Error)]
 pub enum GuestError {
@@ -47,6 +49,13 @@ pub trait Guest {
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;
     /// vCPUs the state record describes.
     fn vcpus(&self) -> u32;
+    /// What the guest needs of a host (CPU features, state sizes, ...), as
+    /// bytes the destination's [`DestGuest::admit`] reads, at most
+    /// [`crate::protocol::MAX_REQUIREMENTS`]: sent in the Hello so a host
+    /// that cannot run the guest refuses before round 0.
+    fn requirements(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// The destination's guest: what the engine needs from the VMM that will
@@ -57,10 +66,19 @@ pub trait Guest {
 /// to the source; then exactly one of `start` (the source committed: the
 /// guest is now this side's) or `discard` (anything else).
 pub trait DestGuest {
+    /// Whether this host can run a guest of `vcpus` vCPUs needing
+    /// `requirements` (the source's [`Guest::requirements`]); asked at the
+    /// handshake, before any memory is allocated. An error refuses the
+    /// source with its message.
+    fn admit(&mut self, vcpus: u32, requirements: &[u8]) -> Result<(), GuestError> {
+        let _ = (vcpus, requirements);
+        Ok(())
+    }
     /// Checks the state record against this host and applies it to vCPUs
-    /// that are created but not running. An error here refuses the copy:
-    /// the source is told and resumes its guest.
-    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError>;
+    /// that are created but not running, on `memory` (where every byte
+    /// landed). An error here refuses the copy: the source is told and
+    /// resumes its guest.
+    fn restore(&mut self, memory: &DestMemory, vcpus: u32, state: &[u8]) -> Result<(), GuestError>;
     /// Starts the restored vCPUs. Called only after the source gave the
     /// guest up (its Commit), so nothing but starting may remain here.
     fn start(&mut self) -> Result<(), GuestError>;

@@ -14,12 +14,14 @@
 //! the agreed features. See [`crate::auth`] for what the MACs prove. The
 //! destination allocates nothing for the guest before `answer` succeeds.
 
+use std::time::{Duration, Instant};
+
 use thiserror::Error;
 
 use crate::auth::{self, Secret, Session};
 use crate::memory::Layout;
 use crate::protocol::{
-    self, encode_record, Granularity, Hello, Kind, ProtocolError, Welcome, FEATURE_ZSTD,
+    self, encode_record, Granularity, GuestInfo, Hello, Kind, ProtocolError, Welcome, FEATURE_ZSTD,
     KNOWN_FEATURES,
 };
 use crate::transport::{Control, TransportError};
@@ -44,17 +46,24 @@ pub enum HandshakeError {
     /// the peer sent an Error record
     #[error("peer reported: {0}")]
     Peer(String),
+    /// this destination cannot host the source's guest
+    #[error("this destination cannot host the guest: {0}")]
+    Admit(String),
 }
 
 /// What the source offers.
 #[derive(Clone, Debug)]
 pub struct Offer<'a> {
+    /// The newest version to offer (normally [`protocol::VERSION`]).
+    pub version: u16,
     pub granularity: Granularity,
     pub streams: u16,
     /// Feature bits (protocol::FEATURE_*).
     pub features: u32,
     pub layout: &'a Layout,
     pub secret: &'a Secret,
+    pub guest: GuestInfo,
+    pub verify: crate::verify::VerifyMode,
 }
 
 /// What a destination accepts.
@@ -67,6 +76,10 @@ pub struct Terms {
     pub secret: Secret,
     /// Largest guest this destination will allocate memory for.
     pub max_memory: u64,
+    /// Refuse a guest larger than the memory this host has available now
+    /// (`MemAvailable`): for a destination that allocates after the
+    /// handshake.
+    pub check_free_memory: bool,
 }
 
 impl Default for Terms {
@@ -76,6 +89,7 @@ impl Default for Terms {
             features: KNOWN_FEATURES,
             secret: Secret::none(),
             max_memory: 1 << 40,
+            check_free_memory: false,
         }
     }
 }
@@ -102,11 +116,16 @@ pub struct Accepted {
     pub agreed: Agreed,
 }
 
-/// The source's half: sends the Hello, checks the Welcome, proves the token.
-pub fn offer<C: Control>(control: &mut C, o: &Offer<'_>) -> Result<Agreed, HandshakeError> {
+/// The source's half: sends the Hello, checks the Welcome (within `io`),
+/// proves the token.
+pub fn offer<C: Control>(
+    control: &mut C,
+    o: &Offer<'_>,
+    io: Duration,
+) -> Result<Agreed, HandshakeError> {
     let nonce_s = auth::nonce();
     let hello = Hello {
-        version: protocol::VERSION,
+        version: o.version.clamp(protocol::MIN_VERSION, protocol::VERSION),
         min_version: protocol::MIN_VERSION,
         granularity: o.granularity,
         streams: o.streams,
@@ -114,9 +133,11 @@ pub fn offer<C: Control>(control: &mut C, o: &Offer<'_>) -> Result<Agreed, Hands
         layout: o.layout.clone(),
         nonce: nonce_s,
         auth: o.secret.hello(&nonce_s),
+        guest: o.guest.clone(),
+        verify: o.verify,
     };
     control.send(&hello.encode())?;
-    let reply = control.recv()?;
+    let reply = control.recv(Instant::now() + io)?;
     let welcome = match reply.header.kind {
         Kind::Welcome => Welcome::decode(&reply.payload).map_err(HandshakeError::Refused)?,
         Kind::Error => return Err(peer_error(&reply.payload)),
@@ -127,7 +148,7 @@ pub fn offer<C: Control>(control: &mut C, o: &Offer<'_>) -> Result<Agreed, Hands
             }))
         }
     };
-    if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&welcome.version) {
+    if !(protocol::MIN_VERSION..=hello.version).contains(&welcome.version) {
         return Err(HandshakeError::Refused(ProtocolError::Version {
             peer_min: welcome.version,
             peer_max: welcome.version,
@@ -152,15 +173,18 @@ pub fn offer<C: Control>(control: &mut C, o: &Offer<'_>) -> Result<Agreed, Hands
 
 /// The destination's half: checks the Hello (version, magic, features,
 /// stream count, guest size, the token and, with `expected`, the layout),
-/// sends the Welcome and checks the Proof. Nothing is allocated for the
-/// guest before this succeeds.
+/// asks `admit` whether this host can run the guest, sends the Welcome and
+/// checks the Proof, all by `deadline` (a stranger gets no longer). Nothing
+/// is allocated for the guest before this succeeds.
 pub fn answer<C: Control>(
     control: &mut C,
     terms: &Terms,
     expected: Option<&Layout>,
+    deadline: Instant,
+    admit: &mut dyn FnMut(&GuestInfo) -> Result<(), String>,
 ) -> Result<Accepted, HandshakeError> {
     let refused = HandshakeError::Refused;
-    let first = control.recv()?;
+    let first = control.recv(deadline)?;
     if first.header.kind != Kind::Hello {
         return Err(refused(ProtocolError::Unexpected {
             got: first.header.kind,
@@ -183,6 +207,18 @@ pub fn answer<C: Control>(
             max: terms.max_memory,
         });
     }
+    if terms.check_free_memory {
+        if let Some(free) = available_memory() {
+            if hello.layout.total_bytes() > free {
+                return Err(HandshakeError::Admit(format!(
+                    "the guest has {} bytes of memory and this host {} available",
+                    hello.layout.total_bytes(),
+                    free
+                )));
+            }
+        }
+    }
+    admit(&hello.guest).map_err(HandshakeError::Admit)?;
     let features = hello.features & terms.features;
     let nonce_d = auth::nonce();
     let welcome = Welcome {
@@ -192,7 +228,7 @@ pub fn answer<C: Control>(
         auth: terms.secret.welcome(&hello.nonce, &nonce_d),
     };
     control.send(&welcome.encode())?;
-    let proof = control.recv()?;
+    let proof = control.recv(deadline)?;
     match proof.header.kind {
         Kind::Proof
             if Secret::verify(terms.secret.proof(&hello.nonce, &nonce_d), &proof.payload) => {}
@@ -214,6 +250,14 @@ pub fn answer<C: Control>(
         },
         hello,
     })
+}
+
+/// This host's `MemAvailable`, if it can be read.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The refusal of a source whose layout differs from the destination's.

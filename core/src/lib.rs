@@ -83,6 +83,7 @@ pub mod segment;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transport;
+pub mod verify;
 
 /// The guest-memory crate hpmig's types are built on, re-exported so an
 /// embedder uses the very version hpmig does.

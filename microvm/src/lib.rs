@@ -159,13 +159,20 @@ impl Guest for RunningGuest {
             RunningGuest::Emulated(g) => g.vcpus(),
         }
     }
+
+    fn requirements(&self) -> Vec<u8> {
+        match self {
+            RunningGuest::Kvm(vm) => vm.requirements(),
+            RunningGuest::Emulated(g) => g.requirements(),
+        }
+    }
 }
 
 /// A guest arriving on the destination: restored before the Ack (the vCPUs
 /// exist and hold their state, but do not run), started after the Commit.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Arrival {
-    memory: DestMemory,
+    memory: Option<DestMemory>,
     restored: Option<Restored>,
     running: Option<Resumed>,
     /// vCPU 0's heartbeat when the state was restored (memory complete).
@@ -186,14 +193,9 @@ pub enum Resumed {
 }
 
 impl Arrival {
-    /// A destination guest that will run on `memory`.
-    pub fn new(memory: &DestMemory) -> Arrival {
-        Arrival {
-            memory: memory.clone(),
-            restored: None,
-            running: None,
-            arrival_heartbeat: 0,
-        }
+    /// A destination guest, to run on the memory the engine lands it in.
+    pub fn new() -> Arrival {
+        Arrival::default()
     }
 
     /// vCPU 0's heartbeat as it arrived (read when the state was restored,
@@ -214,11 +216,23 @@ impl Arrival {
 }
 
 impl DestGuest for Arrival {
-    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
+    fn admit(&mut self, vcpus: u32, requirements: &[u8]) -> Result<(), GuestError> {
+        // A micro-VM says what it needs; an emulated guest needs threads.
+        kvm::requirements::admit(vcpus, requirements)?;
+        if vcpus > emulated::MAX_VCPUS {
+            return Err(GuestError::Config(format!(
+                "the guest has {vcpus} vCPUs; at most {} run here",
+                emulated::MAX_VCPUS
+            )));
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, memory: &DestMemory, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
         let restored = if VmState::is_kvm_record(state) {
             let st = VmState::decode(state)?;
             check_vcpus(vcpus, st.vcpus.len() as u32)?;
-            Restored::Kvm(kvm::RestoredVm::new(self.memory.clone(), st)?)
+            Restored::Kvm(kvm::RestoredVm::new(memory.clone(), st)?)
         } else if let Some(cfg) = EmulatedConfig::from_state_record(state, 2) {
             check_vcpus(vcpus, cfg.vcpus)?;
             Restored::Emulated(cfg)
@@ -228,7 +242,8 @@ impl DestGuest for Arrival {
             ));
         };
         self.restored = Some(restored);
-        self.arrival_heartbeat = kvm::heartbeat(&self.memory, 0);
+        self.arrival_heartbeat = kvm::heartbeat(memory, 0);
+        self.memory = Some(memory.clone());
         Ok(())
     }
 
@@ -236,7 +251,11 @@ impl DestGuest for Arrival {
         let running = match self.restored.take() {
             Some(Restored::Kvm(vm)) => Resumed::Kvm(vm.start()?),
             Some(Restored::Emulated(cfg)) => {
-                Resumed::Emulated(EmulatedGuest::start(self.memory.clone(), cfg)?)
+                let memory = self
+                    .memory
+                    .clone()
+                    .ok_or_else(|| GuestError::Resume("no memory to run on".into()))?;
+                Resumed::Emulated(EmulatedGuest::start(memory, cfg)?)
             }
             None => return Err(GuestError::Resume("no restored guest to start".into())),
         };
@@ -294,19 +313,20 @@ mod tests {
             seed: 0,
         }
         .state_record();
-        let mut a = Arrival::new(&memory());
-        assert!(a.restore(2, &two).is_ok());
-        let e = a.restore(3, &two).unwrap_err();
+        let mut a = Arrival::new();
+        let m = memory();
+        assert!(a.restore(&m, 2, &two).is_ok());
+        let e = a.restore(&m, 3, &two).unwrap_err();
         assert!(
             e.to_string().contains("announces 3 vCPUs but carries 2"),
             "{e}"
         );
         assert!(matches!(
-            a.restore(1, b"hpmig-kvm-v1 garbage"),
+            a.restore(&m, 1, b"hpmig-kvm-v1 garbage"),
             Err(GuestError::State(_))
         ));
         assert!(
-            a.restore(7, b"some other VMM's state").is_err(),
+            a.restore(&m, 7, b"some other VMM's state").is_err(),
             "a record the micro-VM cannot run is refused before the Ack"
         );
     }

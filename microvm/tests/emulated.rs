@@ -31,8 +31,8 @@ struct Checked {
 }
 
 impl DestGuest for Checked {
-    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
-        self.inner.restore(vcpus, state)
+    fn restore(&mut self, memory: &DestMemory, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
+        self.inner.restore(memory, vcpus, state)
     }
     fn start(&mut self) -> Result<(), GuestError> {
         assert_same_memory(&self.source, &self.dest);
@@ -64,7 +64,7 @@ fn migrate_running(
     let dest_memory: DestMemory = layout.allocate().unwrap();
     let (mut src, mut dst) = pair(Faults::none());
     let mut checked = Checked {
-        inner: Arrival::new(&dest_memory),
+        inner: Arrival::new(),
         source: memory.clone(),
         dest: dest_memory.clone(),
     };

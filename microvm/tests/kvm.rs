@@ -116,8 +116,8 @@ struct Checked {
 }
 
 impl DestGuest for Checked {
-    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
-        self.inner.restore(vcpus, state)
+    fn restore(&mut self, memory: &DestMemory, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
+        self.inner.restore(memory, vcpus, state)
     }
     fn start(&mut self) -> Result<(), GuestError> {
         // The source sent its Commit: its guest is paused for good.
@@ -146,7 +146,7 @@ fn migrate_running(
     let dest_memory: DestMemory = layout.allocate().unwrap();
     let (mut src, mut dst) = pair(Faults::none());
     let mut checked = Checked {
-        inner: Arrival::new(&dest_memory),
+        inner: Arrival::new(),
         source: memory.clone(),
         dest: dest_memory.clone(),
         heartbeats: Vec::new(),
@@ -269,7 +269,7 @@ fn a_pause_that_fails_after_vcpu_0_stopped_leaves_every_vcpu_running() {
     let (mut src, mut dst) = pair(Faults::none());
     let dm = dest_memory.clone();
     let dest =
-        thread::spawn(move || receive(&dm, &mut dst, &fresh(), &mut Arrival::new(&dm)).map(|_| ()));
+        thread::spawn(move || receive(&dm, &mut dst, &fresh(), &mut Arrival::new()).map(|_| ()));
     let mut dirty = Combined(
         vm.take_dirty_log().unwrap(),
         VmmBitmap::new(memory.clone(), layout).unwrap(),

@@ -8,11 +8,13 @@
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{ApplyError, LandStats};
-use crate::memory::{DestMemory, Layout, MemoryError, PageBits, Share};
+use super::{ApplyError, LandFault, LandStats};
+use crate::memory::{DestMemory, Layout, MemoryError, PageBits, PageIndex, Share};
 use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
 use crate::segment::compress::PageDecompressor;
 use crate::transport::StreamRx;
+use crate::verify::{Ledger, PageHasher};
+use std::sync::Arc;
 
 /// Host pointers of the destination's guest regions.
 #[derive(Debug)]
@@ -86,6 +88,15 @@ pub struct StreamLander<'a> {
     /// record for a page never written needs no write (and no page fault),
     /// since destination memory starts zeroed.
     written: PageBits,
+    /// Incremental verification: the page hasher and this share's ledger
+    /// of what landed.
+    ledger: Option<(Arc<PageHasher>, Ledger)>,
+    /// The page the last record landed in, not yet hashed: (page, region,
+    /// offset, gpa). It is hashed once its records are over (the next
+    /// record is for another page, or the round ends).
+    unhashed: Option<(PageIndex, usize, u64, u64)>,
+    /// Test hook: one corruption applied after the round's CRC.
+    fault: Option<LandFault>,
 }
 
 impl<'a> StreamLander<'a> {
@@ -110,6 +121,40 @@ impl<'a> StreamLander<'a> {
             records: 0,
             next_round: 0,
             stats: LandStats::default(),
+            ledger: None,
+            unhashed: None,
+            fault: None,
+        }
+    }
+
+    /// Keeps a ledger of what lands, under `hasher` (incremental
+    /// verification).
+    pub(crate) fn with_ledger(mut self, hasher: Option<Arc<PageHasher>>) -> Self {
+        self.ledger = hasher.map(|h| (h, Ledger::new(self.share.clone())));
+        self
+    }
+
+    /// Test hook: applies `fault` once, after the round's checksum saw the
+    /// record intact (see [`LandFault`]).
+    pub(crate) fn with_fault(mut self, fault: Option<LandFault>) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    /// Hashes the page the last records landed in, read back from guest
+    /// memory.
+    fn hash_landed(&mut self) {
+        let (Some((page, region, offset, gpa)), Some((hasher, ledger))) =
+            (self.unhashed.take(), &mut self.ledger)
+        else {
+            return;
+        };
+        let ps = self.layout.page_size() as u64;
+        let pages: &'a GuestPages = self.pages;
+        // SAFETY: the page is in this stream's share (it was checked when its
+        // record landed), and no other lander touches the share.
+        if let Some(bytes) = unsafe { pages.page_mut(region, offset, ps) } {
+            ledger.set(page, hasher.hash(gpa, bytes));
         }
     }
 
@@ -122,6 +167,7 @@ impl<'a> StreamLander<'a> {
                 self.data(h, rx).map(|()| None)
             }
             Kind::RoundEnd => {
+                self.hash_landed();
                 let mut p = [0u8; ROUND_END_LEN];
                 rx.read_payload(&mut p)?;
                 let end = RoundEnd::decode(&h, &p).map_err(|e| ApplyError::Transport(e.into()))?;
@@ -150,6 +196,7 @@ impl<'a> StreamLander<'a> {
                 self.stats.wire_bytes += (HEADER_LEN + ROUND_END_LEN) as u64;
                 self.next_round += 1;
                 self.stats.rounds = self.next_round;
+                self.stats.ledger_sum = self.ledger.as_ref().map_or(0, |(_, l)| l.sum());
                 Ok(Some(end))
             }
             other => Err(ApplyError::Unexpected(other)),
@@ -176,6 +223,9 @@ impl<'a> StreamLander<'a> {
                 stream: self.stream,
             });
         };
+        if self.unhashed.is_some_and(|(p, ..)| p != page) {
+            self.hash_landed();
+        }
         let pages: &'a GuestPages = self.pages;
         // SAFETY: the page is in this stream's share (checked just above).
         let Some(dst) = (unsafe { pages.page_mut(loc.region, loc.offset, ps) }) else {
@@ -193,11 +243,16 @@ impl<'a> StreamLander<'a> {
         match h.kind {
             Kind::Segment => {
                 let at = (h.arg - loc.gpa.0) as usize;
-                let dst = &mut dst[at..at + h.len as usize];
-                rx.read_payload(dst)?;
-                self.crc.update(dst);
+                let seg = &mut dst[at..at + h.len as usize];
+                rx.read_payload(seg)?;
+                self.crc.update(seg);
                 self.stats.segments += 1;
                 self.stats.payload_bytes += u64::from(h.len);
+                if self.next_round > 0 {
+                    if let Some(fault) = self.fault.take() {
+                        self.corrupt(fault, page, loc.region, loc.offset, at, h.len as usize);
+                    }
+                }
             }
             Kind::Page => {
                 rx.read_payload(dst)?;
@@ -233,9 +288,53 @@ impl<'a> StreamLander<'a> {
             // Only data kinds reach here (checked by the caller).
             other => return Err(ApplyError::Unexpected(other)),
         }
+        self.unhashed = Some((page, loc.region, loc.offset, loc.gpa.0));
         self.records += 1;
         self.stats.records += 1;
         self.stats.wire_bytes += (HEADER_LEN + h.len as usize) as u64;
         Ok(())
+    }
+}
+
+impl StreamLander<'_> {
+    /// The test hook's corruption, after the round's CRC saw the segment
+    /// intact: one byte past the segment, in the next page; or the
+    /// segment's bytes moved to the next page (its own page keeps what it
+    /// had). Only when the next page is this stream's too.
+    fn corrupt(
+        &mut self,
+        fault: LandFault,
+        page: PageIndex,
+        region: usize,
+        offset: u64,
+        at: usize,
+        len: usize,
+    ) {
+        let ps = self.layout.page_size() as u64;
+        let next = page.offset(1);
+        if self.share.local(next).is_none() {
+            self.fault = Some(fault);
+            return;
+        }
+        let pages = self.pages;
+        // SAFETY: both pages are in this stream's share (checked above and
+        // when the record landed); nothing else touches them meanwhile.
+        let pair = unsafe {
+            (
+                pages.page_mut(region, offset, ps),
+                pages.page_mut(region, offset + ps, ps),
+            )
+        };
+        let (Some(here), Some(there)) = pair else {
+            self.fault = Some(fault);
+            return;
+        };
+        match fault {
+            LandFault::SpillIntoNextPage => there[0] ^= 0xff,
+            LandFault::WrongPage => {
+                there[at..at + len].copy_from_slice(&here[at..at + len]);
+                here[at..at + len].iter_mut().for_each(|b| *b ^= 0xff);
+            }
+        }
     }
 }

@@ -29,22 +29,29 @@
 //! [`Layout::allocate`]), Setup checks every page before round 0 and zeroes
 //! those that are not.
 
+pub mod journal;
 mod lander;
 mod machine;
 mod receive;
 mod replay;
 mod switchover;
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use thiserror::Error;
 
 use crate::guest::{DestGuest, GuestError};
 use crate::handshake::{self, Accepted, HandshakeError, Terms};
 use crate::memory::{DestMemory, Layout, MemoryError};
+use crate::protocol::switchover::{Outcome, OutcomeKind, Verdict};
 use crate::protocol::{Granularity, Kind, ProtocolError, DIGEST_LEN};
-use crate::transport::{DestTransport, TransportError};
+use crate::transport::{Deadlines, DestTransport, TransportError};
+use journal::{Journal, JournalEvent};
 pub use lander::StreamLander;
 pub use machine::DestState;
 pub use replay::{land_stream, SliceRx};
+pub use switchover::{answer_from_journal, Undecided};
 
 /// Why a record was not applied. Nothing of the record was written.
 #[derive(Debug, Error)]
@@ -128,6 +135,20 @@ pub enum LandError {
     /// the memory digest differs from the source's
     #[error("guest memory digest differs from the source's")]
     DigestMismatch,
+    /// the source sent no digest, and this destination requires one
+    #[error("the source completed without a digest to verify, and this destination requires verification (--require-verified)")]
+    Unverified,
+    /// the source decided to keep its guest: the copy was discarded
+    #[error("the source aborted after the acknowledgement; the copy was discarded")]
+    Aborted,
+    /// no decision arrived for an acknowledged copy: it is held, paused,
+    /// until the source's decision comes again or an operator resolves it
+    #[error("in doubt: the copy of session {} (round {}) was acknowledged and no decision arrived; it is held paused here, neither run nor discarded, until the source's decision arrives or an operator resolves it", .0.id(), .0.round)]
+    InDoubt(Undecided),
+    /// the session journal could not be written: the destination cannot
+    /// promise to answer truthfully after a restart, so it does not act
+    #[error("session journal: {0}")]
+    Journal(#[source] std::io::Error),
 }
 
 impl LandError {
@@ -142,20 +163,66 @@ impl LandError {
             LandError::FinalRound { .. } | LandError::NoState | LandError::Restore(_) => {
                 "state transfer".into()
             }
-            LandError::DigestMismatch => "acknowledge".into(),
-            LandError::NoCommit(_) | LandError::Start(_) => "commit".into(),
+            LandError::DigestMismatch | LandError::Unverified => "acknowledge".into(),
+            LandError::NoCommit(_)
+            | LandError::Start(_)
+            | LandError::Aborted
+            | LandError::InDoubt(_)
+            | LandError::Journal(_) => "decision".into(),
         }
     }
 }
 
-/// What the destination accepts.
-#[derive(Clone, Debug, Default)]
+/// A lander fault a test injects (never set outside tests): applied once,
+/// to a segment of a round after round 0, after the round's CRC saw the
+/// record intact — what incremental verification must catch and a CRC
+/// cannot.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LandFault {
+    /// One byte written past the segment, into the next page.
+    SpillIntoNextPage,
+    /// The segment landed in the next page instead of its own.
+    WrongPage,
+}
+
+/// What the destination accepts, and how long it waits.
+#[derive(Clone, Debug)]
 pub struct DestConfig {
     /// The handshake's terms: token, stream and memory limits, features.
     pub terms: Terms,
     /// The memory handed to [`receive`] is known to be zero (freshly mapped
     /// anonymous memory): skip the check before round 0.
     pub memory_zeroed: bool,
+    /// Refuse a copy the source did not send a digest for.
+    pub require_verified: bool,
+    pub deadlines: Deadlines,
+    /// How long [`receive`] waits for a decision delivered again once the
+    /// first did not come, before it returns [`LandError::InDoubt`] (the
+    /// copy still held; [`await_decision`] waits on).
+    pub in_doubt_wait: Duration,
+    /// Where sessions are journaled before the destination acts on a
+    /// decision; without one, a restarted destination cannot answer a
+    /// source that asks what became of its guest (it says Unknown, and the
+    /// source holds its guest).
+    pub journal: Option<Arc<dyn Journal>>,
+    /// Test hook (see [`LandFault`]).
+    #[doc(hidden)]
+    pub fault: Option<LandFault>,
+}
+
+impl Default for DestConfig {
+    fn default() -> Self {
+        DestConfig {
+            terms: Terms::default(),
+            memory_zeroed: false,
+            require_verified: false,
+            deadlines: Deadlines::default(),
+            in_doubt_wait: Duration::from_secs(60),
+            journal: None,
+            fault: None,
+        }
+    }
 }
 
 /// Counts from one stream (summed over streams in [`Received`]).
@@ -170,6 +237,9 @@ pub struct LandStats {
     pub zstd_pages: u64,
     pub segments: u64,
     pub rounds: u32,
+    /// The sum of the stream's page-hash ledger (all streams' summed: the
+    /// destination's ledger sum; 0 unless incremental).
+    pub ledger_sum: u128,
 }
 
 impl std::ops::AddAssign for LandStats {
@@ -183,6 +253,7 @@ impl std::ops::AddAssign for LandStats {
         self.zstd_pages += o.zstd_pages;
         self.segments += o.segments;
         self.rounds = self.rounds.max(o.rounds);
+        self.ledger_sum = self.ledger_sum.wrapping_add(o.ledger_sum);
     }
 }
 
@@ -196,18 +267,35 @@ pub struct Received {
     pub verified: bool,
     pub digest: [u8; DIGEST_LEN],
     pub stats: LandStats,
+    /// When the guest's vCPUs started here, ns since the Unix epoch (0 for
+    /// a version 1 source, which learns nothing of it).
+    pub started_at: u64,
 }
 
 /// Answers the handshake on `transport` (see [`crate::handshake::answer`]);
-/// with `expected`, a source whose layout differs is refused there too. On
-/// failure the source is told why. Nothing is allocated for the guest.
+/// with `expected`, a source whose layout differs is refused there too, and
+/// so is a guest `guest` cannot host ([`DestGuest::admit`]). On failure the
+/// source is told why. Nothing is allocated for the guest.
 pub fn accept<T: DestTransport>(
     transport: &mut T,
     cfg: &DestConfig,
     expected: Option<&Layout>,
+    guest: &mut dyn DestGuest,
 ) -> Result<Accepted, LandError> {
-    let result =
-        handshake::answer(transport.control(), &cfg.terms, expected).map_err(LandError::from);
+    let deadline = Instant::now() + cfg.deadlines.handshake;
+    let mut admit = |g: &crate::protocol::GuestInfo| {
+        guest
+            .admit(g.vcpus, &g.requirements)
+            .map_err(|e| e.to_string())
+    };
+    let result = handshake::answer(
+        transport.control(),
+        &cfg.terms,
+        expected,
+        deadline,
+        &mut admit,
+    )
+    .map_err(LandError::from);
     machine::tell_source(transport, &result);
     result
 }
@@ -234,4 +322,96 @@ pub fn receive_accepted<T: DestTransport>(
     guest: &mut dyn DestGuest,
 ) -> Result<Received, LandError> {
     machine::Dest::new(Some(accepted.clone()), memory, transport, cfg, guest).run()
+}
+
+/// Waits, until `until`, for the decision on an in-doubt copy to arrive
+/// again (a source reconnecting to deliver it), acts on it, answers the
+/// source. `Err(LandError::InDoubt)` again when none came: the copy is
+/// still held.
+pub fn await_decision<T: DestTransport>(
+    undecided: &Undecided,
+    transport: &mut T,
+    cfg: &DestConfig,
+    guest: &mut dyn DestGuest,
+    until: Instant,
+) -> Result<Outcome, LandError> {
+    switchover::await_redelivery(transport, undecided, guest, cfg, until)
+}
+
+/// Holds an in-doubt copy until the source's decision arrives again (then
+/// acts on it and returns the outcome), or `stop` — asked about once a
+/// second — says an operator resolves it instead (`None`).
+pub fn hold<T: DestTransport>(
+    undecided: &Undecided,
+    transport: &mut T,
+    cfg: &DestConfig,
+    guest: &mut dyn DestGuest,
+    stop: &mut dyn FnMut() -> bool,
+) -> Option<Result<Outcome, LandError>> {
+    loop {
+        if stop() {
+            return None;
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        match switchover::await_redelivery(transport, undecided, guest, cfg, until) {
+            Err(LandError::InDoubt(_)) => {}
+            other => return Some(other),
+        }
+    }
+}
+
+/// What an operator may do with a copy held in doubt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Drop the copy (always allowed: the source's guest is the one that
+    /// may run).
+    Discard,
+    /// Run the copy here without the source's decision: only on the
+    /// operator's statement that the source's guest is fenced (stopped for
+    /// good and cannot resume).
+    Run { source_fenced: bool },
+}
+
+/// An operator's decision on a copy held in doubt (see [`Resolution`]).
+/// Refused when it would risk the guest running twice.
+pub fn resolve(
+    undecided: &Undecided,
+    cfg: &DestConfig,
+    guest: &mut dyn DestGuest,
+    resolution: Resolution,
+) -> Result<Outcome, LandError> {
+    let id = undecided.id();
+    let (verdict, kind, at) = match resolution {
+        Resolution::Discard => {
+            guest.discard();
+            if let Some(j) = &cfg.journal {
+                j.record(id, JournalEvent::Discarded)
+                    .map_err(LandError::Journal)?;
+            }
+            (Verdict::Abort, OutcomeKind::Discarded, 0)
+        }
+        Resolution::Run {
+            source_fenced: false,
+        } => {
+            return Err(LandError::InDoubt(undecided.clone()));
+        }
+        Resolution::Run {
+            source_fenced: true,
+        } => {
+            let at = journal::unix_nanos();
+            if let Some(j) = &cfg.journal {
+                j.record(id, JournalEvent::Started { at })
+                    .map_err(LandError::Journal)?;
+            }
+            guest.start().map_err(LandError::Start)?;
+            (Verdict::Commit, OutcomeKind::Started, at)
+        }
+    };
+    Ok(Outcome {
+        session: id,
+        verdict,
+        outcome: kind,
+        round: undecided.round,
+        started_at: at,
+    })
 }

@@ -2,36 +2,61 @@
 //! beside them, until the source's Complete and every stream's final round.
 //! The mirror image of the source's worker pool ([`crate::precopy`]).
 
+use std::time::Duration;
+
 use super::lander::{GuestPages, StreamLander};
-use super::{ApplyError, LandError, LandStats};
+use super::{ApplyError, LandError, LandFault, LandStats};
 use crate::memory::{DestMemory, Layout};
-use crate::protocol::{Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST};
-use crate::transport::{Control, DestTransport, Interrupt, StreamRx, TransportError};
+use crate::protocol::{Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_INCREMENTAL};
+use crate::transport::{
+    with_keepalive, Control, Deadlines, DestTransport, Interrupt, StreamRx, TransportError,
+};
+use crate::verify::PageHasher;
+use std::sync::Arc;
 
 /// The vCPU state record: the vCPU count it announces, and its bytes.
 pub(crate) type StateRecord = Option<(u32, Vec<u8>)>;
-/// The Complete record: the final round, and the source's digest if it sent one.
-pub(crate) type CompleteRecord = (u32, Option<[u8; DIGEST_LEN]>);
+/// The Complete record: the final round, the source's digest if it sent
+/// one, and whether that digest is of the ledger (incremental).
+pub(crate) type CompleteRecord = (u32, Option<[u8; DIGEST_LEN]>, bool);
+
+/// How the landed memory is checked: per-page ledgers (incremental), or a
+/// digest of all of it once the streams end (strict), and a test fault.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Check {
+    /// Each control record within this of the one before.
+    pub io: Duration,
+    /// Say Alive while digesting (version 2 peers).
+    pub alive: Option<Deadlines>,
+    pub hasher: Option<Arc<PageHasher>>,
+    pub full_digest: bool,
+    pub fault: Option<LandFault>,
+}
 
 /// What the streams and the control exchange brought.
 pub(crate) struct Landed {
     pub state: StateRecord,
     pub complete: CompleteRecord,
     pub stats: LandStats,
-    /// BLAKE3 of all guest memory once every stream ended (with the source
-    /// asking for verification), computed while the source digests its own.
-    pub digest: [u8; DIGEST_LEN],
+    /// BLAKE3 of all guest memory once every stream ended (strict
+    /// verification), computed while the source digests its own.
+    pub digest: Option<[u8; DIGEST_LEN]>,
 }
 
 /// Lands every stream of `rxs` into `memory` until each delivered its final
-/// round, while reading State and Complete from the control connection.
+/// round, while reading State and Complete from the control connection,
+/// each record within `io` (the source's Alive records keep it alive: when
+/// it goes silent, the streams are interrupted). With `alive`, this end
+/// says Alive while it digests.
 pub(crate) fn land_all<T: DestTransport>(
     transport: &mut T,
     rxs: Vec<T::Rx>,
     memory: &DestMemory,
     layout: &Layout,
     zstd: bool,
+    check: Check,
 ) -> Result<Landed, LandError> {
+    let (io, alive) = (check.io, check.alive);
     let streams = rxs.len();
     let pages = GuestPages::new(memory);
     let interrupt = transport.interrupt();
@@ -41,7 +66,9 @@ pub(crate) fn land_all<T: DestTransport>(
             .into_iter()
             .enumerate()
             .map(|(i, mut rx)| {
-                let mut lander = StreamLander::new(i, streams, layout, &pages, zstd);
+                let mut lander = StreamLander::new(i, streams, layout, &pages, zstd)
+                    .with_ledger(check.hasher.clone())
+                    .with_fault(check.fault.filter(|_| i == 0));
                 let interrupt = interrupt.clone();
                 scope.spawn(move || {
                     run_stream(&mut lander, &mut rx, &interrupt)
@@ -56,11 +83,11 @@ pub(crate) fn land_all<T: DestTransport>(
         let control = {
             let interrupt = interrupt.clone();
             scope.spawn(move || {
-                let r = control_until_complete(control);
+                let r = control_until_complete(&mut *control, io);
                 if r.is_err() {
                     interrupt.trigger();
                 }
-                r
+                (r, control)
             })
         };
         let mut stats = LandStats::default();
@@ -104,21 +131,27 @@ pub(crate) fn land_all<T: DestTransport>(
             let _ = control.join();
             return Err(e);
         }
+        let (result, control) = control
+            .join()
+            .map_err(|_| LandError::Peer("control thread panicked".into()))?;
         if interrupted {
             // The control exchange failed first; its error is the cause.
-            let control = control
-                .join()
-                .map_err(|_| LandError::Peer("control thread panicked".into()))?;
-            return Err(control
+            return Err(result
                 .err()
                 .unwrap_or(LandError::Control(TransportError::Interrupted)));
         }
-        // SAFETY: every lander thread has been joined and the guest has not
-        // been started, so nothing writes guest memory during the digest.
-        let digest = unsafe { crate::memory::digest(memory) };
-        let (state, complete) = control
-            .join()
-            .map_err(|_| LandError::Peer("control thread panicked".into()))??;
+        let (state, complete) = result?;
+        let period = alive.map_or(io, |d| d.alive_period());
+        let digest = if check.full_digest {
+            Some(with_keepalive(control, alive.is_some(), period, || {
+                // SAFETY: every lander thread has been joined and the guest
+                // has not been started, so nothing writes guest memory
+                // meanwhile.
+                unsafe { crate::memory::digest(memory) }
+            })?)
+        } else {
+            None
+        };
         for (stream, &last) in finals.iter().enumerate() {
             if last != complete.0 {
                 return Err(LandError::FinalRound {
@@ -137,13 +170,15 @@ pub(crate) fn land_all<T: DestTransport>(
     })
 }
 
-/// Reads control records until Complete: keeps the State, stops on Error.
+/// Reads control records until Complete, each within `io`: keeps the
+/// State, stops on Error.
 fn control_until_complete<C: Control>(
     control: &mut C,
+    io: Duration,
 ) -> Result<(StateRecord, CompleteRecord), LandError> {
     let mut state = None;
     loop {
-        let r = control.recv()?;
+        let r = control.recv_live(io)?;
         match r.header.kind {
             Kind::State => {
                 let vcpus = u32::try_from(r.header.arg).map_err(|_| ProtocolError::Unexpected {
@@ -160,7 +195,8 @@ fn control_until_complete<C: Control>(
                 let digest = (r.header.flags & FLAG_HAS_DIGEST != 0)
                     .then(|| <[u8; DIGEST_LEN]>::try_from(&r.payload[..]).ok())
                     .flatten();
-                return Ok((state, (round, digest)));
+                let incremental = r.header.flags & FLAG_INCREMENTAL != 0;
+                return Ok((state, (round, digest, incremental)));
             }
             Kind::Error => {
                 return Err(LandError::Peer(

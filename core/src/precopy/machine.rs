@@ -8,6 +8,7 @@ use std::time::Instant;
 use super::controller::{decide, Decision, Projection, RoundMetrics, StopReason};
 use super::limiter::RateLimiter;
 use super::rounds::{compress_this_round, zstd_rate, PoolSpec, WorkerPool};
+use super::switchover::Pending;
 use super::{
     fail, peer_error, switchover, Cause, Failure, MigrationReport, Phase, RoundReport, SourceConfig,
 };
@@ -15,11 +16,14 @@ use crate::dirty::{DirtyBitmap, DirtySource};
 use crate::guest::Guest;
 use crate::handshake::{self, Agreed, Offer};
 use crate::memory::{Layout, SourceMemory};
+use crate::protocol::switchover::{Decision as DecisionRecord, OutcomeKind, Verdict};
 use crate::protocol::{self, Granularity, Kind, ProtocolError, HEADER_LEN};
 use crate::ring::Ring;
 use crate::segment::compress::ZstdMode;
 use crate::segment::shadow::ShadowStore;
+use crate::transport::TransportError;
 use crate::transport::{Control, SourceTransport};
+use crate::verify::{PageHasher, SentLedger, VerifyMode};
 
 /// Where the source stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,8 +38,9 @@ pub enum SourceState {
     StopAndCopy { round: u32 },
     /// The vCPU state and Complete (with the digest) go out; the Ack comes back.
     SwitchOver { round: u32 },
-    /// The destination holds a verified copy: the decision goes out.
-    Commit { round: u32 },
+    /// The destination holds a verified copy: the Commit goes out, the
+    /// destination's Outcome comes back.
+    Decide { round: u32 },
     /// Done: the guest belongs to the destination.
     Migrated,
 }
@@ -49,7 +54,7 @@ impl SourceState {
             SourceState::PreCopy { .. } => Phase::PreCopy,
             SourceState::StopAndCopy { .. } => Phase::StopAndCopy,
             SourceState::SwitchOver { .. } => Phase::Acknowledge,
-            SourceState::Commit { .. } | SourceState::Migrated => Phase::Commit,
+            SourceState::Decide { .. } | SourceState::Migrated => Phase::Decision,
         }
     }
 }
@@ -75,7 +80,14 @@ pub(crate) struct Source<'a, T: SourceTransport> {
     /// Set before `pause()` is called: a failed pause must be undone too.
     pause_attempted: bool,
     pause_at: Option<Instant>,
-    switch: switchover::Outcome,
+    acked: switchover::Acked,
+    /// When the destination's vCPUs started (its clock, ns since the epoch).
+    started_at: u64,
+    /// The verification in force (the configured one, or strict for a
+    /// version 1 peer, which knows no ledger).
+    verify: VerifyMode,
+    /// Incremental verification: the page hasher under the session's key.
+    hasher: Option<Arc<PageHasher>>,
 }
 
 impl<'a, T: SourceTransport> Source<'a, T> {
@@ -107,7 +119,10 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             best_plain_rate: None,
             pause_attempted: false,
             pause_at: None,
-            switch: switchover::Outcome::default(),
+            acked: switchover::Acked::default(),
+            started_at: 0,
+            verify: cfg.verify,
+            hasher: None,
         }
     }
 
@@ -132,13 +147,35 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             state = match self.step(state) {
                 Ok(SourceState::Migrated) => return Ok(self.report()),
                 Ok(next) => next,
-                Err(e) => {
+                Err(mut e) => {
                     // Unblock the workers before anything else.
                     self.transport.interrupt().trigger();
+                    if let (SourceState::SwitchOver { round }, Some(s), true) =
+                        (state, self.session(), self.v2())
+                    {
+                        // The destination may hold a copy: tell it to drop it.
+                        let pending = Pending {
+                            decision: DecisionRecord {
+                                session: s.id(),
+                                verdict: Verdict::Abort,
+                                round,
+                            },
+                            session: s,
+                        };
+                        e.abort = Some(Box::new(pending));
+                    }
                     return Err(e);
                 }
             };
         }
+    }
+
+    fn v2(&self) -> bool {
+        self.agreed.as_ref().is_some_and(|a| a.version >= 2)
+    }
+
+    fn session(&self) -> Option<crate::auth::Session> {
+        self.agreed.as_ref().map(|a| a.session.clone())
     }
 
     /// One transition.
@@ -166,18 +203,60 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 Ok(SourceState::SwitchOver { round })
             }
             SourceState::SwitchOver { round } => {
-                self.switch = switchover::complete(
+                let session = self.v2().then(|| self.session()).flatten();
+                let ledger_sum = self.rounds.last().map_or(0, |r| r.stats.ledger_sum);
+                self.acked = switchover::complete(
                     self.transport.control(),
                     self.guest,
                     self.memory,
-                    self.cfg.verify,
+                    (self.verify, ledger_sum),
                     round,
+                    session.as_ref(),
+                    self.cfg.deadlines.io,
                 )?;
-                Ok(SourceState::Commit { round })
+                Ok(SourceState::Decide { round })
             }
-            SourceState::Commit { round } => {
-                switchover::commit(self.transport.control(), round)?;
+            SourceState::Decide { round } if !self.v2() => {
+                switchover::commit_v1(self.transport.control(), round)?;
                 Ok(SourceState::Migrated)
+            }
+            SourceState::Decide { round } => {
+                let session = self.session().ok_or_else(|| {
+                    fail(Phase::Decision, round)(Cause::Setup("no session".into()))
+                })?;
+                let pending = Pending {
+                    decision: DecisionRecord {
+                        session: session.id(),
+                        verdict: Verdict::Commit,
+                        round,
+                    },
+                    session,
+                };
+                let in_doubt = |e: TransportError, p: &Pending| Failure {
+                    phase: Phase::Decision,
+                    round,
+                    cause: Cause::InDoubt(e, Some(Box::new(p.clone()))),
+                    abort: None,
+                };
+                match switchover::decide(self.transport.control(), &pending, self.cfg.deadlines.io)
+                {
+                    Ok(o) => match o.outcome {
+                        OutcomeKind::Started => {
+                            self.started_at = o.started_at;
+                            Ok(SourceState::Migrated)
+                        }
+                        OutcomeKind::Discarded | OutcomeKind::Lost => {
+                            Err(fail(Phase::Decision, round)(Cause::NotStarted(o.outcome)))
+                        }
+                        OutcomeKind::Unknown => Err(in_doubt(
+                            TransportError::Other(
+                                "the destination has no record of the session".into(),
+                            ),
+                            &pending,
+                        )),
+                    },
+                    Err(e) => Err(in_doubt(e, &pending)),
+                }
             }
             SourceState::Migrated => Ok(SourceState::Migrated),
         }
@@ -199,14 +278,27 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 protocol::FEATURE_ZSTD
             };
         let offer = Offer {
+            version: self.cfg.max_version,
             granularity: self.cfg.encoder.granularity,
             streams: self.workers as u16,
             features,
             layout: &self.layout,
             secret: &self.cfg.secret,
+            verify: self.cfg.verify,
+            guest: crate::protocol::GuestInfo {
+                vcpus: self.guest.vcpus(),
+                requirements: self.guest.requirements(),
+            },
         };
-        let agreed = handshake::offer(self.transport.control(), &offer)
+        let agreed = handshake::offer(self.transport.control(), &offer, self.cfg.deadlines.io)
             .map_err(fail(Phase::Handshake, 0))?;
+        if agreed.version < 2 && self.verify == VerifyMode::Incremental {
+            self.verify = VerifyMode::Strict;
+        }
+        if self.verify == VerifyMode::Incremental {
+            let key = agreed.session.page_hash_key();
+            self.hasher = Some(Arc::new(PageHasher::new(&key, page_size)));
+        }
         self.agreed = Some(agreed);
         Ok(())
     }
@@ -245,13 +337,14 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             limiter: self.cfg.bandwidth.map(|b| Arc::new(RateLimiter::new(b))),
             pin: self.cfg.pin,
             interrupt: self.transport.interrupt(),
+            hasher: self.hasher.clone(),
         };
         self.pool = Some(WorkerPool::start(streams, spec).map_err(fail(Phase::Setup, 0))?);
         // No data before the destination can land it.
         let ready = self
             .transport
             .control()
-            .recv()
+            .recv_live(self.cfg.deadlines.io)
             .map_err(fail(Phase::Setup, 0))?;
         match ready.header.kind {
             Kind::Ready => {}
@@ -294,8 +387,25 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             .pool
             .as_ref()
             .ok_or_else(|| fail(phase, round)(Cause::Setup("no workers".into())))?;
+        // A quiet control connection must still say Alive to the
+        // destination while the round runs (version 2).
+        let alive = self.agreed.as_ref().is_some_and(|a| a.version >= 2);
+        let control = self.transport.control();
+        let mut keepalive = || {
+            if alive {
+                control.send(&crate::protocol::switchover::alive())?;
+            }
+            Ok(())
+        };
         let stats = pool
-            .round(round, last, compress, &self.bitmap)
+            .round(
+                round,
+                last,
+                compress,
+                &self.bitmap,
+                self.cfg.deadlines.alive_period(),
+                &mut keepalive,
+            )
             .map_err(fail(phase, round))?;
         let metrics = RoundMetrics {
             round,
@@ -377,10 +487,20 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             stop: self.stop,
             total_time: self.start.elapsed(),
             downtime,
-            verify_time: self.switch.verify_time,
+            verify_time: self.acked.verify_time,
+            started_at: self.started_at,
             wire_bytes,
-            verified: self.switch.verified,
-            digest: self.switch.digest,
+            verified: self.acked.verified,
+            digest: self.acked.digest,
+            verify: self.verify,
+            sent: self.hasher.as_ref().and_then(|h| {
+                let parts = self.pool.take()?.into_ledgers();
+                Some(Arc::new(SentLedger {
+                    parts,
+                    hasher: PageHasher::clone(h),
+                    layout: self.layout.clone(),
+                }))
+            }),
         }
     }
 }

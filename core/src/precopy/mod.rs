@@ -11,12 +11,16 @@
 //!                 shadow,    send                                  final round
 //!                 workers,                                              │
 //!                 Ready                                                 ▼
-//!                                   Migrated ◀── Commit ◀────── SwitchOver
-//!                                   (guest is    decision        state, Complete
-//!                                    the dest's)  sent            (digest), Ack
+//!                                   Migrated ◀── Decide ◀────── SwitchOver
+//!                                   (guest is    Commit sent,    state, Complete
+//!                                    the dest's)  Outcome back   (digest), Ack
 //!
-//!  any failure before the Ack ──▶ the guest is resumed here (MigrateError::Failed)
-//!  Commit not delivered       ──▶ in doubt: the guest stays paused (MigrateError::InDoubt)
+//!  any failure before a valid Ack ──▶ Abort sent (best effort), the guest
+//!                                     resumed here (MigrateError::Failed)
+//!  Outcome Discarded / Lost       ──▶ the copy never ran: resumed here
+//!  no Outcome after the Commit    ──▶ in doubt: the guest stays paused
+//!                                     (MigrateError::InDoubt, whose
+//!                                     Pending `redeliver` delivers again)
 //! ```
 //!
 //! Failure semantics: until the destination acknowledges that every byte is
@@ -41,13 +45,17 @@ use crate::dirty::{DirtyError, DirtySource};
 use crate::guest::{Guest, GuestError};
 use crate::handshake::HandshakeError;
 use crate::memory::{Layout, MemoryError, SourceMemory};
+use crate::protocol::switchover::OutcomeKind;
 use crate::protocol::{self, ErrorCode, Granularity, DIGEST_LEN};
 use crate::segment::compress::ZstdMode;
 use crate::segment::EncoderConfig;
-use crate::transport::{Control, SourceTransport, TransportError};
+use crate::transport::{Control, Deadlines, SourceTransport, TransportError};
+use crate::verify::{SentLedger, VerifyMode};
 use controller::{Decision, Policy, Projection, RoundMetrics, StopReason};
 pub use machine::SourceState;
 pub use rounds::compress_this_round;
+use std::sync::Arc;
+pub use switchover::{redeliver, Pending};
 pub use worker::WorkerStats;
 
 /// How the source runs a migration.
@@ -63,8 +71,8 @@ pub struct SourceConfig {
     pub shadow_budget: Option<u64>,
     pub ring_slots: usize,
     pub slot_size: usize,
-    /// Compare BLAKE3 digests of all guest memory at switch-over.
-    pub verify: bool,
+    /// What the switch-over proves (see [`crate::verify`]).
+    pub verify: VerifyMode,
     /// Feature bits to offer (protocol::FEATURE_*).
     pub features: u32,
     /// The shared secret both ends prove they hold.
@@ -73,6 +81,10 @@ pub struct SourceConfig {
     pub zstd: ZstdMode,
     /// Cap on the bytes all streams together put on the wire per second.
     pub bandwidth: Option<u64>,
+    /// How long to wait on the destination (every wait is bounded by these).
+    pub deadlines: Deadlines,
+    /// The newest protocol version to offer (a test may speak an older one).
+    pub max_version: u16,
 }
 
 impl SourceConfig {
@@ -85,11 +97,13 @@ impl SourceConfig {
             shadow_budget: None,
             ring_slots: 8,
             slot_size: 256 << 10,
-            verify: true,
+            verify: VerifyMode::default(),
             features: 0,
             secret: Secret::none(),
             zstd: ZstdMode::Off,
             bandwidth: None,
+            deadlines: Deadlines::default(),
+            max_version: protocol::VERSION,
         }
     }
 }
@@ -103,7 +117,7 @@ pub enum Phase {
     StopAndCopy,
     State,
     Acknowledge,
-    Commit,
+    Decision,
 }
 
 impl std::fmt::Display for Phase {
@@ -115,7 +129,7 @@ impl std::fmt::Display for Phase {
             Phase::StopAndCopy => "stop-and-copy",
             Phase::State => "state transfer",
             Phase::Acknowledge => "acknowledge",
-            Phase::Commit => "commit",
+            Phase::Decision => "decision",
         })
     }
 }
@@ -136,10 +150,15 @@ pub enum MigrateError {
         "migration aborted after round {round}: {reason:?}; the guest keeps running on the source"
     )]
     Aborted { round: u32, reason: StopReason },
-    /// the Commit may not have reached the destination: the guest stays
-    /// paused on the source, since it may be running there
-    #[error("migration in doubt after round {round}: {cause}; the guest stays PAUSED on the source: check the destination before resuming it")]
-    InDoubt { round: u32, cause: Cause },
+    /// the destination may run the guest (the Commit went out, no Outcome
+    /// came back): the guest stays paused here until the outcome is known
+    #[error("migration in doubt after round {round}: {cause}; the guest stays PAUSED on the source: the destination may run it; deliver the decision again or check the destination before resuming it")]
+    InDoubt {
+        round: u32,
+        cause: Cause,
+        /// What delivering the decision again needs (version 2 peers).
+        pending: Option<Box<Pending>>,
+    },
     /// the guest could not be resumed after a failure: it is stopped
     #[error("migration failed during {phase} (round {round}): {cause}; resuming the guest on the source ALSO failed: {resume}")]
     ResumeFailed {
@@ -172,9 +191,13 @@ pub enum Cause {
     /// the handshake failed (refused, wrong token, ...)
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
-    /// the Commit could not be sent: the destination may or may not run the guest
-    #[error("sending Commit failed ({0}); the destination may or may not have received it")]
-    InDoubt(TransportError),
+    /// no Outcome after the Commit: the destination may or may not run the guest
+    #[error("no answer to the Commit ({0}); the destination may or may not have run the guest")]
+    InDoubt(TransportError, Option<Box<Pending>>),
+    /// the destination did not run the copy (it discarded it, or lost it
+    /// restarting): the guest resumes here
+    #[error("the destination did not run the guest ({0:?}): it resumes here")]
+    NotStarted(OutcomeKind),
     /// the controller gave up (abort policy)
     #[error("the controller gave up: {0:?}")]
     Aborted(StopReason),
@@ -201,14 +224,25 @@ pub struct MigrationReport {
     pub rounds: Vec<RoundReport>,
     pub stop: StopReason,
     pub total_time: Duration,
-    /// From pausing the guest to the destination's acknowledgement.
+    /// From pausing the guest to the destination's answer to the Commit
+    /// (version 1: to the Commit sent).
     pub downtime: Duration,
+    /// When the destination's vCPUs started, ns since the Unix epoch on its
+    /// clock (0 from a version 1 destination).
+    pub started_at: u64,
     /// The part of the downtime spent digesting memory for verification
     /// (the source's digest; the destination digests at the same time).
     pub verify_time: Duration,
     pub wire_bytes: u64,
     pub verified: bool,
     pub digest: Option<[u8; DIGEST_LEN]>,
+    /// The verification the migration ran (a version 1 peer turns
+    /// incremental into strict).
+    pub verify: VerifyMode,
+    /// Incremental verification: the ledger of what was sent, for the
+    /// check of the source's memory once the guest left it
+    /// ([`SentLedger::check`]).
+    pub sent: Option<Arc<SentLedger>>,
 }
 
 impl MigrationReport {
@@ -231,6 +265,9 @@ pub(crate) struct Failure {
     pub phase: Phase,
     pub round: u32,
     pub cause: Cause,
+    /// An Abort the destination should hear (it may hold a copy): sent
+    /// again on a fresh connection once the guest runs here again.
+    pub abort: Option<Box<Pending>>,
 }
 
 pub(crate) fn fail<E: Into<Cause>>(phase: Phase, round: u32) -> impl FnOnce(E) -> Failure {
@@ -238,6 +275,7 @@ pub(crate) fn fail<E: Into<Cause>>(phase: Phase, round: u32) -> impl FnOnce(E) -
         phase,
         round,
         cause: e.into(),
+        abort: None,
     }
 }
 
@@ -276,21 +314,29 @@ pub fn migrate<T: SourceTransport>(
             phase,
             round,
             cause,
+            abort,
         }) => {
             let code = if matches!(cause, Cause::Peer(_)) {
                 ErrorCode::Aborted
             } else {
                 ErrorCode::Protocol
             };
-            // Best effort: the peer may be gone already.
-            let _ = transport
-                .control()
-                .send(&protocol::encode_error(code, &cause.to_string()));
+            // Best effort: the peer may be gone already. After the Ack the
+            // Abort below says it (the destination waits for a Decision).
+            if abort.is_none() {
+                let _ = transport
+                    .control()
+                    .send(&protocol::encode_error(code, &cause.to_string()));
+            }
             if let Cause::Aborted(reason) = cause {
                 return Err(MigrateError::Aborted { round, reason });
             }
-            if let Cause::InDoubt(_) = cause {
-                return Err(MigrateError::InDoubt { round, cause });
+            if let Cause::InDoubt(e, pending) = cause {
+                return Err(MigrateError::InDoubt {
+                    round,
+                    cause: Cause::InDoubt(e, None),
+                    pending,
+                });
             }
             // A pause that failed may still have stopped some vCPUs: resume
             // whenever one was attempted.
@@ -302,6 +348,20 @@ pub fn migrate<T: SourceTransport>(
                         cause,
                         resume,
                     });
+                }
+            }
+            if let Some(abort) = abort {
+                // The guest runs here again; now make sure the destination
+                // drops its copy (it would hold it, in doubt, otherwise):
+                // on this connection, else on a fresh one.
+                let io = cfg.deadlines.io;
+                if !switchover::abort(transport.control(), &abort, io) {
+                    match switchover::redeliver(transport, &abort, io) {
+                        Ok(o) => tracing::info!(outcome = ?o.outcome, "the destination heard the Abort"),
+                        Err(e) => tracing::warn!(
+                            "the destination did not confirm the Abort ({e}): it may hold a copy, which it will not run without a Commit"
+                        ),
+                    }
                 }
             }
             Err(MigrateError::Failed {

@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::limiter::RateLimiter;
 use super::worker::{Done, RoundCmd, Worker, WorkerStats};
@@ -18,6 +19,7 @@ use crate::segment::compress::{PageCompressor, ZstdMode};
 use crate::segment::shadow::ShadowPart;
 use crate::segment::{EncoderConfig, PageEncoder};
 use crate::transport::{Interrupt, StreamTx, TransportError};
+use crate::verify::{Ledger, PageHasher};
 
 /// What every worker is built from.
 pub(crate) struct PoolSpec<'a> {
@@ -29,13 +31,15 @@ pub(crate) struct PoolSpec<'a> {
     pub limiter: Option<Arc<RateLimiter>>,
     pub pin: bool,
     pub interrupt: Interrupt,
+    /// Incremental verification: every worker keeps a ledger under it.
+    pub hasher: Option<Arc<PageHasher>>,
 }
 
 /// The running workers.
 pub(crate) struct WorkerPool {
     cmds: Vec<Sender<RoundCmd>>,
     done: Receiver<Done>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Option<Ledger>>>,
     interrupt: Interrupt,
 }
 
@@ -77,6 +81,12 @@ impl WorkerPool {
                 encoder: PageEncoder::new(spec.encoder, page_size),
                 compressor,
                 limiter: spec.limiter.clone(),
+                ledger: spec.hasher.as_ref().map(|h| {
+                    (
+                        Arc::clone(h),
+                        Ledger::new(Share::of(spec.layout.bitmap_words(), index, n)),
+                    )
+                }),
                 tx,
             };
             let (cmd_tx, cmd_rx) = bounded(1);
@@ -97,14 +107,17 @@ impl WorkerPool {
         Ok(pool)
     }
 
-    /// Runs one round on every worker and sums their counts. On failure
-    /// the other workers are interrupted and the first real cause returned.
+    /// Runs one round on every worker and sums their counts, calling
+    /// `idle` every `period` while it waits. On failure the other workers
+    /// are interrupted and the first real cause returned.
     pub fn round(
         &self,
         round: u32,
         last: bool,
         compress: bool,
         bitmap: &Arc<DirtyBitmap>,
+        period: Duration,
+        idle: &mut dyn FnMut() -> Result<(), TransportError>,
     ) -> Result<WorkerStats, Cause> {
         for tx in &self.cmds {
             let cmd = RoundCmd {
@@ -118,8 +131,21 @@ impl WorkerPool {
         }
         let mut stats = WorkerStats::default();
         let mut first_err = None;
-        for _ in 0..self.cmds.len() {
-            match self.done.recv() {
+        let mut left = self.cmds.len();
+        while left > 0 {
+            let done = match self.done.recv_timeout(period) {
+                Ok(d) => Ok(d),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = idle() {
+                        self.interrupt.trigger();
+                        first_err.get_or_insert(Cause::Transport(e));
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(()),
+            };
+            left -= 1;
+            match done {
                 Ok((_, Ok(s))) => stats += s,
                 Ok((_, Err(e))) => {
                     // Unblock the other workers, keep the first real cause.
@@ -149,6 +175,17 @@ impl WorkerPool {
     /// still queued on the wire. Threads are joined when the pool drops.
     pub fn finish(&mut self) {
         self.cmds.clear();
+    }
+
+    /// Ends the workers (their streams flushed) and returns their ledgers
+    /// of what was sent, in worker order (empty without incremental
+    /// verification).
+    pub fn into_ledgers(mut self) -> Vec<Ledger> {
+        self.cmds.clear();
+        self.threads
+            .drain(..)
+            .filter_map(|t| t.join().ok().flatten())
+            .collect()
     }
 }
 

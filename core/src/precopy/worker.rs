@@ -21,6 +21,7 @@ use crate::segment::compress::PageCompressor;
 use crate::segment::shadow::{Shadow, ShadowPart};
 use crate::segment::{PageEncoder, Plan};
 use crate::transport::{StreamTx, TransportError};
+use crate::verify::{Ledger, PageHasher};
 
 /// What the driver asks a worker to do.
 #[derive(Debug)]
@@ -48,6 +49,9 @@ pub struct WorkerStats {
     /// Page bytes fed to zstd and seconds spent compressing them.
     pub zstd_bytes_in: u64,
     pub zstd_secs: f64,
+    /// The sum of the worker's page-hash ledger after the round (all
+    /// workers' summed: the source's ledger sum; 0 unless incremental).
+    pub ledger_sum: u128,
 }
 
 impl std::ops::AddAssign for WorkerStats {
@@ -63,6 +67,7 @@ impl std::ops::AddAssign for WorkerStats {
         self.wire_bytes += o.wire_bytes;
         self.zstd_bytes_in += o.zstd_bytes_in;
         self.zstd_secs += o.zstd_secs;
+        self.ledger_sum = self.ledger_sum.wrapping_add(o.ledger_sum);
     }
 }
 
@@ -77,6 +82,9 @@ pub(crate) struct Worker<T: StreamTx> {
     pub encoder: PageEncoder,
     pub compressor: Option<PageCompressor>,
     pub limiter: Option<Arc<RateLimiter>>,
+    /// Incremental verification: the page hasher and this share's ledger
+    /// of what was sent.
+    pub ledger: Option<(Arc<PageHasher>, Ledger)>,
     pub tx: T,
 }
 
@@ -90,7 +98,9 @@ struct Emitter {
 }
 
 impl<T: StreamTx> Worker<T> {
-    pub fn run(mut self, cmds: Receiver<RoundCmd>, done: Sender<Done>) {
+    /// Serves rounds until the driver hangs up; returns the ledger of what
+    /// was sent (incremental verification).
+    pub fn run(mut self, cmds: Receiver<RoundCmd>, done: Sender<Done>) -> Option<Ledger> {
         let page_size = self.layout.page_size();
         let mut snapshot = vec![0u8; page_size];
         let zero_page = vec![0u8; page_size];
@@ -98,7 +108,7 @@ impl<T: StreamTx> Worker<T> {
             Ok(b) => b,
             Err(e) => {
                 let _ = done.send((self.index, Err(e.into())));
-                return;
+                return self.ledger.map(|(_, l)| l);
             }
         };
         let mut em = Emitter {
@@ -114,9 +124,10 @@ impl<T: StreamTx> Worker<T> {
             let failed = result.is_err();
             let _ = done.send((self.index, result));
             if failed {
-                return;
+                break;
             }
         }
+        self.ledger.map(|(_, l)| l)
     }
 
     /// Submits the current slot and takes a free one.
@@ -206,6 +217,11 @@ impl<T: StreamTx> Worker<T> {
                     Some(Shadow::None) | None => self.encoder.plan(snapshot, None),
                 };
                 let compressed = self.emit(em, plan, gpa, snapshot, cmd.compress)?;
+                if let (Some((hasher, ledger)), false) = (&mut self.ledger, plan == Plan::Unchanged)
+                {
+                    // What the destination holds from now on: the snapshot.
+                    ledger.set(page, hasher.hash(gpa, snapshot));
+                }
                 st.work_set_bytes += self.encoder.work_set_bytes(plan);
                 match plan {
                     Plan::Unchanged => st.unchanged_pages += 1,
@@ -235,6 +251,7 @@ impl<T: StreamTx> Worker<T> {
         em.hashed = em.buf.len();
         self.flush(em)?;
         st.wire_bytes = em.wire;
+        st.ledger_sum = self.ledger.as_ref().map_or(0, |(_, l)| l.sum());
         if let Some(c) = &self.compressor {
             st.zstd_bytes_in = c.bytes_in - zstd_in;
             st.zstd_secs = c.secs - zstd_secs;

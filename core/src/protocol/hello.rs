@@ -9,6 +9,7 @@ use super::{
     MAX_STREAMS, MIN_VERSION, VERSION,
 };
 use crate::memory::{Layout, RegionSpec, MAX_REGIONS};
+use crate::verify::VerifyMode;
 
 /// Bytes of the fixed part of a Hello, before the regions.
 pub const HELLO_FIXED: usize = 8 + 2 + 2 + 1 + 1 + 2 + 4 + 4 + 4 + 16 + 32;
@@ -28,12 +29,37 @@ pub struct Hello {
     /// transport has no authentication).
     pub nonce: [u8; 16],
     pub auth: [u8; 32],
+    /// From version 2: what the guest needs of a host, so a destination
+    /// that cannot host it refuses before round 0.
+    pub guest: GuestInfo,
+    /// From version 2: what the switch-over will prove (version 1: a full
+    /// digest, or none).
+    pub verify: VerifyMode,
 }
+
+/// What a guest needs of the host that is to run it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestInfo {
+    pub vcpus: u32,
+    /// The VMM's own description (CPU features, state sizes, ...), at most
+    /// [`MAX_REQUIREMENTS`] bytes; the destination's `DestGuest::admit`
+    /// reads it.
+    pub requirements: Vec<u8>,
+}
+
+/// Largest guest requirements blob in a Hello.
+pub const MAX_REQUIREMENTS: usize = 1024;
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
         let regions = self.layout.regions();
-        let len = HELLO_FIXED + regions.len() * 16;
+        let req = &self.guest.requirements[..self.guest.requirements.len().min(MAX_REQUIREMENTS)];
+        let extension = if self.version >= 2 {
+            4 + 2 + req.len() + 1
+        } else {
+            0
+        };
+        let len = HELLO_FIXED + regions.len() * 16 + extension;
         let mut b = Vec::with_capacity(HEADER_LEN + len);
         b.extend_from_slice(&Header::new(Kind::Hello, 0, len as u32, 0).encode());
         b.extend_from_slice(&MAGIC);
@@ -50,6 +76,12 @@ impl Hello {
         for r in regions {
             b.extend_from_slice(&r.base.0.to_le_bytes());
             b.extend_from_slice(&r.size.to_le_bytes());
+        }
+        if self.version >= 2 {
+            b.extend_from_slice(&self.guest.vcpus.to_le_bytes());
+            b.extend_from_slice(&(req.len() as u16).to_le_bytes());
+            b.extend_from_slice(req);
+            b.push(self.verify as u8);
         }
         b
     }
@@ -106,6 +138,29 @@ impl Hello {
                 source_layout: e.to_string(),
                 dest_layout: "-".into(),
             })?;
+        let (guest, verify) = if version >= 2 {
+            let vcpus = r.u32()?;
+            let n = usize::from(r.u16()?);
+            if n > MAX_REQUIREMENTS {
+                return Err(ProtocolError::Oversized {
+                    kind: Kind::Hello,
+                    len: n as u32,
+                    max: MAX_REQUIREMENTS as u32,
+                });
+            }
+            let guest = GuestInfo {
+                vcpus,
+                requirements: r.slice(n)?.to_vec(),
+            };
+            let v = r.u8()?;
+            let verify = VerifyMode::from_u8(v).ok_or(ProtocolError::Reserved(Kind::Hello))?;
+            (guest, verify)
+        } else {
+            (GuestInfo::default(), VerifyMode::Strict)
+        };
+        if !r.is_empty() {
+            return Err(ProtocolError::Reserved(Kind::Hello));
+        }
         Ok(Hello {
             version,
             min_version,
@@ -115,6 +170,8 @@ impl Hello {
             layout,
             nonce,
             auth,
+            guest,
+            verify,
         })
     }
 
@@ -189,6 +246,11 @@ mod tests {
             .unwrap(),
             nonce: [7; 16],
             auth: [9; 32],
+            guest: GuestInfo {
+                vcpus: 2,
+                requirements: b"needs".to_vec(),
+            },
+            verify: VerifyMode::Incremental,
         }
     }
 

@@ -53,20 +53,22 @@
 
 mod hello;
 mod reader;
+pub mod switchover;
 
 use thiserror::Error;
 
 use crate::memory::MAX_REGIONS;
 
-pub use hello::{Hello, Welcome, HELLO_FIXED, WELCOME_LEN};
+pub use hello::{GuestInfo, Hello, Welcome, HELLO_FIXED, MAX_REQUIREMENTS, WELCOME_LEN};
 pub use reader::Reader;
 
 /// Bytes in every record header.
 pub const HEADER_LEN: usize = 16;
 /// First bytes of a Hello.
 pub const MAGIC: [u8; 8] = *b"HPMIG\r\n\x1a";
-/// The protocol version this build speaks best.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks best. Version 2 adds the
+/// authenticated switch-over (MACed Ack, Decision, Outcome) and Alive.
+pub const VERSION: u16 = 2;
 /// The oldest version this build still speaks.
 pub const MIN_VERSION: u16 = 1;
 /// Largest vCPU state record.
@@ -76,7 +78,7 @@ pub const MAX_ERROR_MESSAGE: u32 = 4096;
 /// Most data streams a migration may use.
 pub const MAX_STREAMS: u16 = 256;
 /// Largest Hello.
-pub const MAX_HELLO: u32 = (HELLO_FIXED + MAX_REGIONS * 16) as u32;
+pub const MAX_HELLO: u32 = (HELLO_FIXED + MAX_REGIONS * 16 + 7 + MAX_REQUIREMENTS) as u32;
 /// Bytes of a RoundEnd payload.
 pub const ROUND_END_LEN: usize = 16;
 /// Bytes of a digest.
@@ -93,6 +95,9 @@ pub const FLAG_FINAL: u8 = 1;
 pub const FLAG_VERIFIED: u8 = 1;
 /// Complete flag: the source sent a digest to verify.
 pub const FLAG_HAS_DIGEST: u8 = 1;
+/// Complete flag: the digest is of the page-hash ledger (incremental), not
+/// of all memory.
+pub const FLAG_INCREMENTAL: u8 = 2;
 
 /// What a dirty page is sent as (negotiated in the Hello).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -181,6 +186,9 @@ pub enum ProtocolError {
     /// the peer's error message is not text
     #[error("error message is not UTF-8")]
     NotUtf8,
+    /// a switch-over record's MAC or session does not check out
+    #[error("{0:?} record with a bad MAC or for another session")]
+    BadMac(Kind),
 }
 
 /// Record kinds. 0 is never valid, so zeroed memory is never a record.
@@ -201,7 +209,11 @@ pub enum Kind {
     Error = 11,
     Proof = 12,
     Ready = 13,
+    /// Version 1's decision: run the guest.
     Commit = 14,
+    Alive = 15,
+    Decision = 16,
+    Outcome = 17,
 }
 
 impl Kind {
@@ -221,6 +233,9 @@ impl Kind {
             12 => Kind::Proof,
             13 => Kind::Ready,
             14 => Kind::Commit,
+            15 => Kind::Alive,
+            16 => Kind::Decision,
+            17 => Kind::Outcome,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -240,12 +255,22 @@ impl Kind {
             Kind::Hello => (HELLO_FIXED as u32, MAX_HELLO),
             Kind::Welcome => (WELCOME_LEN, WELCOME_LEN),
             Kind::Segment => (1, page_size),
-            Kind::Zero | Kind::Ready | Kind::Commit => (0, 0),
+            Kind::Zero | Kind::Ready | Kind::Commit | Kind::Alive => (0, 0),
             Kind::Page => (page_size, page_size),
             Kind::PageZstd => (1, page_size),
             Kind::RoundEnd => (ROUND_END_LEN as u32, ROUND_END_LEN as u32),
             Kind::State => (0, MAX_STATE),
-            Kind::Complete | Kind::Ack | Kind::Proof => (DIGEST_LEN as u32, DIGEST_LEN as u32),
+            Kind::Complete | Kind::Proof => (DIGEST_LEN as u32, DIGEST_LEN as u32),
+            // Version 1: the digest; version 2: digest and MAC.
+            Kind::Ack => (DIGEST_LEN as u32, switchover::ACK_LEN as u32),
+            Kind::Decision => (
+                switchover::DECISION_LEN as u32,
+                switchover::DECISION_LEN as u32,
+            ),
+            Kind::Outcome => (
+                switchover::OUTCOME_LEN as u32,
+                switchover::OUTCOME_LEN as u32,
+            ),
             Kind::Error => (0, MAX_ERROR_MESSAGE),
         }
     }
@@ -307,13 +332,20 @@ impl Header {
         // Flags only where a kind defines them, arg only where it means something.
         let flags_allowed = match kind {
             Kind::RoundEnd => FLAG_FINAL,
-            Kind::Complete => FLAG_HAS_DIGEST,
+            Kind::Complete => FLAG_HAS_DIGEST | FLAG_INCREMENTAL,
             Kind::Ack => FLAG_VERIFIED,
             _ => 0,
         };
         let arg_unused = matches!(
             kind,
-            Kind::Hello | Kind::Welcome | Kind::Proof | Kind::Ready | Kind::Commit
+            Kind::Hello
+                | Kind::Welcome
+                | Kind::Proof
+                | Kind::Ready
+                | Kind::Commit
+                | Kind::Alive
+                | Kind::Decision
+                | Kind::Outcome
         );
         if b[1] & !flags_allowed != 0 || (arg_unused && arg != 0) {
             return Err(ProtocolError::Reserved(kind));

@@ -76,3 +76,20 @@ pub fn assert_guest_runs(guest: &Scribbler) {
     }
     assert!(guest.writes() > w, "the source guest keeps running");
 }
+
+/// Writes `value` at `gpa` behind the dirty log's back (through the host
+/// mapping, not vm-memory's tracked API): the write a buggy dirty log
+/// would miss. Test hook.
+pub fn write_untracked(memory: &SourceMemory, gpa: u64, value: u8) {
+    use vm_memory::GuestMemoryBackend;
+    let Some(region) = memory.find_region(GuestAddress(gpa)) else {
+        panic!("{gpa:#x} is not guest memory");
+    };
+    let offset = gpa - region.start_addr().0;
+    let slice = region.as_volatile_slice().expect("a mapped region");
+    let base = slice.ptr_guard_mut().as_ptr();
+    assert!(offset < slice.len() as u64);
+    // SAFETY: `offset` lies inside the region's mapping (asserted above); a
+    // one-byte volatile store races with nothing that relies on it.
+    unsafe { base.add(offset as usize).write_volatile(value) };
+}

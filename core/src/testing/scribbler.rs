@@ -218,23 +218,20 @@ impl Drop for Scribbler {
 /// before the Ack and starts it on the received memory after the Commit,
 /// its writers parked until [`LandedScribbler::release`], so a test can
 /// compare memories first.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LandedScribbler {
-    memory: DestMemory,
+    memory: Option<DestMemory>,
     vcpus: Option<u32>,
     running: Option<Scribbler>,
     /// Test hook: refuse every state record.
     pub refuse: bool,
+    /// Test hook: at the handshake, refuse guests with more vCPUs.
+    pub max_vcpus: Option<u32>,
 }
 
 impl LandedScribbler {
-    pub fn new(memory: &DestMemory) -> LandedScribbler {
-        LandedScribbler {
-            memory: memory.clone(),
-            vcpus: None,
-            running: None,
-            refuse: false,
-        }
+    pub fn new() -> LandedScribbler {
+        LandedScribbler::default()
     }
 
     /// The guest started here after the Commit.
@@ -252,7 +249,16 @@ impl LandedScribbler {
 }
 
 impl DestGuest for LandedScribbler {
-    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
+    fn admit(&mut self, vcpus: u32, _requirements: &[u8]) -> Result<(), GuestError> {
+        match self.max_vcpus {
+            Some(max) if vcpus > max => Err(GuestError::Config(format!(
+                "the guest has {vcpus} vCPUs, this host runs at most {max}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn restore(&mut self, memory: &DestMemory, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
         let carried = std::str::from_utf8(state)
             .ok()
             .and_then(|s| s.strip_prefix(TAG))
@@ -267,15 +273,18 @@ impl DestGuest for LandedScribbler {
             )));
         }
         self.vcpus = Some(vcpus);
+        self.memory = Some(memory.clone());
         Ok(())
     }
 
     fn start(&mut self) -> Result<(), GuestError> {
-        let vcpus = self
-            .vcpus
-            .ok_or_else(|| GuestError::Resume("started without a restored state".into()))?;
+        let (Some(vcpus), Some(memory)) = (self.vcpus, &self.memory) else {
+            return Err(GuestError::Resume(
+                "started without a restored state".into(),
+            ));
+        };
         self.running = Some(Scribbler::start_parked(
-            self.memory.clone(),
+            memory.clone(),
             vcpus,
             Some(100_000),
         ));

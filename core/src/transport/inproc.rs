@@ -4,11 +4,13 @@
 //! who migrate between two VMs in one process.
 //!
 //! [`Faults`] lets a test cut every stream after a chosen number of bytes,
-//! as a dropped connection would.
+//! as a dropped connection would, and cut, flip or stall the control
+//! exchange at a chosen byte either way. A source may dial the destination
+//! again for a fresh (clean) control connection, as a TCP source would.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
@@ -17,18 +19,46 @@ use crate::protocol::HEADER_LEN;
 
 const POLL: Duration = Duration::from_millis(20);
 
+/// What to do to the control exchange at a chosen byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlAction {
+    /// The record holding the byte is lost and the connection breaks.
+    Cut,
+    /// The byte's bits are inverted; the record goes on.
+    Flip,
+    /// The record holding the byte and everything after it are held back
+    /// (a frozen peer); the connection stays open.
+    Stall,
+}
+
+/// A fault at byte `at` of the first record of kind `kind` sent one way
+/// (`to_dest`) on the first control connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ControlFault {
+    pub to_dest: bool,
+    pub kind: crate::protocol::Kind,
+    pub at: usize,
+    pub action: ControlAction,
+}
+
 /// Failure injection shared by both ends.
 #[derive(Clone, Debug)]
 pub struct Faults {
     /// Data bytes that may still cross before every stream is cut; negative
     /// means no limit.
     budget: Arc<AtomicI64>,
+    /// A fault on the first control connection (reconnections are clean).
+    control: Option<ControlFault>,
+    /// Set once the control fault fired.
+    fired: Arc<AtomicBool>,
 }
 
 impl Faults {
     pub fn none() -> Self {
         Faults {
             budget: Arc::new(AtomicI64::new(-1)),
+            control: None,
+            fired: Arc::default(),
         }
     }
 
@@ -36,12 +66,26 @@ impl Faults {
     pub fn cut_after(bytes: u64) -> Self {
         Faults {
             budget: Arc::new(AtomicI64::new(bytes.min(i64::MAX as u64) as i64)),
+            ..Faults::none()
+        }
+    }
+
+    /// A fault on the first control connection.
+    pub fn control(fault: ControlFault) -> Self {
+        Faults {
+            control: Some(fault),
+            ..Faults::none()
         }
     }
 
     /// Cut all data streams now (before their next batch).
     pub fn cut_now(&self) {
         self.budget.store(0, Ordering::Release);
+    }
+
+    /// Whether the control fault fired.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
     }
 
     /// Takes `n` bytes from the budget; false once it is spent.
@@ -72,6 +116,7 @@ pub fn pair(faults: Faults) -> (InProcSource, InProcDest) {
     let (to_dest, from_source) = unbounded();
     let (to_source, from_dest) = unbounded();
     let (streams_tx, streams_rx) = unbounded();
+    let (dial, incoming) = unbounded();
     let src_int = Interrupt::default();
     let dst_int = Interrupt::default();
     (
@@ -80,28 +125,49 @@ pub fn pair(faults: Faults) -> (InProcSource, InProcDest) {
                 tx: to_dest,
                 rx: from_dest,
                 interrupt: src_int.clone(),
+                faults: Some((faults.clone(), true)),
+                stalled: false,
             },
             streams: streams_tx,
             faults: faults.clone(),
             interrupt: src_int,
+            dial,
         },
         InProcDest {
             control: InProcControl {
                 tx: to_source,
                 rx: from_source,
                 interrupt: dst_int.clone(),
+                faults: Some((faults, false)),
+                stalled: false,
             },
             streams: streams_rx,
             interrupt: dst_int,
+            incoming,
         },
     )
 }
 
-/// Receives from `rx`, giving up on interrupt or disconnection.
-fn recv_polling<T>(rx: &Receiver<T>, interrupt: &Interrupt) -> Result<T, TransportError> {
+/// Receives from `rx`, giving up on interrupt, disconnection or `deadline`.
+fn recv_polling<T>(
+    rx: &Receiver<T>,
+    interrupt: &Interrupt,
+    deadline: Option<Instant>,
+) -> Result<T, TransportError> {
+    let start = Instant::now();
     loop {
         interrupt.check()?;
-        match rx.recv_timeout(POLL) {
+        let wait = match deadline {
+            Some(d) => d
+                .checked_duration_since(Instant::now())
+                .ok_or(TransportError::TimedOut {
+                    what: "record",
+                    after: start.elapsed(),
+                })?
+                .min(POLL),
+            None => POLL,
+        };
+        match rx.recv_timeout(wait) {
             Ok(v) => return Ok(v),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Err(TransportError::Disconnected),
@@ -115,17 +181,51 @@ pub struct InProcControl {
     tx: Sender<Vec<u8>>,
     rx: Receiver<Vec<u8>>,
     interrupt: Interrupt,
+    /// The faults of the first connection, and which way this end sends.
+    faults: Option<(Faults, bool)>,
+    /// A stall fault fired: nothing more leaves this end.
+    stalled: bool,
 }
 
 impl Control for InProcControl {
     fn send(&mut self, record: &[u8]) -> Result<(), TransportError> {
+        let mut record = record.to_vec();
+        if let Some((faults, to_dest)) = &self.faults {
+            if self.stalled {
+                return Ok(());
+            }
+            let mine = faults.control.filter(|f| {
+                f.to_dest == *to_dest
+                    && record.first() == Some(&(f.kind as u8))
+                    && f.at < record.len()
+                    && !faults.fired.load(Ordering::Acquire)
+            });
+            if let Some(f) = mine {
+                faults.fired.store(true, Ordering::Release);
+                match f.action {
+                    ControlAction::Flip => record[f.at] ^= 0xff,
+                    ControlAction::Stall => {
+                        self.stalled = true;
+                        return Ok(());
+                    }
+                    ControlAction::Cut => {
+                        // Both directions of this connection are gone.
+                        let (dead, _) = bounded(0);
+                        self.tx = dead;
+                        let (_, dead) = bounded(0);
+                        self.rx = dead;
+                        return Err(TransportError::Disconnected);
+                    }
+                }
+            }
+        }
         self.tx
-            .send(record.to_vec())
+            .send(record)
             .map_err(|_| TransportError::Disconnected)
     }
 
-    fn recv(&mut self) -> Result<ControlRecord, TransportError> {
-        let bytes = recv_polling(&self.rx, &self.interrupt)?;
+    fn recv(&mut self, deadline: Instant) -> Result<ControlRecord, TransportError> {
+        let bytes = recv_polling(&self.rx, &self.interrupt, Some(deadline))?;
         let mut records = crate::protocol::Records::new(&bytes, u32::MAX);
         let (header, payload) = records.next().ok_or(ProtocolError::Truncated {
             needed: HEADER_LEN,
@@ -138,6 +238,23 @@ impl Control for InProcControl {
     }
 }
 
+/// A fresh, clean control connection: the source's end and the destination's.
+fn connection(src_int: &Interrupt, dst_int: &Interrupt) -> (InProcControl, InProcControl) {
+    let (to_dest, from_source) = unbounded();
+    let (to_source, from_dest) = unbounded();
+    let end = |tx, rx, interrupt: &Interrupt| InProcControl {
+        tx,
+        rx,
+        interrupt: interrupt.clone(),
+        faults: None,
+        stalled: false,
+    };
+    (
+        end(to_dest, from_dest, src_int),
+        end(to_source, from_source, dst_int),
+    )
+}
+
 type StreamEnds = (Receiver<SendBuf>, Sender<SendBuf>);
 
 /// The source end.
@@ -147,6 +264,8 @@ pub struct InProcSource {
     streams: Sender<StreamEnds>,
     faults: Faults,
     interrupt: Interrupt,
+    /// Where a new control connection's destination end goes.
+    dial: Sender<InProcControl>,
 }
 
 impl SourceTransport for InProcSource {
@@ -186,6 +305,17 @@ impl SourceTransport for InProcSource {
     fn interrupt(&self) -> Interrupt {
         self.interrupt.clone()
     }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        // The migration's streams are over; the new connection must work.
+        self.interrupt.clear();
+        let (mine, theirs) = connection(&self.interrupt, &Interrupt::default());
+        self.dial
+            .send(theirs)
+            .map_err(|_| TransportError::Disconnected)?;
+        self.control = mine;
+        Ok(())
+    }
 }
 
 /// The destination end.
@@ -194,6 +324,8 @@ pub struct InProcDest {
     control: InProcControl,
     streams: Receiver<StreamEnds>,
     interrupt: Interrupt,
+    /// New control connections from the source.
+    incoming: Receiver<InProcControl>,
 }
 
 impl DestTransport for InProcDest {
@@ -212,7 +344,7 @@ impl DestTransport for InProcDest {
     ) -> Result<Vec<InProcRx>, TransportError> {
         (0..n)
             .map(|_| {
-                let (full, free) = recv_polling(&self.streams, &self.interrupt)?;
+                let (full, free) = recv_polling(&self.streams, &self.interrupt, None)?;
                 Ok(InProcRx {
                     full,
                     free,
@@ -227,6 +359,18 @@ impl DestTransport for InProcDest {
     fn interrupt(&self) -> Interrupt {
         self.interrupt.clone()
     }
+
+    fn accept_control(&mut self, deadline: Instant) -> Result<bool, TransportError> {
+        match recv_polling(&self.incoming, &self.interrupt, Some(deadline)) {
+            Ok(mut c) => {
+                c.interrupt = self.interrupt.clone();
+                self.control = c;
+                Ok(true)
+            }
+            Err(TransportError::TimedOut { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The source half of one stream.
@@ -240,7 +384,7 @@ pub struct InProcTx {
 
 impl StreamTx for InProcTx {
     fn take_free(&mut self) -> Result<SendBuf, TransportError> {
-        let mut b = recv_polling(&self.free, &self.interrupt)?;
+        let mut b = recv_polling(&self.free, &self.interrupt, None)?;
         b.clear();
         Ok(b)
     }
@@ -279,7 +423,7 @@ impl StreamRx for InProcRx {
                         // The peer may be gone already; the slot is simply dropped then.
                         let _ = self.free.send(done);
                     }
-                    self.cur = Some(recv_polling(&self.full, &self.interrupt)?);
+                    self.cur = Some(recv_polling(&self.full, &self.interrupt, None)?);
                     self.pos = 0;
                 }
             }

@@ -92,7 +92,12 @@ struct Arrival {
 }
 
 impl DestGuest for Arrival {
-    fn restore(&mut self, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
+    fn restore(
+        &mut self,
+        _: &GuestMemoryMmap<()>,
+        vcpus: u32,
+        state: &[u8],
+    ) -> Result<(), GuestError> {
         let carried = <[u8; 8]>::try_from(state).ok().map(u64::from_le_bytes);
         if carried != Some(u64::from(vcpus)) {
             return Err(GuestError::State("not our state record".into()));

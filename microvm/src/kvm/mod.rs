@@ -11,6 +11,7 @@
 //! thread serves state requests until it is resumed or stopped.
 
 pub mod program;
+pub mod requirements;
 mod restore;
 pub mod state;
 mod sys;
@@ -129,6 +130,8 @@ struct Created {
     fds: Vec<VcpuFd>,
     slots: Vec<KvmSlot>,
     rings: Vec<DirtyRing>,
+    /// What the guest needs of a host (its CPUID, state sizes).
+    requirements: Vec<u8>,
 }
 
 /// A running micro-VM.
@@ -144,6 +147,7 @@ pub struct KvmVm<B: Bitmap + 'static> {
     /// Test hook: `pause` fails once this many vCPUs stopped, and leaves
     /// them stopped, as a VMM's pause that fails halfway would.
     pub fail_pause_after: Option<u32>,
+    requirements: Vec<u8>,
     memory: GuestMemoryMmap<B>,
 }
 
@@ -250,6 +254,7 @@ impl<B: Bitmap + Send + Sync + 'static> KvmVm<B> {
             fds,
             slots,
             rings,
+            requirements: requirements::encode(cpuid.as_slice()),
         })
     }
 
@@ -287,6 +292,7 @@ impl<B: Bitmap + Send + Sync + 'static> KvmVm<B> {
             paused: false,
             cfg,
             fail_pause_after: None,
+            requirements: Vec::new(),
             memory,
         })
     }
@@ -330,6 +336,7 @@ impl KvmVm<vm_memory::bitmap::AtomicBitmap> {
             fds,
             slots,
             rings,
+            requirements,
         } = Self::create(&memory, cfg.vcpus, cfg.dirty_log)?;
         let (batch, run) = params(&cfg, size);
         for (i, fd) in fds.iter().enumerate() {
@@ -389,7 +396,9 @@ impl KvmVm<vm_memory::bitmap::AtomicBitmap> {
         }
         let layout = Layout::of(&memory).map_err(|e| GuestError::State(e.to_string()))?;
         let dirty = KvmDirtyLog::new(Arc::clone(&vm), slots, layout, cfg.dirty_log, rings);
-        Self::start(kvm, vm, fds, memory, Some(dirty), cfg, run)
+        let mut vm = Self::start(kvm, vm, fds, memory, Some(dirty), cfg, run)?;
+        vm.requirements = requirements;
+        Ok(vm)
     }
 }
 
@@ -616,6 +625,10 @@ impl<B: Bitmap + Send + Sync + 'static> Guest for KvmVm<B> {
 
     fn vcpus(&self) -> u32 {
         self.vcpus.len() as u32
+    }
+
+    fn requirements(&self) -> Vec<u8> {
+        self.requirements.clone()
     }
 }
 

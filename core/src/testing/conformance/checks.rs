@@ -282,6 +282,37 @@ pub fn a_different_layout_is_refused<W: Wire>(w: &W) {
     assert_guest_runs(&guest);
 }
 
+/// A guest the destination cannot host is refused at the handshake, before
+/// round 0 and before any memory is allocated there.
+pub fn a_guest_it_cannot_host_is_refused_at_the_handshake<W: Wire>(w: &W) {
+    let memory = source_memory(w);
+    let mut guest = Scribbler::start(memory.clone(), 2, Some(100_000));
+    let link = w.link(None);
+    let side = DestSide::Hosting(DestConfig::default(), 1);
+    let run = run_with(
+        w,
+        &memory,
+        &mut guest,
+        &config(Granularity::Segment, 2),
+        side,
+        link,
+    );
+    match run.report.expect_err("refused") {
+        MigrateError::Failed {
+            phase: Phase::Handshake,
+            cause: Cause::Handshake(HandshakeError::Peer(msg)),
+            ..
+        } => assert!(msg.contains("cannot host the guest"), "{msg}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(
+        run.dest.result,
+        Err(LandError::Handshake(HandshakeError::Admit(_)))
+    ));
+    assert!(run.dest.memory.is_none(), "nothing allocated for it");
+    assert_guest_runs(&guest);
+}
+
 /// A wrong or missing token is refused before anything is sent.
 pub fn a_wrong_token_is_refused<W: Wire>(w: &W) {
     let memory = source_memory(w);

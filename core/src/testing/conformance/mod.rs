@@ -104,6 +104,8 @@ pub(super) enum DestSide {
     /// Allocated after the handshake from the Hello's layout, as `hpmig
     /// dest` does.
     FromHello(DestConfig),
+    /// As `FromHello`, on a host that runs guests of at most this many vCPUs.
+    Hosting(DestConfig, u32),
     /// Given before the handshake (its layout must match).
     Fixed(DestMemory, DestConfig),
 }
@@ -130,8 +132,16 @@ fn destination<W: Wire>(
             Err(e) => return failed(LandError::Control(e)),
         };
         let (memory, result, guest) = match side {
-            DestSide::FromHello(cfg) => {
-                let accepted = match accept(&mut t, &cfg, None) {
+            DestSide::FromHello(_) | DestSide::Hosting(..) => {
+                let mut guest = LandedScribbler::new();
+                let cfg = match side {
+                    DestSide::Hosting(cfg, max) => {
+                        guest.max_vcpus = Some(max);
+                        cfg
+                    }
+                    DestSide::FromHello(cfg) | DestSide::Fixed(_, cfg) => cfg,
+                };
+                let accepted = match accept(&mut t, &cfg, None, &mut guest) {
                     Ok(a) => a,
                     Err(e) => return failed(e),
                 };
@@ -141,12 +151,11 @@ fn destination<W: Wire>(
                         return failed(LandError::Control(TransportError::Other(e.to_string())))
                     }
                 };
-                let mut guest = LandedScribbler::new(&memory);
                 let r = receive_accepted(&accepted, &memory, &mut t, &cfg, &mut guest);
                 (memory, r, guest)
             }
             DestSide::Fixed(memory, cfg) => {
-                let mut guest = LandedScribbler::new(&memory);
+                let mut guest = LandedScribbler::new();
                 let r = receive(&memory, &mut t, &cfg, &mut guest);
                 (memory, r, guest)
             }
@@ -325,6 +334,13 @@ macro_rules! conformance_suite {
                 return;
             }
             $crate::testing::conformance::a_different_layout_is_refused(&$wire)
+        }
+        #[test]
+        fn a_guest_it_cannot_host_is_refused_at_the_handshake() {
+            if !$crate::testing::conformance::Wire::available(&$wire) {
+                return;
+            }
+            $crate::testing::conformance::a_guest_it_cannot_host_is_refused_at_the_handshake(&$wire)
         }
         #[test]
         fn a_wrong_token_is_refused() {
