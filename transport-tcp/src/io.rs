@@ -19,13 +19,14 @@ pub(crate) fn connect(addr: SocketAddr, opts: &TcpOptions) -> Result<TcpStream, 
 }
 
 /// A connected socket with poll-sized timeouts: every blocking call wakes
-/// to check the endpoint's interrupt and fails once the peer stalls.
+/// to check the endpoint's interrupt, and gives up at its deadline.
 #[derive(Debug)]
 pub struct Conn {
     sock: TcpStream,
     interrupt: Interrupt,
-    /// Fail after this long without progress.
-    stall: Duration,
+    /// A write, or a read given no deadline of its own, must finish within
+    /// this: a peer that trickles bytes cannot stretch it.
+    timeout: Duration,
 }
 
 fn would_block(e: &std::io::Error) -> bool {
@@ -39,7 +40,7 @@ impl Conn {
     pub(crate) fn new(
         sock: TcpStream,
         interrupt: Interrupt,
-        stall: Duration,
+        timeout: Duration,
     ) -> Result<Conn, TransportError> {
         let cfg = |r: std::io::Result<()>| {
             r.map_err(|source| TransportError::Io {
@@ -53,12 +54,22 @@ impl Conn {
         Ok(Conn {
             sock,
             interrupt,
-            stall,
+            timeout,
         })
     }
 
-    pub fn set_timeout(&mut self, stall: Duration) {
-        self.stall = stall;
+    /// The socket, for a connection that changes hands (the destination
+    /// service hands an authenticated one to its migration).
+    pub(crate) fn into_stream(self) -> TcpStream {
+        self.sock
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub(crate) fn check_interrupt(&self) -> Result<(), TransportError> {
@@ -68,28 +79,30 @@ impl Conn {
         self.interrupt.check()
     }
 
-    fn stalled(&self, since: Instant, what: &'static str) -> Result<(), TransportError> {
+    /// Fails once `deadline` passed (or on interrupt).
+    fn check(&self, deadline: Option<Instant>, what: &'static str) -> Result<(), TransportError> {
         self.check_interrupt()?;
-        if since.elapsed() > self.stall {
-            return Err(TransportError::Io {
-                context: what,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no progress for {:?}", self.stall),
-                ),
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            return Err(TransportError::TimedOut {
+                what,
+                after: self.timeout,
             });
         }
         Ok(())
     }
 
-    /// Reads at least one byte into `buf`.
-    pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
-        let since = Instant::now();
+    /// Reads at least one byte into `buf`, by `deadline` (`None`: as long
+    /// as it takes, until interrupted).
+    pub fn read_some_by(
+        &mut self,
+        buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<usize, TransportError> {
         loop {
             match self.sock.read(buf) {
                 Ok(0) => return Err(TransportError::Disconnected),
                 Ok(n) => return Ok(n),
-                Err(e) if would_block(&e) => self.stalled(since, "waiting for the peer to send")?,
+                Err(e) if would_block(&e) => self.check(deadline, "bytes")?,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
                     return Err(TransportError::Disconnected)
@@ -104,28 +117,35 @@ impl Conn {
         }
     }
 
-    pub fn read_exact(&mut self, mut buf: &mut [u8]) -> Result<(), TransportError> {
+    /// Fills `buf` by `deadline` (`None`: until interrupted).
+    pub fn read_exact_by(
+        &mut self,
+        mut buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), TransportError> {
         while !buf.is_empty() {
-            let n = self.read_some(buf)?;
+            let n = self.read_some_by(buf, deadline)?;
             buf = &mut buf[n..];
         }
         Ok(())
     }
 
-    /// Writes every byte of `bufs`, vectored.
+    /// Fills `buf` within the connection's timeout.
+    pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        let deadline = Instant::now() + self.timeout;
+        self.read_exact_by(buf, Some(deadline))
+    }
+
+    /// Writes every byte of `bufs`, vectored, within the connection's
+    /// timeout.
     pub fn write_all(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), TransportError> {
-        let mut since = Instant::now();
+        let deadline = Some(Instant::now() + self.timeout);
         IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
             match self.sock.write_vectored(bufs) {
                 Ok(0) => return Err(TransportError::Disconnected),
-                Ok(n) => {
-                    IoSlice::advance_slices(&mut bufs, n);
-                    since = Instant::now();
-                }
-                Err(e) if would_block(&e) => {
-                    self.stalled(since, "waiting for the peer to receive")?
-                }
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if would_block(&e) => self.check(deadline, "room to send")?,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(

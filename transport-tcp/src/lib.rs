@@ -15,37 +15,53 @@
 //! bytes that came in the same read as a preceding header are copied out of
 //! that buffer.
 //!
+//! The destination comes in two forms. [`TcpDest::accept`] takes the first
+//! connection its listener gets as the source's control connection, and
+//! later accepts that source's data (and decision redelivery) connections
+//! itself: for a caller that trusts whoever connects first. [`TcpService`]
+//! keeps the listener and an acceptor thread for as long as it lives:
+//! every connection is classified by its first bytes, strangers are
+//! bounded in number, bytes and time and told why they were closed, and
+//! each source that completed the handshake comes out of
+//! [`TcpService::next_migration`] as a `TcpDest` of its own, to which the
+//! acceptor routes that session's data and redelivery connections.
+//!
 //! Every blocking call wakes at least every 100 ms to check the endpoint's
-//! interrupt, and fails with a timeout when the peer made no progress for
-//! `io_timeout`.
+//! interrupt. A control record must arrive whole by the deadline the engine
+//! gives; a data record, once its first byte arrived, must complete within
+//! `io_timeout`, and so must every write: a peer that trickles bytes cannot
+//! stretch either. Between records a data stream may idle as long as the
+//! engine's control exchange stays alive.
 //!
 //! The stream is not encrypted: see `hpmig_core::auth` for what the token
 //! does and does not protect.
 
+mod dest;
 mod io;
+mod service;
 
 use std::io::IoSlice;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
-use hpmig_core::auth::{Secret, Session};
-use hpmig_core::memory::DestMemory;
+use hpmig_core::auth::Session;
 use hpmig_core::protocol::{Header, ProtocolError, HEADER_LEN};
 use hpmig_core::ring::{Ring, SendBuf};
 use hpmig_core::transport::{
-    Control, ControlRecord, DestTransport, Interrupt, SourceTransport, StreamRx, StreamTx,
-    TransportError,
+    Control, ControlRecord, Interrupt, SourceTransport, StreamTx, TransportError,
 };
 
+pub use dest::{TcpDest, TcpRx};
 pub use io::Conn;
+pub use service::{Admit, ServiceOptions, ServiceStats, TcpService, HANDSHAKE_BYTES};
 
 /// First bytes of a data connection.
-const STREAM_MAGIC: [u8; 8] = *b"HPMIGSTR";
-const STREAM_HELLO_LEN: usize = 8 + 2 + 2 + 32;
+pub(crate) const STREAM_MAGIC: [u8; 8] = *b"HPMIGSTR";
+pub(crate) const STREAM_HELLO_LEN: usize = 8 + 2 + 2 + 32;
 /// Receive buffer of a destination stream.
-const RX_BUF: usize = 64 << 10;
+pub(crate) const RX_BUF: usize = 64 << 10;
 /// Most slots one vectored write gathers.
 const MAX_GATHER: usize = 16;
 
@@ -67,15 +83,17 @@ impl Default for TcpOptions {
     }
 }
 
-/// The control connection of either end. Until its first record arrives it
-/// gives up after `io_timeout` like any connection (a peer that connects
-/// and says nothing cannot hold a destination); after that it waits as long
-/// as the migration runs, since it is quiet during pre-copy. A peer that dies
-/// meanwhile is found by the data streams' timeout, which interrupts it.
+/// The control connection of either end: every record arrives whole by
+/// the deadline its receiver gives.
 #[derive(Debug)]
 pub struct TcpControl {
     conn: Conn,
-    heard: bool,
+}
+
+impl TcpControl {
+    pub fn new(conn: Conn) -> TcpControl {
+        TcpControl { conn }
+    }
 }
 
 impl Control for TcpControl {
@@ -83,9 +101,9 @@ impl Control for TcpControl {
         self.conn.write_all(&mut [IoSlice::new(record)])
     }
 
-    fn recv(&mut self) -> Result<ControlRecord, TransportError> {
+    fn recv(&mut self, deadline: Instant) -> Result<ControlRecord, TransportError> {
         let mut head = [0u8; HEADER_LEN];
-        self.conn.read_exact(&mut head)?;
+        self.conn.read_exact_by(&mut head, Some(deadline))?;
         // Data records never travel on the control connection; their page
         // size bound does not matter here.
         let header = Header::decode(&head, 0)?;
@@ -98,11 +116,7 @@ impl Control for TcpControl {
         }
         // The length is capped per kind by decode (at most MAX_STATE).
         let mut payload = vec![0u8; header.len as usize];
-        self.conn.read_exact(&mut payload)?;
-        if !self.heard {
-            self.heard = true;
-            self.conn.set_timeout(Duration::MAX);
-        }
+        self.conn.read_exact_by(&mut payload, Some(deadline))?;
         Ok(ControlRecord { header, payload })
     }
 }
@@ -136,7 +150,7 @@ impl TcpSource {
         let sock = io::connect(addr, &opts)?;
         let conn = Conn::new(sock, interrupt.clone(), opts.io_timeout)?;
         Ok(TcpSource {
-            control: TcpControl { conn, heard: false },
+            control: TcpControl { conn },
             addr,
             opts,
             interrupt,
@@ -183,6 +197,16 @@ impl SourceTransport for TcpSource {
 
     fn interrupt(&self) -> Interrupt {
         self.interrupt.clone()
+    }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        // The migration's streams are over; the new connection must work.
+        self.interrupt.clear();
+        let sock = io::connect(self.addr, &self.opts)?;
+        self.control = TcpControl {
+            conn: Conn::new(sock, self.interrupt.clone(), self.opts.io_timeout)?,
+        };
+        Ok(())
     }
 }
 
@@ -301,175 +325,5 @@ impl Drop for TcpTx {
         if let Some(t) = self.sender.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// The destination's end: waits on a listener.
-#[derive(Debug)]
-pub struct TcpDest {
-    control: TcpControl,
-    listener: TcpListener,
-    opts: TcpOptions,
-    interrupt: Interrupt,
-    peer: SocketAddr,
-}
-
-impl TcpDest {
-    /// Waits for a source's control connection on `listener`.
-    pub fn accept(listener: TcpListener, opts: TcpOptions) -> Result<TcpDest, TransportError> {
-        listener
-            .set_nonblocking(false)
-            .map_err(|source| TransportError::Io {
-                context: "configuring the listener",
-                source,
-            })?;
-        let (sock, peer) = listener.accept().map_err(|source| TransportError::Io {
-            context: "accepting the control connection",
-            source,
-        })?;
-        let interrupt = Interrupt::default();
-        let conn = Conn::new(sock, interrupt.clone(), opts.io_timeout)?;
-        Ok(TcpDest {
-            control: TcpControl { conn, heard: false },
-            listener,
-            opts,
-            interrupt,
-            peer,
-        })
-    }
-
-    /// Accepts the `n` data connections of `session`, in stream order; a
-    /// connection without a valid stream hello is dropped and waited past.
-    pub fn accept_stream_conns(
-        &mut self,
-        n: usize,
-        session: &Session,
-    ) -> Result<Vec<Conn>, TransportError> {
-        let io_err = |context| move |source| TransportError::Io { context, source };
-        self.listener
-            .set_nonblocking(true)
-            .map_err(io_err("configuring the listener"))?;
-        let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
-        let mut missing = n;
-        let deadline = Instant::now() + self.opts.connect_timeout;
-        while missing > 0 {
-            self.interrupt.check()?;
-            if Instant::now() > deadline {
-                return Err(TransportError::Other(format!(
-                    "{missing} of {n} data connections did not arrive within {:?}",
-                    self.opts.connect_timeout
-                )));
-            }
-            let sock = match self.listener.accept() {
-                Ok((sock, _)) => sock,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                Err(e) => return Err(io_err("accepting a data connection")(e)),
-            };
-            sock.set_nonblocking(false)
-                .map_err(io_err("configuring a data connection"))?;
-            let mut conn = Conn::new(sock, self.interrupt.clone(), self.opts.connect_timeout)?;
-            let mut hello = [0u8; STREAM_HELLO_LEN];
-            if conn.read_exact(&mut hello).is_err() || hello[..8] != STREAM_MAGIC {
-                tracing::warn!("dropped a connection that is not an hpmig data stream");
-                continue;
-            }
-            let index = u16::from_le_bytes([hello[8], hello[9]]);
-            let fits = usize::from(index) < n && slots[usize::from(index)].is_none();
-            if !fits || !Secret::verify(session.stream_tag(index), &hello[12..]) {
-                tracing::warn!(
-                    index,
-                    "dropped a data connection with a wrong or repeated stream tag"
-                );
-                continue;
-            }
-            conn.set_timeout(self.opts.io_timeout);
-            slots[usize::from(index)] = Some(conn);
-            missing -= 1;
-        }
-        let _ = self.listener.set_nonblocking(false);
-        Ok(slots.into_iter().flatten().collect())
-    }
-
-    /// The address the source connected from.
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
-    }
-
-    /// Gives the listener back, for the next migration.
-    pub fn into_listener(self) -> TcpListener {
-        self.listener
-    }
-}
-
-impl DestTransport for TcpDest {
-    type Control = TcpControl;
-    type Rx = TcpRx;
-
-    fn control(&mut self) -> &mut TcpControl {
-        &mut self.control
-    }
-
-    fn accept_streams(
-        &mut self,
-        n: usize,
-        session: &Session,
-        _memory: &DestMemory,
-    ) -> Result<Vec<TcpRx>, TransportError> {
-        Ok(self
-            .accept_stream_conns(n, session)?
-            .into_iter()
-            .map(|conn| TcpRx {
-                conn,
-                buf: vec![0u8; RX_BUF].into_boxed_slice(),
-                start: 0,
-                end: 0,
-            })
-            .collect())
-    }
-
-    fn interrupt(&self) -> Interrupt {
-        self.interrupt.clone()
-    }
-}
-
-/// The receiving half of one data connection.
-#[derive(Debug)]
-pub struct TcpRx {
-    conn: Conn,
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-impl StreamRx for TcpRx {
-    fn next_header(&mut self, page_size: u32) -> Result<Header, TransportError> {
-        if self.end - self.start < HEADER_LEN {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-            while self.end < HEADER_LEN {
-                self.end += self.conn.read_some(&mut self.buf[self.end..])?;
-            }
-        }
-        let head: &[u8; HEADER_LEN] = self.buf[self.start..self.start + HEADER_LEN]
-            .try_into()
-            .map_err(|_| ProtocolError::Truncated {
-                needed: HEADER_LEN,
-                had: 0,
-            })?;
-        let h = Header::decode(head, page_size)?;
-        self.start += HEADER_LEN;
-        Ok(h)
-    }
-
-    fn read_payload(&mut self, dst: &mut [u8]) -> Result<(), TransportError> {
-        let buffered = (self.end - self.start).min(dst.len());
-        dst[..buffered].copy_from_slice(&self.buf[self.start..self.start + buffered]);
-        self.start += buffered;
-        // The rest goes straight from the socket into `dst` (guest memory).
-        self.conn.read_exact(&mut dst[buffered..])
     }
 }

@@ -63,9 +63,9 @@ fn destination() -> (SocketAddr, thread::JoinHandle<DestResult>) {
     let h = thread::spawn(move || {
         let mut t = TcpDest::accept(listener, opts()).map_err(LandError::Control)?;
         let dcfg = DestConfig::default();
-        let acc = accept(&mut t, &dcfg, None)?;
+        let mut guest = LandedScribbler::new();
+        let acc = accept(&mut t, &dcfg, None, &mut guest)?;
         let memory: DestMemory = acc.hello.layout.allocate().unwrap();
-        let mut guest = LandedScribbler::new(&memory);
         let r = receive_accepted(&acc, &memory, &mut t, &dcfg, &mut guest)?;
         Ok((r, memory))
     });

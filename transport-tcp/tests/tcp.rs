@@ -38,9 +38,9 @@ fn the_bandwidth_cap_holds_within_ten_percent_over_two_seconds() {
     let dest = thread::spawn(move || {
         let mut t = TcpDest::accept(listener, opts()).unwrap();
         let dcfg = DestConfig::default();
-        let accepted = accept(&mut t, &dcfg, None).unwrap();
+        let mut guest = LandedScribbler::new();
+        let accepted = accept(&mut t, &dcfg, None, &mut guest).unwrap();
         let memory: DestMemory = accepted.hello.layout.allocate().unwrap();
-        let mut guest = LandedScribbler::new(&memory);
         receive_accepted(&accepted, &memory, &mut t, &dcfg, &mut guest).unwrap();
         memory
     });
