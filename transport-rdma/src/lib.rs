@@ -13,10 +13,15 @@
 //! The handshake, state and commit go over TCP exactly as with the TCP
 //! transport (see `hpmig_transport_tcp`); each stream's queue pair is set
 //! up over its own authenticated TCP connection ([`setup`]). The
-//! destination registers each guest memory region once, for remote writes,
-//! so a source that holds the session's token can write anywhere in guest
-//! memory (never outside it: the registration bounds it) — the final digest
-//! comparison is what proves the result.
+//! destination registers, for remote writes, each stream's share of guest
+//! memory (one range per region the share touches) and its staging ring,
+//! in a protection domain of the stream's own: a stream's keys reach the
+//! pages its stream owns and its staging, no byte more, and its queue pair
+//! accepts no other stream's key; the NIC refuses anything else with a
+//! remote access error before it lands (`share`). Within its own pages a
+//! source that holds the session's token can still write what it likes —
+//! the final digest comparison is what proves the result. Staging is
+//! capped for all streams together ([`setup::STAGING_CAP`], 64 MiB).
 //!
 //! Built only with the `rdma` feature (it needs rdma-core's libibverbs);
 //! without it, [`unavailable`] says how to get it.
@@ -32,6 +37,8 @@ mod rx;
 #[cfg(feature = "rdma")]
 pub mod setup;
 #[cfg(feature = "rdma")]
+mod share;
+#[cfg(feature = "rdma")]
 mod stream;
 #[cfg(feature = "rdma")]
 mod tx;
@@ -46,6 +53,9 @@ pub use imm::{imm, imm_parts};
 pub use rx::RdmaRx;
 #[cfg(feature = "rdma")]
 pub use stream::StreamError;
+#[cfg(feature = "rdma")]
+#[doc(hidden)]
+pub use transport::Answers;
 #[cfg(feature = "rdma")]
 pub use transport::{EndpointError, QueuePairs, RdmaDest, RdmaOptions, RdmaSource};
 #[cfg(feature = "rdma")]

@@ -29,13 +29,21 @@ use crate::imm::imm_parts;
 use crate::stream::StreamError;
 use crate::verbs::{Completion, Cq, Mr, Qp, SendList, WcOpcode};
 
-/// A guest memory region as the lander sees it: guest address, length and
-/// where it is mapped here.
+/// A guest memory range as the lander sees it: guest address, length and
+/// where it is mapped here (a whole region, or a stream's part of one).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct LocalRegion {
     pub gpa: u64,
     pub len: u64,
     pub host: usize,
+}
+
+/// The host address of the staging slot batch `seq` lands in: slot
+/// `seq % slots` of `slots` slots of `slot_size` bytes at `base`. `None`
+/// for no slots or an address that would wrap.
+fn slot_base(base: usize, slots: u32, slot_size: usize, seq: u32) -> Option<usize> {
+    let slot = usize::try_from(seq.checked_rem(slots)?).ok()?;
+    base.checked_add(slot.checked_mul(slot_size)?)
 }
 
 /// Where guest range `[gpa, gpa + len)` is mapped here: the region's index
@@ -85,11 +93,12 @@ pub struct RdmaRx {
     pos: usize,
     seq: u32,
     pending: Pending,
-    regions: Arc<Vec<LocalRegion>>,
+    /// The guest ranges this stream owns, the only ones its keys reach.
+    regions: Vec<LocalRegion>,
     /// Last region hit (a batch's payloads are mostly in one).
     hint: usize,
-    /// Keeps guest memory registered while this stream can receive.
-    _guest: Arc<Vec<Mr>>,
+    /// Keeps this stream's guest ranges registered while it can receive.
+    _guest: Vec<Mr>,
     /// Credits sent whose completion was not polled yet.
     unacked_credits: u32,
     /// The credit SEND's one-entry work request list, reused.
@@ -110,8 +119,8 @@ pub(crate) struct RxParts {
     pub slots: u32,
     pub slot_size: usize,
     pub worker: u32,
-    pub regions: Arc<Vec<LocalRegion>>,
-    pub guest: Arc<Vec<Mr>>,
+    pub regions: Vec<LocalRegion>,
+    pub guest: Vec<Mr>,
     pub interrupt: Interrupt,
     pub timeout: Duration,
     pub liveness: Conn,
@@ -238,20 +247,26 @@ impl RdmaRx {
         self.qp
             .post_recv_empty(0)
             .map_err(StreamError::verbs(self.worker))?;
-        // slots >= 1 (Offer::check); slot * slot_size lies inside the
+        // slots >= 1 (Offer::grant); slot * slot_size lies inside the
         // staging ring, whose size Ring::new computed with checked
-        // arithmetic.
+        // arithmetic; checked all the same.
         let (base, _) = self.staging.region();
-        let slot = (self.seq % self.slots) as usize;
-        self.cur = Some((base as usize + slot * self.slot_size, len));
+        let slot = slot_base(base as usize, self.slots, self.slot_size, self.seq).ok_or(
+            StreamError::Internal {
+                worker: self.worker,
+                what: "a staging slot outside the address space",
+            },
+        )?;
+        self.cur = Some((slot, len));
         self.pos = 0;
         self.seq = self.seq.wrapping_add(1);
         Ok(())
     }
 
     /// Where guest range `[gpa, gpa + len)` (from the peer) is mapped
-    /// here, if all of it lies in one region: the one lookup, checked
-    /// arithmetic, the last region hit tried first.
+    /// here, if all of it lies in one of this stream's ranges (the only
+    /// memory its payloads can have landed in): the one lookup, checked
+    /// arithmetic, the last range hit tried first.
     fn host_of(&mut self, gpa: u64, len: u32) -> Option<usize> {
         let (region, host) = host_in(&self.regions, gpa, len, self.hint)?;
         self.hint = region;
@@ -392,5 +407,20 @@ mod tests {
         assert_eq!(host_in(&regions, 0x9_ffff, 2, 0), None);
         assert_eq!(host_in(&regions, u64::MAX, 4096, 0), None);
         assert_eq!(host_in(&regions, u64::MAX - 10, u32::MAX, 1), None);
+        // A region mapped so high that the offset would wrap: none.
+        let high = [LocalRegion {
+            gpa: 0,
+            len: 0x10_0000,
+            host: usize::MAX - 0x100,
+        }];
+        assert_eq!(host_in(&high, 0x1000, 8, 0), None);
+    }
+
+    #[test]
+    fn a_staging_slot_lies_in_the_ring_or_is_none() {
+        assert_eq!(slot_base(0x1000, 4, 0x2000, 5), Some(0x3000));
+        assert_eq!(slot_base(0x1000, 0, 0x2000, 5), None);
+        assert_eq!(slot_base(usize::MAX - 0x1000, 4, 0x2000, 1), None);
+        assert_eq!(slot_base(0, u32::MAX, usize::MAX, 7), None);
     }
 }

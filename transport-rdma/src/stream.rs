@@ -76,8 +76,8 @@ pub enum StreamError {
         "RDMA stream {worker}: remote address {addr:#x}+{offset} wraps around the address space"
     )]
     RemoteWraps { worker: u32, addr: u64, offset: u64 },
-    /// a payload's guest range is in no region the destination registered
-    #[error("RDMA stream {worker}: guest address {gpa:#x}+{len} is in no region the destination registered")]
+    /// a payload's guest range is in none the destination registered for the stream
+    #[error("RDMA stream {worker}: guest address {gpa:#x}+{len} is in no range the destination registered for this stream")]
     NotRegistered { worker: u32, gpa: u64, len: u64 },
     /// a batch's immediate names another stream, batch, or too long a length
     #[error("RDMA stream {worker}: batch immediate names worker {got_worker} batch {got_batch} of {got_len} bytes; expected worker {want_worker} batch {want_batch} of at most {max_len} bytes")]
@@ -90,8 +90,8 @@ pub enum StreamError {
         want_batch: u32,
         max_len: usize,
     },
-    /// a payload's guest range is outside guest memory
-    #[error("RDMA stream {worker}: a payload for guest address {gpa:#x} ({len} bytes) is outside guest memory")]
+    /// a payload's guest range is outside the guest memory the stream owns
+    #[error("RDMA stream {worker}: a payload for guest address {gpa:#x} ({len} bytes) is outside the guest memory this stream owns")]
     OutsideGuest { worker: u32, gpa: u64, len: u32 },
     /// the lander asked for an in-place payload somewhere it did not land
     #[error("RDMA stream {worker}: the payload landed at {landed_at:#x} ({len} bytes) but was asked for at {asked_at:#x} ({asked_len} bytes)")]

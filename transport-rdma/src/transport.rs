@@ -4,17 +4,18 @@ use std::net::{TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 
 use hpmig_core::auth::Session;
-use hpmig_core::memory::DestMemory;
+use hpmig_core::memory::{DestMemory, Layout, MemoryError};
 use hpmig_core::ring::{Ring, RingError};
 use hpmig_core::transport::{DestTransport, Interrupt, SourceTransport, TransportError};
 use hpmig_transport_tcp::{TcpControl, TcpDest, TcpOptions, TcpSource};
 use thiserror::Error;
-use vm_memory::{GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion};
+use vm_memory::GuestMemoryError;
 
 use crate::device::{self, DeviceError};
 use crate::imm::MAX_SLOT;
-use crate::rx::{LocalRegion, RdmaRx, RxParts};
-use crate::setup::{Answer, Offer, RemoteRegion};
+use crate::rx::{RdmaRx, RxParts};
+use crate::setup::{Answer, Offer};
+use crate::share::{self, StreamGuest};
 use crate::tx::{RdmaStats, RdmaTx, TxParts, MAX_SGE};
 use crate::verbs::{
     self, Context, Cq, Endpoint, Mr, Mtu, Path, Pd, PortState, Qp, QpCaps, VerbsError,
@@ -65,6 +66,12 @@ pub enum EndpointError {
         #[source]
         source: GuestMemoryError,
     },
+    /// the guest memory has no valid layout to split among the streams
+    #[error("RDMA: the guest memory's layout: {0}")]
+    Layout(#[source] MemoryError),
+    /// a guest range of a stream's share does not fit its region's mapping
+    #[error("RDMA stream {stream}: guest range {gpa:#x}+{len} of its share is not inside a mapped region")]
+    GuestRange { stream: usize, gpa: u64, len: u64 },
 }
 
 impl From<EndpointError> for TransportError {
@@ -102,11 +109,11 @@ impl RdmaOptions {
     }
 }
 
-/// An opened device port, ready for queue pairs.
+/// An opened device port, ready for queue pairs (each in a protection
+/// domain its end chooses).
 #[derive(Debug)]
 struct Port {
     ctx: Arc<Context>,
-    pd: Arc<Pd>,
     port: u8,
     gid_index: u8,
     lid: u16,
@@ -134,10 +141,8 @@ impl Port {
             None => device::default_gid_index(&ctx, o.port)?,
         };
         let gid = ctx.gid(o.port, i32::from(gid_index))?;
-        let pd = Pd::new(&ctx)?;
         Ok(Port {
             ctx,
-            pd,
             port: o.port,
             gid_index,
             lid: info.lid,
@@ -163,25 +168,22 @@ impl Port {
         }
     }
 
-    /// A queue pair with the largest inline size the device accepts.
+    /// A queue pair in `pd` of `caps`, with the largest inline size the
+    /// device accepts (`caps.max_inline_data` is not used).
     fn queue_pair(
         &self,
+        pd: &Arc<Pd>,
         send_cq: &Arc<Cq>,
         recv_cq: &Arc<Cq>,
-        send_wr: u32,
-        recv_wr: u32,
-        send_sge: u32,
+        caps: QpCaps,
         remote_write: bool,
     ) -> Result<Arc<Qp>, VerbsError> {
         let attempt = |inline| {
             let caps = QpCaps {
-                max_send_wr: send_wr,
-                max_recv_wr: recv_wr,
-                max_send_sge: send_sge,
-                max_recv_sge: 1,
                 max_inline_data: inline,
+                ..caps
             };
-            Qp::new(&self.pd, send_cq, recv_cq, caps, self.port, remote_write)
+            Qp::new(pd, send_cq, recv_cq, caps, self.port, remote_write)
         };
         // Each refusal tries the next smaller size; the last one's error is
         // the answer.
@@ -230,14 +232,25 @@ struct OfferedStream {
 pub struct RdmaSource {
     tcp: TcpSource,
     port: Port,
+    /// One protection domain for every stream: the source accepts no
+    /// remote access, its ring registrations are local only.
+    pd: Arc<Pd>,
     opts: RdmaOptions,
     stats: Arc<RdmaStats>,
     qps: QueuePairs,
+    answers: Answers,
 }
 
 /// The queue pairs of a source's streams, filled in as they open (a fault
 /// test puts one into the error state mid-migration).
 pub type QueuePairs = Arc<std::sync::Mutex<Vec<Arc<Qp>>>>;
+
+/// The destination's Answer to each of a source's streams, in stream order,
+/// filled in as they open: the staging and guest ranges each stream's keys
+/// reach. For tests that write through a stream's queue pair outside what
+/// its keys reach; not part of the transport's API.
+#[doc(hidden)]
+pub type Answers = Arc<std::sync::Mutex<Vec<Answer>>>;
 
 impl RdmaSource {
     /// Opens the device (failing early on a wrong name or a port that is
@@ -247,13 +260,16 @@ impl RdmaSource {
         opts: RdmaOptions,
     ) -> Result<RdmaSource, TransportError> {
         let port = Port::open(&opts)?;
+        let pd = Pd::new(&port.ctx).map_err(EndpointError::from)?;
         let tcp = TcpSource::connect(addr, opts.tcp)?;
         Ok(RdmaSource {
             tcp,
             port,
+            pd,
             opts,
             stats: Arc::default(),
             qps: QueuePairs::default(),
+            answers: Answers::default(),
         })
     }
 
@@ -264,6 +280,13 @@ impl RdmaSource {
     /// The streams' queue pairs, as they open.
     pub fn queue_pairs(&self) -> QueuePairs {
         Arc::clone(&self.qps)
+    }
+
+    /// The destination's Answer to each stream, as they open (see
+    /// [`Answers`]; for tests).
+    #[doc(hidden)]
+    pub fn answers(&self) -> Answers {
+        Arc::clone(&self.answers)
     }
 
     /// Sets up stream `index`'s queue pair and sends its offer. The answers
@@ -282,8 +305,7 @@ impl RdmaSource {
         let (base, len) = ring.region();
         // SAFETY: the ring's mapping lives as long as any of its slots; the
         // RdmaTx that owns this registration drops it before the slots.
-        let ring_mr =
-            unsafe { Mr::register(&self.port.pd, base as *mut u8, len, verbs::ACCESS_LOCAL) }?;
+        let ring_mr = unsafe { Mr::register(&self.pd, base as *mut u8, len, verbs::ACCESS_LOCAL) }?;
         let bufs = ring.into_bufs();
         let slots = bufs.len() as u32;
         let max_wr = u32::try_from(self.port.ctx.attr().max_qp_wr).unwrap_or(SQ_DEPTH);
@@ -291,9 +313,16 @@ impl RdmaSource {
         let send_cq = Cq::new(&self.port.ctx, sq_depth as i32)?;
         let recv_cq = Cq::new(&self.port.ctx, slots as i32 + 1)?;
         let max_sge = (self.port.ctx.attr().max_sge.max(1) as usize).min(MAX_SGE);
-        let qp =
-            self.port
-                .queue_pair(&send_cq, &recv_cq, sq_depth, slots, max_sge as u32, false)?;
+        let caps = QpCaps {
+            max_send_wr: sq_depth,
+            max_recv_wr: slots,
+            max_send_sge: max_sge as u32,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        };
+        let qp = self
+            .port
+            .queue_pair(&self.pd, &send_cq, &recv_cq, caps, false)?;
         // Credits may come back as soon as the first batch lands.
         post_recvs(&qp, slots)?;
         let index16 =
@@ -338,12 +367,17 @@ impl RdmaSource {
             psn: my_psn,
         } = o;
         let answer = Answer::recv(&mut conn)?;
-        answer.check(index, slot_size)?;
+        let asked = u32::try_from(bufs.len()).unwrap_or(u32::MAX);
+        answer.check(index, slot_size, asked)?;
         qp.connect(&answer.endpoint, my_psn, self.port.path(answer.mtu))?;
         self.qps
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::clone(&qp));
+        self.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(answer.clone());
         Ok(RdmaTx::new(TxParts {
             qp,
             send_cq,
@@ -394,6 +428,10 @@ impl SourceTransport for RdmaSource {
     fn interrupt(&self) -> Interrupt {
         self.tcp.interrupt()
     }
+
+    fn reconnect(&mut self) -> Result<(), TransportError> {
+        self.tcp.reconnect()
+    }
 }
 
 /// The destination's end.
@@ -407,13 +445,20 @@ pub struct RdmaDest {
 impl RdmaDest {
     /// Opens the device, then waits for a source's control connection.
     pub fn accept(listener: TcpListener, opts: RdmaOptions) -> Result<RdmaDest, TransportError> {
-        let port = Port::open(&opts)?;
         let tcp = TcpDest::accept(listener, opts.tcp)?;
+        RdmaDest::over(tcp, opts)
+    }
+
+    /// The RDMA end of a migration whose TCP end (control, and the streams'
+    /// setup connections) is `tcp`, e.g. one a `TcpService` handed out.
+    pub fn over(tcp: TcpDest, opts: RdmaOptions) -> Result<RdmaDest, TransportError> {
+        let port = Port::open(&opts)?;
         Ok(RdmaDest { tcp, port, opts })
     }
 
-    /// Gives the listener back, for the next migration.
-    pub fn into_listener(self) -> TcpListener {
+    /// Gives the listener back, for the next migration (`None` only for
+    /// a TCP end a `TcpService` handed out, which this never holds).
+    pub fn into_listener(self) -> Option<TcpListener> {
         self.tcp.into_listener()
     }
 
@@ -422,17 +467,20 @@ impl RdmaDest {
         self.tcp.peer()
     }
 
+    /// Reads stream `index`'s offer, grants its staging, and answers with
+    /// the keys of `guest`: the stream's own protection domain, where its
+    /// staging ring and queue pair are made too.
     fn accept_stream(
         &mut self,
         index: usize,
+        streams: usize,
         mut conn: hpmig_transport_tcp::Conn,
-        guest: &Arc<Vec<Mr>>,
-        remote: &[RemoteRegion],
-        local: &Arc<Vec<LocalRegion>>,
+        guest: StreamGuest,
     ) -> Result<RdmaRx, TransportError> {
         let offer = Offer::recv(&mut conn)?;
-        offer.check(index, hpmig_core::memory::host_page_size())?;
-        let (slots, slot_size) = (offer.slots as usize, offer.slot_size as usize);
+        // What the source asks, within this stream's share of STAGING_CAP.
+        let granted = offer.grant(index, streams, hpmig_core::memory::host_page_size())?;
+        let (slots, slot_size) = (granted as usize, offer.slot_size as usize);
         let staging = Ring::new(slots, slot_size).map_err(|source| EndpointError::StagingRing {
             stream: index,
             source,
@@ -440,31 +488,41 @@ impl RdmaDest {
         let (base, len) = staging.region();
         // SAFETY: the staging ring is owned by the RdmaRx built below, which
         // drops this registration before the ring.
-        let staging_mr = unsafe {
-            Mr::register(
-                &self.port.pd,
-                base as *mut u8,
-                len,
-                verbs::ACCESS_REMOTE_WRITE,
-            )
-        }?;
-        let send_cq = Cq::new(&self.port.ctx, slots as i32 + 1)?;
-        let recv_cq = Cq::new(&self.port.ctx, slots as i32 + 1)?;
-        let qp =
-            self.port
-                .queue_pair(&send_cq, &recv_cq, slots as u32 + 1, slots as u32, 1, true)?;
-        post_recvs(&qp, slots as u32)?;
+        let staging_mr =
+            unsafe { Mr::register(&guest.pd, base as *mut u8, len, verbs::ACCESS_REMOTE_WRITE) }?;
+        // granted <= MAX_SLOTS (Offer::grant), so these cannot overflow.
+        let entries = granted as i32 + 1;
+        let send_cq = Cq::new(&self.port.ctx, entries)?;
+        let recv_cq = Cq::new(&self.port.ctx, entries)?;
+        // One credit SEND per slot; receives for the batches' immediates.
+        let caps = QpCaps {
+            max_send_wr: granted + 1,
+            max_recv_wr: granted,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        };
+        let qp = self
+            .port
+            .queue_pair(&guest.pd, &send_cq, &recv_cq, caps, true)?;
+        post_recvs(&qp, granted)?;
         let my_psn = psn(index);
         let mtu = offer.mtu.min(self.port.active_mtu);
         qp.connect(&offer.endpoint, my_psn, self.port.path(mtu))?;
+        let StreamGuest {
+            pd: _,
+            mrs,
+            remote,
+            local,
+        } = guest;
         Answer {
             endpoint: self.port.endpoint(&qp, my_psn),
             mtu,
             staging_addr: staging_mr.addr,
             staging_rkey: staging_mr.rkey,
-            slots: slots as u32,
-            slot_size: slot_size as u32,
-            regions: remote.to_vec(),
+            slots: granted,
+            slot_size: offer.slot_size,
+            regions: remote,
         }
         .send(&mut conn)?;
         Ok(RdmaRx::new(RxParts {
@@ -473,11 +531,11 @@ impl RdmaDest {
             recv_cq,
             staging_mr,
             staging,
-            slots: slots as u32,
+            slots: granted,
             slot_size,
             worker: index as u32,
-            regions: Arc::clone(local),
-            guest: Arc::clone(guest),
+            regions: local,
+            guest: mrs,
             interrupt: self.tcp.interrupt(),
             timeout: self.opts.tcp.io_timeout,
             liveness: conn,
@@ -499,56 +557,29 @@ impl DestTransport for RdmaDest {
         session: &Session,
         memory: &DestMemory,
     ) -> Result<Vec<RdmaRx>, TransportError> {
-        // Each guest memory region is registered once, for remote writes,
-        // and shared by every stream.
-        let mut mrs = Vec::new();
-        let mut remote = Vec::new();
-        let mut local = Vec::new();
-        for r in memory.iter() {
-            let len = r.len();
-            let host = r
-                .as_volatile_slice()
-                .map(|s| s.ptr_guard_mut().as_ptr())
-                .map_err(|source| EndpointError::GuestRegion {
-                    gpa: r.start_addr().0,
-                    source,
-                })?;
-            // SAFETY: the region is a mapping of `memory`, which outlives the
-            // migration these registrations serve; should it be unmapped
-            // first, the registration still pins its pages, so the NIC never
-            // writes memory the process reuses.
-            let mr = unsafe {
-                Mr::register(
-                    &self.port.pd,
-                    host,
-                    len as usize,
-                    verbs::ACCESS_REMOTE_WRITE,
-                )
-            }?;
-            remote.push(RemoteRegion {
-                gpa: r.start_addr().0,
-                len,
-                addr: mr.addr,
-                rkey: mr.rkey,
-            });
-            local.push(LocalRegion {
-                gpa: r.start_addr().0,
-                len,
-                host: host as usize,
-            });
-            mrs.push(mr);
-        }
-        let guest = Arc::new(mrs);
-        let local = Arc::new(local);
+        // Each stream's share of guest memory is registered, for remote
+        // writes, in a protection domain of its own (see crate::share), once
+        // and before any stream is accepted: the registrations of all
+        // streams tile guest memory exactly once.
+        let layout = Layout::of(memory).map_err(EndpointError::Layout)?;
+        let regions = share::local_regions(memory)?;
+        let guests = (0..n)
+            .map(|i| StreamGuest::register(&self.port.ctx, &layout, &regions, i, n))
+            .collect::<Result<Vec<_>, _>>()?;
         let conns = self.tcp.accept_stream_conns(n, session)?;
         conns
             .into_iter()
+            .zip(guests)
             .enumerate()
-            .map(|(i, conn)| self.accept_stream(i, conn, &guest, &remote, &local))
+            .map(|(i, (conn, guest))| self.accept_stream(i, n, conn, guest))
             .collect()
     }
 
     fn interrupt(&self) -> Interrupt {
         self.tcp.interrupt()
+    }
+
+    fn accept_control(&mut self, deadline: std::time::Instant) -> Result<bool, TransportError> {
+        self.tcp.accept_control(deadline)
     }
 }

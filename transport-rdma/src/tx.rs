@@ -87,6 +87,16 @@ fn remote_of(
     Some((at.region, r.addr.checked_add(at.offset)?, r.rkey))
 }
 
+/// The remote address of the staging slot batch `seq` goes to: slot
+/// `seq % slots` of the destination's staging area of `slots` slots of
+/// `slot_size` bytes at `addr` (all three from its Answer). `None` for no
+/// slots or an address that would wrap, never a division by zero or a
+/// wrapped address.
+fn staging_slot(addr: u64, slots: u32, slot_size: u64, seq: u32) -> Option<u64> {
+    let slot = seq.checked_rem(slots)?;
+    addr.checked_add(u64::from(slot).checked_mul(slot_size)?)
+}
+
 /// One work request being gathered: local pieces for one contiguous
 /// remote range.
 #[derive(Clone, Copy)]
@@ -466,10 +476,20 @@ impl StreamTx for RdmaTx {
         }
         self.wait("a staging credit", |s| s.credits > 0)?;
         self.credits -= 1;
-        // staging_slots >= 1 and the staging area does not wrap: Answer::
-        // check and Answer::decode made sure.
-        let slot = u64::from(self.seq % self.staging_slots);
-        let staging = self.remote(self.staging_addr, slot * self.staging_slot_size)?;
+        // Answer::check and Answer::decode made sure there is a slot and the
+        // staging area does not wrap; checked all the same.
+        let staging = staging_slot(
+            self.staging_addr,
+            self.staging_slots,
+            self.staging_slot_size,
+            self.seq,
+        )
+        .ok_or_else(|| StreamError::RemoteWraps {
+            worker: self.worker,
+            addr: self.staging_addr,
+            offset: u64::from(self.seq % self.staging_slots.max(1))
+                .saturating_mul(self.staging_slot_size),
+        })?;
         let srkey = self.staging_rkey;
         let bytes = buf.filled();
         let base = bytes.as_ptr() as u64;
@@ -586,5 +606,19 @@ mod tests {
             ..regions[0]
         }];
         assert_eq!(remote_of(&high, 0x1000, 8, 0), None);
+    }
+
+    #[test]
+    fn a_staging_slot_is_inside_the_staging_area_or_none() {
+        let slot = 256 << 10;
+        assert_eq!(staging_slot(0x7000_0000, 8, slot, 0), Some(0x7000_0000));
+        assert_eq!(
+            staging_slot(0x7000_0000, 8, slot, 9),
+            Some(0x7000_0000 + slot)
+        );
+        // No slots, an address or a slot offset that would wrap: none.
+        assert_eq!(staging_slot(0x7000_0000, 0, slot, 3), None);
+        assert_eq!(staging_slot(u64::MAX - slot, 8, slot, 2), None);
+        assert_eq!(staging_slot(0, u32::MAX, u64::MAX, u32::MAX - 1), None);
     }
 }

@@ -1,7 +1,9 @@
 //! What only the RDMA transport promises, on a real verbs device, beyond
 //! the conformance suite (tests/conformance.rs): a WRITE WITH IMMEDIATE
 //! lands in place, payloads land in place and share doorbells, a queue pair
-//! in error fails the migration.
+//! in error fails the migration, and a stream's keys reach only the guest
+//! pages it owns: a write through its queue pair anywhere else is refused
+//! by the NIC and fails the migration.
 //!
 //! The device comes from `HPMIG_RDMA_DEVICE` (the soft-RoCE harness,
 //! `ci/softroce/run.sh`, always sets it to its rxe0, so these tests run
@@ -14,13 +16,13 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use hpmig_core::dirty::vmm::VmmBitmap;
 use hpmig_core::land::{accept, receive_accepted, DestConfig, LandError, Received};
-use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
+use hpmig_core::memory::{host_page_size, DestMemory, Layout, Share, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, SourceConfig};
 use hpmig_core::protocol::Granularity;
@@ -29,11 +31,13 @@ use hpmig_core::testing::{
     assert_guest_runs, assert_same_memory, pattern_memory, LandedScribbler, Scribbler,
 };
 use hpmig_transport_rdma::device::default_gid_index;
+use hpmig_transport_rdma::setup::Answer;
 use hpmig_transport_rdma::verbs::{
     self, Completion, Context, Cq, Endpoint, Mr, Path, Pd, Qp, QpCaps, SendList, Sge, WcOpcode,
 };
 use hpmig_transport_rdma::{RdmaDest, RdmaOptions, RdmaSource, RdmaStats};
 use hpmig_transport_tcp::TcpOptions;
+use vm_memory::{Bytes, GuestAddress};
 
 const MIB: usize = 1 << 20;
 
@@ -204,19 +208,34 @@ fn config(granularity: Granularity, zstd: ZstdMode, workers: usize) -> SourceCon
 type DestOutcome = Result<(Received, DestMemory), LandError>;
 
 fn destination(dev: &str) -> (SocketAddr, thread::JoinHandle<DestOutcome>) {
+    let (addr, handle, _) = watched_destination(dev);
+    (addr, handle)
+}
+
+/// A destination that also hands out its guest memory (a clone: the same
+/// mappings) once allocated, to look at after a failed migration.
+fn watched_destination(
+    dev: &str,
+) -> (
+    SocketAddr,
+    thread::JoinHandle<DestOutcome>,
+    mpsc::Receiver<DestMemory>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let opts = options(dev);
+    let (memory_tx, memory_rx) = mpsc::channel();
     let handle = thread::spawn(move || {
         let mut t = RdmaDest::accept(listener, opts).map_err(LandError::Control)?;
         let dcfg = DestConfig::default();
-        let accepted = accept(&mut t, &dcfg, None)?;
+        let mut guest = LandedScribbler::new();
+        let accepted = accept(&mut t, &dcfg, None, &mut guest)?;
         let memory: DestMemory = accepted.hello.layout.allocate().unwrap();
-        let mut guest = LandedScribbler::new(&memory);
+        let _ = memory_tx.send(memory.clone());
         let received = receive_accepted(&accepted, &memory, &mut t, &dcfg, &mut guest)?;
         Ok((received, memory))
     });
-    (addr, handle)
+    (addr, handle, memory_rx)
 }
 
 fn start(memory: &SourceMemory) -> Scribbler {
@@ -312,4 +331,177 @@ fn a_queue_pair_error_fails_the_migration_and_the_source_runs_on() {
         "the destination never completes a partial guest"
     );
     assert_guest_runs(&guest);
+}
+
+/// A write posted through a stream's queue pair outside what that stream's
+/// keys reach. Two streams over 32 MiB + 16 MiB: stream 0 owns the first
+/// 24 MiB of region 0, stream 1 the rest of region 0 and all of region 1.
+#[derive(Clone, Copy, Debug)]
+enum Stray {
+    /// Stream 0's key, at a page of stream 1's.
+    OtherStreamsPage,
+    /// Stream 0's key, across the end of its range (into stream 1's first
+    /// page, inside region 0).
+    AcrossRangeEnd,
+    /// Stream 1's key of its last range, just past the end of the last
+    /// region.
+    PastLastRegion,
+    /// Stream 1's own key and page, through stream 0's queue pair.
+    OtherStreamsKey,
+}
+
+/// What a stray write carries (never a byte of the test's guest pattern).
+static MARKER: [u8; 8] = *b"stray!!\n";
+
+impl Stray {
+    /// The stream whose queue pair carries the write, the remote address
+    /// and key, and the guest address aimed at when it is guest memory.
+    fn aim(self, answers: &[Answer]) -> (usize, u64, u32, Option<u64>) {
+        let page = host_page_size() as u64;
+        let own = answers[0].regions[0];
+        let other = answers[1].regions[0];
+        let last = *answers[1].regions.last().unwrap();
+        let tail = own.len - 4;
+        match self {
+            Stray::OtherStreamsPage => (
+                0,
+                other.addr + 3 * page,
+                own.rkey,
+                Some(other.gpa + 3 * page),
+            ),
+            Stray::AcrossRangeEnd => (0, own.addr + tail, own.rkey, Some(own.gpa + tail)),
+            Stray::PastLastRegion => (1, last.addr + last.len, last.rkey, None),
+            Stray::OtherStreamsKey => (
+                0,
+                other.addr + 3 * page,
+                other.rkey,
+                Some(other.gpa + 3 * page),
+            ),
+        }
+    }
+}
+
+/// Checks the destination's answers: each stream's ranges hold only pages
+/// of its own share, all of them together are guest memory exactly once,
+/// and no two ranges or staging areas share a key.
+fn check_answers(memory: &SourceMemory, answers: &[Answer]) {
+    let layout = Layout::of(memory).unwrap();
+    let page = layout.page_size() as u64;
+    let mut total = 0;
+    let mut keys = Vec::new();
+    for (s, a) in answers.iter().enumerate() {
+        let share = Share::of(layout.bitmap_words(), s, answers.len());
+        assert!(!a.regions.is_empty(), "stream {s} owns pages");
+        for r in &a.regions {
+            for at in [r.gpa, r.gpa + r.len - page] {
+                let (index, _) = layout.locate(at, 1).unwrap();
+                assert!(share.contains(index), "stream {s}'s range holds {at:#x}");
+            }
+            total += r.len;
+            keys.push(r.rkey);
+        }
+        keys.push(a.staging_rkey);
+    }
+    assert_eq!(total, layout.total_bytes(), "registered = guest memory");
+    let n = keys.len();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(
+        keys.len(),
+        n,
+        "every range and staging area has its own key"
+    );
+}
+
+/// Posts `MARKER` as one RDMA WRITE to `remote` with `rkey` through `qp`.
+fn post_stray(qp: &Qp, remote: u64, rkey: u32) {
+    assert!(
+        qp.max_inline as usize >= MARKER.len(),
+        "the stream's queue pair sends {} bytes inline",
+        MARKER.len()
+    );
+    let sge = Sge {
+        addr: MARKER.as_ptr() as u64,
+        length: MARKER.len() as u32,
+        lkey: 0,
+    };
+    let mut list = SendList::new(1, 1);
+    let wr = list.push_write(&[sge], remote, rkey, true).unwrap();
+    // Id 0 and an error completion leave the stream's bookkeeping as it
+    // was (it takes the highest id completed, and fails on any error).
+    wr.set_id(0);
+    wr.set_signaled();
+    // SAFETY: sent inline: the provider copies MARKER (a static) while
+    // posting, so the work request names no registered memory and no
+    // buffer that must outlive the call.
+    unsafe { qp.post_send(&mut list) }.unwrap();
+}
+
+/// Migrates two streams, posts `stray` through one of them once a few
+/// batches went out, and checks that the NIC refused it (the stream fails
+/// with a remote access error), that the migration fails at both ends with
+/// the source guest running on, and that nothing landed where it aimed.
+fn a_stray_write_fails_the_migration(dev: &str, stray: Stray) {
+    let memory = pattern_memory(&[(0, 32 * MIB), (1 << 32, 16 * MIB)]);
+    let mut guest = start(&memory);
+    let (addr, dest, dest_memory) = watched_destination(dev);
+    let cfg = config(Granularity::Page, ZstdMode::Off, 2);
+    let mut injector = None;
+    let (result, _) = run_source(addr, dev, &memory, &mut guest, &cfg, |t| {
+        let (qps, answers, stats) = (t.queue_pairs(), t.answers(), t.stats());
+        injector = Some(thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while stats.batches.load(Ordering::Relaxed) < 4 {
+                assert!(Instant::now() < deadline, "no batches within 60 s");
+                thread::sleep(Duration::from_millis(1));
+            }
+            let answers = answers.lock().unwrap().clone();
+            let (via, remote, rkey, gpa) = stray.aim(&answers);
+            let qp = Arc::clone(&qps.lock().unwrap()[via]);
+            post_stray(&qp, remote, rkey);
+            eprintln!("{stray:?}: posted through stream {via} to {remote:#x} with key {rkey:#x}");
+            (answers, gpa)
+        }));
+    });
+    let (answers, gpa) = injector.unwrap().join().unwrap();
+    check_answers(&memory, &answers);
+    let err = result.expect_err("a write outside the stream's keys fails the migration");
+    let text = format!("{err:#}");
+    eprintln!("{stray:?}: source: {text}");
+    assert!(
+        text.contains("an RDMA WRITE completed with status remote access error"),
+        "the NIC refused the write: {text}"
+    );
+    let dest_err = dest
+        .join()
+        .unwrap()
+        .expect_err("the destination keeps nothing");
+    eprintln!("{stray:?}: destination: {dest_err:#}");
+    assert_guest_runs(&guest);
+    if let Some(gpa) = gpa {
+        // Every stream is gone at the destination: nothing writes there now.
+        let landed = dest_memory.recv().unwrap();
+        let mut got = [0u8; 8];
+        landed.read_slice(&mut got, GuestAddress(gpa)).unwrap();
+        assert_ne!(got, MARKER, "nothing of the stray write landed");
+    }
+}
+
+#[test]
+fn a_write_through_a_streams_key_to_another_streams_page_fails_at_the_nic() {
+    let Some(dev) = device() else { return };
+    a_stray_write_fails_the_migration(&dev, Stray::OtherStreamsPage);
+}
+
+#[test]
+fn a_write_past_a_streams_range_or_its_region_fails_at_the_nic() {
+    let Some(dev) = device() else { return };
+    a_stray_write_fails_the_migration(&dev, Stray::AcrossRangeEnd);
+    a_stray_write_fails_the_migration(&dev, Stray::PastLastRegion);
+}
+
+#[test]
+fn a_streams_queue_pair_refuses_another_streams_key() {
+    let Some(dev) = device() else { return };
+    a_stray_write_fails_the_migration(&dev, Stray::OtherStreamsKey);
 }
