@@ -64,7 +64,7 @@ step "benchmarks build"
 cargo bench --workspace --no-run
 
 step "demo smoke run (release build)"
-cargo run --release --quiet -- demo --memory 64M --warmup 100ms
+cargo run --release --quiet -- demo --memory 64M --warmup 100ms --dirty-rate 100000
 
 step "source and destination on two hosts (network namespaces)"
 bash ci/two-hosts.sh target/release/hpmig --zstd auto

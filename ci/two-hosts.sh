@@ -35,21 +35,24 @@ ip -n "$DST" link set "veth-d$$" up
 
 echo "two-hosts: source $SRC_IP ($SRC), destination $DST_IP ($DST)"
 dest_log=$(mktemp)
-HPMIG_TOKEN=$TOKEN ip netns exec "$DST" timeout 120 "$HPMIG" dest --listen "$DST_IP:$PORT" --run-for 500ms >"$dest_log" 2>&1 &
+journal=$(mktemp -d)
+HPMIG_TOKEN=$TOKEN ip netns exec "$DST" timeout 120 "$HPMIG" dest --listen "$DST_IP:$PORT" --run-for 500ms \
+    --once --journal "$journal" >"$dest_log" 2>&1 &
 dest_pid=$!
 for _ in $(seq 50); do
     grep -q "waiting for one migration" "$dest_log" && break
     sleep 0.1
 done
 set +e
-HPMIG_TOKEN=$TOKEN ip netns exec "$SRC" timeout 120 "$HPMIG" source --to "$DST_IP:$PORT" --memory 64M --warmup 200ms "${EXTRA[@]}"
+HPMIG_TOKEN=$TOKEN ip netns exec "$SRC" timeout 120 "$HPMIG" source --to "$DST_IP:$PORT" --memory 64M --warmup 200ms \
+    --dirty-rate 100000 "${EXTRA[@]}"
 src_rc=$?
 wait "$dest_pid"
 dst_rc=$?
 set -e
 echo "--- destination ---"
 cat "$dest_log"
-rm -f "$dest_log"
+rm -rf "$dest_log" "$journal"
 if [ "$src_rc" -ne 0 ] || [ "$dst_rc" -ne 0 ]; then
     echo "two-hosts: FAILED (source exit $src_rc, destination exit $dst_rc)"
     exit 1

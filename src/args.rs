@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 use hpmig_core::auth::Secret;
 use hpmig_core::precopy::controller::{OnStall, Policy};
@@ -12,6 +12,7 @@ use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
 use hpmig_microvm::Workload;
 
+use crate::outcome::usage;
 use crate::units::{parse_bytes, parse_millis};
 use hpmig_core::dirty::kvm::DirtyLogMode;
 use hpmig_microvm::{BootSpec, GuestChoice};
@@ -49,14 +50,15 @@ pub struct GuestArgs {
 }
 
 impl GuestArgs {
+    /// Refuses what cannot boot, before anything starts (exit status 2).
     pub fn check(&self) -> Result<()> {
         hpmig_microvm::kvm::memory_ranges(self.memory)
-            .map_err(|e| anyhow::anyhow!("--memory: {e}"))?;
+            .map_err(|e| usage(format!("--memory: {e}")))?;
         if !(1..=hpmig_microvm::kvm::MAX_VCPUS).contains(&self.vcpus) {
-            bail!(
+            return Err(usage(format!(
                 "--vcpus must be between 1 and {}",
                 hpmig_microvm::kvm::MAX_VCPUS
-            );
+            )));
         }
         Ok(())
     }

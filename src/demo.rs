@@ -16,8 +16,10 @@ use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs};
+use crate::outcome::Outcome;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};
+use hpmig_core::precopy::MigrateError;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Wire {
@@ -44,7 +46,7 @@ pub struct DemoArgs {
     rdma: crate::rdma::RdmaArgs,
 }
 
-pub fn run(a: &DemoArgs) -> Result<bool> {
+pub fn run(a: &DemoArgs) -> Result<Outcome> {
     a.guest.check()?;
     let rdma = a.rdma.options(TcpOptions::default())?;
     let wire = match (&rdma, a.wire) {
@@ -103,14 +105,21 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
         }
     };
     let dest = dest.map_err(|_| anyhow!("destination thread panicked"))?;
-    let report = match outcome {
+    let report = match &outcome {
         Ok(r) => r,
         Err(e) => {
-            println!("\nmigration FAILED: {e}");
+            eprintln!("hpmig: migration FAILED: {e}");
             if let Err(d) = dest {
-                println!("destination: {d}");
+                eprintln!("hpmig: destination: {d}");
             }
-            return Ok(false);
+            let end = match e {
+                MigrateError::InDoubt { .. } => Outcome::InDoubt,
+                _ => Outcome::Failed,
+            };
+            if let Some(path) = &a.migration.json {
+                report::write_json(path, "source", end, &outcome, &figures)?;
+            }
+            return Ok(end);
         }
     };
     let (received, mut arrival) = dest.context("destination failed after the source succeeded")?;
@@ -124,14 +133,20 @@ pub fn run(a: &DemoArgs) -> Result<bool> {
     figures.heartbeat_after = Some(heartbeat(&dest_memory, 0));
     arrival.stop();
 
-    report::summary(&report, &figures);
+    report::summary(report, &figures);
+    let ok = report.verified
+        && received.verified
+        && figures.heartbeat_after > Some(figures.heartbeat_before);
+    let end = match (ok, report.converged()) {
+        (false, _) => Outcome::Internal,
+        (true, true) => Outcome::Migrated,
+        (true, false) => Outcome::NotConverged,
+    };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, &report, &figures)?;
+        report::write_json(path, "source", end, &outcome, &figures)?;
         println!("  report:        {}", path.display());
     }
-    Ok(report.verified
-        && received.verified
-        && figures.heartbeat_after > Some(figures.heartbeat_before))
+    Ok(end)
 }
 
 /// The demo's destination: lands into `memory` (fresh from
@@ -141,7 +156,7 @@ fn land<T: DestTransport>(
     transport: Result<T, TransportError>,
 ) -> Result<(Received, Arrival), LandError> {
     let mut t = transport?;
-    let mut arrival = Arrival::new(&memory);
+    let mut arrival = Arrival::new();
     let cfg = DestConfig {
         memory_zeroed: true,
         ..DestConfig::default()

@@ -1,20 +1,32 @@
-//! `hpmig dest --listen ADDR`: wait for one migration, run the guest it
-//! brought, and show that it runs on.
+//! `hpmig dest --listen ADDR`: receive a migration, run the guest it
+//! brought, and show that it runs on. A copy acknowledged without the
+//! source's decision is held (paused, in doubt) until the decision comes
+//! again or an operator resolves it (`hpmig ctl`).
 
 use std::net::TcpListener;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use hpmig_core::handshake::Terms;
-use hpmig_core::land::{accept, receive_accepted, DestConfig};
+use hpmig_core::guest::DestGuest;
+use hpmig_core::handshake::{Accepted, Terms};
+use hpmig_core::land::journal::FileJournal;
+use hpmig_core::land::{
+    accept, hold, receive_accepted, resolve, DestConfig, LandError, Resolution, Undecided,
+};
 use hpmig_core::memory::DestMemory;
-use hpmig_core::transport::DestTransport;
+use hpmig_core::protocol::switchover::OutcomeKind;
+use hpmig_core::transport::{Deadlines, DestTransport};
 use hpmig_microvm::kvm::heartbeat;
 use hpmig_microvm::Arrival;
-use hpmig_transport_tcp::{TcpDest, TcpOptions};
+use hpmig_transport_tcp::{Admit, ServiceOptions, TcpDest, TcpOptions, TcpService};
+use serde_json::json;
 
 use crate::args::TokenArgs;
+use crate::control::{self, Resolve};
+use crate::outcome::Outcome;
 use crate::report;
 use crate::units::{human, parse_bytes, parse_millis};
 
@@ -27,7 +39,8 @@ pub struct DestArgs {
     token: TokenArgs,
     #[command(flatten)]
     rdma: crate::rdma::RdmaArgs,
-    /// Refuse guests larger than this.
+    /// Refuse guests larger than this (and larger than the memory this
+    /// host has available).
     #[arg(long, default_value = "64G", value_parser = parse_bytes)]
     max_memory: u64,
     /// How long to run the received guest before exiting.
@@ -37,77 +50,202 @@ pub struct DestArgs {
     /// resident size from the start; like QEMU's -mem-prealloc).
     #[arg(long)]
     prefault: bool,
-    /// Give up when the source makes no progress for this long.
+    /// Give up when the source sends nothing for this long (it says Alive
+    /// while it works): every wait on it is bounded by this.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     io_timeout: Duration,
+    /// How long a peer has for the whole handshake.
+    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    handshake_timeout: Duration,
+    /// Refuse a copy the source did not send a digest for.
+    #[arg(long)]
+    require_verified: bool,
+    /// Where sessions are journaled (fsync'd) before the guest starts, so
+    /// a restarted destination tells a source truthfully what became of
+    /// its guest [default: $XDG_STATE_HOME/hpmig/journal, or
+    /// ~/.local/state/hpmig/journal, or /var/lib/hpmig/journal as root].
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// A control socket to ask and steer this destination (`hpmig ctl`);
+    /// in doubt one is opened anyway, at a path printed then.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// End after the first source, whatever its migration's outcome
+    /// (without it, a migration that fails waits for the next attempt).
+    #[arg(long)]
+    once: bool,
 }
 
-pub fn run(a: &DestArgs) -> Result<bool> {
+pub fn run(a: &DestArgs) -> Result<Outcome> {
     let result = receive_and_run(a);
     println!("  peak memory: {} resident", human(report::peak_rss()));
     result
 }
 
-fn receive_and_run(a: &DestArgs) -> Result<bool> {
-    let listener =
-        TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
-    println!(
-        "hpmig dest: waiting for one migration on {}",
-        listener.local_addr()?
-    );
-    if !a.token.secret().is_set() {
-        println!("  no token: any peer that can reach this port may migrate a guest here");
+/// The journal directory when none was given.
+fn default_journal() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(d).join("hpmig/journal");
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/hpmig/journal");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/state/hpmig/journal")
+}
+
+fn config(a: &DestArgs) -> Result<DestConfig> {
+    let dir = a.journal.clone().unwrap_or_else(default_journal);
+    let journal = FileJournal::open(&dir)
+        .with_context(|| format!("opening the session journal {}", dir.display()))?;
+    Ok(DestConfig {
+        terms: Terms {
+            secret: a.token.secret(),
+            max_memory: a.max_memory,
+            check_free_memory: true,
+            ..Terms::default()
+        },
+        // Allocated after the handshake, fresh and zero.
+        memory_zeroed: true,
+        require_verified: a.require_verified,
+        deadlines: Deadlines {
+            io: a.io_timeout,
+            handshake: a.handshake_timeout,
+        },
+        journal: Some(Arc::new(journal)),
+        // A copy held in doubt goes straight to this command's own hold
+        // (`in_doubt`), which shows it on the control socket, serves an
+        // operator and waits for the source's redelivery. Waiting inside the
+        // engine first would hold it silently, unresolvable, for a minute.
+        in_doubt_wait: Duration::ZERO,
+        ..DestConfig::default()
+    })
+}
+
+fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
+    let cfg = config(a)?;
     let opts = TcpOptions {
         io_timeout: a.io_timeout,
         ..TcpOptions::default()
     };
-    #[cfg(feature = "rdma")]
-    if let Some(o) = a.rdma.options(opts)? {
-        println!("  data by RDMA on {} port {}", o.device, o.port);
-        let mut transport =
-            hpmig_transport_rdma::RdmaDest::accept(listener, o).context("accepting the source")?;
-        let peer = transport.peer();
-        return land_and_run(a, &mut transport, peer);
+    let rdma = a.rdma.options(opts)?;
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    if a.once {
+        return once(a, &cfg, listener, opts, rdma);
     }
-    #[cfg(not(feature = "rdma"))]
-    a.rdma.options(opts)?;
-    let mut transport = TcpDest::accept(listener, opts).context("accepting the source")?;
-    let peer = transport.peer();
-    land_and_run(a, &mut transport, peer)
+    let service = TcpService::bind(
+        listener,
+        ServiceOptions {
+            tcp: opts,
+            terms: cfg.terms.clone(),
+            handshake_timeout: a.handshake_timeout,
+            journal: cfg.journal.clone(),
+            admit: Admit(Arc::new(|g| {
+                Arrival::new()
+                    .admit(g.vcpus, &g.requirements)
+                    .map_err(|e| e.to_string())
+            })),
+            ..ServiceOptions::default()
+        },
+    )?;
+    println!(
+        "hpmig dest: waiting for one migration on {}",
+        service.local_addr()
+    );
+    if !a.token.secret().is_set() {
+        println!("  no token: any peer that can reach this port may migrate a guest here");
+    }
+    #[cfg(feature = "rdma")]
+    if let Some(o) = &rdma {
+        println!("  data by RDMA on {} port {}", o.device, o.port);
+    }
+    loop {
+        // Sources that fail the handshake never reach here: the service
+        // refuses them and goes on.
+        let (accepted, tcp) = service.next_migration(None)?;
+        let peer = tcp.peer();
+        #[cfg(feature = "rdma")]
+        let end = match &rdma {
+            Some(o) => {
+                let mut t = hpmig_transport_rdma::RdmaDest::over(tcp, o.clone())?;
+                land_and_run(a, &cfg, &accepted, &mut t, peer)?
+            }
+            None => land_and_run(a, &cfg, &accepted, &mut { tcp }, peer)?,
+        };
+        #[cfg(not(feature = "rdma"))]
+        let end = {
+            let _ = &rdma;
+            land_and_run(a, &cfg, &accepted, &mut { tcp }, peer)?
+        };
+        if end != Outcome::Failed {
+            return Ok(end);
+        }
+        println!("hpmig dest: waiting for the next attempt");
+    }
 }
 
-/// Answers the handshake, lands the migration, runs the guest it brought.
-fn land_and_run<T: DestTransport>(
+/// `--once`: the first connection is the one migration, whatever it brings
+/// (a refused handshake ends the command).
+fn once(
     a: &DestArgs,
+    cfg: &DestConfig,
+    listener: TcpListener,
+    opts: TcpOptions,
+    rdma: Option<crate::rdma::RdmaOptions>,
+) -> Result<Outcome> {
+    println!(
+        "hpmig dest: waiting for one migration on {}",
+        listener.local_addr()?
+    );
+    let tcp = TcpDest::accept(listener, opts).context("accepting the source")?;
+    let peer = tcp.peer();
+    #[cfg(feature = "rdma")]
+    if let Some(o) = rdma {
+        let mut t = hpmig_transport_rdma::RdmaDest::over(tcp, o)?;
+        return accept_and_land(a, cfg, &mut t, peer);
+    }
+    #[cfg(not(feature = "rdma"))]
+    let _ = rdma;
+    accept_and_land(a, cfg, &mut { tcp }, peer)
+}
+
+fn accept_and_land<T: DestTransport>(
+    a: &DestArgs,
+    cfg: &DestConfig,
     transport: &mut T,
     peer: std::net::SocketAddr,
-) -> Result<bool> {
-    let cfg = DestConfig {
-        terms: Terms {
-            secret: a.token.secret(),
-            max_memory: a.max_memory,
-            ..Terms::default()
-        },
-        // Allocated below, fresh and zero, after the handshake.
-        memory_zeroed: true,
-    };
-    let accepted = match accept(transport, &cfg, None) {
-        Ok(x) => x,
+) -> Result<Outcome> {
+    match accept(transport, cfg, None, &mut Arrival::new()) {
+        Ok(accepted) => land_and_run(a, cfg, &accepted, transport, peer),
         Err(e) => {
-            println!("refused {peer} during {}: {e}", e.phase());
-            return Ok(false);
+            eprintln!("hpmig dest: refused {peer} during {}: {e}", e.phase());
+            Ok(Outcome::Failed)
         }
-    };
+    }
+}
+
+/// Lands an authenticated source's migration and runs the guest it brought.
+fn land_and_run<T: DestTransport>(
+    a: &DestArgs,
+    cfg: &DestConfig,
+    accepted: &Accepted,
+    transport: &mut T,
+    peer: std::net::SocketAddr,
+) -> Result<Outcome> {
+    let mut arrival = Arrival::new();
     let hello = &accepted.hello;
     println!(
-        "  source {peer}: {} guest, {} granularity, {} stream(s)",
+        "  source {peer}: {} guest, {} vCPU(s), {} granularity, {} stream(s), protocol {}",
         human(hello.layout.total_bytes()),
+        hello.guest.vcpus,
         hello.granularity.as_str(),
-        hello.streams
+        hello.streams,
+        accepted.agreed.version,
     );
     let memory: DestMemory = if a.prefault {
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let m = hpmig_core::memory::allocate_prefaulted(&hello.layout, threads)?;
         println!(
@@ -120,15 +258,22 @@ fn land_and_run<T: DestTransport>(
         hello.layout.allocate()?
     };
     let cpu0 = report::cpu_seconds();
-    let mut arrival = Arrival::new(&memory);
-    let received = match receive_accepted(&accepted, &memory, transport, &cfg, &mut arrival) {
+    let received = match receive_accepted(accepted, &memory, transport, cfg, &mut arrival) {
         Ok(r) => r,
+        Err(LandError::InDoubt(u)) => {
+            eprintln!("hpmig dest: {}", LandError::InDoubt(u.clone()));
+            let end = in_doubt(a, cfg, transport, &mut arrival, &u)?;
+            if end == Outcome::Migrated {
+                run_for(a, &memory, &mut arrival);
+            }
+            return Ok(end);
+        }
         Err(e) => {
-            println!(
-                "migration FAILED during {}: {e}; the received guest is discarded and not run",
+            eprintln!(
+                "hpmig dest: migration FAILED during {}: {e}; the received guest is discarded and not run",
                 e.phase()
             );
-            return Ok(false);
+            return Ok(Outcome::Failed);
         }
     };
     println!(
@@ -145,9 +290,26 @@ fn land_and_run<T: DestTransport>(
         "  dest cpu: {}",
         report::cpu_line(report::cpu_seconds() - cpu0, received.stats.wire_bytes)
     );
+    Ok(if run_for(a, &memory, &mut arrival) {
+        Outcome::Migrated
+    } else {
+        Outcome::Internal
+    })
+}
+
+/// Runs the received guest for `--run-for`; true if its heartbeat moved.
+fn run_for(a: &DestArgs, memory: &DestMemory, arrival: &mut Arrival) -> bool {
     let before = arrival.arrival_heartbeat();
     std::thread::sleep(a.run_for);
-    let after = heartbeat(&memory, 0);
+    let mut after = heartbeat(memory, 0);
+    // This process may itself have been stopped (SIGSTOP, a stalled host)
+    // for the whole window, so a still heartbeat is watched a while longer
+    // before the guest is called stopped.
+    let grace = Instant::now() + a.run_for.max(Duration::from_secs(1));
+    while after <= before && Instant::now() < grace {
+        std::thread::sleep(Duration::from_millis(10));
+        after = heartbeat(memory, 0);
+    }
     let kind = arrival.running().map_or("guest", |g| g.kind());
     if let Some(why) = arrival.running().and_then(|g| g.failure()) {
         println!("  the resumed guest stopped: {why}");
@@ -162,5 +324,84 @@ fn land_and_run<T: DestTransport>(
             "did NOT advance"
         }
     );
-    Ok(after > before)
+    after > before
+}
+
+/// Holds the acknowledged copy, paused, until the source's decision comes
+/// again or an operator resolves it.
+fn in_doubt<T: DestTransport>(
+    a: &DestArgs,
+    cfg: &DestConfig,
+    transport: &mut T,
+    arrival: &mut Arrival,
+    u: &Undecided,
+) -> Result<Outcome> {
+    let path = match &a.control {
+        Some(p) => p.clone(),
+        None => control::default_path("dest")?,
+    };
+    let socket = control::Socket::bind(&path)?;
+    socket.set_status(json!({
+        "state": "in-doubt",
+        "role": "dest",
+        "guest": "held paused at the destination",
+        "session": u.id().to_string(),
+        "round": u.round,
+    }));
+    eprintln!(
+        "hpmig dest: holding the copy, waiting for the source's decision. By hand: \\
+         hpmig ctl {p} resolve discard, or (only if the source's guest is fenced) \\
+         hpmig ctl {p} resolve run --source-fenced",
+        p = path.display()
+    );
+    loop {
+        // Hold until the decision comes again, or an operator asks.
+        let mut asked = None;
+        let mut stop = || {
+            let Some((r, answer)) = socket.resolution() else {
+                return false;
+            };
+            match r {
+                Resolve::Discard => asked = Some((Resolution::Discard, answer)),
+                Resolve::Run { source_fenced } => {
+                    asked = Some((Resolution::Run { source_fenced }, answer))
+                }
+                Resolve::Resume { .. } => {
+                    let _ = answer.send(Err(
+                        "on the destination: discard, or run --source-fenced".into()
+                    ));
+                    return false;
+                }
+            }
+            true
+        };
+        let outcome = match hold(u, transport, cfg, arrival, &mut stop) {
+            Some(Ok(o)) => o.outcome,
+            Some(Err(e)) => {
+                eprintln!("hpmig dest: {e}");
+                return Ok(Outcome::InDoubt);
+            }
+            None => {
+                let Some((resolution, answer)) = asked else {
+                    continue;
+                };
+                match resolve(u, cfg, arrival, resolution) {
+                    Ok(o) => {
+                        let _ = answer.send(Ok(json!({"outcome": format!("{:?}", o.outcome)})));
+                        o.outcome
+                    }
+                    Err(e) => {
+                        let _ = answer.send(Err(format!(
+                            "refused: {e} (running it needs --source-fenced)"
+                        )));
+                        continue;
+                    }
+                }
+            }
+        };
+        return Ok(match outcome {
+            OutcomeKind::Started => Outcome::Migrated,
+            _ => Outcome::Failed,
+        });
+    }
 }

@@ -3,12 +3,16 @@
 
 mod args;
 mod bench;
+mod control;
 mod demo;
 mod dest;
+mod outcome;
 mod rdma;
 mod report;
 mod source;
 mod units;
+
+use outcome::{Outcome, Usage};
 
 use clap::{Parser, Subcommand};
 
@@ -39,25 +43,40 @@ enum Command {
     Model(bench::ModelArgs),
     /// Write the workload as a multiboot image QEMU boots (the bench's peer).
     QemuImage(bench::ImageArgs),
+    /// Ask or tell a running hpmig through its control socket.
+    Ctl(control::CtlArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let done = |ok: anyhow::Result<bool>| {
+        ok.map(|ok| {
+            if ok {
+                Outcome::Migrated
+            } else {
+                Outcome::Failed
+            }
+        })
+    };
     let result = match cli.command {
         Command::Demo(a) => demo::run(&a),
         Command::Source(a) => source::run(&a),
         Command::Dest(a) => dest::run(&a),
-        Command::Bench(a) => bench::run(&a),
-        Command::Devices => rdma::devices(),
-        Command::Model(a) => bench::model(&a),
-        Command::QemuImage(a) => bench::qemu_image(&a),
+        Command::Bench(a) => done(bench::run(&a)),
+        Command::Devices => done(rdma::devices()),
+        Command::Model(a) => done(bench::model(&a)),
+        Command::QemuImage(a) => done(bench::qemu_image(&a)),
+        Command::Ctl(a) => done(control::run(&a)),
     };
     match result {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::FAILURE,
+        Ok(outcome) => outcome.code(),
         Err(e) => {
             eprintln!("hpmig: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<Usage>().is_some() {
+                Outcome::Usage.code()
+            } else {
+                Outcome::Internal.code()
+            }
         }
     }
 }

@@ -2,7 +2,9 @@
 //! JSON report.
 
 use anyhow::{Context, Result};
-use hpmig_core::precopy::{MigrationReport, RoundReport};
+use hpmig_core::precopy::{MigrateError, MigrationReport, RoundReport};
+
+use crate::outcome::{guest_where, Outcome};
 
 use crate::units::human;
 
@@ -121,46 +123,75 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     );
 }
 
-pub fn write_json(path: &std::path::Path, r: &MigrationReport, g: &GuestFigures) -> Result<()> {
-    let rounds: Vec<_> = r
-        .rounds
-        .iter()
-        .map(|x| {
-            serde_json::json!({
-                "round": x.metrics.round,
-                "dirty_pages": x.metrics.dirty_pages,
-                "work_set_bytes": x.metrics.work_set_bytes,
-                "wire_bytes": x.metrics.wire_bytes,
-                "duration_ms": x.metrics.duration.as_secs_f64() * 1e3,
-                "segments": x.stats.segments,
-                "whole_pages": x.stats.whole_pages,
-                "zstd_pages": x.stats.zstd_pages,
-                "zero_pages": x.stats.zero_pages,
-                "unchanged_pages": x.stats.unchanged_pages,
-                "stop_and_copy": x.last,
-            })
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "granularity": r.granularity.as_str(),
-        "rounds": rounds,
-        "summary": {
-            "total_time_ms": r.total_time.as_secs_f64() * 1e3,
-            "downtime_ms": r.downtime.as_secs_f64() * 1e3,
-            "verify_ms": r.verify_time.as_secs_f64() * 1e3,
-            "wire_bytes": r.wire_bytes,
-            "wire_bytes_after_round0": r.wire_bytes_after_round0(),
-            "rounds": r.rounds.len(),
-            "converged": r.converged(),
-            "stop_reason": format!("{:?}", r.stop),
-            "verified": r.verified,
-            "heartbeat_before": g.heartbeat_before,
-            "heartbeat_after": g.heartbeat_after,
-            "guest_rate_before": g.rate_before,
-                        "guest_rate_during": g.rate_during,
-            "source_cpu_seconds": g.cpu_seconds,
-        }
+/// Writes the JSON report (see docs/report.md): how the command ended and
+/// where the guest is, and on success the rounds and figures.
+pub fn write_json(
+    path: &std::path::Path,
+    role: &str,
+    end: Outcome,
+    outcome: &Result<MigrationReport, MigrateError>,
+    g: &GuestFigures,
+) -> Result<()> {
+    let mut doc = serde_json::json!({
+        "schema": 1,
+        "role": role,
+        "outcome": end.as_str(),
+        "exit_status": end as u8,
+        "guest": guest_where(end, role),
     });
+    match outcome {
+        Ok(r) => {
+            doc["rounds"] = r
+                .rounds
+                .iter()
+                .map(|x| {
+                    serde_json::json!({
+                        "round": x.metrics.round,
+                        "dirty_pages": x.metrics.dirty_pages,
+                        "work_set_bytes": x.metrics.work_set_bytes,
+                        "wire_bytes": x.metrics.wire_bytes,
+                        "duration_ms": x.metrics.duration.as_secs_f64() * 1e3,
+                        "segments": x.stats.segments,
+                        "whole_pages": x.stats.whole_pages,
+                        "zstd_pages": x.stats.zstd_pages,
+                        "zero_pages": x.stats.zero_pages,
+                        "unchanged_pages": x.stats.unchanged_pages,
+                        "stop_and_copy": x.last,
+                    })
+                })
+                .collect();
+            doc["summary"] = serde_json::json!({
+                "granularity": r.granularity.as_str(),
+                "total_time_ms": r.total_time.as_secs_f64() * 1e3,
+                "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+                "verify_ms": r.verify_time.as_secs_f64() * 1e3,
+                "wire_bytes": r.wire_bytes,
+                "wire_bytes_after_round0": r.wire_bytes_after_round0(),
+                "rounds": r.rounds.len(),
+                "converged": r.converged(),
+                "stop_reason": format!("{:?}", r.stop),
+                "verified": r.verified,
+                "heartbeat_before": g.heartbeat_before,
+                "heartbeat_after": g.heartbeat_after,
+                "guest_rate_before": g.rate_before,
+                "guest_rate_during": g.rate_during,
+                "source_cpu_seconds": g.cpu_seconds,
+            });
+        }
+        Err(e) => {
+            let (phase, round) = match e {
+                MigrateError::Failed { phase, round, .. }
+                | MigrateError::ResumeFailed { phase, round, .. } => (phase.to_string(), *round),
+                MigrateError::Aborted { round, .. } => ("pre-copy".into(), *round),
+                MigrateError::InDoubt { round, .. } => ("decision".into(), *round),
+            };
+            doc["failure"] = serde_json::json!({
+                "phase": phase,
+                "round": round,
+                "cause": e.to_string(),
+            });
+        }
+    }
     std::fs::write(path, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", path.display()))
 }

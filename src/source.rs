@@ -6,13 +6,20 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_core::dirty::DirtySource;
+use hpmig_core::guest::Guest;
 use hpmig_core::memory::SourceMemory;
-use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, SourceConfig};
+use hpmig_core::precopy::{
+    migrate, redeliver, MigrateError, MigrationReport, Pending, SourceConfig,
+};
+use hpmig_core::protocol::switchover::{Decision, OutcomeKind, Verdict};
 use hpmig_core::transport::SourceTransport;
 use hpmig_microvm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
+use serde_json::json;
 
 use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
+use crate::control::{self, Resolve};
+use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_millis};
@@ -31,9 +38,14 @@ pub struct SourceArgs {
     token: TokenArgs,
     #[command(flatten)]
     rdma: RdmaArgs,
-    /// Give up when the destination makes no progress for this long.
+    /// Give up when the destination sends nothing for this long (it says
+    /// Alive while it works): every wait on it is bounded by this.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     io_timeout: Duration,
+    /// A control socket to ask and steer this migration (`hpmig ctl`); in
+    /// doubt one is opened anyway, at a path printed then.
+    #[arg(long)]
+    control: Option<std::path::PathBuf>,
 }
 
 /// A running guest, ready to migrate.
@@ -110,11 +122,12 @@ pub fn migrate_booted<T: SourceTransport>(
     Ok((outcome, figures))
 }
 
-pub fn run(a: &SourceArgs) -> Result<bool> {
+pub fn run(a: &SourceArgs) -> Result<Outcome> {
     let opts = TcpOptions {
         io_timeout: a.io_timeout,
         ..TcpOptions::default()
     };
+    a.guest.check()?;
     // Check the flags (and open the device) before the guest boots.
     let rdma = a.rdma.options(opts)?;
     let wire = match &rdma {
@@ -122,38 +135,161 @@ pub fn run(a: &SourceArgs) -> Result<bool> {
         None => format!("TCP to {}", a.to),
     };
     describe(&a.guest, &a.migration, &wire);
-    let cfg = a.migration.config(a.token.secret());
+    let mut cfg = a.migration.config(a.token.secret());
+    cfg.deadlines.io = a.io_timeout;
     #[cfg(feature = "rdma")]
     if let Some(o) = rdma {
         let mut transport = hpmig_transport_rdma::RdmaSource::connect(a.to.as_str(), o)
             .with_context(|| format!("connecting to {} over RDMA", a.to))?;
         let stats = transport.stats();
         let mut booted = boot(&a.guest)?;
-        let ok = finish(a, migrate_booted(&mut booted, &mut transport, &cfg)?)?;
+        let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
+        let end = finish(a, &mut booted, &mut transport, outcome)?;
         println!("  rdma:          {}", crate::rdma::stats_line(&stats));
-        return Ok(ok);
+        return Ok(end);
     }
-    let mut booted = boot(&a.guest)?;
+    // Connect before the guest boots: a wrong address costs nothing.
     let mut transport = TcpSource::connect(a.to.as_str(), opts)
         .with_context(|| format!("connecting to {}", a.to))?;
-    finish(a, migrate_booted(&mut booted, &mut transport, &cfg)?)
+    let mut booted = boot(&a.guest)?;
+    let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
+    finish(a, &mut booted, &mut transport, outcome)
 }
 
-fn finish(
+/// Reports how the migration ended; in doubt, keeps the guest paused and
+/// delivers the decision again until the destination answers or an
+/// operator resolves it.
+fn finish<T: SourceTransport>(
     a: &SourceArgs,
+    booted: &mut Booted,
+    transport: &mut T,
     (outcome, figures): (Result<MigrationReport, MigrateError>, GuestFigures),
-) -> Result<bool> {
-    match outcome {
+) -> Result<Outcome> {
+    let end = match &outcome {
         Ok(r) => {
-            report::summary(&r, &figures);
-            if let Some(path) = &a.migration.json {
-                report::write_json(path, &r, &figures)?;
+            report::summary(r, &figures);
+            if r.converged() {
+                Outcome::Migrated
+            } else {
+                Outcome::NotConverged
             }
-            Ok(r.verified)
+        }
+        Err(MigrateError::InDoubt { pending, .. }) => {
+            eprintln!(
+                "hpmig: {}",
+                outcome
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            in_doubt(a, booted, transport, pending.as_deref())?
+        }
+        Err(MigrateError::ResumeFailed { .. }) => {
+            eprintln!(
+                "hpmig: migration FAILED: {}",
+                outcome
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            Outcome::Internal
         }
         Err(e) => {
-            println!("\nmigration FAILED: {e}");
-            Ok(false)
+            eprintln!("hpmig: migration FAILED: {e}");
+            Outcome::Failed
+        }
+    };
+    if let Some(path) = &a.migration.json {
+        report::write_json(path, "source", end, &outcome, &figures)?;
+    }
+    Ok(end)
+}
+
+/// In doubt: the destination may run the guest. Delivers the decision
+/// again every 2 s until it says what it did; `hpmig ctl PATH resolve
+/// resume --destination-dead` may end the wait (refused if the destination
+/// answers that the guest runs there).
+fn in_doubt<T: SourceTransport>(
+    a: &SourceArgs,
+    booted: &mut Booted,
+    transport: &mut T,
+    pending: Option<&Pending>,
+) -> Result<Outcome> {
+    let path = match &a.control {
+        Some(p) => p.clone(),
+        None => control::default_path("source")?,
+    };
+    let socket = control::Socket::bind(&path)?;
+    socket.set_status(json!({
+        "state": "in-doubt",
+        "role": "source",
+        "guest": "paused on the source",
+        "session": pending.map(|p| p.session.id().to_string()),
+    }));
+    eprintln!(
+        "hpmig: the guest stays PAUSED here; delivering the decision again every 2 s. \
+         If the destination is known dead: hpmig ctl {} resolve resume --destination-dead",
+        path.display()
+    );
+    let io = a.io_timeout;
+    let resume = |booted: &mut Booted, why: &str| -> Result<Outcome> {
+        booted.guest.resume().context("resuming the guest")?;
+        eprintln!("hpmig: {why}: the guest runs on here");
+        Ok(Outcome::Failed)
+    };
+    loop {
+        if let Some(p) = pending {
+            match redeliver(transport, p, io).map(|o| o.outcome) {
+                Ok(OutcomeKind::Started) => {
+                    eprintln!("hpmig: the destination confirmed it runs the guest");
+                    return Ok(Outcome::Migrated);
+                }
+                Ok(k @ (OutcomeKind::Discarded | OutcomeKind::Lost)) => {
+                    return resume(
+                        booted,
+                        &format!("the destination did not run the guest ({k:?})"),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            let Some((r, answer)) = socket.resolution() else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            let Resolve::Resume {
+                destination_dead: true,
+            } = r
+            else {
+                let _ = answer.send(Err(
+                    "on the source only `resume --destination-dead` resolves: the destination may run the guest".into(),
+                ));
+                continue;
+            };
+            // A last question, as an Abort: an answering destination is
+            // believed over the statement that it is dead.
+            let ran = pending.is_some_and(|p| {
+                let abort = Pending {
+                    decision: Decision {
+                        verdict: Verdict::Abort,
+                        ..p.decision
+                    },
+                    session: p.session.clone(),
+                };
+                matches!(redeliver(transport, &abort, io), Ok(o) if o.outcome == OutcomeKind::Started)
+            });
+            if ran {
+                let _ = answer.send(Err(
+                    "refused: the destination answered that the guest runs there".into(),
+                ));
+                return Ok(Outcome::Migrated);
+            }
+            let _ = answer.send(Ok(json!({"guest": "resumed on the source"})));
+            return resume(booted, "resumed by the operator (destination stated dead)");
         }
     }
 }

@@ -5,13 +5,19 @@
 use std::process::Command;
 
 fn hpmig(args: &[&str]) -> (bool, String) {
+    let (code, text) = hpmig_status(args);
+    (code == Some(0), text)
+}
+
+/// The exit status (see src/outcome.rs's table) and everything printed.
+fn hpmig_status(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hpmig"))
         .args(args)
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    (out.status.code(), text)
 }
 
 #[test]
@@ -23,6 +29,8 @@ fn demo_migrates_verifies_and_writes_json() {
         "32M",
         "--warmup",
         "50ms",
+        "--dirty-rate",
+        "100000",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -47,15 +55,15 @@ fn demo_migrates_verifies_and_writes_json() {
 }
 
 #[test]
-fn bad_flags_are_refused_with_a_reason() {
-    let (ok, text) = hpmig(&["demo", "--memory", "12X"]);
-    assert!(!ok);
+fn bad_flags_are_refused_with_a_reason_and_exit_status_2() {
+    let (code, text) = hpmig_status(&["demo", "--memory", "12X"]);
+    assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("unknown size unit"), "{text}");
-    let (ok, text) = hpmig(&["demo", "--workload", "busy"]);
-    assert!(!ok);
+    let (code, text) = hpmig_status(&["demo", "--workload", "busy"]);
+    assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("unknown workload 'busy'"), "{text}");
-    let (ok, text) = hpmig(&["demo", "--memory", "100K"]);
-    assert!(!ok);
+    let (code, text) = hpmig_status(&["demo", "--memory", "100K"]);
+    assert_eq!(code, Some(2), "{text}");
     assert!(
         text.contains("--memory") && text.contains("multiple of 2 MiB between"),
         "{text}"
@@ -70,9 +78,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Runs `hpmig dest` and `hpmig source` as two processes on loopback.
-fn two_processes(dest_token: &str, source_token: &str) -> ((bool, String), (bool, String)) {
+/// Runs `hpmig dest` and `hpmig source` as two processes on loopback;
+/// returns each one's exit status and output.
+fn two_processes(
+    dest_token: &str,
+    source_token: &str,
+) -> ((Option<i32>, String), (Option<i32>, String)) {
     let addr = format!("127.0.0.1:{}", free_port());
+    let journal = std::env::temp_dir().join(format!("hpmig-cli-journal-{}", std::process::id()));
     let dest = Command::new(env!("CARGO_BIN_EXE_hpmig"))
         .args([
             "dest",
@@ -82,6 +95,9 @@ fn two_processes(dest_token: &str, source_token: &str) -> ((bool, String), (bool
             "300ms",
             "--io-timeout",
             "10s",
+            "--once",
+            "--journal",
+            journal.to_str().unwrap(),
         ])
         .env("HPMIG_TOKEN", dest_token)
         .stdout(std::process::Stdio::piped())
@@ -89,19 +105,29 @@ fn two_processes(dest_token: &str, source_token: &str) -> ((bool, String), (bool
         .spawn()
         .unwrap();
     // The destination binds before it prints; give it a moment, then retry connecting.
-    let mut source = (false, String::new());
+    let mut source = (None, String::new());
     for _ in 0..50 {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let out = Command::new(env!("CARGO_BIN_EXE_hpmig"))
             .args([
-                "source", "--to", &addr, "--memory", "16M", "--warmup", "50ms", "--zstd", "auto",
+                "source",
+                "--to",
+                &addr,
+                "--memory",
+                "16M",
+                "--warmup",
+                "50ms",
+                "--dirty-rate",
+                "100000",
+                "--zstd",
+                "auto",
             ])
             .env("HPMIG_TOKEN", source_token)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
-        source = (out.status.success(), text);
+        source = (out.status.code(), text);
         if !source.1.contains("connecting to") {
             break;
         }
@@ -109,22 +135,26 @@ fn two_processes(dest_token: &str, source_token: &str) -> ((bool, String), (bool
     let out = dest.wait_with_output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (source, (out.status.success(), text))
+    (source, (out.status.code(), text))
 }
 
 #[test]
-fn source_and_dest_migrate_across_processes() {
-    let ((s_ok, s), (d_ok, d)) = two_processes("tok", "tok");
-    assert!(s_ok, "source: {s}\ndest: {d}");
-    assert!(d_ok, "dest: {d}");
+fn source_and_dest_migrate_across_processes_and_exit_0() {
+    let ((s_code, s), (d_code, d)) = two_processes("tok", "tok");
+    assert_eq!(s_code, Some(0), "source: {s}\ndest: {d}");
+    assert_eq!(d_code, Some(0), "dest: {d}");
     assert!(s.contains("verified, destination equals source"), "{s}");
     assert!(d.contains("(runs on)"), "{d}");
 }
 
 #[test]
-fn a_source_with_the_wrong_token_is_refused() {
-    let ((s_ok, s), (d_ok, d)) = two_processes("right", "wrong");
-    assert!(!s_ok && !d_ok, "source: {s}\ndest: {d}");
+fn a_source_with_the_wrong_token_is_refused_and_both_exit_3() {
+    let ((s_code, s), (d_code, d)) = two_processes("right", "wrong");
+    assert_eq!(
+        (s_code, d_code),
+        (Some(3), Some(3)),
+        "failed, the guest runs on the source: source: {s}\ndest: {d}"
+    );
     assert!(s.contains("authentication"), "{s}");
     assert!(d.contains("refused") && d.contains("authentication"), "{d}");
 }
