@@ -10,6 +10,7 @@ use hpmig_core::precopy::limiter::parse_rate;
 use hpmig_core::precopy::SourceConfig;
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
+use hpmig_core::verify::VerifyMode;
 use hpmig_microvm::Workload;
 
 use crate::outcome::usage;
@@ -106,6 +107,12 @@ pub struct MigrationArgs {
     /// Cap on all streams together (e.g. 10Gbit, 500MB).
     #[arg(long, value_parser = parse_rate)]
     pub bandwidth: Option<u64>,
+    /// What the switch-over proves: incremental (per-page hashes of what
+    /// was sent and what landed, compared at switch-over; the source's
+    /// memory checked against what it sent afterwards), strict (all memory
+    /// digested on both ends while the guest is paused), or off.
+    #[arg(long, default_value = "incremental")]
+    pub verify: VerifyMode,
     /// Write a JSON report here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -120,6 +127,7 @@ impl MigrationArgs {
         cfg.zstd = self.zstd;
         cfg.bandwidth = self.bandwidth;
         cfg.secret = secret;
+        cfg.verify = self.verify;
         cfg.policy = Policy {
             downtime_target: self.downtime,
             max_rounds: self.max_rounds,

@@ -20,6 +20,7 @@ use crate::outcome::Outcome;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};
 use hpmig_core::precopy::MigrateError;
+use hpmig_core::verify::VerifyMode;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Wire {
@@ -117,13 +118,15 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
                 _ => Outcome::Failed,
             };
             if let Some(path) = &a.migration.json {
-                report::write_json(path, "source", end, &outcome, &figures)?;
+                report::write_json(path, "source", end, &outcome, &figures, None)?;
             }
             return Ok(end);
         }
     };
     let (received, mut arrival) = dest.context("destination failed after the source succeeded")?;
     drop(booted.guest);
+    // The source's memory no longer changes: check it against what was sent.
+    let check = report::check_source(report, &booted.memory);
 
     // The destination runs the guest since the Commit: watch its heartbeat.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -134,16 +137,17 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     arrival.stop();
 
     report::summary(report, &figures);
-    let ok = report.verified
-        && received.verified
-        && figures.heartbeat_after > Some(figures.heartbeat_before);
-    let end = match (ok, report.converged()) {
-        (false, _) => Outcome::Internal,
-        (true, true) => Outcome::Migrated,
-        (true, false) => Outcome::NotConverged,
+    let checked = report.verify == VerifyMode::Off || (report.verified && received.verified);
+    let ok = checked && figures.heartbeat_after > Some(figures.heartbeat_before);
+    let alarm = check.as_ref().is_some_and(|c| c.pages_differ > 0);
+    let end = match (alarm, ok, report.converged()) {
+        (true, _, _) => Outcome::VerifyAlarm,
+        (false, false, _) => Outcome::Internal,
+        (false, true, true) => Outcome::Migrated,
+        (false, true, false) => Outcome::NotConverged,
     };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, "source", end, &outcome, &figures)?;
+        report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
         println!("  report:        {}", path.display());
     }
     Ok(end)

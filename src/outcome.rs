@@ -22,9 +22,8 @@ pub enum Outcome {
     Usage = 2,
     Failed = 3,
     InDoubt = 4,
-    /// Reserved in the table: the verification after switch-over
-    /// (incremental mode) is not built yet.
-    #[allow(dead_code)]
+    /// After switch-over the source's memory differs from what it sent:
+    /// the dirty log missed a write (`--verify incremental`).
     VerifyAlarm = 5,
     /// Reserved in the table: cancelling is not built yet.
     #[allow(dead_code)]

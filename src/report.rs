@@ -2,7 +2,11 @@
 //! JSON report.
 
 use anyhow::{Context, Result};
+use std::time::Instant;
+
+use hpmig_core::memory::SourceMemory;
 use hpmig_core::precopy::{MigrateError, MigrationReport, RoundReport};
+use hpmig_core::verify::{SourceCheck, VerifyMode};
 
 use crate::outcome::{guest_where, Outcome};
 
@@ -85,11 +89,13 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
         r.stop
     );
     println!(
-        "  digest:        {}",
-        if r.verified {
-            "verified, destination equals source"
-        } else {
-            "NOT verified"
+        "  verification:  {}",
+        match (r.verify, r.verified) {
+            (VerifyMode::Strict, true) => "strict: digest of all memory, destination equals source",
+            (VerifyMode::Incremental, true) =>
+                "incremental: what landed equals what was sent (the source's memory is checked next)",
+            (VerifyMode::Off, _) => "off: only each round's record count and CRC",
+            (_, false) => "NOT verified",
         }
     );
     match g.heartbeat_after {
@@ -123,6 +129,32 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     );
 }
 
+/// `--verify incremental`, once the guest left the source: checks the
+/// source's memory, which no longer changes, against the ledger of what was
+/// sent. A difference means the dirty log missed a write.
+pub fn check_source(r: &MigrationReport, memory: &SourceMemory) -> Option<SourceCheck> {
+    let sent = r.sent.as_ref()?;
+    let t = Instant::now();
+    let c = sent.check(memory);
+    if c.pages_differ == 0 {
+        println!(
+            "  source check:  {} pages of the source's memory equal what was sent ({:.0} ms, after switch-over)",
+            c.pages_checked,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    } else {
+        let first: Vec<String> = c.first.iter().map(|a| format!("{a:#x}")).collect();
+        eprintln!(
+            "hpmig: VERIFICATION ALARM: {} of {} pages of the source's memory differ from what was sent \
+             (first at {}): the dirty log missed a write, and the destination runs a guest unlike the source's",
+            c.pages_differ,
+            c.pages_checked,
+            first.join(", ")
+        );
+    }
+    Some(c)
+}
+
 /// Writes the JSON report (see docs/report.md): how the command ended and
 /// where the guest is, and on success the rounds and figures.
 pub fn write_json(
@@ -131,6 +163,7 @@ pub fn write_json(
     end: Outcome,
     outcome: &Result<MigrationReport, MigrateError>,
     g: &GuestFigures,
+    check: Option<&SourceCheck>,
 ) -> Result<()> {
     let mut doc = serde_json::json!({
         "schema": 1,
@@ -171,12 +204,20 @@ pub fn write_json(
                 "converged": r.converged(),
                 "stop_reason": format!("{:?}", r.stop),
                 "verified": r.verified,
+                "verify": r.verify.as_str(),
                 "heartbeat_before": g.heartbeat_before,
                 "heartbeat_after": g.heartbeat_after,
                 "guest_rate_before": g.rate_before,
                 "guest_rate_during": g.rate_during,
                 "source_cpu_seconds": g.cpu_seconds,
             });
+            if let Some(c) = check {
+                doc["source_check"] = serde_json::json!({
+                    "pages_checked": c.pages_checked,
+                    "pages_differ": c.pages_differ,
+                    "first": c.first,
+                });
+            }
         }
         Err(e) => {
             let (phase, round) = match e {

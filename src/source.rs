@@ -165,10 +165,16 @@ fn finish<T: SourceTransport>(
     transport: &mut T,
     (outcome, figures): (Result<MigrationReport, MigrateError>, GuestFigures),
 ) -> Result<Outcome> {
+    let mut check = None;
     let end = match &outcome {
         Ok(r) => {
             report::summary(r, &figures);
-            if r.converged() {
+            // The guest left this host: its memory no longer changes, and is
+            // checked against what was sent.
+            check = report::check_source(r, &booted.memory);
+            if check.as_ref().is_some_and(|c| c.pages_differ > 0) {
+                Outcome::VerifyAlarm
+            } else if r.converged() {
                 Outcome::Migrated
             } else {
                 Outcome::NotConverged
@@ -202,7 +208,7 @@ fn finish<T: SourceTransport>(
         }
     };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, "source", end, &outcome, &figures)?;
+        report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
     }
     Ok(end)
 }
