@@ -27,12 +27,18 @@ fn opts() -> TcpOptions {
 
 #[test]
 fn the_bandwidth_cap_holds_within_ten_percent_over_two_seconds() {
-    // 128 MiB of incompressible pages at 64 MB/s: round 0 takes about 2 s.
-    let memory = dense_memory(128 * MIB);
+    // 48 MiB of incompressible pages at 24 MB/s: round 0 takes about 2 s.
+    // The cap sits well below what a debug build sends on a loaded 2-core
+    // machine (~35 MB/s seen with per-page hashing, which is off here), so the cap, not the
+    // machine, sets the rate.
+    let memory = dense_memory(48 * MIB);
     let mut guest = Scribbler::start(memory.clone(), 1, Some(1000));
     let mut cfg = config(Granularity::Page, 2);
-    let cap = 64_000_000u64;
+    let cap = 24_000_000u64;
     cfg.bandwidth = Some(cap);
+    // The cap is under test, not the ledger: without per-page hashing a
+    // debug build stays far above the cap even on a loaded machine.
+    cfg.verify = hpmig_core::verify::VerifyMode::Off;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let dest = thread::spawn(move || {
