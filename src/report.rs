@@ -65,9 +65,19 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
         r.total_time.as_secs_f64() * 1e3
     );
     println!(
-        "  downtime:      {:.1} ms (guest paused until the destination acknowledged; {:.1} ms of it digesting memory to verify)",
+        "  downtime:      {:.1} ms (guest paused until its vCPUs run on the destination; {:.1} ms of it digesting memory to verify)",
         r.downtime.as_secs_f64() * 1e3,
         r.verify_time.as_secs_f64() * 1e3
+    );
+    let t = &r.switchover;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "  switch-over:   harvest {:.1} ms, final round {:.1} ms, until the Ack {:.1} ms, until the vCPUs run there {:.1} ms (pausing the guest took {:.1} ms before)",
+        ms(t.harvest),
+        ms(t.final_round),
+        ms(t.acknowledge),
+        ms(t.decision),
+        ms(t.pause)
     );
     println!(
         "  on the wire:   {} total, {} after round 0",
@@ -198,6 +208,13 @@ pub fn write_json(
                 "total_time_ms": r.total_time.as_secs_f64() * 1e3,
                 "downtime_ms": r.downtime.as_secs_f64() * 1e3,
                 "verify_ms": r.verify_time.as_secs_f64() * 1e3,
+                "switchover_ms": {
+                    "pause": r.switchover.pause.as_secs_f64() * 1e3,
+                    "harvest": r.switchover.harvest.as_secs_f64() * 1e3,
+                    "final_round": r.switchover.final_round.as_secs_f64() * 1e3,
+                    "acknowledge": r.switchover.acknowledge.as_secs_f64() * 1e3,
+                    "decision": r.switchover.decision.as_secs_f64() * 1e3,
+                },
                 "wire_bytes": r.wire_bytes,
                 "wire_bytes_after_round0": r.wire_bytes_after_round0(),
                 "rounds": r.rounds.len(),

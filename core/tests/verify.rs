@@ -159,6 +159,20 @@ fn a_write_the_dirty_log_missed_is_refused_by_strict_and_raises_the_alarm_with_i
     // A clean migration's check finds nothing.
     let m = memory();
     let (report, _, _) = run(&m, EVERY_PAGE, VerifyMode::Incremental, None, &mut |_| {});
-    let check = report.unwrap().sent.unwrap().check(&m);
+    let report = report.unwrap();
+    // The downtime's phases, each measured, fit inside it.
+    let t = report.switchover;
+    assert!(
+        t.final_round > Duration::ZERO
+            && t.acknowledge > Duration::ZERO
+            && t.decision > Duration::ZERO,
+        "{t:?}"
+    );
+    assert!(
+        t.harvest + t.final_round + t.acknowledge + t.decision <= report.downtime,
+        "{t:?} against {:?}",
+        report.downtime
+    );
+    let check = report.sent.unwrap().check(&m);
     assert_eq!(check.pages_differ, 0, "{check:?}");
 }

@@ -10,7 +10,8 @@ use super::limiter::RateLimiter;
 use super::rounds::{compress_this_round, zstd_rate, PoolSpec, WorkerPool};
 use super::switchover::Pending;
 use super::{
-    fail, peer_error, switchover, Cause, Failure, MigrationReport, Phase, RoundReport, SourceConfig,
+    fail, peer_error, switchover, Cause, Failure, MigrationReport, Phase, RoundReport,
+    SourceConfig, SwitchoverTimes,
 };
 use crate::dirty::{DirtyBitmap, DirtySource};
 use crate::guest::Guest;
@@ -80,6 +81,8 @@ pub(crate) struct Source<'a, T: SourceTransport> {
     /// Set before `pause()` is called: a failed pause must be undone too.
     pause_attempted: bool,
     pause_at: Option<Instant>,
+    /// Where the pause went, phase by phase (see [`SwitchoverTimes`]).
+    times: SwitchoverTimes,
     acked: switchover::Acked,
     /// When the destination's vCPUs started (its clock, ns since the epoch).
     started_at: u64,
@@ -119,6 +122,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             best_plain_rate: None,
             pause_attempted: false,
             pause_at: None,
+            times: SwitchoverTimes::default(),
             acked: switchover::Acked::default(),
             started_at: 0,
             verify: cfg.verify,
@@ -199,12 +203,15 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 }
             },
             SourceState::StopAndCopy { round } => {
+                let t = Instant::now();
                 self.final_round(round)?;
+                self.times.final_round = t.elapsed();
                 Ok(SourceState::SwitchOver { round })
             }
             SourceState::SwitchOver { round } => {
                 let session = self.v2().then(|| self.session()).flatten();
                 let ledger_sum = self.rounds.last().map_or(0, |r| r.stats.ledger_sum);
+                let t = Instant::now();
                 self.acked = switchover::complete(
                     self.transport.control(),
                     self.guest,
@@ -214,6 +221,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                     session.as_ref(),
                     self.cfg.deadlines.io,
                 )?;
+                self.times.acknowledge = t.elapsed();
                 Ok(SourceState::Decide { round })
             }
             SourceState::Decide { round } if !self.v2() => {
@@ -238,10 +246,12 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                     cause: Cause::InDoubt(e, Some(Box::new(p.clone()))),
                     abort: None,
                 };
+                let t = Instant::now();
                 match switchover::decide(self.transport.control(), &pending, self.cfg.deadlines.io)
                 {
                     Ok(o) => match o.outcome {
                         OutcomeKind::Started => {
+                            self.times.decision = t.elapsed();
                             self.started_at = o.started_at;
                             Ok(SourceState::Migrated)
                         }
@@ -458,12 +468,17 @@ impl<'a, T: SourceTransport> Source<'a, T> {
 
     fn pause(&mut self, round: u32) -> Result<(), Failure> {
         self.pause_attempted = true;
+        let t = Instant::now();
         self.guest
             .pause()
             .map_err(fail(Phase::StopAndCopy, round))?;
-        self.pause_at = Some(Instant::now());
+        let paused = Instant::now();
+        self.times.pause = paused - t;
+        self.pause_at = Some(paused);
         // Pages dirtied since the decision's harvest join the final round.
-        self.harvest(Phase::StopAndCopy, round)
+        self.harvest(Phase::StopAndCopy, round)?;
+        self.times.harvest = paused.elapsed();
+        Ok(())
     }
 
     fn final_round(&mut self, round: u32) -> Result<(), Failure> {
@@ -487,6 +502,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             stop: self.stop,
             total_time: self.start.elapsed(),
             downtime,
+            switchover: self.times,
             verify_time: self.acked.verify_time,
             started_at: self.started_at,
             wire_bytes,

@@ -227,6 +227,8 @@ pub struct MigrationReport {
     /// From pausing the guest to the destination's answer to the Commit
     /// (version 1: to the Commit sent).
     pub downtime: Duration,
+    /// Where the downtime went, phase by phase.
+    pub switchover: SwitchoverTimes,
     /// When the destination's vCPUs started, ns since the Unix epoch on its
     /// clock (0 from a version 1 destination).
     pub started_at: u64,
@@ -243,6 +245,25 @@ pub struct MigrationReport {
     /// check of the source's memory once the guest left it
     /// ([`SentLedger::check`]).
     pub sent: Option<Arc<SentLedger>>,
+}
+
+/// The switch-over on the source's clock, phase by phase. `downtime` is
+/// measured from the pause's end; the phases after it add up to it, up to
+/// the bookkeeping between them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SwitchoverTimes {
+    /// `Guest::pause` itself (before the downtime starts: vCPUs may still run).
+    pub pause: Duration,
+    /// The last harvest of the dirty log, the guest paused.
+    pub harvest: Duration,
+    /// The final round: its records written and their RoundEnds sent.
+    pub final_round: Duration,
+    /// State and Complete sent, until the destination's Ack: its landing of
+    /// the final round, its verification and its restore of the vCPUs.
+    pub acknowledge: Duration,
+    /// Commit sent, until the Outcome says the destination's vCPUs run
+    /// (zero with a version 1 destination, which sends no Outcome).
+    pub decision: Duration,
 }
 
 impl MigrationReport {

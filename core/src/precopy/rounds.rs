@@ -39,7 +39,7 @@ pub(crate) struct PoolSpec<'a> {
 pub(crate) struct WorkerPool {
     cmds: Vec<Sender<RoundCmd>>,
     done: Receiver<Done>,
-    threads: Vec<JoinHandle<Option<Ledger>>>,
+    threads: Vec<JoinHandle<(Option<Ledger>, Option<ShadowPart>)>>,
     interrupt: Interrupt,
 }
 
@@ -182,19 +182,34 @@ impl WorkerPool {
     /// verification).
     pub fn into_ledgers(mut self) -> Vec<Ledger> {
         self.cmds.clear();
-        self.threads
-            .drain(..)
-            .filter_map(|t| t.join().ok().flatten())
-            .collect()
+        let (ledgers, shadows): (Vec<_>, Vec<_>) =
+            self.threads.drain(..).filter_map(|t| t.join().ok()).unzip();
+        free_in_background(shadows);
+        ledgers.into_iter().flatten().collect()
+    }
+}
+
+/// Frees the shadow's parts on a thread of their own: the caller (the
+/// switch-over, or a failure resuming the guest) need not wait for the
+/// unmapping.
+fn free_in_background(shadows: Vec<Option<ShadowPart>>) {
+    if shadows.iter().any(Option::is_some) {
+        let _ = std::thread::Builder::new()
+            .name("hpmig-free".into())
+            .spawn(move || drop(shadows));
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         self.cmds.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        let shadows = self
+            .threads
+            .drain(..)
+            .filter_map(|t| t.join().ok())
+            .map(|(_, shadow)| shadow)
+            .collect();
+        free_in_background(shadows);
     }
 }
 

@@ -99,8 +99,14 @@ struct Emitter {
 
 impl<T: StreamTx> Worker<T> {
     /// Serves rounds until the driver hangs up; returns the ledger of what
-    /// was sent (incremental verification).
-    pub fn run(mut self, cmds: Receiver<RoundCmd>, done: Sender<Done>) -> Option<Ledger> {
+    /// was sent (incremental verification) and its part of the shadow, which
+    /// the driver frees once the switch-over is over: unmapping gigabytes
+    /// takes tens of milliseconds that must not fall into the downtime.
+    pub fn run(
+        mut self,
+        cmds: Receiver<RoundCmd>,
+        done: Sender<Done>,
+    ) -> (Option<Ledger>, Option<ShadowPart>) {
         let page_size = self.layout.page_size();
         let mut snapshot = vec![0u8; page_size];
         let zero_page = vec![0u8; page_size];
@@ -108,7 +114,7 @@ impl<T: StreamTx> Worker<T> {
             Ok(b) => b,
             Err(e) => {
                 let _ = done.send((self.index, Err(e.into())));
-                return self.ledger.map(|(_, l)| l);
+                return (self.ledger.map(|(_, l)| l), self.shadow.take());
             }
         };
         let mut em = Emitter {
@@ -127,7 +133,7 @@ impl<T: StreamTx> Worker<T> {
                 break;
             }
         }
-        self.ledger.map(|(_, l)| l)
+        (self.ledger.map(|(_, l)| l), self.shadow.take())
     }
 
     /// Submits the current slot and takes a free one.
