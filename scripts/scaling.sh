@@ -14,7 +14,7 @@ for n in $WORKERS; do
         --granularity page --workers "$n" --prefault 2>&1) || { echo "$out"; exit 1; }
     # Round table: round, dirty pages, work set (2 fields), wire (2 fields), ms, MB/s.
     rate=$(echo "$out" | awk '$1 == "0" && NF >= 9 {print $8}')
-    echo "$out" | grep -q "verified, destination equals source" || { echo "$out"; exit 1; }
+    echo "$out" | grep -qE "what landed equals what was sent|destination equals source" || { echo "$out"; exit 1; }
     [ -n "$base" ] || base=$rate
     printf "workers %2d: round 0 %8.1f MB/s  (%.2fx one worker)\n" "$n" "$rate" "$(echo "$rate $base" | awk '{print $1 / $2}')"
 done

@@ -140,7 +140,11 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     let checked = report.verify == VerifyMode::Off || (report.verified && received.verified);
     let ok = checked && figures.heartbeat_after > Some(figures.heartbeat_before);
     let alarm = check.as_ref().is_some_and(|c| c.pages_differ > 0);
-    let end = match (alarm, ok, report.converged()) {
+    let end = match (
+        alarm,
+        ok,
+        report.converged() && report.downtime_target_met(),
+    ) {
         (true, _, _) => Outcome::VerifyAlarm,
         (false, false, _) => Outcome::Internal,
         (false, true, true) => Outcome::Migrated,

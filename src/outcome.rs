@@ -10,7 +10,7 @@
 //! | 4 | in doubt: the guest is paused on the source / held at the destination; resolve with `hpmig ctl` |
 //! | 5 | verification alarm: after switch-over the source's memory differs from what it sent |
 //! | 6 | cancelled by an operator: the guest runs on the source |
-//! | 7 | migrated, but pre-copy did not converge: the downtime target was not kept |
+//! | 7 | migrated, but the downtime target was not kept (pre-copy did not converge, or the pause outlasted the target) |
 
 use std::process::ExitCode;
 
@@ -28,6 +28,7 @@ pub enum Outcome {
     /// Reserved in the table: cancelling is not built yet.
     #[allow(dead_code)]
     Cancelled = 6,
+    /// Migrated, but the downtime target was not kept.
     NotConverged = 7,
 }
 
@@ -46,7 +47,7 @@ impl Outcome {
             Outcome::InDoubt => "in-doubt",
             Outcome::VerifyAlarm => "verification-alarm",
             Outcome::Cancelled => "cancelled",
-            Outcome::NotConverged => "migrated-not-converged",
+            Outcome::NotConverged => "migrated-target-missed",
         }
     }
 }

@@ -65,8 +65,14 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
         r.total_time.as_secs_f64() * 1e3
     );
     println!(
-        "  downtime:      {:.1} ms (guest paused until its vCPUs run on the destination; {:.1} ms of it digesting memory to verify)",
+        "  downtime:      {:.1} ms against a target of {:.0} ms{} (guest paused until its vCPUs run on the destination; {:.1} ms of it digesting memory to verify)",
         r.downtime.as_secs_f64() * 1e3,
+        r.downtime_target.as_secs_f64() * 1e3,
+        if r.downtime_target_met() {
+            ""
+        } else {
+            ", NOT kept"
+        },
         r.verify_time.as_secs_f64() * 1e3
     );
     let t = &r.switchover;
@@ -207,6 +213,8 @@ pub fn write_json(
                 "granularity": r.granularity.as_str(),
                 "total_time_ms": r.total_time.as_secs_f64() * 1e3,
                 "downtime_ms": r.downtime.as_secs_f64() * 1e3,
+                "downtime_target_ms": r.downtime_target.as_secs_f64() * 1e3,
+                "downtime_target_met": r.downtime_target_met(),
                 "verify_ms": r.verify_time.as_secs_f64() * 1e3,
                 "switchover_ms": {
                     "pause": r.switchover.pause.as_secs_f64() * 1e3,

@@ -174,7 +174,7 @@ fn finish<T: SourceTransport>(
             check = report::check_source(r, &booted.memory);
             if check.as_ref().is_some_and(|c| c.pages_differ > 0) {
                 Outcome::VerifyAlarm
-            } else if r.converged() {
+            } else if r.converged() && r.downtime_target_met() {
                 Outcome::Migrated
             } else {
                 Outcome::NotConverged

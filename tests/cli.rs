@@ -31,14 +31,20 @@ fn demo_migrates_verifies_and_writes_json() {
         "50ms",
         "--dirty-rate",
         "100000",
+        // A debug build on a loaded machine can pause for longer than the
+        // default 300 ms; this test is about the flow, the next one about
+        // the target.
+        "--downtime",
+        "5s",
         "--json",
         json.to_str().unwrap(),
     ]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("verified, destination equals source"),
+        text.contains("incremental: what landed equals what was sent"),
         "{text}"
     );
+    assert!(text.contains("source check:  8192 pages"), "{text}");
     assert!(text.contains("guest runs on"), "{text}");
     let doc = std::fs::read_to_string(&json).unwrap();
     for key in [
@@ -48,9 +54,43 @@ fn demo_migrates_verifies_and_writes_json() {
         "\"wire_bytes\"",
         "\"downtime_ms\"",
         "\"verified\": true",
+        "\"downtime_target_met\": true",
+        "\"pages_differ\": 0",
+        "\"switchover_ms\"",
     ] {
         assert!(doc.contains(key), "{key} missing from {doc}");
     }
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
+fn a_missed_downtime_target_is_said_and_exits_7() {
+    let json = std::env::temp_dir().join(format!("hpmig-cli-7-{}.json", std::process::id()));
+    // No pause fits a zero target; pre-copy still stops on its small work set.
+    let (code, text) = hpmig_status(&[
+        "demo",
+        "--memory",
+        "16M",
+        "--warmup",
+        "50ms",
+        "--dirty-rate",
+        "100000",
+        "--downtime",
+        "0ms",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(7), "{text}");
+    assert!(
+        text.contains("against a target of 0 ms, NOT kept"),
+        "{text}"
+    );
+    let doc = std::fs::read_to_string(&json).unwrap();
+    assert!(doc.contains("\"downtime_target_met\": false"), "{doc}");
+    assert!(
+        doc.contains("\"outcome\": \"migrated-target-missed\""),
+        "{doc}"
+    );
     let _ = std::fs::remove_file(json);
 }
 
@@ -121,6 +161,9 @@ fn two_processes(
                 "100000",
                 "--zstd",
                 "auto",
+                // A debug build may pause past the default target (exit 7).
+                "--downtime",
+                "5s",
             ])
             .env("HPMIG_TOKEN", source_token)
             .output()
@@ -143,7 +186,8 @@ fn source_and_dest_migrate_across_processes_and_exit_0() {
     let ((s_code, s), (d_code, d)) = two_processes("tok", "tok");
     assert_eq!(s_code, Some(0), "source: {s}\ndest: {d}");
     assert_eq!(d_code, Some(0), "dest: {d}");
-    assert!(s.contains("verified, destination equals source"), "{s}");
+    assert!(s.contains("what landed equals what was sent"), "{s}");
+    assert!(s.contains("source check:"), "{s}");
     assert!(d.contains("(runs on)"), "{d}");
 }
 

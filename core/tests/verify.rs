@@ -72,6 +72,7 @@ fn run(
         max_rounds: 3,
         stall_rounds: 100,
         on_stall: OnStall::ForceStop,
+        ..Policy::default()
     };
     let mut dirty = VmmBitmap::new(memory.clone(), layout).unwrap();
     let report = migrate(memory, &mut dirty, &mut guest, &mut src, &cfg, on_round);

@@ -102,6 +102,7 @@ fn config(granularity: Granularity) -> SourceConfig {
         max_rounds: 8,
         stall_rounds: 3,
         on_stall: OnStall::ForceStop,
+        ..Policy::default()
     };
     cfg
 }

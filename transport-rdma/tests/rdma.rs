@@ -201,6 +201,7 @@ fn config(granularity: Granularity, zstd: ZstdMode, workers: usize) -> SourceCon
         max_rounds: 5,
         stall_rounds: 3,
         on_stall: OnStall::ForceStop,
+        ..Policy::default()
     };
     cfg
 }

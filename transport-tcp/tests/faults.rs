@@ -51,6 +51,7 @@ fn config() -> SourceConfig {
         max_rounds: 4,
         stall_rounds: 100,
         on_stall: OnStall::ForceStop,
+        ..Policy::default()
     };
     cfg
 }

@@ -29,6 +29,15 @@ pub struct Policy {
     pub max_rounds: u32,
     /// Rounds without a new smallest work set before `on_stall` applies.
     pub stall_rounds: u32,
+    /// What a new smallest work set must improve on the old one, as a
+    /// fraction of it, to count as progress: a work set shrinking 1 % per
+    /// round is stalled, not converging.
+    pub min_improvement: f64,
+    /// The switch-over's fixed costs, beyond sending the final round: the
+    /// vCPU state, the Complete/Ack and Commit/Outcome exchanges, the
+    /// destination's verification and restore. Added to every projected
+    /// downtime.
+    pub switchover_cost: Duration,
     pub on_stall: OnStall,
 }
 
@@ -39,6 +48,10 @@ impl Default for Policy {
             min_work_set: 256 << 10,
             max_rounds: 30,
             stall_rounds: 5,
+            min_improvement: 0.05,
+            // Measured here at 4-25 ms (the summary's "until the Ack" less
+            // the final round's bytes, plus the Outcome), whatever the guest size.
+            switchover_cost: Duration::from_millis(20),
             on_stall: OnStall::ForceStop,
         }
     }
@@ -96,12 +109,18 @@ pub struct Projection {
     pub wire_bytes: u64,
     /// Bytes per second measured over all rounds so far.
     pub rate: f64,
+    /// Wire bytes ÷ rate, plus the policy's fixed switch-over cost.
     pub downtime: Duration,
 }
 
 /// Projects the next round from `rounds` (non-empty, oldest first) and the
-/// pages dirty now.
-pub fn project(rounds: &[RoundMetrics], dirty_now: u64, page_size: u64) -> Projection {
+/// pages dirty now; `fixed` is added to its downtime.
+pub fn project(
+    rounds: &[RoundMetrics],
+    dirty_now: u64,
+    page_size: u64,
+    fixed: Duration,
+) -> Projection {
     let Some(last) = rounds.last() else {
         return Projection::default();
     };
@@ -122,7 +141,7 @@ pub fn project(rounds: &[RoundMetrics], dirty_now: u64, page_size: u64) -> Proje
     } else {
         f64::INFINITY
     };
-    let downtime = Duration::from_secs_f64((wire_bytes as f64 / rate).min(1e9));
+    let downtime = Duration::from_secs_f64((wire_bytes as f64 / rate).min(1e9)) + fixed;
     Projection {
         work_set_bytes,
         wire_bytes,
@@ -135,20 +154,22 @@ pub fn project(rounds: &[RoundMetrics], dirty_now: u64, page_size: u64) -> Proje
 ///
 /// 1. `Clean`: no page is dirty now, stop and copy (only state remains).
 /// 2. `SmallWorkSet`: projected work set ≤ `min_work_set`, stop and copy.
-/// 3. `DowntimeFits`: projected wire bytes ÷ measured rate ≤
-///    `downtime_target`, stop and copy. The rate is total wire bytes over
-///    total round time, so one quick small round does not inflate it.
+/// 3. `DowntimeFits`: projected wire bytes ÷ measured rate, plus the fixed
+///    `switchover_cost`, ≤ `downtime_target`, stop and copy. The rate is
+///    total wire bytes over total round time, so one quick small round does
+///    not inflate it.
 /// 4. `RoundCap`: `max_rounds` rounds done, apply `on_stall`.
 /// 5. `Stalled`: among rounds after round 0 (which sends all memory and says
 ///    nothing about the dirty rate), none of the last `stall_rounds` set a new
-///    smallest work set, apply `on_stall`.
+///    smallest work set by at least `min_improvement` of the old one, apply
+///    `on_stall`.
 pub fn decide(
     policy: &Policy,
     rounds: &[RoundMetrics],
     dirty_now: u64,
     page_size: u64,
 ) -> (Decision, Projection) {
-    let p = project(rounds, dirty_now, page_size);
+    let p = project(rounds, dirty_now, page_size, policy.switchover_cost);
     let stop = |reason| (Decision::StopAndCopy(reason), p);
     if dirty_now == 0 {
         return stop(StopReason::Clean);
@@ -175,7 +196,8 @@ pub fn decide(
             .map(|r| r.work_set_bytes)
             .min()
             .unwrap_or(u64::MAX);
-        if recent.iter().all(|r| r.work_set_bytes >= best_before) {
+        let bar = best_before as f64 * (1.0 - policy.min_improvement.clamp(0.0, 1.0));
+        if recent.iter().all(|r| r.work_set_bytes as f64 > bar) {
             return give_up(StopReason::Stalled);
         }
     }
@@ -202,6 +224,8 @@ mod tests {
             min_work_set: 1000,
             max_rounds: 10,
             stall_rounds: 2,
+            min_improvement: 0.0,
+            switchover_cost: Duration::ZERO,
             on_stall: OnStall::Abort,
         }
     }
@@ -267,6 +291,64 @@ mod tests {
             decide(&force, &rs, 10_000, 4096).0,
             Decision::StopAndCopy(StopReason::Stalled)
         );
+    }
+
+    #[test]
+    fn a_work_set_shrinking_by_less_than_the_minimum_improvement_stalls() {
+        let p = Policy {
+            min_improvement: 0.05,
+            stall_rounds: 3,
+            max_rounds: 30,
+            ..policy()
+        };
+        // Each round 1 % smaller than the one before: a new minimum every
+        // round, but never by 5 %.
+        let mut rs = vec![round(0, 25_000, 100_000_000, 1000)];
+        let mut work = 40_000_000f64;
+        for i in 1..=4 {
+            rs.push(round(i, 10_000, work as u64, 400));
+            work *= 0.99;
+        }
+        assert_eq!(
+            decide(&p, &rs, 10_000, 4096).0,
+            Decision::Abort(StopReason::Stalled)
+        );
+        // Without the minimum, the same rounds count as progress.
+        let lax = Policy {
+            min_improvement: 0.0,
+            ..p
+        };
+        assert_eq!(decide(&lax, &rs, 10_000, 4096).0, Decision::Continue);
+        // Shrinking 10 % per round is progress.
+        let mut rs = vec![round(0, 25_000, 100_000_000, 1000)];
+        let mut work = 40_000_000f64;
+        for i in 1..=4 {
+            rs.push(round(i, 10_000, work as u64, 400));
+            work *= 0.9;
+        }
+        assert_eq!(decide(&p, &rs, 10_000, 4096).0, Decision::Continue);
+    }
+
+    #[test]
+    fn the_fixed_switch_over_cost_counts_against_the_target() {
+        // 10 dirty pages of 4000 B at 100 MB/s: 0.4 ms of bytes.
+        let r0 = [round(0, 25_000, 100_000_000, 1000)];
+        let fits = Policy {
+            min_work_set: 0,
+            ..policy()
+        };
+        assert_eq!(
+            decide(&fits, &r0, 10, 4096).0,
+            Decision::StopAndCopy(StopReason::DowntimeFits)
+        );
+        // A 15 ms switch-over does not fit a 10 ms target, however few bytes.
+        let dear = Policy {
+            switchover_cost: Duration::from_millis(15),
+            ..fits
+        };
+        let (d, proj) = decide(&dear, &r0, 10, 4096);
+        assert_eq!(d, Decision::Continue);
+        assert!(proj.downtime >= Duration::from_millis(15), "{proj:?}");
     }
 
     #[test]

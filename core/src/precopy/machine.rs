@@ -503,6 +503,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             total_time: self.start.elapsed(),
             downtime,
             switchover: self.times,
+            downtime_target: self.cfg.policy.downtime_target,
             verify_time: self.acked.verify_time,
             started_at: self.started_at,
             wire_bytes,

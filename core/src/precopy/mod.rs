@@ -229,6 +229,8 @@ pub struct MigrationReport {
     pub downtime: Duration,
     /// Where the downtime went, phase by phase.
     pub switchover: SwitchoverTimes,
+    /// The policy's downtime target, to hold the downtime against.
+    pub downtime_target: Duration,
     /// When the destination's vCPUs started, ns since the Unix epoch on its
     /// clock (0 from a version 1 destination).
     pub started_at: u64,
@@ -267,6 +269,11 @@ pub struct SwitchoverTimes {
 }
 
 impl MigrationReport {
+    /// Whether the guest's pause stayed within the policy's target.
+    pub fn downtime_target_met(&self) -> bool {
+        self.downtime <= self.downtime_target
+    }
+
     /// Wire bytes of every round after round 0.
     pub fn wire_bytes_after_round0(&self) -> u64 {
         self.rounds

@@ -49,6 +49,7 @@ pub fn rounds_land_in_order<W: Wire>(w: &W) {
         max_rounds: 6,
         stall_rounds: 100,
         on_stall: OnStall::ForceStop,
+        ..Policy::default()
     };
     // After each round, the same 64 pages get new bytes (the round's
     // number in one half of each page, then the other): each page has a

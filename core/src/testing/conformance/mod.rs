@@ -86,6 +86,7 @@ pub fn config(granularity: Granularity, workers: usize) -> SourceConfig {
         max_rounds: 6,
         stall_rounds: 3,
         on_stall: OnStall::ForceStop,
+        ..Policy::default()
     };
     cfg
 }
