@@ -16,6 +16,7 @@ use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs};
+use crate::blackout::Observer;
 use crate::outcome::Outcome;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};
@@ -45,6 +46,10 @@ pub struct DemoArgs {
     prefault: bool,
     #[command(flatten)]
     rdma: crate::rdma::RdmaArgs,
+    /// Test hook: hold the guest paused this long between the Ack and the
+    /// Commit.
+    #[arg(long, hide = true, default_value = "0ms", value_parser = crate::units::parse_millis)]
+    test_delay_commit: Duration,
 }
 
 pub fn run(a: &DemoArgs) -> Result<Outcome> {
@@ -66,8 +71,10 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     } else {
         layout.allocate()?
     };
-    let cfg = a.migration.config(Default::default());
+    let mut cfg = a.migration.config(Default::default());
+    cfg.delay_commit = a.test_delay_commit;
     let dm = dest_memory.clone();
+    let observer = Observer::start(booted.memory.clone(), dest_memory.clone());
 
     let (outcome, mut figures, dest) = match (rdma, a.wire) {
         #[cfg(feature = "rdma")]
@@ -134,6 +141,7 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         std::thread::sleep(Duration::from_millis(5));
     }
     figures.heartbeat_after = Some(heartbeat(&dest_memory, 0));
+    figures.blackout = observer.finish(Duration::from_secs(1));
     arrival.stop();
 
     report::summary(report, &figures);

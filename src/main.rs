@@ -3,6 +3,7 @@
 
 mod args;
 mod bench;
+mod blackout;
 mod control;
 mod demo;
 mod dest;

@@ -51,6 +51,8 @@ pub struct GuestFigures {
     /// Read on the destination after it resumed; `None` when this process
     /// cannot see the destination.
     pub heartbeat_after: Option<u64>,
+    /// The pause as the guest saw it (`demo` only: it sees both ends).
+    pub blackout: Option<crate::blackout::Blackout>,
     pub rate_before: f64,
     pub rate_during: f64,
     /// CPU seconds this process spent during the migration (the emulated
@@ -75,6 +77,14 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
         },
         r.verify_time.as_secs_f64() * 1e3
     );
+    if let Some(b) = &g.blackout {
+        println!(
+            "  blackout:      {:.1} ms as the guest saw it (its heartbeat read at {:.0} kHz on both ends; it beats every {:.2} ms)",
+            b.blackout.as_secs_f64() * 1e3,
+            b.sample_hz / 1e3,
+            b.tick.as_secs_f64() * 1e3
+        );
+    }
     let t = &r.switchover;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     println!(
@@ -232,6 +242,8 @@ pub fn write_json(
                 "verify": r.verify.as_str(),
                 "heartbeat_before": g.heartbeat_before,
                 "heartbeat_after": g.heartbeat_after,
+                "blackout_ms": g.blackout.map(|b| b.blackout.as_secs_f64() * 1e3),
+                "blackout_resolution_ms": g.blackout.map(|b| b.tick.as_secs_f64() * 1e3),
                 "guest_rate_before": g.rate_before,
                 "guest_rate_during": g.rate_during,
                 "source_cpu_seconds": g.cpu_seconds,

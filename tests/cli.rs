@@ -252,3 +252,40 @@ fn rdma_without_the_feature_or_the_device_says_why_and_boots_nothing() {
         assert!(!ok && text.contains("--features rdma"), "{text}");
     }
 }
+
+/// The number before " ms" on the summary line that starts with `label`.
+fn ms_on(text: &str, label: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no '{label}' figure in {text}"))
+}
+
+#[test]
+fn the_blackout_the_guest_sees_covers_a_pause_between_ack_and_commit() {
+    let run = |delay: &str| {
+        let (code, text) = hpmig_status(&[
+            "demo",
+            "--memory",
+            "16M",
+            "--warmup",
+            "50ms",
+            "--dirty-rate",
+            "100000",
+            "--downtime",
+            "5s",
+            "--test-delay-commit",
+            delay,
+        ]);
+        assert_eq!(code, Some(0), "{text}");
+        (ms_on(&text, "blackout:"), ms_on(&text, "downtime:"), text)
+    };
+    let (plain, _, text) = run("0ms");
+    assert!(plain > 0.0, "{text}");
+    // 200 ms more pause between Ack and Commit: the host-side observer of
+    // the guest's heartbeat must see all of it, and so must the downtime.
+    let (held, downtime, text) = run("200ms");
+    assert!(held >= 200.0, "blackout {held} ms: {text}");
+    assert!(downtime >= 200.0, "downtime {downtime} ms: {text}");
+}

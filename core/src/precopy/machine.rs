@@ -222,6 +222,8 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                     self.cfg.deadlines.io,
                 )?;
                 self.times.acknowledge = t.elapsed();
+                // Test hook: the guest stays paused between Ack and Commit.
+                std::thread::sleep(self.cfg.delay_commit);
                 Ok(SourceState::Decide { round })
             }
             SourceState::Decide { round } if !self.v2() => {

@@ -85,6 +85,10 @@ pub struct SourceConfig {
     pub deadlines: Deadlines,
     /// The newest protocol version to offer (a test may speak an older one).
     pub max_version: u16,
+    /// Test hook: wait this long between the Ack and the Commit, the guest
+    /// paused (a test that the blackout measurement sees the whole pause).
+    #[doc(hidden)]
+    pub delay_commit: Duration,
 }
 
 impl SourceConfig {
@@ -104,6 +108,7 @@ impl SourceConfig {
             bandwidth: None,
             deadlines: Deadlines::default(),
             max_version: protocol::VERSION,
+            delay_commit: Duration::ZERO,
         }
     }
 }

@@ -1,0 +1,115 @@
+//! The pause as the guest sees it: a host thread that reads the guest's
+//! heartbeat in source and destination memory at ≥ 10 kHz, from before the
+//! migration until the destination's copy beats past the source's last
+//! value. The blackout is the time from the source heartbeat's last change
+//! to the destination heartbeat's first change past it, on one clock (the
+//! demo runs both ends in one process). Its resolution is the heartbeat's
+//! own tick interval, which the result reports beside it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hpmig_core::memory::{DestMemory, SourceMemory};
+use hpmig_microvm::kvm::heartbeat;
+
+/// How often the observer samples both heartbeats.
+const PERIOD: Duration = Duration::from_micros(50);
+
+/// What the observer saw.
+#[derive(Clone, Copy, Debug)]
+pub struct Blackout {
+    /// From the source's last beat to the destination's first beat past it.
+    pub blackout: Duration,
+    /// The median interval between source beats in the last 200 before the
+    /// pause: the measurement's resolution.
+    pub tick: Duration,
+    /// Samples per second the observer achieved.
+    pub sample_hz: f64,
+}
+
+pub struct Observer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Option<Blackout>>>,
+}
+
+impl Drop for Observer {
+    /// A migration that failed never calls `finish`: stop sampling anyway.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Observer {
+    pub fn start(source: SourceMemory, dest: DestMemory) -> Observer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || observe(&source, &dest, &flag));
+        Observer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops observing (waiting at most `grace` for the destination's first
+    /// beat) and returns the blackout, if the destination beat past the
+    /// source at all.
+    pub fn finish(mut self, grace: Duration) -> Option<Blackout> {
+        let thread = self.thread.take()?;
+        let deadline = Instant::now() + grace;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        thread.join().ok().flatten()
+    }
+}
+
+fn observe(source: &SourceMemory, dest: &DestMemory, stop: &AtomicBool) -> Option<Blackout> {
+    // The default 50 µs timer slack would stretch each 50 µs sleep to about
+    // 100 µs and more: ask for none, on this thread only.
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this
+    // thread's timer slack; no pointer is passed.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    let start = Instant::now();
+    let mut samples = 0u64;
+    let mut last_src = heartbeat(source, 0);
+    let mut src_changed = start;
+    // When the source's last 201 beats came, newest last.
+    let mut src_beats: std::collections::VecDeque<Instant> = Default::default();
+    loop {
+        samples += 1;
+        let now = Instant::now();
+        let s = heartbeat(source, 0);
+        if s != last_src {
+            last_src = s;
+            src_changed = now;
+            if src_beats.len() == 201 {
+                src_beats.pop_front();
+            }
+            src_beats.push_back(now);
+        }
+        // The destination's copy carries the source's value; a larger one
+        // means its vCPUs ran. The source is paused by then, so `last_src`
+        // is its final beat (read again after the destination: a source
+        // that beat between the two reads is not over yet).
+        if last_src > 0 && heartbeat(dest, 0) > last_src && heartbeat(source, 0) == last_src {
+            let mut gaps: Vec<Duration> = src_beats
+                .iter()
+                .zip(src_beats.iter().skip(1))
+                .map(|(a, b)| *b - *a)
+                .collect();
+            gaps.sort_unstable();
+            return Some(Blackout {
+                blackout: now - src_changed,
+                tick: gaps.get(gaps.len() / 2).copied().unwrap_or_default(),
+                sample_hz: samples as f64 / start.elapsed().as_secs_f64(),
+            });
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        std::thread::sleep(PERIOD);
+    }
+}
