@@ -497,10 +497,12 @@ mod tests {
         let link = 1e9 / 8.0;
         let page = predict(&sparse(Variant::Page), &M, gib, link);
         let seg = predict(&sparse(Variant::Segment), &M, gib, link);
-        // Pages: every round re-sends most of memory, the work set keeps
-        // shrinking a little, so the controller's round cap ends it, forced.
+        // Pages: every round re-sends most of memory; once the work set
+        // shrinks by less than the controller's minimum improvement its
+        // stall rule forces a stop, before the round cap would (cap + 1
+        // rounds with the stop-and-copy round).
         let cap = crate::policy().max_rounds as usize;
-        assert!(!page.converged && page.rounds == cap + 1, "{page:?}");
+        assert!(!page.converged && page.rounds <= cap, "{page:?}");
         // Segments: round 0 sent every page whole, so the controller
         // projects round 1 from whole pages and runs it; round 1's few bytes
         // per page then project a small work set: round 0, round 1 and the
