@@ -215,6 +215,10 @@ fn demo_runs_over_the_in_process_wire_too() {
         "inproc",
         "--granularity",
         "page",
+        // The flow is under test, not the pause (a debug build may miss the
+        // default 300 ms target and exit 7).
+        "--downtime",
+        "5s",
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("in-process channels"), "{text}");
