@@ -2,7 +2,9 @@
 //! beside them, until the source's Complete and every stream's final round.
 //! The mirror image of the source's worker pool ([`crate::precopy`]).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 use super::lander::{GuestPages, StreamLander};
 use super::{ApplyError, LandError, LandFault, LandStats};
@@ -61,6 +63,8 @@ pub(crate) fn land_all<T: DestTransport>(
     let pages = GuestPages::new(memory);
     let interrupt = transport.interrupt();
     let control = transport.control();
+    // Records landed by all streams together, for the watch after Complete.
+    let progress = AtomicU64::new(0);
     std::thread::scope(|scope| {
         let handles: Vec<_> = rxs
             .into_iter()
@@ -70,8 +74,9 @@ pub(crate) fn land_all<T: DestTransport>(
                     .with_ledger(check.hasher.clone())
                     .with_fault(check.fault.filter(|_| i == 0));
                 let interrupt = interrupt.clone();
+                let progress = &progress;
                 scope.spawn(move || {
-                    run_stream(&mut lander, &mut rx, &interrupt)
+                    run_stream(&mut lander, &mut rx, &interrupt, progress)
                         .map(|last| (last, lander.stats))
                         .map_err(|e| (lander.next_round, e))
                 })
@@ -79,13 +84,43 @@ pub(crate) fn land_all<T: DestTransport>(
             .collect();
         // The control exchange runs beside the streams, so the digest below
         // can start as soon as the last stream ends, while the source is
-        // still digesting its own memory.
+        // still digesting its own memory. Once Complete came, the source
+        // waits for the Ack while the streams still land (and hash) the
+        // final round: this end says Alive until they are done, so a final
+        // round that takes longer than `io` to land is not taken for a dead
+        // destination.
+        let (streams_done, landing) = std::sync::mpsc::channel::<()>();
         let control = {
             let interrupt = interrupt.clone();
+            let progress = &progress;
             scope.spawn(move || {
-                let r = control_until_complete(&mut *control, io);
+                let mut r = control_until_complete(&mut *control, io);
                 if r.is_err() {
                     interrupt.trigger();
+                } else {
+                    // The source sent all its data before Complete: a stream
+                    // that lands nothing for `io` from here on is stuck.
+                    let period = alive.map_or(io, |d| d.alive_period());
+                    let (mut seen, mut moved) = (progress.load(Ordering::Relaxed), Instant::now());
+                    while let Err(RecvTimeoutError::Timeout) = landing.recv_timeout(period) {
+                        let now = progress.load(Ordering::Relaxed);
+                        if now != seen {
+                            (seen, moved) = (now, Instant::now());
+                        } else if moved.elapsed() >= io {
+                            r = Err(LandError::Peer(format!(
+                                "the final round stopped arriving: no data for {io:?} after Complete"
+                            )));
+                            interrupt.trigger();
+                            break;
+                        }
+                        if alive.is_some()
+                            && control
+                                .send(&crate::protocol::switchover::alive())
+                                .is_err()
+                        {
+                            break;
+                        }
+                    }
                 }
                 (r, control)
             })
@@ -125,6 +160,7 @@ pub(crate) fn land_all<T: DestTransport>(
                 }
             }
         }
+        drop(streams_done);
         // A stream's own error is the root cause; the control error it caused is not.
         if let Some(e) = stream_err {
             interrupt.trigger();
@@ -219,9 +255,12 @@ fn run_stream(
     lander: &mut StreamLander<'_>,
     rx: &mut dyn StreamRx,
     interrupt: &Interrupt,
+    progress: &AtomicU64,
 ) -> Result<u32, ApplyError> {
     let result = loop {
-        match lander.step(rx) {
+        let step = lander.step(rx);
+        progress.fetch_add(1, Ordering::Relaxed);
+        match step {
             Ok(Some(end)) if end.last => break Ok(end.round),
             Ok(_) => {}
             Err(e) => break Err(e),
