@@ -262,13 +262,12 @@ fn dest_service(dir: &std::path::Path) -> (Reaped, String, Output, std::thread::
 
 /// `hpmig source` through `to`, the campaign's guest and policy (rounds
 /// 0-3, then stop-and-copy round 4), the guest writing `rate` times a
-/// second.
+/// second; the caller adds --io-timeout.
 fn source_to(to: &str, rate: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hpmig"));
     c.args(["source", "--to", to, "--memory", "16M", "--prefill"])
         .args(["--granularity", "page", "--dirty-rate", rate])
         .args(["--downtime", "0ms", "--max-rounds", "4", "--warmup", "50ms"])
-        .args(["--io-timeout", "1s"])
         .env("HPMIG_TOKEN", "tok")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
@@ -317,6 +316,7 @@ fn a_source_killed_as_the_ack_passes_leaves_the_copy_in_doubt_on_the_control_soc
         signal(source, libc::SIGKILL)
     });
     let mut source = source_to(&proxy.addr().to_string(), "100000")
+        .args(["--io-timeout", "1s"])
         .spawn()
         .unwrap();
     source_pid.store(source.id() as i32, Ordering::SeqCst);
@@ -400,6 +400,7 @@ fn frozen_as_it_sends_the_outcome(attempt: u32) {
         });
     });
     let source = source_to(&proxy.addr().to_string(), "100000")
+        .args(["--io-timeout", "1s"])
         .status()
         .unwrap();
     assert!(proxy.fired(), "the Outcome never came by");
@@ -411,4 +412,63 @@ fn frozen_as_it_sends_the_outcome(attempt: u32) {
     let out = out.lock().unwrap().clone();
     assert!(out.contains("(runs on)"), "attempt {attempt}: {out}");
     assert_eq!(code, Some(0), "attempt {attempt}: {out}");
+}
+
+/// The source says Alive at least every quarter of its --io-timeout, between
+/// rounds too: a destination whose own bound (1.2 s) is well above that
+/// period (0.75 s) but below the source's bound (3 s) never finds it quiet.
+/// Before, a round started without an Alive and each worker that finished
+/// put the next one off, so the control connection went quiet for over a
+/// second between rounds (the fault campaign's retries failed so under
+/// load, at 1 s on both ends).
+#[test]
+fn the_source_says_alive_within_its_period_between_rounds() {
+    let dir = std::env::temp_dir().join(format!("hpmig-cli-alive-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let dest = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_hpmig"))
+            .args([
+                "dest",
+                "--listen",
+                &addr,
+                "--once",
+                "--io-timeout",
+                "1200ms",
+            ])
+            .args(["--run-for", "300ms", "--journal"])
+            .arg(dir.join("journal"))
+            .env("HPMIG_TOKEN", "tok")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Rounds of about 0.4 to 0.8 s: bandwidth-capped.
+    let source = source_to(&addr, "100000")
+        .args(["--io-timeout", "3s", "--bandwidth", "20MB"])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let mut dest = dest;
+    let d = dest.0.wait().unwrap();
+    let mut text = String::new();
+    use std::io::Read;
+    if let Some(mut o) = dest.0.stdout.take() {
+        let _ = o.read_to_string(&mut text);
+    }
+    if let Some(mut e) = dest.0.stderr.take() {
+        let _ = e.read_to_string(&mut text);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = String::from_utf8_lossy(&source.stderr);
+    assert!(
+        matches!(source.status.code(), Some(0 | 7)),
+        "source {:?}: {s}\ndest: {text}",
+        source.status
+    );
+    assert_eq!(d.code(), Some(0), "dest: {text}");
+    assert!(text.contains("(runs on)"), "{text}");
 }
