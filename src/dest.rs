@@ -349,8 +349,8 @@ fn in_doubt<T: DestTransport>(
         "round": u.round,
     }));
     eprintln!(
-        "hpmig dest: holding the copy, waiting for the source's decision. By hand: \\
-         hpmig ctl {p} resolve discard, or (only if the source's guest is fenced) \\
+        "hpmig dest: holding the copy, waiting for the source's decision. By hand: \
+         hpmig ctl {p} resolve discard, or (only if the source's guest is fenced) \
          hpmig ctl {p} resolve run --source-fenced",
         p = path.display()
     );

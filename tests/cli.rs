@@ -242,7 +242,7 @@ fn dest_service(dir: &std::path::Path) -> (Reaped, String, Output, std::thread::
         .arg(dir.join("dest.sock"))
         .env("HPMIG_TOKEN", "tok")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(dest.stdout.take().unwrap());
@@ -252,10 +252,19 @@ fn dest_service(dir: &std::path::Path) -> (Reaped, String, Output, std::thread::
     // The rest of its output, for the test to read.
     let rest = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let r = std::sync::Arc::clone(&rest);
+    // Its stderr into the same text, line by line.
+    let err = BufReader::new(dest.stderr.take().unwrap());
+    let e = std::sync::Arc::clone(&rest);
+    let err_reader = std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            e.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
     let reader = std::thread::spawn(move || {
         for l in out.lines().map_while(Result::ok) {
             r.lock().unwrap().push_str(&(l + "\n"));
         }
+        let _ = err_reader.join();
     });
     (Reaped(dest), addr, rest, reader)
 }
@@ -341,6 +350,17 @@ fn a_source_killed_as_the_ack_passes_leaves_the_copy_in_doubt_on_the_control_soc
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let in_doubt = last.contains("in-doubt");
+    // The hint says, on one line, what an operator may do.
+    let t = std::time::Instant::now();
+    while !out.lock().unwrap().contains("--source-fenced")
+        && t.elapsed() < std::time::Duration::from_secs(2)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hint = out.lock().unwrap().clone();
+    let one_line = hint
+        .lines()
+        .any(|l| l.contains("By hand:") && l.contains("resolve run --source-fenced"));
     if in_doubt {
         // The source is gone for good: its guest is fenced; run the copy.
         let (ok, text) = hpmig(&[
@@ -366,6 +386,7 @@ fn a_source_killed_as_the_ack_passes_leaves_the_copy_in_doubt_on_the_control_soc
         in_doubt,
         "5 s after the source died the destination's control socket says: {last}"
     );
+    assert!(one_line, "the operator's hint is not one line: {hint}");
 }
 
 /// Whether the destination's stop lands before the guest's heartbeat first
