@@ -508,6 +508,8 @@ struct RunResult {
     no_phase: bool,
     /// Retries that timed out under load and were tried again.
     slow_retries: usize,
+    /// Whether the fault's record came by.
+    reached: bool,
 }
 
 /// What the hooks did and when.
@@ -589,6 +591,11 @@ fn names_phase(l: &str) -> bool {
     l.contains("during ") || l.contains("in doubt")
 }
 
+/// Whether the destination's journal holds any session (one was acknowledged).
+fn journal_any(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("journal")).is_ok_and(|mut d| d.next().is_some())
+}
+
 /// Whether the destination's journal says some session's guest started.
 fn journal_started(dir: &Path) -> bool {
     std::fs::read_dir(dir.join("journal"))
@@ -659,9 +666,10 @@ fn run_case(case: &Case, root: &Path, index: usize) -> RunResult {
     };
     let (killed_dest, killed_source, cont, froze_source) = e;
     let fired = proxy.fired_at();
-    if fired.is_none() {
-        v.push("the fault never fired (the record never came by)".into());
-    }
+    // A fault whose record never came by (the migration took another shape:
+    // under load it may converge before round 4) proves nothing; such runs
+    // are counted, and too many of them fail the campaign.
+    let reached = fired.is_some();
     let dest_ran_before = dests_done.iter().any(|(_, _, l)| {
         l.lock()
             .unwrap()
@@ -769,6 +777,7 @@ fn run_case(case: &Case, root: &Path, index: usize) -> RunResult {
         (None, Some(9)) if killed_source => {
             // The source died with its guest: the destination ran it, holds
             // it in doubt (and an operator runs it), or never acknowledged.
+            let t0_killed = fired.unwrap_or_else(Instant::now);
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if dest.has("(runs on)") || dest_ran_before {
@@ -792,12 +801,27 @@ fn run_case(case: &Case, root: &Path, index: usize) -> RunResult {
                     }
                     break;
                 }
-                if dest.has("FAILED during") || dest.child.try_wait().unwrap().is_some() {
+                // A source that dies in the handshake is refused without a
+                // word by the service: past the destination's deadlines an
+                // empty journal says no copy was ever acknowledged.
+                let unacknowledged =
+                    t0_killed.elapsed() > IO * 3 + Duration::from_secs(2) && !journal_any(&dir);
+                if dest.has("FAILED during")
+                    || dest.child.try_wait().unwrap().is_some()
+                    || unacknowledged
+                {
                     if journal_started(&dir) || dest.has("hpmig dest: in doubt") {
                         lost = true;
                         v.push("the destination acknowledged, then lost the guest".into());
                     } else {
                         end = End::DiedWithSource;
+                        if !case.once {
+                            if dest.child.try_wait().unwrap().is_some() {
+                                v.push("the destination service ended with its source".into());
+                            } else {
+                                retry(&dest, &dest_addr, &dir, &mut v, &mut slow_retries);
+                            }
+                        }
                     }
                     break;
                 }
@@ -816,7 +840,8 @@ fn run_case(case: &Case, root: &Path, index: usize) -> RunResult {
             v.push(format!("the source ended {other:?}"));
         }
     }
-    if case.target.before_decision
+    if reached
+        && case.target.before_decision
         && matches!(case.fault, Fault::Cut | Fault::Flip)
         && end != End::OnSource
     {
@@ -867,6 +892,7 @@ fn run_case(case: &Case, root: &Path, index: usize) -> RunResult {
         late,
         no_phase,
         slow_retries,
+        reached,
     }
 }
 
@@ -978,15 +1004,23 @@ fn table(results: &[RunResult], mode: &str, took: Duration) -> String {
     }
     let count = |f: fn(&RunResult) -> bool| results.iter().filter(|r| f(r)).count();
     s += &format!(
-        "\nSummary: {} runs; guests lost: {}; running twice: {}; source waits past its deadline (3 x io + 2 s): {}; failures without a phase: {}; runs with a violation: {}. Not rules: retries that timed out under load and were tried again: {}.\n",
+        "\nSummary: {} runs; guests lost: {}; running twice: {}; source waits past its deadline (3 x io + 2 s): {}; failures without a phase: {}; runs with a violation: {}. Faults not reached (the record never came by; at most 5% allowed): {}. Not rules: retries that timed out under load and were tried again: {}.\n",
         results.len(),
         count(|r| r.lost),
         count(|r| r.twice),
         count(|r| r.late),
         count(|r| r.no_phase),
         count(|r| !r.violations.is_empty()),
+        count(|r| !r.reached),
         results.iter().map(|r| r.slow_retries).sum::<usize>(),
     );
+    for r in results.iter().filter(|r| !r.reached) {
+        s += &format!(
+            "\n- not reached: `{}` ended {:?} without its record coming by",
+            r.case.name(),
+            r.end
+        );
+    }
     for r in results.iter().filter(|r| !r.violations.is_empty()) {
         s += &format!(
             "\n- VIOLATION in `{}` (HPMIG_CAMPAIGN_ONLY='{}'): {}",
@@ -1057,6 +1091,12 @@ fn fault_campaign_switch_over() {
     println!("{text}");
     std::fs::create_dir_all(&target_dir).unwrap();
     std::fs::write(target_dir.join(format!("{mode}.md")), &text).unwrap();
+    let missed = results.iter().filter(|r| !r.reached).count();
+    assert!(
+        missed * 20 <= results.len(),
+        "{missed} of {} faults were never reached: the campaign tested too little",
+        results.len()
+    );
     let bad: Vec<&RunResult> = results
         .iter()
         .filter(|r| !r.violations.is_empty())
