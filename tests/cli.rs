@@ -493,3 +493,63 @@ fn the_source_says_alive_within_its_period_between_rounds() {
     assert_eq!(d.code(), Some(0), "dest: {text}");
     assert!(text.contains("(runs on)"), "{text}");
 }
+
+/// A source killed -9 right after its Proof went out: the destination
+/// service waits for its data connections only as long as its
+/// --io-timeout (1 s), then serves the next source. Before, it waited the
+/// transport's fixed 10 s, serving no one (the fault campaign's
+/// `Proof -> kill -9 sender @0` retry failed so).
+#[test]
+fn a_source_dead_after_its_proof_holds_the_destination_no_longer_than_its_io_timeout() {
+    use std::sync::atomic::Ordering;
+    let dir = std::env::temp_dir().join(format!("hpmig-cli-proof-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_dest, addr, out, _reader) = dest_service(&dir);
+    let plan_kind = hpmig_core::protocol::Kind::Proof;
+    let (proxy, source_pid) = {
+        use hpmig_core::testing::proxy::{Action, Plan, Proxy, RecordAt, Which};
+        let pid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let p = std::sync::Arc::clone(&pid);
+        let plan = Plan {
+            which: Which::Record(RecordAt {
+                conn: 0,
+                to_dest: true,
+                kind: plan_kind,
+                nth: 0,
+                round: None,
+            }),
+            at: 0,
+            action: Action::Hook(std::sync::Arc::new(move || {
+                signal(p.load(Ordering::SeqCst), libc::SIGKILL)
+            })),
+        };
+        (
+            Proxy::start(addr.parse().unwrap(), Some(plan), false).unwrap(),
+            pid,
+        )
+    };
+    let mut first = source_to(&proxy.addr().to_string(), "100000")
+        .args(["--io-timeout", "1s"])
+        .spawn()
+        .unwrap();
+    source_pid.store(first.id() as i32, Ordering::SeqCst);
+    let _ = first.wait();
+    assert!(proxy.fired(), "the Proof never came by");
+    // At once, straight to the destination; this source waits up to 3 s
+    // for each answer.
+    let second = source_to(&addr, "100000")
+        .args(["--io-timeout", "3s"])
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    proxy.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        matches!(second.status.code(), Some(0 | 7)),
+        "the next source: {:?}: {}\ndest: {}",
+        second.status,
+        String::from_utf8_lossy(&second.stderr),
+        out.lock().unwrap()
+    );
+}
