@@ -127,7 +127,10 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
     let cfg = config(a)?;
     let opts = TcpOptions {
         io_timeout: a.io_timeout,
-        ..TcpOptions::default()
+        // The wait for an authenticated source's data connections is a
+        // wait on the source too: a source that died after its Proof must
+        // not hold the destination (and every other source) for longer.
+        connect_timeout: a.io_timeout.min(TcpOptions::default().connect_timeout),
     };
     let rdma = a.rdma.options(opts)?;
     let listener =
@@ -349,8 +352,8 @@ fn in_doubt<T: DestTransport>(
         "round": u.round,
     }));
     eprintln!(
-        "hpmig dest: holding the copy, waiting for the source's decision. By hand: \\
-         hpmig ctl {p} resolve discard, or (only if the source's guest is fenced) \\
+        "hpmig dest: holding the copy, waiting for the source's decision. By hand: \
+         hpmig ctl {p} resolve discard, or (only if the source's guest is fenced) \
          hpmig ctl {p} resolve run --source-fenced",
         p = path.display()
     );

@@ -205,13 +205,39 @@ fn finish<T: SourceTransport>(
         }
         Err(e) => {
             eprintln!("hpmig: migration FAILED: {e}");
-            Outcome::Failed
+            if resumed_runs_on(booted) {
+                Outcome::Failed
+            } else {
+                Outcome::Internal
+            }
         }
     };
     if let Some(path) = &a.migration.json {
         report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
     }
     Ok(end)
+}
+
+/// After a failure the guest was resumed here: shows that it runs on (its
+/// heartbeat moves within a second), so a user (and the fault campaign)
+/// sees where the guest is. False if it does not move.
+fn resumed_runs_on(booted: &Booted) -> bool {
+    let before = heartbeat(&booted.memory, 0);
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut after = before;
+    while after <= before && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+        after = heartbeat(&booted.memory, 0);
+    }
+    eprintln!(
+        "hpmig: guest resumed here: heartbeat {before} -> {after} ({})",
+        if after > before {
+            "runs on"
+        } else {
+            "did NOT advance"
+        }
+    );
+    after > before
 }
 
 /// In doubt: the destination may run the guest. Delivers the decision
@@ -244,7 +270,11 @@ fn in_doubt<T: SourceTransport>(
     let resume = |booted: &mut Booted, why: &str| -> Result<Outcome> {
         booted.guest.resume().context("resuming the guest")?;
         eprintln!("hpmig: {why}: the guest runs on here");
-        Ok(Outcome::Failed)
+        Ok(if resumed_runs_on(booted) {
+            Outcome::Failed
+        } else {
+            Outcome::Internal
+        })
     };
     loop {
         if let Some(p) = pending {

@@ -27,7 +27,7 @@ use hpmig_core::testing::{
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 /// A plan and the phase it falls in.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Case {
     plan: Plan,
     phase: &'static str,
@@ -239,7 +239,7 @@ fn a_hundred_faults_over_every_phase_lose_nothing() {
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for plan in &plans {
         let (dest_addr, dest) = destination();
-        let via = Proxy::start(dest_addr, Some(plan.plan), false).unwrap();
+        let via = Proxy::start(dest_addr, Some(plan.plan.clone()), false).unwrap();
         let src = run_source(via.addr(), &memory, &mut guest);
         let dst = dest.join().unwrap();
         if !via.fired() {

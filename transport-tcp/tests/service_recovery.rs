@@ -18,8 +18,8 @@ use hpmig_core::land::journal::{Journal, MemoryJournal};
 use hpmig_core::land::LandError;
 use hpmig_core::precopy::{redeliver, MigrateError};
 use hpmig_core::protocol::switchover::OutcomeKind;
-use hpmig_core::protocol::{Kind, Records};
-use hpmig_core::testing::proxy::{Action, Plan, Proxy, Which};
+use hpmig_core::protocol::Kind;
+use hpmig_core::testing::proxy::{Action, Plan, Proxy, RecordAt, Which};
 use hpmig_core::testing::{assert_guest_runs, assert_same_memory, pattern_memory, Scribbler};
 
 const MIB: usize = 1 << 20;
@@ -75,47 +75,23 @@ fn a_source_cut_mid_round_after_authenticating_leaves_the_service_serving_its_re
     assert_eq!(stats.authenticated, 2, "{stats:?}");
 }
 
-/// Where the first `kind` record starts in a control connection's bytes.
-fn offset_of(kind: Kind, bytes: &[u8]) -> u64 {
-    let mut at = 0u64;
-    for r in Records::new(bytes, 4096) {
-        let (h, p) = r.unwrap();
-        if h.kind == kind {
-            return at;
-        }
-        assert_ne!(h.kind, Kind::Alive, "an Alive would move the offsets");
-        at += (16 + p.len()) as u64;
-    }
-    panic!("no {kind:?} record on the control connection");
-}
-
 #[test]
 fn a_decision_delivered_again_on_a_new_connection_reaches_the_migration_in_doubt() {
     let journal: Arc<dyn Journal> = Arc::new(MemoryJournal::default());
     let svc = service(Duration::from_secs(2), Some(Arc::clone(&journal)));
     let cfg = dest_config(Some(journal));
 
-    // A clean run through a capturing proxy shows where the Decision
-    // starts on the control connection.
-    let capture = Proxy::start(svc.local_addr(), None, true).unwrap();
-    let memory = pattern_memory(&[(0, 4 * MIB)]);
-    let mut guest = Scribbler::start(memory.clone(), 1, Some(20_000));
-    thread::scope(|s| {
-        let dest = s.spawn(|| serve_one(&svc, &cfg, Duration::from_secs(10)));
-        migrate_to(capture.addr(), &memory, &mut guest)
-            .0
-            .expect("the clean run");
-        dest.join().unwrap().result.expect("the clean run lands");
-    });
-    let at = offset_of(Kind::Decision, &capture.captured()[&(0, true)]);
-
-    // The same migration again, its Decision lost with the connection.
+    // The migration's Decision is lost with the connection (its first
+    // byte is where the proxy cuts).
     let plan = Plan {
-        which: Which::Conn {
+        which: Which::Record(RecordAt {
             conn: 0,
             to_dest: true,
-        },
-        at,
+            kind: Kind::Decision,
+            nth: 0,
+            round: None,
+        }),
+        at: 0,
         action: Action::Cut,
     };
     let proxy = Proxy::start(svc.local_addr(), Some(plan), false).unwrap();

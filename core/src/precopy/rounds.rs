@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
@@ -108,7 +108,7 @@ impl WorkerPool {
     }
 
     /// Runs one round on every worker and sums their counts, calling
-    /// `idle` every `period` while it waits. On failure the other workers
+    /// `idle` as it starts and every `period` while it waits. On failure the other workers
     /// are interrupted and the first real cause returned.
     pub fn round(
         &self,
@@ -132,16 +132,21 @@ impl WorkerPool {
         let mut stats = WorkerStats::default();
         let mut first_err = None;
         let mut left = self.cmds.len();
+        // `idle` is due at the round's start (the work between rounds was
+        // quiet too) and then every `period` by the clock: a worker that
+        // finishes does not put the next call off.
+        let mut due = Instant::now();
         while left > 0 {
-            let done = match self.done.recv_timeout(period) {
-                Ok(d) => Ok(d),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = idle() {
-                        self.interrupt.trigger();
-                        first_err.get_or_insert(Cause::Transport(e));
-                    }
-                    continue;
+            if Instant::now() >= due {
+                if let Err(e) = idle() {
+                    self.interrupt.trigger();
+                    first_err.get_or_insert(Cause::Transport(e));
                 }
+                due = Instant::now() + period;
+            }
+            let done = match self.done.recv_deadline(due) {
+                Ok(d) => Ok(d),
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => Err(()),
             };
             left -= 1;
