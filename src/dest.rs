@@ -202,16 +202,30 @@ fn once(
         "hpmig dest: waiting for one migration on {}",
         listener.local_addr()?
     );
-    let tcp = TcpDest::accept(listener, opts).context("accepting the source")?;
-    let peer = tcp.peer();
-    #[cfg(feature = "rdma")]
-    if let Some(o) = rdma {
-        let mut t = hpmig_transport_rdma::RdmaDest::over(tcp, o)?;
-        return accept_and_land(a, cfg, &mut t, peer);
+    loop {
+        let l = listener.try_clone().context("accepting the source")?;
+        let tcp = TcpDest::accept(l, opts).context("accepting the source")?;
+        let peer = tcp.peer();
+        #[cfg(feature = "rdma")]
+        let end = match &rdma {
+            Some(o) => {
+                let mut t = hpmig_transport_rdma::RdmaDest::over(tcp, o.clone())?;
+                accept_and_land(a, cfg, &mut t, peer)?
+            }
+            None => accept_and_land(a, cfg, &mut { tcp }, peer)?,
+        };
+        #[cfg(not(feature = "rdma"))]
+        let end = {
+            let _ = &rdma;
+            accept_and_land(a, cfg, &mut { tcp }, peer)?
+        };
+        // A source in doubt that asked what became of its guest (this
+        // process restarted) was answered from the journal: that was not
+        // the one migration, so wait on for it.
+        if let Some(end) = end {
+            return Ok(end);
+        }
     }
-    #[cfg(not(feature = "rdma"))]
-    let _ = rdma;
-    accept_and_land(a, cfg, &mut { tcp }, peer)
 }
 
 fn accept_and_land<T: DestTransport>(
@@ -219,12 +233,16 @@ fn accept_and_land<T: DestTransport>(
     cfg: &DestConfig,
     transport: &mut T,
     peer: std::net::SocketAddr,
-) -> Result<Outcome> {
+) -> Result<Option<Outcome>> {
     match accept(transport, cfg, None, &mut Arrival::new()) {
-        Ok(accepted) => land_and_run(a, cfg, &accepted, transport, peer),
+        Ok(accepted) => land_and_run(a, cfg, &accepted, transport, peer).map(Some),
+        Err(e @ LandError::Answered(_)) => {
+            println!("  source {peer}: {e}");
+            Ok(None)
+        }
         Err(e) => {
             eprintln!("hpmig dest: refused {peer} during {}: {e}", e.phase());
-            Ok(Outcome::Failed)
+            Ok(Some(Outcome::Failed))
         }
     }
 }

@@ -638,3 +638,57 @@ fn a_source_dead_after_its_proof_holds_the_destination_no_longer_than_its_io_tim
         out.lock().unwrap()
     );
 }
+
+/// A `--once` destination restarted after it acknowledged (or ran) a copy
+/// is asked by the source in doubt what became of its guest: it must
+/// answer from its journal and wait on for the one migration, not take the
+/// Decision for a bad Hello and exit (the source would stay paused).
+#[test]
+fn a_once_destination_answers_a_redelivered_decision_and_waits_on() {
+    use hpmig_core::auth::{nonce, Secret, SessionId};
+    use hpmig_core::protocol::switchover::{Decision, OutcomeKind, Verdict};
+    use hpmig_core::protocol::{Header, Kind, HEADER_LEN};
+    use std::io::{Read, Write};
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let journal = std::env::temp_dir().join(format!("hpmig-cli-once-{}", std::process::id()));
+    let mut dest = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_hpmig"))
+            .args(["dest", "--listen", &addr, "--once", "--journal"])
+            .arg(&journal)
+            .env_remove("HPMIG_TOKEN")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut conn = (0..100)
+        .find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::net::TcpStream::connect(&addr).ok()
+        })
+        .expect("the destination listens");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let session = Secret::none().session(nonce(), nonce());
+    let decision = Decision {
+        session: SessionId([7; 16]),
+        verdict: Verdict::Commit,
+        round: 3,
+    };
+    conn.write_all(&decision.encode(&session)).unwrap();
+    let mut h = [0u8; HEADER_LEN];
+    conn.read_exact(&mut h).unwrap();
+    let h = Header::decode(&h, 0).unwrap();
+    let mut p = vec![0u8; h.len as usize];
+    conn.read_exact(&mut p).unwrap();
+    assert_eq!(h.kind, Kind::Outcome, "answered with {:?}", h.kind);
+    // No journal record of that session: Unknown (the source holds on).
+    assert_eq!(p[17], OutcomeKind::Unknown as u8);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        dest.0.try_wait().unwrap().is_none(),
+        "the destination ended instead of waiting for its migration"
+    );
+    let _ = std::fs::remove_dir_all(&journal);
+}

@@ -49,6 +49,11 @@ pub enum HandshakeError {
     /// this destination cannot host the source's guest
     #[error("this destination cannot host the guest: {0}")]
     Admit(String),
+    /// the connection brought a source's decision again, not a Hello: a
+    /// source in doubt asking what became of its guest (the payload is the
+    /// Decision's, for [`crate::land::answer_from_journal`])
+    #[error("a decision delivered again, not a new migration")]
+    Redelivered(Vec<u8>),
 }
 
 /// What the source offers.
@@ -185,6 +190,9 @@ pub fn answer<C: Control>(
 ) -> Result<Accepted, HandshakeError> {
     let refused = HandshakeError::Refused;
     let first = control.recv(deadline)?;
+    if first.header.kind == Kind::Decision {
+        return Err(HandshakeError::Redelivered(first.payload));
+    }
     if first.header.kind != Kind::Hello {
         return Err(refused(ProtocolError::Unexpected {
             got: first.header.kind,

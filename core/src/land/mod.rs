@@ -149,6 +149,10 @@ pub enum LandError {
     /// promise to answer truthfully after a restart, so it does not act
     #[error("session journal: {0}")]
     Journal(#[source] std::io::Error),
+    /// not a migration: a source's decision came again and was answered
+    /// from the journal with this outcome
+    #[error("answered a decision delivered again, from the journal: {0:?}")]
+    Answered(OutcomeKind),
 }
 
 impl LandError {
@@ -168,7 +172,8 @@ impl LandError {
             | LandError::Start(_)
             | LandError::Aborted
             | LandError::InDoubt(_)
-            | LandError::Journal(_) => "decision".into(),
+            | LandError::Journal(_)
+            | LandError::Answered(_) => "decision".into(),
         }
     }
 }
@@ -294,8 +299,14 @@ pub fn accept<T: DestTransport>(
         expected,
         deadline,
         &mut admit,
-    )
-    .map_err(LandError::from);
+    );
+    if let Err(HandshakeError::Redelivered(decision)) = &result {
+        // A source in doubt, not a new migration: answer from the journal
+        // (what a restarted destination knows), and say so to the caller.
+        let answered = answer_from_journal(transport.control(), decision, cfg)?;
+        return Err(LandError::Answered(answered.outcome));
+    }
+    let result = result.map_err(LandError::from);
     machine::tell_source(transport, &result);
     result
 }
