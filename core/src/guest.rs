@@ -74,6 +74,14 @@ pub trait DestGuest {
         let _ = (vcpus, requirements);
         Ok(())
     }
+    /// Called once guest memory is allocated, before round 0: prepares
+    /// what restoring needs that costs time in proportion to guest memory
+    /// (for a VM: creating it and registering its memory), so that none of
+    /// it falls into the pause. Optional: a failure here only means that
+    /// `restore` does the work itself.
+    fn prepare(&mut self, memory: &DestMemory, vcpus: u32) {
+        let _ = (memory, vcpus);
+    }
     /// Checks the state record against this host and applies it to vCPUs
     /// that are created but not running, on `memory` (where every byte
     /// landed). An error here refuses the copy: the source is told and

@@ -173,6 +173,8 @@ impl Guest for RunningGuest {
 #[derive(Debug, Default)]
 pub struct Arrival {
     memory: Option<DestMemory>,
+    /// A micro-VM made before round 0 (`prepare`), for `restore` to use.
+    prepared: Option<kvm::PreparedVm>,
     restored: Option<Restored>,
     running: Option<Resumed>,
     /// vCPU 0's heartbeat when the state was restored (memory complete).
@@ -228,11 +230,24 @@ impl DestGuest for Arrival {
         Ok(())
     }
 
+    fn prepare(&mut self, memory: &DestMemory, vcpus: u32) {
+        // Where /dev/kvm opens; an emulated guest's arrival drops it unused.
+        if kvm::available() {
+            // On failure `restore` creates the VM itself, and says why if
+            // it cannot either.
+            self.prepared = kvm::PreparedVm::new(memory, vcpus).ok();
+        }
+    }
+
     fn restore(&mut self, memory: &DestMemory, vcpus: u32, state: &[u8]) -> Result<(), GuestError> {
         let restored = if VmState::is_kvm_record(state) {
             let st = VmState::decode(state)?;
             check_vcpus(vcpus, st.vcpus.len() as u32)?;
-            Restored::Kvm(kvm::RestoredVm::new(memory.clone(), st)?)
+            Restored::Kvm(kvm::RestoredVm::new(
+                memory.clone(),
+                st,
+                self.prepared.take(),
+            )?)
         } else if let Some(cfg) = EmulatedConfig::from_state_record(state, 2) {
             check_vcpus(vcpus, cfg.vcpus)?;
             Restored::Emulated(cfg)

@@ -299,9 +299,14 @@ impl<'a, T: DestTransport> Dest<'a, T> {
                 tracing::info!(pages = fixed, "zeroed destination pages that were not zero");
             }
         }
+        let vcpus = hello.guest.vcpus;
         self.rxs = self
             .transport
             .accept_streams(streams, &session, self.memory)?;
+        // Out of the pause: whatever restoring costs per byte of guest memory.
+        if vcpus > 0 {
+            self.guest.prepare(self.memory, vcpus);
+        }
         // Memory is allocated and every stream accepted: round 0 may start.
         self.transport
             .control()

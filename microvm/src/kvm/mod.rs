@@ -40,7 +40,7 @@ use crate::Workload;
 use program::{
     Program, BELL_BATCH, BELL_IDLE, DATA, GUEST_PAGE, HOTSPOT_PAGES, SCRATCH, SCRATCH_PER_VCPU,
 };
-pub use restore::RestoredVm;
+pub use restore::{PreparedVm, RestoredVm};
 use state::{VcpuState, VmState};
 
 /// Most vCPUs of a micro-VM.
