@@ -287,8 +287,16 @@ fn payloads_land_in_place_and_share_doorbells_staged_only_when_compressed() {
             stats.per_doorbell()
         );
         if zstd == ZstdMode::Off {
+            // Only headers go through staging: 16 bytes per record, against
+            // a 4 KiB payload per page, or a few dozen bytes per segment
+            // after round 0 (seen: 5.9 MB in place against 0.59 MB staged
+            // over 3 segment rounds of this mostly-zero guest).
+            let share = match granularity {
+                Granularity::Page => 10,
+                Granularity::Segment => 4,
+            };
             assert!(
-                in_place > 10 * staged,
+                in_place > share * staged,
                 "payloads land in place; only headers go through staging"
             );
             assert!(stats.per_doorbell() > 4.0, "work requests share doorbells");
