@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/ci/softroce"
 CACHE=${HPMIG_SOFTROCE_CACHE:-$HOME/.cache/hpmig-softroce}
-TIMEOUT=${HPMIG_SOFTROCE_TIMEOUT:-480}
+TIMEOUT=${HPMIG_SOFTROCE_TIMEOUT:-900}
 while [ $# -gt 0 ]; do
     case "$1" in
         --cache) CACHE=$2; shift 2 ;;

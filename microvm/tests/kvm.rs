@@ -102,6 +102,9 @@ fn config(granularity: Granularity) -> SourceConfig {
         max_rounds: 8,
         stall_rounds: 3,
         on_stall: OnStall::ForceStop,
+        // Transports are under test, not the controller's estimate of the
+        // switch-over's fixed cost: rounds run as the target alone says.
+        switchover_cost: Duration::ZERO,
         ..Policy::default()
     };
     cfg

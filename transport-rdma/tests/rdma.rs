@@ -201,6 +201,9 @@ fn config(granularity: Granularity, zstd: ZstdMode, workers: usize) -> SourceCon
         max_rounds: 5,
         stall_rounds: 3,
         on_stall: OnStall::ForceStop,
+        // Transports are under test, not the controller's estimate of the
+        // switch-over's fixed cost: rounds run as the target alone says.
+        switchover_cost: Duration::ZERO,
         ..Policy::default()
     };
     cfg

@@ -51,6 +51,9 @@ fn config() -> SourceConfig {
         max_rounds: 4,
         stall_rounds: 100,
         on_stall: OnStall::ForceStop,
+        // Transports are under test, not the controller's estimate of the
+        // switch-over's fixed cost: rounds run as the target alone says.
+        switchover_cost: Duration::ZERO,
         ..Policy::default()
     };
     cfg
