@@ -292,11 +292,12 @@ fn payloads_land_in_place_and_share_doorbells_staged_only_when_compressed() {
         if zstd == ZstdMode::Off {
             // Only headers go through staging: 16 bytes per record, against
             // a 4 KiB payload per page, or a few dozen bytes per segment
-            // after round 0 (seen: 5.9 MB in place against 0.59 MB staged
-            // over 3 segment rounds of this mostly-zero guest).
+            // after round 0, so the segment ratio falls with every round the
+            // controller runs (seen on rxe: 9.99x after 3 rounds, 1.84x after
+            // 6 of this mostly-zero guest).
             let share = match granularity {
                 Granularity::Page => 10,
-                Granularity::Segment => 4,
+                Granularity::Segment => 1,
             };
             assert!(
                 in_place > share * staged,
@@ -480,8 +481,14 @@ fn a_stray_write_fails_the_migration(dev: &str, stray: Stray) {
     let err = result.expect_err("a write outside the stream's keys fails the migration");
     let text = format!("{err:#}");
     eprintln!("{stray:?}: source: {text}");
+    // The NIC's refusal fails the stray's stream at both ends, and the
+    // destination then closes every stream: which of the source's streams
+    // reports first is a race (seen both ways on rxe). Either way the write
+    // was refused: had it been allowed, nothing would have failed, and the
+    // marker check below would see it landed.
     assert!(
-        text.contains("an RDMA WRITE completed with status remote access error"),
+        text.contains("an RDMA WRITE completed with status remote access error")
+            || text.contains("the destination closed the stream"),
         "the NIC refused the write: {text}"
     );
     let dest_err = dest
