@@ -318,13 +318,7 @@ impl Opening<'_> {
                         nap = NAP;
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if try_again(&e) => {}
                 Err(e) => return Err(Refusal::Io(e)),
             }
         }
@@ -545,16 +539,20 @@ fn close(sock: TcpStream) {
         match (&sock).read(&mut sink) {
             Ok(0) => break,
             Ok(n) => drained += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if try_again(&e) => {}
             Err(_) => break,
         }
     }
+}
+
+/// A read on a socket with a short timeout that found nothing yet: read again.
+fn try_again(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
 }
 
 #[cfg(test)]
