@@ -63,8 +63,10 @@ pub(crate) fn land_all<T: DestTransport>(
     let pages = GuestPages::new(memory);
     let interrupt = transport.interrupt();
     let control = transport.control();
-    // Records landed by all streams together, for the watch after Complete.
-    let progress = AtomicU64::new(0);
+    // Steps each stream took, for the watch after Complete: one counter per
+    // stream, each on its own cache line, so landers never share one.
+    let progress: Vec<Padded> = (0..streams).map(|_| Padded::default()).collect();
+    let landed = |p: &[Padded]| p.iter().map(|c| c.0.load(Ordering::Relaxed)).sum::<u64>();
     std::thread::scope(|scope| {
         let handles: Vec<_> = rxs
             .into_iter()
@@ -74,7 +76,7 @@ pub(crate) fn land_all<T: DestTransport>(
                     .with_ledger(check.hasher.clone())
                     .with_fault(check.fault.filter(|_| i == 0));
                 let interrupt = interrupt.clone();
-                let progress = &progress;
+                let progress = &progress[i].0;
                 scope.spawn(move || {
                     run_stream(&mut lander, &mut rx, &interrupt, progress)
                         .map(|last| (last, lander.stats))
@@ -101,9 +103,9 @@ pub(crate) fn land_all<T: DestTransport>(
                     // The source sent all its data before Complete: a stream
                     // that lands nothing for `io` from here on is stuck.
                     let period = alive.map_or(io, |d| d.alive_period());
-                    let (mut seen, mut moved) = (progress.load(Ordering::Relaxed), Instant::now());
+                    let (mut seen, mut moved) = (landed(progress), Instant::now());
                     while let Err(RecvTimeoutError::Timeout) = landing.recv_timeout(period) {
-                        let now = progress.load(Ordering::Relaxed);
+                        let now = landed(progress);
                         if now != seen {
                             (seen, moved) = (now, Instant::now());
                         } else if moved.elapsed() >= io {
@@ -251,6 +253,11 @@ fn control_until_complete<C: Control>(
 }
 
 /// Lands one stream until its final round; returns that round.
+/// A counter alone on its cache line.
+#[derive(Default)]
+#[repr(align(64))]
+struct Padded(AtomicU64);
+
 fn run_stream(
     lander: &mut StreamLander<'_>,
     rx: &mut dyn StreamRx,
