@@ -116,6 +116,7 @@ pub fn migrate_booted<T: SourceTransport>(
         heartbeat_before: heartbeat(&b.memory, 0),
         heartbeat_after: None,
         blackout: None,
+        dest_started: None,
         rate_before: b.rate_before,
         rate_during,
         cpu_seconds: report::cpu_seconds() - cpu0,

@@ -179,6 +179,8 @@ pub struct Arrival {
     running: Option<Resumed>,
     /// vCPU 0's heartbeat when the state was restored (memory complete).
     arrival_heartbeat: u64,
+    /// When `start` returned: the vCPUs run from here.
+    started_at: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -204,6 +206,11 @@ impl Arrival {
     /// every byte landed): the guest runs on if it moves past this.
     pub fn arrival_heartbeat(&self) -> u64 {
         self.arrival_heartbeat
+    }
+
+    /// When the vCPUs were started here, once they were.
+    pub fn started_at(&self) -> Option<std::time::Instant> {
+        self.started_at
     }
 
     /// The guest, once it runs here.
@@ -275,6 +282,7 @@ impl DestGuest for Arrival {
             None => return Err(GuestError::Resume("no restored guest to start".into())),
         };
         self.running = Some(running);
+        self.started_at = Some(std::time::Instant::now());
         Ok(())
     }
 

@@ -215,7 +215,6 @@ pub fn image(workload: Workload, memory: u64, dirty_rate: Option<u64>) -> Result
 pub fn migrate(run: &Run) -> Result<Outcome> {
     let dir = TempDir::new()?;
     let image_path = dir.0.join("guest.img");
-    let per_batch = per_batch(run.dirty_rate);
     std::fs::write(
         &image_path,
         image(run.workload, run.memory, run.dirty_rate)?,
@@ -305,7 +304,13 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         converged,
         progress: (h2 - h1) as f64 / elapsed / rate_before,
-        rate_before: rate_before * per_batch as f64,
+        // The heartbeat counts stores; dense's, pages of 512 stores each.
+        rate_before: rate_before
+            * if run.workload == Workload::Dense {
+                512.0
+            } else {
+                1.0
+            },
     })
 }
 

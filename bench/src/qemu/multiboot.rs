@@ -59,7 +59,7 @@ pub enum ImageError {
 }
 
 /// The image for a guest of `memory_size` bytes running `workload` with
-/// `writes_per_batch` stores between heartbeats, at most one batch per
+/// `writes_per_batch` stores per batch (the heartbeat counts stores), at most one batch per
 /// `cycles_per_batch` time-stamp counter cycles (0: flat out), seeded with
 /// `seed`.
 pub fn image(

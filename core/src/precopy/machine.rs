@@ -476,6 +476,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             .map_err(fail(Phase::StopAndCopy, round))?;
         let paused = Instant::now();
         self.times.pause = paused - t;
+        self.times.paused_at = Some(paused);
         self.pause_at = Some(paused);
         // Pages dirtied since the decision's harvest join the final round.
         self.harvest(Phase::StopAndCopy, round)?;

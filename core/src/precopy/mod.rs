@@ -36,7 +36,7 @@ mod rounds;
 mod switchover;
 pub(crate) mod worker;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -259,6 +259,9 @@ pub struct MigrationReport {
 /// the bookkeeping between them.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SwitchoverTimes {
+    /// When `Guest::pause` returned: the downtime's start, on this
+    /// process's monotonic clock (for an observer in the same process).
+    pub paused_at: Option<Instant>,
     /// `Guest::pause` itself (before the downtime starts: vCPUs may still run).
     pub pause: Duration,
     /// The last harvest of the dirty log, the guest paused.
