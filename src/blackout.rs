@@ -1,5 +1,6 @@
 //! The pause as the guest sees it: a host thread that reads the guest's
-//! heartbeat in source and destination memory at ≥ 10 kHz, from before the
+//! heartbeat in source and destination memory every 50 µs (4-5 kHz on two
+//! busy cores, reported with the result), from before the
 //! migration until the destination's copy beats past the source's last
 //! value. The blackout is the time from the source heartbeat's last change
 //! to the destination heartbeat's first change past it, on one clock (the
@@ -16,7 +17,7 @@ use hpmig_core::memory::{DestMemory, SourceMemory};
 use hpmig_microvm::kvm::heartbeat;
 
 /// How often the observer samples both heartbeats.
-const PERIOD: Duration = Duration::from_micros(25);
+const PERIOD: Duration = Duration::from_micros(50);
 
 /// What the observer saw.
 #[derive(Clone, Copy, Debug)]
@@ -78,14 +79,13 @@ fn observe(source: &SourceMemory, dest: &DestMemory, stop: &AtomicBool) -> Optio
     // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this
     // thread's timer slack; no pointer is passed.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-    // On two busy cores a thread at normal priority wakes from its 50 µs
-    // sleep only when the scheduler gets to it (3-5 kHz measured); the
-    // highest nice value lets it preempt on waking. (Real-time priority
-    // was tried: on these nested-virtualised machines it starved the
-    // vCPU thread for hundreds of milliseconds.) Each sample is a few
-    // reads. Without the privilege the rate achieved is reported as it is.
-    // SAFETY: setpriority takes integers; who 0 is this thread.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -20) };
+    // At normal priority this thread samples at 4-5 kHz on two busy cores
+    // (the scheduler wakes it late). Higher priority was measured and
+    // rejected: at nice -20 with 25 us sleeps it sampled at 14-15 kHz, but
+    // it took enough CPU from the vCPU threads to stretch the pause and the
+    // stalls around it by tens of milliseconds, and real-time priority
+    // starved the vCPU thread for hundreds; an observer must not move what
+    // it measures.
     let start = Instant::now();
     let mut samples = 0u64;
     let mut last_src = heartbeat(source, 0);
