@@ -16,7 +16,7 @@ for size in $SIZES; do
         for run in $(seq "$RUNS"); do
             json="$OUT/$size-$g-$run.json"
             set +e
-            "$HPMIG" demo --memory "$size" --workload sparse --dirty-rate 100000 --prefill \
+            "$HPMIG" demo --memory "$size" --workload sparse --dirty-rate 100000 --contents full \
                 --granularity "$g" --json "$json" > "$OUT/$size-$g-$run.txt" 2>&1
             rc=$?
             set -e
