@@ -10,7 +10,7 @@ MEM=${1:-2G}; WORKERS=${2:-1 2 4 8}; HPMIG=${3:-target/release/hpmig}
 echo "cores: $(nproc); guest $MEM; workers: $WORKERS"
 base=""
 for n in $WORKERS; do
-    out=$("$HPMIG" demo --guest emulated --memory "$MEM" --workload idle --prefill --warmup 100ms \
+    out=$("$HPMIG" demo --guest emulated --memory "$MEM" --workload idle --contents full --warmup 100ms \
         --granularity page --workers "$n" --prefault 2>&1) || { echo "$out"; exit 1; }
     # Round table: round, dirty pages, work set (2 fields), wire (2 fields), ms, MB/s.
     rate=$(echo "$out" | awk '$1 == "0" && NF >= 9 {print $8}')

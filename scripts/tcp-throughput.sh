@@ -24,7 +24,7 @@ hp_port=$(port)
 "$HPMIG" dest --listen "127.0.0.1:$hp_port" --run-for 200ms ${PREFAULT:+--prefault} > "$work/dest.txt" 2>&1 &
 dest=$!
 sleep 0.5
-"$HPMIG" source --to "127.0.0.1:$hp_port" --memory "$MEM" --prefill --workload idle --granularity page \
+"$HPMIG" source --to "127.0.0.1:$hp_port" --memory "$MEM" --contents full --workload idle --granularity page \
     --streams "$STREAMS" --json "$work/src.json" "$@" > "$work/src.txt"
 wait "$dest"
 python3 - "$work/src.json" "$iperf_bps" "$work/dest.txt" "$work/src.txt" <<'PY'

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use hpmig_core::auth::Secret;
+use hpmig_core::memory::Contents;
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::limiter::parse_rate;
 use hpmig_core::precopy::SourceConfig;
@@ -36,9 +37,14 @@ pub struct GuestArgs {
     /// How long the guest runs before migration starts.
     #[arg(long, default_value = "500ms", value_parser = parse_millis)]
     pub warmup: Duration,
-    /// Fill all guest memory with random bytes before the guest starts (a
-    /// guest whose every page holds data, for throughput runs).
-    #[arg(long)]
+    /// What guest memory holds before the workload starts: full (every
+    /// page pseudo-random and different), mixed (3/8 zero, 3/8 text-like,
+    /// 2/8 random pages) or empty (zero but what the guest writes).
+    #[arg(long, default_value = "full")]
+    pub contents: Contents,
+    /// Former name of `--contents full` (the default), kept so that old
+    /// command lines still run.
+    #[arg(long, hide = true, conflicts_with = "contents")]
     pub prefill: bool,
     /// Which guest: the KVM micro-VM (auto picks it when /dev/kvm works) or
     /// the emulated one.

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_bench::qemu::QEMU;
 use hpmig_bench::{matrix, model};
+use hpmig_core::memory::Contents;
 use hpmig_microvm::{GuestChoice, Workload};
 
 use crate::units::parse_bytes;
@@ -38,6 +39,11 @@ pub struct BenchArgs {
     /// Guest size of the QEMU comparison.
     #[arg(long, default_value = "256M", value_parser = parse_bytes)]
     peer_memory: u64,
+    /// What guest memory holds before the workload starts (comma-separated:
+    /// empty, full, mixed). Default: full in the quick matrix and the QEMU
+    /// comparison, full and mixed in the full matrix.
+    #[arg(long, value_delimiter = ',')]
+    contents: Vec<Contents>,
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
@@ -49,6 +55,7 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
         peer: a.peer,
         memory: a.memory.clone(),
         peer_memory: a.peer_memory,
+        contents: a.contents.clone(),
     })
 }
 

@@ -53,6 +53,8 @@ pub struct GuestFigures {
     pub heartbeat_after: Option<u64>,
     /// The pause as the guest saw it (`demo` only: it sees both ends).
     pub blackout: Option<crate::blackout::Blackout>,
+    /// What guest memory held before the workload started.
+    pub contents: Option<hpmig_core::memory::Contents>,
     /// When the destination started the guest's vCPUs (`demo` only).
     pub dest_started: Option<std::time::Instant>,
     pub rate_before: f64,
@@ -279,6 +281,7 @@ pub fn write_json(
                 "stop_reason": format!("{:?}", r.stop),
                 "verified": r.verified,
                 "verify": r.verify.as_str(),
+                "guest_contents": g.contents.map(|c| c.as_str()),
                 "heartbeat_before": g.heartbeat_before,
                 "heartbeat_after": g.heartbeat_after,
                 "blackout_ms": g.blackout.map(|b| b.blackout.as_secs_f64() * 1e3),

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_core::dirty::DirtySource;
 use hpmig_core::guest::Guest;
-use hpmig_core::memory::SourceMemory;
+use hpmig_core::memory::{Contents, SourceMemory};
 use hpmig_core::precopy::{
     migrate, redeliver, MigrateError, MigrationReport, Pending, SourceConfig,
 };
@@ -54,6 +54,8 @@ pub struct Booted {
     pub guest: RunningGuest,
     pub dirty: Box<dyn DirtySource>,
     pub rate_before: f64,
+    /// What its memory held before the workload started.
+    pub contents: Contents,
 }
 
 /// Boots the guest, says what runs, and lets it run for the warm-up,
@@ -62,8 +64,14 @@ pub fn boot(g: &GuestArgs) -> Result<Booted> {
     g.check()?;
     let ranges = hpmig_microvm::kvm::memory_ranges(g.memory)?;
     let memory = SourceMemory::from_ranges(&ranges).context("allocating guest memory")?;
-    if g.prefill {
-        hpmig_core::memory::fill_random(&memory, 1);
+    if g.contents != Contents::Empty {
+        let t = Instant::now();
+        hpmig_microvm::fill_guest(&memory, g.contents);
+        println!(
+            "  memory: {} contents, filled in {:.1} s",
+            g.contents,
+            t.elapsed().as_secs_f64()
+        );
     }
     let (guest, dirty, line) = guest::boot(&memory, &g.spec())?;
     println!("  guest: {line}");
@@ -76,6 +84,7 @@ pub fn boot(g: &GuestArgs) -> Result<Booted> {
         guest,
         dirty,
         rate_before,
+        contents: g.contents,
     })
 }
 
@@ -117,6 +126,7 @@ pub fn migrate_booted<T: SourceTransport>(
         heartbeat_after: None,
         blackout: None,
         dest_started: None,
+        contents: Some(b.contents),
         rate_before: b.rate_before,
         rate_during,
         cpu_seconds: report::cpu_seconds() - cpu0,

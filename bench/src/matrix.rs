@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use hpmig_core::dirty::kvm::DirtyLogMode;
 use hpmig_core::land::{receive, DestConfig};
-use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
+use hpmig_core::memory::{Contents, DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::{migrate, SourceConfig};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
@@ -41,6 +41,8 @@ pub struct Options {
     pub memory: Vec<u64>,
     /// Guest size of the QEMU comparison.
     pub peer_memory: u64,
+    /// Guest contents to run instead of the matrices' own; all when empty.
+    pub contents: Vec<Contents>,
 }
 
 /// A workload and its dirty rate.
@@ -50,28 +52,46 @@ type Load = (Workload, Option<u64>);
 /// at 100k stores/s (QEMU's guest paces itself by the TSC, hpmig's VMM at
 /// its doorbell), hpmig page and segment next to QEMU plain, xbzrle and
 /// multifd, at 1 and 10 Gbit/s.
-fn peer_matrix(memory: u64, with_qemu: bool) -> Vec<Setting> {
+fn peer_matrix(memory: u64, with_qemu: bool, contents: &[Contents]) -> Vec<Setting> {
     let mut variants = vec![Variant::Page, Variant::Segment];
     if with_qemu {
         variants.extend([Variant::Qemu, Variant::QemuXbzrle, Variant::QemuMultifd]);
     }
+    let contents = if contents.is_empty() {
+        &[Contents::Full][..]
+    } else {
+        contents
+    };
     let mut cells = Vec::new();
-    for link in [Link::gbit(1), Link::gbit(10)] {
-        for &variant in &variants {
-            cells.push(Setting {
-                memory_bytes: memory,
-                workload: Workload::Sparse,
-                dirty_rate: Some(100_000),
-                link,
-                variant,
-            });
+    for &contents in contents {
+        for link in [Link::gbit(1), Link::gbit(10)] {
+            for &variant in &variants {
+                cells.push(Setting {
+                    memory_bytes: memory,
+                    workload: Workload::Sparse,
+                    contents,
+                    dirty_rate: Some(100_000),
+                    link,
+                    variant,
+                });
+            }
         }
     }
     cells
 }
 
-fn matrix(quick: bool) -> Vec<Setting> {
+fn matrix(quick: bool, only: &[Contents]) -> Vec<Setting> {
     use Variant::{Page, Segment, SegmentZstd};
+    // Guests hold data: what each method sends for a page depends on it.
+    // The full matrix adds the mixed blend; empty guests are not measured
+    // by default (`Contents::Empty` stays for runs that ask for it).
+    let contents = if !only.is_empty() {
+        only.to_vec()
+    } else if quick {
+        vec![Contents::Full]
+    } else {
+        vec![Contents::Full, Contents::Mixed]
+    };
     let (memories, loads, variants, links): (Vec<u64>, Vec<Load>, Vec<Variant>, Vec<Link>) =
         if quick {
             (
@@ -106,16 +126,19 @@ fn matrix(quick: bool) -> Vec<Setting> {
         };
     let mut cells = Vec::new();
     for &memory_bytes in &memories {
-        for &(workload, dirty_rate) in &loads {
-            for &link in &links {
-                for &variant in &variants {
-                    cells.push(Setting {
-                        memory_bytes,
-                        workload,
-                        dirty_rate,
-                        link,
-                        variant,
-                    });
+        for &contents in &contents {
+            for &(workload, dirty_rate) in &loads {
+                for &link in &links {
+                    for &variant in &variants {
+                        cells.push(Setting {
+                            memory_bytes,
+                            workload,
+                            contents,
+                            dirty_rate,
+                            link,
+                            variant,
+                        });
+                    }
                 }
             }
         }
@@ -143,6 +166,7 @@ fn run_hpmig(
     choice: GuestChoice,
 ) -> Result<Run> {
     let memory = SourceMemory::from_ranges(&hpmig_microvm::kvm::memory_ranges(cell.memory_bytes)?)?;
+    guest::fill_guest(&memory, cell.contents);
     let spec = BootSpec {
         choice,
         workload: cell.workload,
@@ -212,12 +236,20 @@ fn run_hpmig(
             1.0
         },
         guest_writes_per_s_before: rate_before,
+        // Segment keeps a full copy of guest memory to diff against.
+        shadow_bytes: if granularity == Granularity::Segment {
+            cell.memory_bytes
+        } else {
+            0
+        },
+        xbzrle_cache_bytes: 0,
     })
 }
 
 fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
     let o = qemu::migrate(&qemu::Run {
         workload: cell.workload,
+        contents: cell.contents,
         dirty_rate: cell.dirty_rate,
         memory: cell.memory_bytes,
         mode,
@@ -237,6 +269,13 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
         converged: o.converged,
         guest_progress: o.progress,
         guest_writes_per_s_before: o.rate_before,
+        shadow_bytes: 0,
+        // Sized to hpmig's shadow for the same guest (see qemu::migrate).
+        xbzrle_cache_bytes: if mode == qemu::Mode::Xbzrle {
+            cell.memory_bytes
+        } else {
+            0
+        },
     })
 }
 
@@ -245,12 +284,16 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
 /// when a run failed (the other runs are still reported).
 pub fn run(o: &Options) -> Result<bool> {
     let with_qemu = !o.quick && qemu::available();
-    let mut cells = if o.peer { Vec::new() } else { matrix(o.quick) };
+    let mut cells = if o.peer {
+        Vec::new()
+    } else {
+        matrix(o.quick, &o.contents)
+    };
     if !o.memory.is_empty() {
         cells.retain(|c| o.memory.contains(&c.memory_bytes));
     }
     if !o.quick {
-        cells.extend(peer_matrix(o.peer_memory, with_qemu));
+        cells.extend(peer_matrix(o.peer_memory, with_qemu, &o.contents));
     }
     let repeats = o.repeats.max(1);
     println!(
@@ -275,8 +318,9 @@ pub fn run(o: &Options) -> Result<bool> {
     }
     println!();
     println!(
-        "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>9} {:>9}",
+        "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>9} {:>9}",
         "memory",
+        "contents",
         "workload",
         "link",
         "variant",
@@ -298,8 +342,9 @@ pub fn run(o: &Options) -> Result<bool> {
                 Err(e) => {
                     ok = false;
                     println!(
-                        "  {} {} {} {}: run FAILED: {e:#}",
+                        "  {} {} {} {} {}: run FAILED: {e:#}",
                         human(setting.memory_bytes),
+                        setting.contents,
                         setting.load(),
                         setting.link,
                         setting.variant
@@ -313,8 +358,9 @@ pub fn run(o: &Options) -> Result<bool> {
         let cell = Cell { setting, runs };
         let s = cell.summary();
         println!(
-            "{:>7} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>9} {:>8.0}%",
+            "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>9} {:>8.0}%",
             human(setting.memory_bytes),
+            setting.contents,
             setting.load(),
             setting.link,
             setting.variant,

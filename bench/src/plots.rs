@@ -42,11 +42,27 @@ fn reference(points: &[Summary]) -> Vec<&Summary> {
         .iter()
         .filter(|p| p.setting.workload == Workload::Sparse)
         .collect();
-    let pool = if sparse.is_empty() {
+    let pool: Vec<&Summary> = if sparse.is_empty() {
         points.iter().collect()
     } else {
         sparse
     };
+    // One guest contents per figure: full where measured.
+    let contents = if pool
+        .iter()
+        .any(|p| p.setting.contents == hpmig_core::memory::Contents::Full)
+    {
+        hpmig_core::memory::Contents::Full
+    } else {
+        match pool.first() {
+            Some(p) => p.setting.contents,
+            None => return Vec::new(),
+        }
+    };
+    let pool: Vec<&Summary> = pool
+        .into_iter()
+        .filter(|p| p.setting.contents == contents)
+        .collect();
     let Some(memory) = pool.iter().map(|p| p.setting.memory_bytes).min() else {
         return Vec::new();
     };
@@ -96,7 +112,12 @@ pub fn write(dir: &Path, points: &[Summary]) -> Result<Vec<PathBuf>> {
         return Ok(Vec::new());
     }
     let s = &refs[0].setting;
-    let title = format!("{}, {} MiB guest", s.load(), s.memory_bytes >> 20);
+    let title = format!(
+        "{}, {} MiB guest, {} memory",
+        s.load(),
+        s.memory_bytes >> 20,
+        s.contents
+    );
     Ok(vec![
         bytes_per_round(dir, &refs, &title)?,
         time_vs_link(dir, &refs, &title)?,
@@ -364,6 +385,7 @@ mod tests {
             setting: Setting {
                 memory_bytes: 256 << 20,
                 workload: Workload::Sparse,
+                contents: hpmig_core::memory::Contents::Full,
                 dirty_rate: Some(100_000),
                 link,
                 variant,

@@ -9,6 +9,11 @@
 //! ```text
 //! { "schema": 1,
 //!   "cells": [ { "memory_bytes": 67108864, "workload": "sparse",
+//!                "contents": "full",            (empty, full, mixed: what
+//!                                                guest memory held first;
+//!                                                absent in files written
+//!                                                before it, whose guests
+//!                                                were empty)
 //!                "dirty_rate": 100000,          (null: flat out)
 //!                "link": "1Gbit",               ("uncapped": no cap)
 //!                "variant": "segment",          (page, segment, segment+zstd,
@@ -16,7 +21,12 @@
 //!                "runs": [ { "rounds", "bytes_per_round", "ms_per_round",
 //!                            "total_bytes", "total_ms", "downtime_ms",
 //!                            "verify_ms", "converged", "guest_progress",
-//!                            "guest_writes_per_s_before" }, ... ] }, ... ] }
+//!                            "guest_writes_per_s_before",
+//!                            "shadow_bytes",    (hpmig segment: the memory it
+//!                                                keeps to diff against; 0
+//!                                                for page and QEMU)
+//!                            "xbzrle_cache_bytes" (QEMU xbzrle's cache; 0
+//!                                                otherwise) }, ... ] }, ... ] }
 //! ```
 //!
 //! `schema` is the version of this layout, the first field of the file. It
@@ -37,6 +47,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use hpmig_core::memory::Contents;
 use hpmig_microvm::Workload;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -71,6 +82,9 @@ pub struct Setting {
     pub memory_bytes: u64,
     #[serde(with = "workload_name")]
     pub workload: Workload,
+    /// What guest memory held before the workload started.
+    #[serde(with = "contents_name", default = "contents_name::before_the_field")]
+    pub contents: Contents,
     /// Guest stores per second asked for; `None`: flat out.
     pub dirty_rate: Option<u64>,
     pub link: Link,
@@ -103,6 +117,13 @@ pub struct Run {
     /// Guest writes per second before migration (what the pacing achieved).
     #[serde(deserialize_with = "nan_if_null")]
     pub guest_writes_per_s_before: f64,
+    /// The memory budget of the method's deltas: hpmig segment's shadow
+    /// copy (0 for page and QEMU).
+    #[serde(default)]
+    pub shadow_bytes: u64,
+    /// QEMU xbzrle's page cache, sized to hpmig's shadow (0 otherwise).
+    #[serde(default)]
+    pub xbzrle_cache_bytes: u64,
 }
 
 /// Who migrates, and how. Written by name: `page`, `segment`,
@@ -246,6 +267,27 @@ mod workload_name {
     }
 }
 
+/// Guest contents by name, as `Contents::as_str` writes them.
+mod contents_name {
+    use hpmig_core::memory::Contents;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Contents, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(c.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Contents, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+
+    /// Files written before the field ran on guests that were never filled.
+    pub fn before_the_field() -> Contents {
+        Contents::Empty
+    }
+}
+
 /// A float that serde_json wrote as `null` (it writes NaN so) is NaN.
 fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
@@ -305,7 +347,7 @@ impl Cell {
     }
 }
 
-const CSV_HEADER: &str = "memory_bytes,workload,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,converged_runs,progress_median\n";
+const CSV_HEADER: &str = "memory_bytes,workload,contents,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,converged_runs,progress_median\n";
 
 impl BenchResults {
     /// Results of the current schema.
@@ -339,9 +381,10 @@ impl BenchResults {
             let s = cell.summary();
             let (b, t, d) = (s.total_bytes, s.total_ms, s.downtime_ms);
             csv.push_str(&format!(
-                "{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
+                "{},{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
                 s.setting.memory_bytes,
                 s.setting.workload.as_str(),
+                s.setting.contents,
                 s.setting.dirty_rate.unwrap_or(0),
                 s.setting.link,
                 s.setting.variant,
@@ -398,6 +441,7 @@ mod tests {
             setting: Setting {
                 memory_bytes: 64 << 20,
                 workload: Workload::Sparse,
+                contents: Contents::Mixed,
                 dirty_rate: Some(100_000),
                 link,
                 variant,
@@ -423,6 +467,7 @@ mod tests {
             "\"link\": \"10Gbit\"",
             "\"link\": \"uncapped\"",
             "\"workload\": \"sparse\"",
+            "\"contents\": \"mixed\"",
             "\"converged\": true",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
@@ -448,6 +493,9 @@ mod tests {
         assert_eq!(doc.schema, 0);
         let s = doc.cells[0].setting;
         assert_eq!(s.workload, Workload::Dense);
+        // Written before guests were filled: their memory was empty.
+        assert_eq!(s.contents, Contents::Empty);
+        assert_eq!(doc.cells[0].runs[0].shadow_bytes, 0);
         assert_eq!(s.link.bytes_per_s(), Some(125_000_000));
         assert_eq!((s.variant, s.load()), (Variant::Qemu, "dense@max".into()));
 
@@ -490,9 +538,9 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(
             rows[1],
-            "67108864,sparse,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,3,0.500"
+            "67108864,sparse,mixed,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,3,0.500"
         );
-        assert!(rows[2].starts_with("67108864,sparse,100000,uncapped,segment,1,"));
+        assert!(rows[2].starts_with("67108864,sparse,mixed,100000,uncapped,segment,1,"));
         assert_eq!(doc.cells[0].summary().bytes_per_round, vec![190, 10]);
     }
 }

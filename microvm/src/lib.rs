@@ -318,8 +318,48 @@ impl Resumed {
     }
 }
 
+/// Fills a guest's memory with `contents` (see [`hpmig_core::memory::fill`])
+/// before it boots, leaving the guest's own area below
+/// [`kvm::program::DATA`] (heartbeats, page tables, code) zero, as a VMM
+/// that loads the program expects: a heartbeat then starts at 0. The QEMU
+/// peer's RAM file is filled by the same function, so both tools' guests
+/// hold the same bytes.
+pub fn fill_guest<B: vm_memory::bitmap::Bitmap + Send + Sync + 'static>(
+    memory: &vm_memory::GuestMemoryMmap<B>,
+    contents: hpmig_core::memory::Contents,
+) {
+    use vm_memory::{Bytes, GuestAddress};
+    hpmig_core::memory::fill(memory, contents, 1);
+    if contents != hpmig_core::memory::Contents::Empty {
+        let zeros = vec![0u8; kvm::program::DATA as usize];
+        // Every guest is at least 3 MiB, so the range lies in memory.
+        let _ = memory.write_slice(&zeros, GuestAddress(0));
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_filled_guest_keeps_its_own_area_zero_and_its_data_full() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let m: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("memory");
+        fill_guest(&m, hpmig_core::memory::Contents::Full);
+        let mut low = vec![1u8; kvm::program::DATA as usize];
+        m.read_slice(&mut low, GuestAddress(0)).expect("read");
+        assert!(
+            low.iter().all(|&b| b == 0),
+            "the guest's own area was filled"
+        );
+        let mut page = [0u8; 4096];
+        m.read_slice(&mut page, GuestAddress(kvm::program::DATA))
+            .expect("read");
+        assert!(
+            page.iter().filter(|&&b| b == 0).count() < 64,
+            "data not filled"
+        );
+    }
+
     use super::*;
     use hpmig_core::vm_memory::GuestAddress;
 

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use hpmig_core::memory::Contents;
 use hpmig_microvm::Workload;
 use serde_json::{json, Value};
 
@@ -42,6 +43,19 @@ pub fn available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Where a QEMU's guest RAM lives.
+#[derive(Clone, Copy, Debug)]
+enum Ram<'a> {
+    /// QEMU's own (zeroed) RAM.
+    Default,
+    /// A file the host filled, mapped shared: what the host wrote there is
+    /// what the guest finds.
+    File(&'a Path),
+    /// A RAM backend object named like the file's (a destination for a
+    /// source on a file).
+    Backend,
+}
+
 /// One QEMU process with its QMP connection.
 struct Vm {
     child: Child,
@@ -49,8 +63,26 @@ struct Vm {
 }
 
 impl Vm {
-    fn start(image: &Path, memory: u64, sock: &Path, incoming: bool) -> Result<Vm> {
+    /// Starts QEMU on `image` with guest RAM as `ram` says.
+    fn start(image: &Path, memory: u64, ram: Ram<'_>, sock: &Path, incoming: bool) -> Result<Vm> {
         let mut cmd = Command::new(QEMU);
+        // Both ends must name their RAM block alike for the migration to
+        // find it: a source on a backend object needs one on the
+        // destination too.
+        let backend = match ram {
+            Ram::Default => None,
+            Ram::File(path) => Some(format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
+                memory >> 20,
+                path.display()
+            )),
+            Ram::Backend => Some(format!("memory-backend-ram,id=ram0,size={}M", memory >> 20)),
+        };
+        if let Some(backend) = backend {
+            cmd.arg("-object")
+                .arg(backend)
+                .args(["-machine", "memory-backend=ram0"]);
+        }
         // arch-capabilities off: its MSR cannot be set under some nested
         // hypervisors (PVM among them), and the guest does not need it.
         cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"])
@@ -185,6 +217,8 @@ pub struct Outcome {
 #[derive(Clone, Copy, Debug)]
 pub struct Run {
     pub workload: Workload,
+    /// What the source guest's memory holds before its workload starts.
+    pub contents: Contents,
     /// Guest stores per second (the guest paces itself); `None`: flat out.
     pub dirty_rate: Option<u64>,
     pub memory: u64,
@@ -211,6 +245,35 @@ pub fn image(workload: Workload, memory: u64, dirty_rate: Option<u64>) -> Result
     multiboot::image(workload, memory, per_batch, cycles, 7).context("building the QEMU image")
 }
 
+/// The source QEMU's RAM as a file in `dir` holding `contents`, filled by
+/// the function that fills hpmig's guests (page by page from the same
+/// seed), or `None` for an empty guest (QEMU's own zeroed RAM). Below the
+/// PC's 32-bit hole a file offset is the guest address, so the guest finds
+/// the same bytes at the same addresses as hpmig's; the multiboot loader
+/// then writes the program below `DATA`, as hpmig's VMM does.
+fn filled_ram(dir: &Path, memory: u64, contents: Contents) -> Result<Option<PathBuf>> {
+    if contents == Contents::Empty {
+        return Ok(None);
+    }
+    let path = dir.join("guest.ram");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.set_len(memory)?;
+    let ram: vm_memory::GuestMemoryMmap<()> =
+        vm_memory::GuestMemoryMmap::from_ranges_with_files([(
+            vm_memory::GuestAddress(0),
+            memory as usize,
+            Some(vm_memory::FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| anyhow!("mapping {}: {e}", path.display()))?;
+    hpmig_microvm::fill_guest(&ram, contents);
+    Ok(Some(path))
+}
+
 /// Boots the workload in two QEMUs and migrates it from one to the other.
 pub fn migrate(run: &Run) -> Result<Outcome> {
     let dir = TempDir::new()?;
@@ -220,8 +283,13 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         image(run.workload, run.memory, run.dirty_rate)?,
     )?;
     let image = image_path;
-    let mut src = Vm::start(&image, run.memory, &dir.0.join("src.qmp"), false)?;
-    let mut dst = Vm::start(&image, run.memory, &dir.0.join("dst.qmp"), true)?;
+    let ram = filled_ram(&dir.0, run.memory, run.contents)?;
+    let (src_ram, dst_ram) = match &ram {
+        Some(path) => (Ram::File(path), Ram::Backend),
+        None => (Ram::Default, Ram::Default),
+    };
+    let mut src = Vm::start(&image, run.memory, src_ram, &dir.0.join("src.qmp"), false)?;
+    let mut dst = Vm::start(&image, run.memory, dst_ram, &dir.0.join("dst.qmp"), true)?;
     src.wait_running(Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(300));
     let (h0, t0) = (src.heartbeat()?, Instant::now());
@@ -331,7 +399,11 @@ impl TempDir {
     fn new() -> Result<TempDir> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("hpmig-qemu-{}-{n}", std::process::id()));
+        // In memory where /dev/shm exists: the guest's RAM file lives here.
+        let base = Some(PathBuf::from("/dev/shm"))
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let p = base.join(format!("hpmig-qemu-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&p)?;
         Ok(TempDir(p))
     }

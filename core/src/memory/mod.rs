@@ -22,7 +22,9 @@ use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-pub use fill::{fill_random, pseudo_random_bytes, XorShift64};
+pub use fill::{
+    fill, fill_random, mixed_kind, pseudo_random_bytes, Contents, PageKind, XorShift64,
+};
 pub use index::{find_region, PageBits, PageIndex, RegionOffset, Share, PAGES_PER_WORD};
 
 /// Guest memory on the source: tracked by vm-memory's atomic dirty bitmap.
