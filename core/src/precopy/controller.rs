@@ -6,6 +6,14 @@
 //! scales the pages dirty right now by the bytes per dirty page of the last
 //! round, so segment mode, whose pages cost a few bytes each, projects a
 //! small work set where page mode projects whole pages.
+//!
+//! A round also costs time per dirty page, whatever its bytes: the harvest,
+//! the diff against the shadow, the hashes of incremental verification,
+//! the landing. Measured here at 2-4 µs per page in segment final rounds,
+//! it is what a final round of a few hundred KiB but 15,000 dirty pages
+//! spends (34 ms at 1 GiB). The projection therefore also scales the pages
+//! dirty now by the cheapest time per page any round has shown, and takes
+//! whichever of bytes and pages costs more.
 
 use std::time::Duration;
 
@@ -56,6 +64,18 @@ impl Default for Policy {
         }
     }
 }
+
+/// A final round projected to take less than this is not worth another
+/// round to shrink it (about the switch-over's own fixed cost, so below it
+/// the pause is mostly that cost).
+pub const WORTH_A_ROUND: Duration = Duration::from_millis(5);
+
+/// How much longer than the projected final round the last round must have
+/// taken for one more round to pay: the guest dirties memory during the
+/// extra round for about the final round's projected time, not the last
+/// round's, so its dirty set, and the final round after it, shrinks by
+/// about this factor.
+pub const SHRINK_FOR_A_ROUND: u32 = 4;
 
 /// The figures of one completed round.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -109,7 +129,11 @@ pub struct Projection {
     pub wire_bytes: u64,
     /// Bytes per second measured over all rounds so far.
     pub rate: f64,
-    /// Wire bytes ÷ rate, plus the policy's fixed switch-over cost.
+    /// The pages dirty now times the cheapest time per dirty page any round
+    /// has shown (its bytes included, so an upper bound on the page work).
+    pub page_time: Duration,
+    /// The larger of wire bytes ÷ rate and `page_time`, plus the policy's
+    /// fixed switch-over cost.
     pub downtime: Duration,
 }
 
@@ -141,11 +165,23 @@ pub fn project(
     } else {
         f64::INFINITY
     };
-    let downtime = Duration::from_secs_f64((wire_bytes as f64 / rate).min(1e9)) + fixed;
+    let per_page = rounds
+        .iter()
+        .filter(|r| r.dirty_pages > 0)
+        .map(|r| r.duration.as_secs_f64() / r.dirty_pages as f64)
+        .fold(f64::INFINITY, f64::min);
+    let page_time = if per_page.is_finite() {
+        Duration::from_secs_f64((dirty_now as f64 * per_page).min(1e9))
+    } else {
+        Duration::ZERO
+    };
+    let bytes_time = Duration::from_secs_f64((wire_bytes as f64 / rate).min(1e9));
+    let downtime = bytes_time.max(page_time) + fixed;
     Projection {
         work_set_bytes,
         wire_bytes,
         rate,
+        page_time,
         downtime,
     }
 }
@@ -154,10 +190,20 @@ pub fn project(
 ///
 /// 1. `Clean`: no page is dirty now, stop and copy (only state remains).
 /// 2. `SmallWorkSet`: projected work set ≤ `min_work_set`, stop and copy.
-/// 3. `DowntimeFits`: projected wire bytes ÷ measured rate, plus the fixed
-///    `switchover_cost`, ≤ `downtime_target`, stop and copy. The rate is
-///    total wire bytes over total round time, so one quick small round does
-///    not inflate it.
+/// 3. `DowntimeFits`: the larger of projected wire bytes ÷ measured rate
+///    and the projected page time, plus the fixed `switchover_cost`,
+///    ≤ `downtime_target`, stop and copy. The rate is total wire bytes over
+///    total round time, so one quick small round does not inflate it.
+///
+///    Before stopping under 2 or 3, one more round runs when it pays: the
+///    last round took at least [`SHRINK_FOR_A_ROUND`] times the projected
+///    final round (a long round 0 leaves thousands of dirty pages that a
+///    round as short as the final one would mostly not dirty again), that
+///    final round would take at least [`WORTH_A_ROUND`], the pages dirty
+///    now would fit the target even sent whole (so a projection made low
+///    by a round 0 of zero pages cannot start a round that never ends),
+///    and the round cap leaves room for it and the final round. The target
+///    is met either way; the extra round makes the pause shorter than it.
 /// 4. `RoundCap`: `max_rounds` rounds done, apply `on_stall`.
 /// 5. `Stalled`: among rounds after round 0 (which sends all memory and says
 ///    nothing about the dirty rate), none of the last `stall_rounds` set a new
@@ -174,11 +220,30 @@ pub fn decide(
     if dirty_now == 0 {
         return stop(StopReason::Clean);
     }
-    if p.work_set_bytes <= policy.min_work_set {
-        return stop(StopReason::SmallWorkSet);
-    }
-    if p.downtime <= policy.downtime_target {
-        return stop(StopReason::DowntimeFits);
+    let reason = if p.work_set_bytes <= policy.min_work_set {
+        Some(StopReason::SmallWorkSet)
+    } else if p.downtime <= policy.downtime_target {
+        Some(StopReason::DowntimeFits)
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        let last = rounds.last().map_or(Duration::ZERO, |r| r.duration);
+        let final_round = p.downtime.saturating_sub(policy.switchover_cost);
+        // The extra round must be safe even if the projection is low (a
+        // round 0 of mostly zero pages sent a few bytes per page): sent as
+        // whole pages, what is dirty now must still fit the target.
+        let whole = Duration::from_secs_f64(
+            (dirty_now as f64 * (page_size + 16) as f64 / p.rate).min(1e9),
+        );
+        let pays = final_round >= WORTH_A_ROUND
+            && last >= final_round * SHRINK_FOR_A_ROUND
+            && whole + policy.switchover_cost <= policy.downtime_target
+            && rounds.len() + 2 <= policy.max_rounds as usize;
+        if !pays {
+            return stop(reason);
+        }
+        return (Decision::Continue, p);
     }
     let give_up = |reason| match policy.on_stall {
         OnStall::ForceStop => (Decision::StopAndCopy(reason), p),
@@ -349,6 +414,72 @@ mod tests {
         let (d, proj) = decide(&dear, &r0, 10, 4096);
         assert_eq!(d, Decision::Continue);
         assert!(proj.downtime >= Duration::from_millis(15), "{proj:?}");
+    }
+
+    #[test]
+    fn after_a_long_round_a_final_round_worth_shrinking_gets_one_more_round() {
+        let p = Policy {
+            downtime_target: Duration::from_millis(300),
+            min_work_set: 256 << 10,
+            ..policy()
+        };
+        // The 1 GiB run: round 0 sent 1 GiB in 2.4 s; 15,611 pages are
+        // dirty, a 143 ms final round by round 0's bytes and time per page:
+        // it fits 300 ms, but a round 17x shorter than round 0 shrinks it.
+        let r0 = [round(0, 262_144, 1 << 30, 2394)];
+        let (d, proj) = decide(&p, &r0, 15_611, 4096);
+        assert_eq!(d, Decision::Continue, "{proj:?}");
+        assert!(proj.page_time > Duration::from_millis(100), "{proj:?}");
+        // That round took 40 ms for its 15,611 pages (2.6 us each) and
+        // left 1,500 dirty: 3.8 ms projected, under WORTH_A_ROUND: stop.
+        let r1 = [r0[0], round(1, 15_611, 75_000, 40)];
+        assert_eq!(
+            decide(&p, &r1, 1_500, 4096).0,
+            Decision::StopAndCopy(StopReason::SmallWorkSet)
+        );
+        // Had it left 10,000 (26 ms projected) after a 40 ms round, another
+        // round would not shrink it by SHRINK_FOR_A_ROUND: stop.
+        assert_eq!(
+            decide(&p, &r1, 10_000, 4096).0,
+            Decision::StopAndCopy(StopReason::SmallWorkSet)
+        );
+        // A round 0 of zero pages (a few bytes each, 0.3 s for 1 GiB) makes
+        // 15,611 dirty pages look cheap; sent whole at its rate they would
+        // not fit: no extra round.
+        let fresh = [round(0, 262_144, 2_000_000, 300)];
+        assert_eq!(
+            decide(&p, &fresh, 15_611, 4096).0,
+            Decision::StopAndCopy(StopReason::SmallWorkSet)
+        );
+        // No room under the round cap for the extra and the final round:
+        // stop rather than end at the cap, not converged.
+        let tight = Policy {
+            max_rounds: 2,
+            ..p
+        };
+        assert_eq!(
+            decide(&tight, &r0, 15_611, 4096).0,
+            Decision::StopAndCopy(StopReason::DowntimeFits)
+        );
+    }
+
+    #[test]
+    fn page_work_counts_against_the_target_when_it_costs_more_than_bytes() {
+        let p = Policy {
+            min_work_set: 0,
+            ..policy()
+        };
+        // Round 0: 1 GB in 1 s, 4 us per page. Round 1: 16 bytes per page.
+        let rs = [
+            round(0, 250_000, 1_000_000_000, 1000),
+            round(1, 10_000, 160_000, 100),
+        ];
+        // 5,000 pages of 16 bytes are 0.2 ms of bytes but 20 ms of page
+        // work: over the 10 ms target.
+        let (d, proj) = decide(&p, &rs, 5_000, 4096);
+        assert_eq!(proj.page_time, Duration::from_millis(20));
+        assert!(proj.downtime >= Duration::from_millis(20), "{proj:?}");
+        assert_eq!(d, Decision::Continue);
     }
 
     #[test]
