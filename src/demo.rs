@@ -16,7 +16,7 @@ use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs};
-use crate::blackout::Observer;
+use hpmig_microvm::blackout::Observer;
 use crate::outcome::Outcome;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};

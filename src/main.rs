@@ -3,7 +3,6 @@
 
 mod args;
 mod bench;
-mod blackout;
 mod control;
 mod demo;
 mod dest;

@@ -2,6 +2,7 @@
 //! JSON report.
 
 use anyhow::{Context, Result};
+use hpmig_microvm::blackout::Split;
 use std::time::Instant;
 
 use hpmig_core::memory::SourceMemory;
@@ -52,7 +53,7 @@ pub struct GuestFigures {
     /// cannot see the destination.
     pub heartbeat_after: Option<u64>,
     /// The pause as the guest saw it (`demo` only: it sees both ends).
-    pub blackout: Option<crate::blackout::Blackout>,
+    pub blackout: Option<hpmig_microvm::blackout::Blackout>,
     /// What guest memory held before the workload started.
     pub contents: Option<hpmig_core::memory::Contents>,
     /// When the destination started the guest's vCPUs (`demo` only).
@@ -64,32 +65,10 @@ pub struct GuestFigures {
     pub cpu_seconds: f64,
 }
 
-/// The guest-observed blackout in three parts, in seconds.
-#[derive(Clone, Copy, Debug)]
-pub struct BlackoutSplit {
-    /// From the source's last beat until the pause: the guest had already
-    /// stopped beating (a dirty-logging fault, or no CPU to run on).
-    pub before_pause: f64,
-    /// From the pause until the destination started the vCPUs.
-    pub paused: f64,
-    /// From then until the destination's first beat.
-    pub after_start: f64,
-}
-
 impl GuestFigures {
     /// The blackout in its three parts, where this process saw all of them.
-    pub fn blackout_split(&self, r: &MigrationReport) -> Option<BlackoutSplit> {
-        let b = self.blackout?;
-        let started = self.dest_started?;
-        let paused = r.switchover.paused_at?;
-        let secs = |later: Instant, earlier: Instant| {
-            later.saturating_duration_since(earlier).as_secs_f64()
-        };
-        Some(BlackoutSplit {
-            before_pause: secs(paused, b.source_last),
-            paused: secs(started, paused),
-            after_start: secs(b.dest_first, started),
-        })
+    pub fn blackout_split(&self, r: &MigrationReport) -> Option<Split> {
+        Some(self.blackout?.split(r.switchover.paused_at?, self.dest_started?))
     }
 }
 
@@ -120,9 +99,9 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
         if let Some(s) = g.blackout_split(r) {
             println!(
                 "                 = {:.1} ms from the last beat to the pause + {:.1} ms paused until the vCPUs started there + {:.1} ms to their first beat",
-                s.before_pause * 1e3,
-                s.paused * 1e3,
-                s.after_start * 1e3
+                s.before_pause.as_secs_f64() * 1e3,
+                s.paused.as_secs_f64() * 1e3,
+                s.after_start.as_secs_f64() * 1e3
             );
         }
     }
@@ -286,9 +265,9 @@ pub fn write_json(
                 "heartbeat_after": g.heartbeat_after,
                 "blackout_ms": g.blackout.map(|b| b.blackout.as_secs_f64() * 1e3),
                 "blackout_resolution_ms": g.blackout.map(|b| b.tick.as_secs_f64() * 1e3),
-                "blackout_before_pause_ms": g.blackout_split(r).map(|s| s.before_pause * 1e3),
-                "blackout_paused_ms": g.blackout_split(r).map(|s| s.paused * 1e3),
-                "blackout_after_start_ms": g.blackout_split(r).map(|s| s.after_start * 1e3),
+                "blackout_before_pause_ms": g.blackout_split(r).map(|s| s.before_pause.as_secs_f64() * 1e3),
+                "blackout_paused_ms": g.blackout_split(r).map(|s| s.paused.as_secs_f64() * 1e3),
+                "blackout_after_start_ms": g.blackout_split(r).map(|s| s.after_start.as_secs_f64() * 1e3),
                 "guest_rate_before": g.rate_before,
                 "guest_rate_during": g.rate_during,
                 "source_cpu_seconds": g.cpu_seconds,

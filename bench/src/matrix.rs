@@ -18,6 +18,7 @@ use hpmig_core::memory::{Contents, DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::{migrate, SourceConfig};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
+use hpmig_microvm::blackout::Observer;
 use hpmig_microvm::{self as guest, BootSpec, GuestChoice, Workload};
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
@@ -184,7 +185,7 @@ fn run_hpmig(
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let dm = dest_memory.clone();
-    let dest = std::thread::spawn(move || -> Result<()> {
+    let dest = std::thread::spawn(move || -> Result<hpmig_microvm::Arrival> {
         let mut t = TcpDest::accept(listener, TcpOptions::default())?;
         let cfg = DestConfig {
             memory_zeroed: true,
@@ -192,9 +193,10 @@ fn run_hpmig(
         };
         let mut arrival = hpmig_microvm::Arrival::new();
         receive(&dm, &mut t, &cfg, &mut arrival)?;
-        arrival.stop();
-        Ok(())
+        // Running on: the observer waits for its first beat.
+        Ok(arrival)
     });
+    let observer = Observer::start(memory.clone(), dest_memory.clone());
     let mut cfg = SourceConfig::new(granularity);
     cfg.bandwidth = cell.link.bytes_per_s();
     cfg.zstd = zstd;
@@ -211,9 +213,18 @@ fn run_hpmig(
     );
     let rate_during = (guest.writes() - w1) as f64 / t1.elapsed().as_secs_f64();
     drop(t);
-    dest.join()
-        .map_err(|_| anyhow!("destination thread panicked"))??;
+    let arrival = dest
+        .join()
+        .map_err(|_| anyhow!("destination thread panicked"))?;
+    let blackout = observer.finish(Duration::from_secs(2));
+    let mut arrival = arrival?;
+    arrival.stop();
     let r = report?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let split = match (blackout, r.switchover.paused_at, arrival.started_at()) {
+        (Some(b), Some(paused), Some(started)) => Some(b.split(paused, started)),
+        _ => None,
+    };
     if !r.verified {
         return Err(anyhow!("digest not verified"));
     }
@@ -243,6 +254,9 @@ fn run_hpmig(
             0
         },
         xbzrle_cache_bytes: 0,
+        blackout_ms: blackout.map_or(f64::NAN, |b| ms(b.blackout)),
+        blackout_before_pause_ms: split.map_or(f64::NAN, |s| ms(s.before_pause)),
+        blackout_after_start_ms: split.map_or(f64::NAN, |s| ms(s.after_start)),
     })
 }
 
@@ -276,6 +290,10 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
         } else {
             0
         },
+        // Not yet on the same clock as hpmig's (QMP STOP/RESUME events).
+        blackout_ms: f64::NAN,
+        blackout_before_pause_ms: f64::NAN,
+        blackout_after_start_ms: f64::NAN,
     })
 }
 
@@ -318,7 +336,7 @@ pub fn run(o: &Options) -> Result<bool> {
     }
     println!();
     println!(
-        "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>9} {:>9}",
+        "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "memory",
         "contents",
         "workload",
@@ -328,6 +346,7 @@ pub fn run(o: &Options) -> Result<bool> {
         "total bytes",
         "time ms",
         "down ms",
+        "black ms",
         "converged",
         "progress"
     );
@@ -358,7 +377,7 @@ pub fn run(o: &Options) -> Result<bool> {
         let cell = Cell { setting, runs };
         let s = cell.summary();
         println!(
-            "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>9} {:>8.0}%",
+            "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>10.1} {:>9} {:>8.0}%",
             human(setting.memory_bytes),
             setting.contents,
             setting.load(),
@@ -368,6 +387,7 @@ pub fn run(o: &Options) -> Result<bool> {
             human(s.total_bytes.median as u64),
             s.total_ms.median,
             s.downtime_ms.median,
+            s.blackout_ms.median,
             format!("{}/{}", s.converged_runs, s.runs),
             s.progress * 100.0
         );

@@ -395,6 +395,7 @@ mod tests {
             total_bytes: same(1e6 * scale),
             total_ms: same(200.0 * scale),
             downtime_ms: same(90.0 * scale),
+            blackout_ms: same(95.0 * scale),
             converged_runs: 1,
             progress: 1.0,
             bytes_per_round: if variant.is_qemu() {

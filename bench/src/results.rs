@@ -25,8 +25,12 @@
 //!                            "shadow_bytes",    (hpmig segment: the memory it
 //!                                                keeps to diff against; 0
 //!                                                for page and QEMU)
-//!                            "xbzrle_cache_bytes" (QEMU xbzrle's cache; 0
-//!                                                otherwise) }, ... ] }, ... ] }
+//!                            "xbzrle_cache_bytes", (QEMU xbzrle's cache; 0
+//!                                                otherwise)
+//!                            "blackout_ms",     (the pause as the guest saw
+//!                                                it; null where not measured)
+//!                            "blackout_before_pause_ms",
+//!                            "blackout_after_start_ms" }, ... ] }, ... ] }
 //! ```
 //!
 //! `schema` is the version of this layout, the first field of the file. It
@@ -124,6 +128,23 @@ pub struct Run {
     /// QEMU xbzrle's page cache, sized to hpmig's shadow (0 otherwise).
     #[serde(default)]
     pub xbzrle_cache_bytes: u64,
+    /// The pause as the guest saw it: its heartbeat's last change on the
+    /// source to its first on the destination, read by a host thread on
+    /// both ends (hpmig only so far; NaN/null where not measured).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub blackout_ms: f64,
+    /// Of the blackout, the time before the pause (the guest had stopped
+    /// beating already) ...
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub blackout_before_pause_ms: f64,
+    /// ... and after the destination started the vCPUs, until their first
+    /// beat. The rest is the downtime's part until the start.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub blackout_after_start_ms: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 /// Who migrates, and how. Written by name: `page`, `segment`,
@@ -315,6 +336,8 @@ pub struct Summary {
     pub total_bytes: Spread,
     pub total_ms: Spread,
     pub downtime_ms: Spread,
+    /// The guest-observed blackout (NaN where no run measured it).
+    pub blackout_ms: Spread,
     /// Runs whose pre-copy converged.
     pub converged_runs: usize,
     /// Median guest progress during migration (writes per second during
@@ -337,6 +360,7 @@ impl Cell {
             total_bytes: spread(runs.iter().map(|r| r.total_bytes as f64)),
             total_ms: spread(runs.iter().map(|r| r.total_ms)),
             downtime_ms: spread(runs.iter().map(|r| r.downtime_ms)),
+            blackout_ms: spread(runs.iter().map(|r| r.blackout_ms)),
             converged_runs: runs.iter().filter(|r| r.converged).count(),
             progress: median(runs.iter().map(|r| r.guest_progress)),
             bytes_per_round: by_bytes
@@ -347,7 +371,7 @@ impl Cell {
     }
 }
 
-const CSV_HEADER: &str = "memory_bytes,workload,contents,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,converged_runs,progress_median\n";
+const CSV_HEADER: &str = "memory_bytes,workload,contents,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,blackout_ms_median,blackout_ms_min,blackout_ms_max,converged_runs,progress_median\n";
 
 impl BenchResults {
     /// Results of the current schema.
@@ -381,7 +405,7 @@ impl BenchResults {
             let s = cell.summary();
             let (b, t, d) = (s.total_bytes, s.total_ms, s.downtime_ms);
             csv.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
+                "{},{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
                 s.setting.memory_bytes,
                 s.setting.workload.as_str(),
                 s.setting.contents,
@@ -399,6 +423,9 @@ impl BenchResults {
                 d.median,
                 d.min,
                 d.max,
+                s.blackout_ms.median,
+                s.blackout_ms.min,
+                s.blackout_ms.max,
                 s.converged_runs,
                 s.progress
             ));
@@ -538,7 +565,7 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(
             rows[1],
-            "67108864,sparse,mixed,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,3,0.500"
+            "67108864,sparse,mixed,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,0.0,0.0,0.0,3,0.500"
         );
         assert!(rows[2].starts_with("67108864,sparse,mixed,100000,uncapped,segment,1,"));
         assert_eq!(doc.cells[0].summary().bytes_per_round, vec![190, 10]);

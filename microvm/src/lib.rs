@@ -14,6 +14,7 @@
 //! state record this host cannot run before the Ack, and runs the guest
 //! after the Commit.
 
+pub mod blackout;
 pub mod emulated;
 pub mod kvm;
 mod workload;

@@ -4,7 +4,7 @@
 //! migration until the destination's copy beats past the source's last
 //! value. The blackout is the time from the source heartbeat's last change
 //! to the destination heartbeat's first change past it, on one clock (the
-//! demo runs both ends in one process). The micro-VM's guest beats after
+//! demo and the benchmark run both ends in one process). The micro-VM's guest beats after
 //! every store, so the resolution is the observer's sample interval while
 //! the guest runs; the result reports it beside the blackout.
 
@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hpmig_core::memory::{DestMemory, SourceMemory};
-use hpmig_microvm::kvm::heartbeat;
+use crate::kvm::heartbeat;
 
 /// How often the observer samples both heartbeats.
 const PERIOD: Duration = Duration::from_micros(50);
@@ -36,6 +36,32 @@ pub struct Blackout {
     pub dest_first: Instant,
 }
 
+/// The blackout in three parts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Split {
+    /// From the source's last beat until the pause: the guest had already
+    /// stopped beating (a dirty-logging fault, or no CPU to run on).
+    pub before_pause: Duration,
+    /// From the pause until the destination started the vCPUs.
+    pub paused: Duration,
+    /// From then until the destination's first beat.
+    pub after_start: Duration,
+}
+
+impl Blackout {
+    /// Splits the blackout at the pause (`paused_at`, when the source's
+    /// `Guest::pause` returned) and at the destination's start
+    /// (`started_at`), both on this process's clock.
+    pub fn split(&self, paused_at: Instant, started_at: Instant) -> Split {
+        Split {
+            before_pause: paused_at.saturating_duration_since(self.source_last),
+            paused: started_at.saturating_duration_since(paused_at),
+            after_start: self.dest_first.saturating_duration_since(started_at),
+        }
+    }
+}
+
+#[derive(Debug)]
 pub struct Observer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Option<Blackout>>>,
