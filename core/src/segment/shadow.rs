@@ -55,6 +55,32 @@ unsafe impl Send for ShadowMap {}
 // part does, through `&mut self`.
 unsafe impl Sync for ShadowMap {}
 
+/// Bytes released per madvise when a shadow is freed.
+const RELEASE_CHUNK: usize = 64 << 20;
+
+impl Drop for ShadowMap {
+    /// Gives the pages back in chunks before the mapping goes: one munmap of
+    /// gigabytes holds the process's mmap lock for writing while it frees
+    /// every page (tens of milliseconds per GiB here), and every page fault
+    /// in the process waits for it - a guest started on the destination in
+    /// the same process (`hpmig demo`, the bench) or another guest of this
+    /// VMM. MADV_DONTNEED frees them under the lock held for reading, so
+    /// faults go on; the munmap that follows has no pages left to free.
+    fn drop(&mut self) {
+        let mut off = 0;
+        while off < self.len {
+            let n = RELEASE_CHUNK.min(self.len - off);
+            // SAFETY: [base + off, base + off + n) lies inside the mapping
+            // (off + n <= len), which `_map` keeps mapped until after this
+            // returns; no part can touch it (the last Arc is being dropped),
+            // and MADV_DONTNEED on private anonymous memory only drops its
+            // pages.
+            unsafe { libc::madvise(self.base.add(off).cast(), n, libc::MADV_DONTNEED) };
+            off += n;
+        }
+    }
+}
+
 /// The shadow of all guest pages, before it is cut into worker parts.
 #[derive(Debug)]
 pub struct ShadowStore {
