@@ -16,12 +16,12 @@ use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::args::{GuestArgs, MigrationArgs};
-use hpmig_microvm::blackout::Observer;
 use crate::outcome::Outcome;
 use crate::report;
 use crate::source::{boot, describe, migrate_booted};
 use hpmig_core::precopy::MigrateError;
 use hpmig_core::verify::VerifyMode;
+use hpmig_microvm::blackout::Observer;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Wire {

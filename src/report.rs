@@ -68,7 +68,10 @@ pub struct GuestFigures {
 impl GuestFigures {
     /// The blackout in its three parts, where this process saw all of them.
     pub fn blackout_split(&self, r: &MigrationReport) -> Option<Split> {
-        Some(self.blackout?.split(r.switchover.paused_at?, self.dest_started?))
+        Some(
+            self.blackout?
+                .split(r.switchover.paused_at?, self.dest_started?),
+        )
     }
 }
 

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use hpmig_core::memory::{DestMemory, SourceMemory};
 use crate::kvm::heartbeat;
+use hpmig_core::memory::{DestMemory, SourceMemory};
 
 /// How often the observer samples both heartbeats.
 const PERIOD: Duration = Duration::from_micros(50);

@@ -233,9 +233,8 @@ pub fn decide(
         // The extra round must be safe even if the projection is low (a
         // round 0 of mostly zero pages sent a few bytes per page): sent as
         // whole pages, what is dirty now must still fit the target.
-        let whole = Duration::from_secs_f64(
-            (dirty_now as f64 * (page_size + 16) as f64 / p.rate).min(1e9),
-        );
+        let whole =
+            Duration::from_secs_f64((dirty_now as f64 * (page_size + 16) as f64 / p.rate).min(1e9));
         let pays = final_round >= WORTH_A_ROUND
             && last >= final_round * SHRINK_FOR_A_ROUND
             && whole + policy.switchover_cost <= policy.downtime_target
@@ -453,10 +452,7 @@ mod tests {
         );
         // No room under the round cap for the extra and the final round:
         // stop rather than end at the cap, not converged.
-        let tight = Policy {
-            max_rounds: 2,
-            ..p
-        };
+        let tight = Policy { max_rounds: 2, ..p };
         assert_eq!(
             decide(&tight, &r0, 15_611, 4096).0,
             Decision::StopAndCopy(StopReason::DowntimeFits)
