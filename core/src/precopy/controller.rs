@@ -137,6 +137,17 @@ pub struct Projection {
     pub downtime: Duration,
 }
 
+/// `secs` seconds as a Duration, capped at 1e9 s (an infinite or absurd
+/// projection stays representable).
+fn duration(secs: f64) -> Duration {
+    Duration::from_secs_f64(secs.min(1e9))
+}
+
+/// A page sent whole: its bytes and its record header.
+fn whole_page(page_size: u64) -> u64 {
+    page_size + crate::protocol::HEADER_LEN as u64
+}
+
 /// Projects the next round from `rounds` (non-empty, oldest first) and the
 /// pages dirty now; `fixed` is added to its downtime.
 pub fn project(
@@ -156,7 +167,7 @@ pub fn project(
         }
     };
     let work_set_bytes = (dirty_now as f64 * per_page(last.work_set_bytes, page_size)) as u64;
-    let wire_bytes = (dirty_now as f64 * per_page(last.wire_bytes, page_size + 16)) as u64;
+    let wire_bytes = (dirty_now as f64 * per_page(last.wire_bytes, whole_page(page_size))) as u64;
     let (bytes, secs) = rounds.iter().fold((0u64, 0f64), |(b, s), r| {
         (b + r.wire_bytes, s + r.duration.as_secs_f64())
     });
@@ -165,18 +176,17 @@ pub fn project(
     } else {
         f64::INFINITY
     };
-    let per_page = rounds
+    let secs_per_page = rounds
         .iter()
         .filter(|r| r.dirty_pages > 0)
         .map(|r| r.duration.as_secs_f64() / r.dirty_pages as f64)
         .fold(f64::INFINITY, f64::min);
-    let page_time = if per_page.is_finite() {
-        Duration::from_secs_f64((dirty_now as f64 * per_page).min(1e9))
+    let page_time = if secs_per_page.is_finite() {
+        duration(dirty_now as f64 * secs_per_page)
     } else {
         Duration::ZERO
     };
-    let bytes_time = Duration::from_secs_f64((wire_bytes as f64 / rate).min(1e9));
-    let downtime = bytes_time.max(page_time) + fixed;
+    let downtime = duration(wire_bytes as f64 / rate).max(page_time) + fixed;
     Projection {
         work_set_bytes,
         wire_bytes,
@@ -233,16 +243,16 @@ pub fn decide(
         // The extra round must be safe even if the projection is low (a
         // round 0 of mostly zero pages sent a few bytes per page): sent as
         // whole pages, what is dirty now must still fit the target.
-        let whole =
-            Duration::from_secs_f64((dirty_now as f64 * (page_size + 16) as f64 / p.rate).min(1e9));
+        let whole = duration(dirty_now as f64 * whole_page(page_size) as f64 / p.rate);
         let pays = final_round >= WORTH_A_ROUND
             && last >= final_round * SHRINK_FOR_A_ROUND
             && whole + policy.switchover_cost <= policy.downtime_target
             && rounds.len() + 2 <= policy.max_rounds as usize;
-        if !pays {
-            return stop(reason);
-        }
-        return (Decision::Continue, p);
+        return if pays {
+            (Decision::Continue, p)
+        } else {
+            stop(reason)
+        };
     }
     let give_up = |reason| match policy.on_stall {
         OnStall::ForceStop => (Decision::StopAndCopy(reason), p),
