@@ -84,10 +84,10 @@ pub struct Cell {
 pub struct Setting {
     /// Guest memory size.
     pub memory_bytes: u64,
-    #[serde(with = "workload_name")]
+    #[serde(with = "by_name")]
     pub workload: Workload,
     /// What guest memory held before the workload started.
-    #[serde(with = "contents_name", default = "contents_name::before_the_field")]
+    #[serde(with = "by_name", default = "empty_before_the_field")]
     pub contents: Contents,
     /// Guest stores per second asked for; `None`: flat out.
     pub dirty_rate: Option<u64>,
@@ -272,41 +272,42 @@ impl<'de> Deserialize<'de> for Link {
     }
 }
 
-/// A workload by its name, as `Workload::as_str` writes it.
-mod workload_name {
-    use hpmig_microvm::Workload;
+/// What is written by name in bench.json: a workload, guest contents.
+trait Named: std::str::FromStr<Err = String> {
+    fn name(&self) -> &'static str;
+}
+
+impl Named for Workload {
+    fn name(&self) -> &'static str {
+        self.as_str()
+    }
+}
+
+impl Named for Contents {
+    fn name(&self) -> &'static str {
+        self.as_str()
+    }
+}
+
+/// A [`Named`] value by its name, as its `as_str` writes it.
+mod by_name {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(w: &Workload, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(w.as_str())
+    pub fn serialize<S: Serializer, T: super::Named>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.name())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Workload, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>, T: super::Named>(d: D) -> Result<T, D::Error> {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
     }
 }
 
-/// Guest contents by name, as `Contents::as_str` writes them.
-mod contents_name {
-    use hpmig_core::memory::Contents;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(c: &Contents, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(c.as_str())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Contents, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-
-    /// Files written before the field ran on guests that were never filled.
-    pub fn before_the_field() -> Contents {
-        Contents::Empty
-    }
+/// Files written before the `contents` field ran on guests that were never
+/// filled.
+fn empty_before_the_field() -> Contents {
+    Contents::Empty
 }
 
 /// A float that serde_json wrote as `null` (it writes NaN so) is NaN.
