@@ -242,6 +242,8 @@ pub fn write_json(
                     })
                 })
                 .collect();
+            let split = g.blackout_split(r);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             doc["summary"] = serde_json::json!({
                 "granularity": r.granularity.as_str(),
                 "total_time_ms": r.total_time.as_secs_f64() * 1e3,
@@ -268,9 +270,9 @@ pub fn write_json(
                 "heartbeat_after": g.heartbeat_after,
                 "blackout_ms": g.blackout.map(|b| b.blackout.as_secs_f64() * 1e3),
                 "blackout_resolution_ms": g.blackout.map(|b| b.tick.as_secs_f64() * 1e3),
-                "blackout_before_pause_ms": g.blackout_split(r).map(|s| s.before_pause.as_secs_f64() * 1e3),
-                "blackout_paused_ms": g.blackout_split(r).map(|s| s.paused.as_secs_f64() * 1e3),
-                "blackout_after_start_ms": g.blackout_split(r).map(|s| s.after_start.as_secs_f64() * 1e3),
+                "blackout_before_pause_ms": split.map(|s| ms(s.before_pause)),
+                "blackout_paused_ms": split.map(|s| ms(s.paused)),
+                "blackout_after_start_ms": split.map(|s| ms(s.after_start)),
                 "guest_rate_before": g.rate_before,
                 "guest_rate_during": g.rate_during,
                 "source_cpu_seconds": g.cpu_seconds,

@@ -372,10 +372,10 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         converged,
         progress: (h2 - h1) as f64 / elapsed / rate_before,
-        // The heartbeat counts stores; dense's, pages of 512 stores each.
+        // The heartbeat counts stores; dense's, pages of 8-byte stores.
         rate_before: rate_before
             * if run.workload == Workload::Dense {
-                512.0
+                (hpmig_microvm::kvm::program::GUEST_PAGE / 8) as f64
             } else {
                 1.0
             },
