@@ -505,9 +505,10 @@ mod tests {
         assert!(!page.converged && page.rounds <= cap, "{page:?}");
         // Segments: round 0 sent every page whole, so the controller
         // projects round 1 from whole pages and runs it; round 1's few bytes
-        // per page then project a small work set: round 0, round 1 and the
-        // stop-and-copy round.
-        assert!(seg.converged && seg.rounds == 3, "{seg:?}");
+        // per page then project a small work set, and a round 1 far longer
+        // than that final round buys one more round to shrink it: rounds 0,
+        // 1 and 2 and the stop-and-copy round.
+        assert!(seg.converged && seg.rounds == 4, "{seg:?}");
         assert!(seg.bytes < page.bytes / 2.0);
     }
 

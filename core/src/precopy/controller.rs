@@ -209,10 +209,12 @@ pub fn project(
 ///    last round took at least [`SHRINK_FOR_A_ROUND`] times the projected
 ///    final round (a long round 0 leaves thousands of dirty pages that a
 ///    round as short as the final one would mostly not dirty again), that
-///    final round would take at least [`WORTH_A_ROUND`], the pages dirty
-///    now would fit the target even sent whole (so a projection made low
-///    by a round 0 of zero pages cannot start a round that never ends),
-///    and the round cap leaves room for it and the final round. The target
+///    final round would take at least [`WORTH_A_ROUND`], right after
+///    round 0 the pages dirty now would fit the target even sent whole (so
+///    a projection made low by a round 0 of zero pages cannot start a
+///    round that never ends; later rounds measured re-dirtied pages, whose
+///    bytes per page the projection then uses), and the round cap leaves
+///    room for it and the final round. The target
 ///    is met either way; the extra round makes the pause shorter than it.
 /// 4. `RoundCap`: `max_rounds` rounds done, apply `on_stall`.
 /// 5. `Stalled`: among rounds after round 0 (which sends all memory and says
@@ -240,13 +242,16 @@ pub fn decide(
     if let Some(reason) = reason {
         let last = rounds.last().map_or(Duration::ZERO, |r| r.duration);
         let final_round = p.downtime.saturating_sub(policy.switchover_cost);
-        // The extra round must be safe even if the projection is low (a
-        // round 0 of mostly zero pages sent a few bytes per page): sent as
-        // whole pages, what is dirty now must still fit the target.
+        // The extra round must be safe even if the projection is low: a
+        // round 0 of mostly zero pages sent a few bytes per page, so after
+        // it, what is dirty now must fit the target sent as whole pages.
+        // A later round measured pages that were dirtied again, like the
+        // ones dirty now: its bytes per page are the projection's.
         let whole = duration(dirty_now as f64 * whole_page(page_size) as f64 / p.rate);
+        let trusted = rounds.len() > 1 || whole + policy.switchover_cost <= policy.downtime_target;
         let pays = final_round >= WORTH_A_ROUND
             && last >= final_round * SHRINK_FOR_A_ROUND
-            && whole + policy.switchover_cost <= policy.downtime_target
+            && trusted
             && rounds.len() + 2 <= policy.max_rounds as usize;
         return if pays {
             (Decision::Continue, p)
@@ -460,6 +465,17 @@ mod tests {
             decide(&p, &fresh, 15_611, 4096).0,
             Decision::StopAndCopy(StopReason::SmallWorkSet)
         );
+        // The 4 GiB run: round 1 took 1.2 s for 824,423 pages of ~31 bytes
+        // and left 107,680 dirty, a ~160 ms final round by its time per
+        // page. Sent whole at the link's rate (~250 MB/s) they would not fit
+        // 300 ms, but round 1's bytes per page were measured on pages
+        // dirtied again, as these are: one more round.
+        let r4g = [
+            round(0, 1 << 20, 4 << 30, 16_136),
+            round(1, 824_423, 25_800_000, 1_246),
+        ];
+        let (d, proj) = decide(&p, &r4g, 107_680, 4096);
+        assert_eq!(d, Decision::Continue, "{proj:?}");
         // No room under the round cap for the extra and the final round:
         // stop rather than end at the cap, not converged.
         let tight = Policy { max_rounds: 2, ..p };
