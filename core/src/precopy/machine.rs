@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::controller::Policy;
 use super::controller::{decide, Decision, Projection, RoundMetrics, StopReason};
-use super::limiter::RateLimiter;
+use super::live::{RoundStatus, Stage};
 use super::rounds::{compress_this_round, zstd_rate, PoolSpec, WorkerPool};
 use super::switchover::Pending;
 use super::{
@@ -25,6 +26,9 @@ use crate::segment::shadow::ShadowStore;
 use crate::transport::TransportError;
 use crate::transport::{Control, SourceTransport};
 use crate::verify::{PageHasher, SentLedger, VerifyMode};
+
+/// How often a running round looks for the operator's cancel.
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where the source stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,7 +152,15 @@ impl<'a, T: SourceTransport> Source<'a, T> {
     pub fn run(&mut self) -> Result<MigrationReport, Failure> {
         let mut state = SourceState::Handshake;
         loop {
-            state = match self.step(state) {
+            // The operator's cancel, honoured until the Commit goes out
+            // (`Decide` asks the gate itself).
+            let cancel = self.cfg.live.cancelled() && !matches!(state, SourceState::Decide { .. });
+            let next = if cancel {
+                Err(self.cancelled(state))
+            } else {
+                self.step(state)
+            };
+            state = match next {
                 Ok(SourceState::Migrated) => return Ok(self.report()),
                 Ok(next) => next,
                 Err(mut e) => {
@@ -172,6 +184,18 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 }
             };
         }
+    }
+
+    /// The failure a cancel in `state` ends with.
+    fn cancelled(&self, state: SourceState) -> Failure {
+        let round = match state {
+            SourceState::PreCopy { round }
+            | SourceState::StopAndCopy { round }
+            | SourceState::SwitchOver { round }
+            | SourceState::Decide { round } => round,
+            _ => 0,
+        };
+        fail(state.phase(), round)(Cause::Cancelled)
     }
 
     fn v2(&self) -> bool {
@@ -209,6 +233,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 Ok(SourceState::SwitchOver { round })
             }
             SourceState::SwitchOver { round } => {
+                self.cfg.live.set_stage(Stage::SwitchOver);
                 let session = self.v2().then(|| self.session()).flatten();
                 let ledger_sum = self.rounds.last().map_or(0, |r| r.stats.ledger_sum);
                 let t = Instant::now();
@@ -225,6 +250,22 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 // Test hook: the guest stays paused between Ack and Commit.
                 std::thread::sleep(self.cfg.delay_commit);
                 Ok(SourceState::Decide { round })
+            }
+            SourceState::Decide { round } if !self.cfg.live.begin_commit() => {
+                // Cancelled after the Ack: the destination holds a verified
+                // copy and must hear the Abort.
+                let mut e = self.cancelled(SourceState::Decide { round });
+                e.abort = self.session().filter(|_| self.v2()).map(|session| {
+                    Box::new(Pending {
+                        decision: DecisionRecord {
+                            session: session.id(),
+                            verdict: Verdict::Abort,
+                            round,
+                        },
+                        session,
+                    })
+                });
+                Err(e)
             }
             SourceState::Decide { round } if !self.v2() => {
                 switchover::commit_v1(self.transport.control(), round)?;
@@ -346,7 +387,8 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             encoder: self.cfg.encoder,
             shadow: shadow.map(|s| s.parts(self.workers)),
             zstd: agreed.zstd() && self.cfg.zstd != ZstdMode::Off,
-            limiter: self.cfg.bandwidth.map(|b| Arc::new(RateLimiter::new(b))),
+            limiter: self.cfg.live.limiter(),
+            live: Arc::clone(&self.cfg.live),
             pin: self.cfg.pin,
             interrupt: self.transport.interrupt(),
             hasher: self.hasher.clone(),
@@ -391,7 +433,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             && self.cfg.zstd != ZstdMode::Off
             && compress_this_round(
                 self.cfg.zstd,
-                self.cfg.bandwidth,
+                self.cfg.live.bandwidth(),
                 self.best_plain_rate,
                 zstd_rate(&self.rounds, self.workers),
             );
@@ -399,13 +441,22 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             .pool
             .as_ref()
             .ok_or_else(|| fail(phase, round)(Cause::Setup("no workers".into())))?;
+        let live = Arc::clone(&self.cfg.live);
+        live.round_started(round, self.bitmap.count(), last);
         // A quiet control connection must still say Alive to the
-        // destination while the round runs (version 2).
+        // destination while the round runs (version 2); a cancel stops the
+        // round within a poll.
         let alive = self.agreed.as_ref().is_some_and(|a| a.version >= 2);
         let control = self.transport.control();
-        let mut keepalive = || {
-            if alive {
+        let alive_period = self.cfg.deadlines.alive_period();
+        let mut alive_due = Instant::now();
+        let mut idle = || {
+            if live.cancelled() {
+                return Err(Cause::Cancelled);
+            }
+            if alive && Instant::now() >= alive_due {
                 control.send(&crate::protocol::switchover::alive())?;
+                alive_due = Instant::now() + alive_period;
             }
             Ok(())
         };
@@ -415,9 +466,16 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 last,
                 compress,
                 &self.bitmap,
-                self.cfg.deadlines.alive_period(),
-                &mut keepalive,
+                alive_period.min(CANCEL_POLL),
+                &mut idle,
             )
+            .map_err(|e| {
+                if live.cancelled() {
+                    Cause::Cancelled
+                } else {
+                    e
+                }
+            })
             .map_err(fail(phase, round))?;
         let metrics = RoundMetrics {
             round,
@@ -455,14 +513,36 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         }
         self.harvest(Phase::PreCopy, round)?;
         let page_size = self.layout.page_size() as u64;
-        let (decision, projection) = decide(
-            &self.cfg.policy,
-            &self.history,
-            self.bitmap.count(),
-            page_size,
-        );
+        // The operator may have changed the target since the last decision.
+        let policy = Policy {
+            downtime_target: self.cfg.live.downtime_target(),
+            ..self.cfg.policy
+        };
+        let dirty_now = self.bitmap.count();
+        let (decision, projection) = decide(&policy, &self.history, dirty_now, page_size);
         report.decision = decision;
         report.projection = projection;
+        let m = report.metrics;
+        let secs = m.duration.as_secs_f64();
+        self.cfg.live.round_done(RoundStatus {
+            round,
+            pages: m.dirty_pages,
+            work_set_bytes: m.work_set_bytes,
+            wire_bytes: m.wire_bytes,
+            duration: m.duration,
+            dirty_pages_rate: if secs > 0.0 {
+                dirty_now as f64 / secs
+            } else {
+                0.0
+            },
+            link_rate: if secs > 0.0 {
+                m.wire_bytes as f64 / secs
+            } else {
+                0.0
+            },
+            expected_downtime: projection.downtime,
+            decision: format!("{decision:?}"),
+        });
         (self.on_round)(&report);
         self.rounds.push(report);
         Ok(decision)
@@ -506,7 +586,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             total_time: self.start.elapsed(),
             downtime,
             switchover: self.times,
-            downtime_target: self.cfg.policy.downtime_target,
+            downtime_target: self.cfg.live.downtime_target(),
             verify_time: self.acked.verify_time,
             started_at: self.started_at,
             wire_bytes,

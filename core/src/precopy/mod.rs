@@ -31,6 +31,7 @@
 
 pub mod controller;
 pub mod limiter;
+pub mod live;
 mod machine;
 mod rounds;
 mod switchover;
@@ -89,6 +90,9 @@ pub struct SourceConfig {
     /// paused (a test that the blackout measurement sees the whole pause).
     #[doc(hidden)]
     pub delay_commit: Duration,
+    /// Progress published and steering read while it runs (see
+    /// [`live`]); share a clone of the `Arc` to watch or steer.
+    pub live: Arc<live::Live>,
 }
 
 impl SourceConfig {
@@ -109,6 +113,7 @@ impl SourceConfig {
             deadlines: Deadlines::default(),
             max_version: protocol::VERSION,
             delay_commit: Duration::ZERO,
+            live: Arc::new(live::Live::new()),
         }
     }
 }
@@ -164,6 +169,9 @@ pub enum MigrateError {
         /// What delivering the decision again needs (version 2 peers).
         pending: Option<Box<Pending>>,
     },
+    /// the operator cancelled it before the Commit went out
+    #[error("migration cancelled by the operator during {phase} (round {round}); the guest keeps running on the source")]
+    Cancelled { phase: Phase, round: u32 },
     /// the guest could not be resumed after a failure: it is stopped
     #[error("migration failed during {phase} (round {round}): {cause}; resuming the guest on the source ALSO failed: {resume}")]
     ResumeFailed {
@@ -206,6 +214,9 @@ pub enum Cause {
     /// the controller gave up (abort policy)
     #[error("the controller gave up: {0:?}")]
     Aborted(StopReason),
+    /// the operator cancelled the migration
+    #[error("cancelled by the operator")]
+    Cancelled,
     /// digests differ after switch-over
     #[error("destination memory digest differs from the source's")]
     DigestMismatch,
@@ -335,11 +346,49 @@ pub fn migrate<T: SourceTransport>(
     cfg: &SourceConfig,
     on_round: &mut dyn FnMut(&RoundReport),
 ) -> Result<MigrationReport, MigrateError> {
+    let live = Arc::clone(&cfg.live);
+    let result = migrate_inner(memory, dirty, guest, transport, cfg, on_round);
+    let (stage, error) = match &result {
+        Ok(_) => (live::Stage::Migrated, None),
+        Err(MigrateError::Cancelled { .. }) => (live::Stage::Cancelled, None),
+        Err(e @ MigrateError::InDoubt { .. }) => (live::Stage::InDoubt, Some(e.to_string())),
+        Err(e) => (live::Stage::Failed, Some(e.to_string())),
+    };
+    let (downtime, switchover) = result
+        .as_ref()
+        .map_or((Duration::ZERO, SwitchoverTimes::default()), |r| {
+            (r.downtime, r.switchover)
+        });
+    live.end(
+        stage,
+        live::Ended {
+            downtime,
+            switchover,
+            error,
+        },
+    );
+    result
+}
+
+fn migrate_inner<T: SourceTransport>(
+    memory: &SourceMemory,
+    dirty: &mut dyn DirtySource,
+    guest: &mut dyn Guest,
+    transport: &mut T,
+    cfg: &SourceConfig,
+    on_round: &mut dyn FnMut(&RoundReport),
+) -> Result<MigrationReport, MigrateError> {
     let layout = Layout::of(memory).map_err(|e| MigrateError::Failed {
         phase: Phase::Setup,
         round: 0,
         cause: e.into(),
     })?;
+    cfg.live.start(
+        layout.total_bytes(),
+        layout.page_size() as u64,
+        cfg.bandwidth,
+        cfg.policy.downtime_target,
+    );
     let mut source = machine::Source::new(layout, memory, dirty, guest, transport, cfg, on_round);
     let result = source.run();
     let pause_attempted = source.pause_attempted();
@@ -399,6 +448,9 @@ pub fn migrate<T: SourceTransport>(
                         ),
                     }
                 }
+            }
+            if matches!(cause, Cause::Cancelled) {
+                return Err(MigrateError::Cancelled { phase, round });
             }
             Err(MigrateError::Failed {
                 phase,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 
 use super::limiter::RateLimiter;
+use super::live::{ByteKinds, Live};
 use super::worker::{Done, RoundCmd, Worker, WorkerStats};
 use super::{Cause, RoundReport};
 use crate::dirty::DirtyBitmap;
@@ -28,7 +29,9 @@ pub(crate) struct PoolSpec<'a> {
     pub encoder: EncoderConfig,
     pub shadow: Option<Vec<ShadowPart>>,
     pub zstd: bool,
-    pub limiter: Option<Arc<RateLimiter>>,
+    pub limiter: Arc<RateLimiter>,
+    /// Where every worker publishes its progress, once per slot.
+    pub live: Arc<Live>,
     pub pin: bool,
     pub interrupt: Interrupt,
     /// Incremental verification: every worker keeps a ledger under it.
@@ -80,7 +83,9 @@ impl WorkerPool {
                 shadow: shadow.as_mut().and_then(|p| p[index].take()),
                 encoder: PageEncoder::new(spec.encoder, page_size),
                 compressor,
-                limiter: spec.limiter.clone(),
+                limiter: Arc::clone(&spec.limiter),
+                live: Arc::clone(&spec.live),
+                published: (ByteKinds::default(), 0),
                 ledger: spec.hasher.as_ref().map(|h| {
                     (
                         Arc::clone(h),
@@ -117,7 +122,7 @@ impl WorkerPool {
         compress: bool,
         bitmap: &Arc<DirtyBitmap>,
         period: Duration,
-        idle: &mut dyn FnMut() -> Result<(), TransportError>,
+        idle: &mut dyn FnMut() -> Result<(), Cause>,
     ) -> Result<WorkerStats, Cause> {
         for tx in &self.cmds {
             let cmd = RoundCmd {
@@ -140,7 +145,7 @@ impl WorkerPool {
             if Instant::now() >= due {
                 if let Err(e) = idle() {
                     self.interrupt.trigger();
-                    first_err.get_or_insert(Cause::Transport(e));
+                    first_err.get_or_insert(e);
                 }
                 due = Instant::now() + period;
             }

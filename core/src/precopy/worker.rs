@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::limiter::RateLimiter;
+use super::live::{ByteKinds, Live};
 use super::Cause;
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Layout, PageIndex, Share, SourceMemory};
@@ -52,6 +53,8 @@ pub struct WorkerStats {
     /// The sum of the worker's page-hash ledger after the round (all
     /// workers' summed: the source's ledger sum; 0 unless incremental).
     pub ledger_sum: u128,
+    /// Wire bytes by what they carried (their sum is `wire_bytes`).
+    pub bytes: ByteKinds,
 }
 
 impl std::ops::AddAssign for WorkerStats {
@@ -68,6 +71,7 @@ impl std::ops::AddAssign for WorkerStats {
         self.zstd_bytes_in += o.zstd_bytes_in;
         self.zstd_secs += o.zstd_secs;
         self.ledger_sum = self.ledger_sum.wrapping_add(o.ledger_sum);
+        self.bytes += o.bytes;
     }
 }
 
@@ -81,7 +85,12 @@ pub(crate) struct Worker<T: StreamTx> {
     pub shadow: Option<ShadowPart>,
     pub encoder: PageEncoder,
     pub compressor: Option<PageCompressor>,
-    pub limiter: Option<Arc<RateLimiter>>,
+    pub limiter: Arc<RateLimiter>,
+    /// Where the worker publishes its progress (stream `index`), and whose
+    /// cancel ends a wait for the cap.
+    pub live: Arc<Live>,
+    /// Bytes by kind and pages, all rounds, as last published.
+    pub published: (ByteKinds, u64),
     /// Incremental verification: the page hasher and this share's ledger
     /// of what was sent.
     pub ledger: Option<(Arc<PageHasher>, Ledger)>,
@@ -95,6 +104,11 @@ struct Emitter {
     hashed: usize,
     records: u64,
     wire: u64,
+    /// This round's bytes by kind, and pages dealt with, so far.
+    kinds: ByteKinds,
+    pages: u64,
+    /// What earlier rounds published.
+    base: (ByteKinds, u64),
 }
 
 impl<T: StreamTx> Worker<T> {
@@ -123,6 +137,9 @@ impl<T: StreamTx> Worker<T> {
             hashed: 0,
             records: 0,
             wire: 0,
+            kinds: ByteKinds::default(),
+            pages: 0,
+            base: (ByteKinds::default(), 0),
         };
         while let Ok(cmd) = cmds.recv() {
             let result = self.round(&mut em, &mut snapshot, &zero_page, &cmd);
@@ -145,11 +162,23 @@ impl<T: StreamTx> Worker<T> {
         }
         let next = self.tx.take_free()?;
         let full = std::mem::replace(&mut em.buf, next);
-        if let Some(l) = &self.limiter {
-            l.acquire(full.len());
-        }
+        let live = &self.live;
+        self.limiter.acquire(full.len(), &|| live.cancelled());
         em.wire += full.len() as u64;
-        self.tx.submit(full)
+        self.tx.submit(full)?;
+        self.publish(em);
+        Ok(())
+    }
+
+    /// Tells the watchers what went out since the last slot.
+    fn publish(&mut self, em: &Emitter) {
+        let (mut kinds, mut pages) = em.base;
+        kinds += em.kinds;
+        pages += em.pages;
+        let (was_kinds, was_pages) = self.published;
+        self.live
+            .add(self.index, kinds - was_kinds, pages - was_pages);
+        self.published = (kinds, pages);
     }
 
     /// Makes room for `n` more bytes in the current slot.
@@ -175,6 +204,9 @@ impl<T: StreamTx> Worker<T> {
             .map_or((0, 0.0), |c| (c.bytes_in, c.secs));
         em.records = 0;
         em.wire = 0;
+        em.base = self.published;
+        em.kinds = ByteKinds::default();
+        em.pages = 0;
         let words = cmd.bitmap.words();
         // One small vector per round (regions are few), none per page.
         let memory = self.memory.clone();
@@ -201,6 +233,7 @@ impl<T: StreamTx> Worker<T> {
                 })?;
                 live.copy_to(snapshot);
                 st.dirty_pages += 1;
+                em.pages += 1;
                 let gpa = base + offset;
                 let plan = match self.shadow.as_mut().map(|s| s.lookup(page, cmd.round > 0)) {
                     Some(Shadow::Known(sh)) => {
@@ -255,8 +288,10 @@ impl<T: StreamTx> Worker<T> {
         };
         em.buf.push(&end.encode());
         em.hashed = em.buf.len();
+        em.kinds.headers += (HEADER_LEN + ROUND_END_LEN) as u64;
         self.flush(em)?;
         st.wire_bytes = em.wire;
+        st.bytes = em.kinds;
         st.ledger_sum = self.ledger.as_ref().map_or(0, |(_, l)| l.sum());
         if let Some(c) = &self.compressor {
             st.zstd_bytes_in = c.bytes_in - zstd_in;
@@ -279,6 +314,7 @@ impl<T: StreamTx> Worker<T> {
             return Ok(false);
         }
         self.reserve(em, need)?;
+        let before = em.buf.len();
         let mut compressed = false;
         if let (Plan::Whole, true, Some(c)) = (plan, compress, self.compressor.as_mut()) {
             let out = em.buf.spare();
@@ -289,14 +325,24 @@ impl<T: StreamTx> Worker<T> {
                 compressed = true;
             }
         }
+        let records = match plan {
+            Plan::Segments { count, .. } => u64::from(count),
+            _ => 1,
+        };
         if !compressed {
             let n = self.encoder.write(plan, gpa, snapshot, em.buf.spare());
             em.buf.advance(n);
         }
-        em.records += match plan {
-            Plan::Segments { count, .. } => u64::from(count),
-            _ => 1,
-        };
+        let headers = records * HEADER_LEN as u64;
+        let payload = ((em.buf.len() - before) as u64).saturating_sub(headers);
+        em.kinds.headers += headers;
+        match plan {
+            Plan::Segments { .. } => em.kinds.segment += payload,
+            Plan::Whole if compressed => em.kinds.zstd += payload,
+            Plan::Whole => em.kinds.whole += payload,
+            Plan::Zero | Plan::Unchanged => {}
+        }
+        em.records += records;
         Ok(compressed)
     }
 }
