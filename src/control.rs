@@ -5,10 +5,25 @@
 //! `{"return": {...}}` or `{"error": {"class": "...", "desc": "..."}}`.
 //! `hpmig ctl PATH ...` is its client.
 //!
-//! Commands: `status` (the state and, in doubt, the session), `resolve`
-//! (an operator's decision on a migration in doubt: on the source `resume`
-//! with `destination-dead`; on the destination `discard`, or `run` with
-//! `source-fenced`).
+//! Commands (QMP's names work too):
+//! - `status` (`query-migrate`): where the migration stands, with QMP's
+//!   `query-migrate` fields where one exists (`status`, `total-time-ms`,
+//!   `expected-downtime-ms`, `downtime-ms`, `ram.total`, `ram.transferred`,
+//!   `ram.remaining`, `ram.dirty-pages-rate`, `ram.mbps`,
+//!   `ram.dirty-sync-count`) and hpmig's own (`phase`, `round`, `bytes` by
+//!   kind, `streams`, `running-round`, `last-round`, the `config` in force);
+//!   in doubt, the session.
+//! - `set` (`migrate-set-parameters`): `{"bandwidth": "5Gbit"}` (or
+//!   `max-bandwidth` in bytes/s; `"none"` lifts the cap) takes effect at
+//!   every stream's next ring slot; `{"downtime": "100ms"}` (or
+//!   `downtime-limit` in ms) at the controller's next decision.
+//! - `cancel` (`migrate_cancel`): the guest runs on at the source and the
+//!   destination discards; honoured until the Commit is sent, afterwards
+//!   the error `TooLate` with the status; in doubt the error `InDoubt`
+//!   (use `resolve`).
+//! - `resolve`: an operator's decision on a migration in doubt: on the
+//!   source `resume` with `destination-dead`; on the destination `discard`,
+//!   or `run` with `source-fenced`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +31,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
+use hpmig_core::precopy::limiter::parse_rate;
+use hpmig_core::precopy::live::{CancelAnswer, Live};
+
+use crate::units::parse_millis;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::sync::mpsc::{channel as unbounded, Receiver, Sender};
@@ -40,6 +61,8 @@ pub enum Resolve {
 pub struct Socket {
     path: PathBuf,
     status: Arc<Mutex<Value>>,
+    /// The running migration and the configuration `status` echoes.
+    live: Attached,
     resolutions: Receiver<(Resolve, Sender<Result<Value, String>>)>,
 }
 
@@ -54,24 +77,36 @@ impl Socket {
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let status = Arc::new(Mutex::new(json!({"state": "starting"})));
+        let live: Attached = Arc::default();
         let (tx, resolutions) = unbounded();
-        let st = Arc::clone(&status);
+        let (st, lv) = (Arc::clone(&status), Arc::clone(&live));
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (st, tx) = (Arc::clone(&st), tx.clone());
-                std::thread::spawn(move || serve(conn, &st, &tx));
+                let (st, lv, tx) = (Arc::clone(&st), Arc::clone(&lv), tx.clone());
+                std::thread::spawn(move || serve(conn, &st, &lv, &tx));
             }
         });
         Ok(Socket {
             path: path.to_path_buf(),
             status,
+            live,
             resolutions,
         })
     }
 
-    /// Replaces what `status` answers.
+    /// From now on `status`, `set` and `cancel` act on `live`.
+    pub fn attach(&self, live: Arc<Live>, config: Value) {
+        *lock(&self.live) = Some((live, config));
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sets what `status` answers (with a migration attached: added to
+    /// its fields).
     pub fn set_status(&self, v: Value) {
-        *self.status.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        *lock(&self.status) = v;
     }
 
     /// A resolution that arrived, if any, with where to send its answer.
@@ -86,9 +121,16 @@ impl Drop for Socket {
     }
 }
 
+type Attached = Arc<Mutex<Option<(Arc<Live>, Value)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn serve(
     conn: UnixStream,
     status: &Mutex<Value>,
+    live: &Mutex<Option<(Arc<Live>, Value)>>,
     tx: &Sender<(Resolve, Sender<Result<Value, String>>)>,
 ) {
     let mut out = match conn.try_clone() {
@@ -97,7 +139,7 @@ fn serve(
     };
     for line in BufReader::new(conn).lines().map_while(Result::ok) {
         let answer = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handle(&req, status, tx),
+            Ok(req) => handle(&req, status, live, tx),
             Err(e) => Err(("GenericError", format!("not JSON: {e}"))),
         };
         let reply = match answer {
@@ -113,12 +155,54 @@ fn serve(
 fn handle(
     req: &Value,
     status: &Mutex<Value>,
+    live: &Mutex<Option<(Arc<Live>, Value)>>,
     tx: &Sender<(Resolve, Sender<Result<Value, String>>)>,
 ) -> Result<Value, (&'static str, String)> {
     let args = &req["arguments"];
     let flag = |k: &str| args[k].as_bool().unwrap_or(false);
+    let attached = lock(live).clone();
+    let no_migration = || ("GenericError", "no migration runs here".to_string());
     match req["execute"].as_str() {
-        Some("status") => Ok(status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+        Some("status" | "query-migrate") => {
+            let fixed = lock(status).clone();
+            Ok(match attached {
+                Some((live, config)) => {
+                    let mut v = crate::watch::status_json(&live.status(), &config);
+                    if let (Some(v), Some(fixed)) = (v.as_object_mut(), fixed.as_object()) {
+                        if fixed.get("state").and_then(Value::as_str) != Some("starting") {
+                            v.extend(fixed.clone());
+                        }
+                    }
+                    v
+                }
+                None => fixed,
+            })
+        }
+        Some("set" | "migrate-set-parameters") => {
+            let (live, _) = attached.ok_or_else(no_migration)?;
+            set(&live, args).map_err(|e| ("GenericError", e))
+        }
+        Some("cancel" | "migrate_cancel") => {
+            let (live, _) = attached.ok_or_else(no_migration)?;
+            match live.cancel() {
+                CancelAnswer::Accepted => Ok(json!({
+                    "cancelling": true,
+                    "guest": "keeps running on the source; the destination discards its copy",
+                })),
+                CancelAnswer::TooLate(stage) => Err((
+                    "TooLate",
+                    format!(
+                        "too late to cancel: the Commit was sent (status: {})",
+                        stage.as_str()
+                    ),
+                )),
+                CancelAnswer::InDoubt => Err((
+                    "InDoubt",
+                    "in doubt: cancelling would neither resume nor discard the guest; use resolve"
+                        .to_string(),
+                )),
+            }
+        }
         Some("resolve") => {
             let r = match args["action"].as_str() {
                 Some("resume") => Resolve::Resume {
@@ -151,6 +235,55 @@ fn handle(
     }
 }
 
+/// `set`: the bandwidth cap and the downtime target, as people write them
+/// or in QMP's units (bytes/s, ms).
+fn set(live: &Live, args: &Value) -> Result<Value, String> {
+    let mut done = serde_json::Map::new();
+    let obj = args
+        .as_object()
+        .filter(|o| !o.is_empty())
+        .ok_or("set what? bandwidth (e.g. \"5Gbit\", \"none\") or downtime (e.g. \"100ms\")")?;
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("bandwidth", Value::String(s)) if s == "none" => {
+                live.set_bandwidth(None);
+                done.insert("bandwidth".into(), Value::Null);
+            }
+            ("bandwidth", Value::String(s)) => {
+                let b = parse_rate(s).map_err(|e| format!("bandwidth: {e}"))?;
+                live.set_bandwidth(Some(b));
+                done.insert("bandwidth".into(), json!(b));
+            }
+            ("max-bandwidth", Value::Number(n)) => {
+                let b = n
+                    .as_u64()
+                    .filter(|b| *b > 0)
+                    .ok_or("max-bandwidth: bytes per second, a whole number above 0")?;
+                live.set_bandwidth(Some(b));
+                done.insert("bandwidth".into(), json!(b));
+            }
+            ("downtime", Value::String(s)) => {
+                let d = parse_millis(s).map_err(|e| format!("downtime: {e}"))?;
+                if d.is_zero() {
+                    return Err("downtime: must be above 0".into());
+                }
+                live.set_downtime_target(d);
+                done.insert("downtime-ms".into(), json!(d.as_secs_f64() * 1e3));
+            }
+            ("downtime-limit", Value::Number(n)) => {
+                let ms = n
+                    .as_u64()
+                    .filter(|m| *m > 0)
+                    .ok_or("downtime-limit: milliseconds, a whole number above 0")?;
+                live.set_downtime_target(Duration::from_millis(ms));
+                done.insert("downtime-ms".into(), json!(ms));
+            }
+            (k, v) => return Err(format!("cannot set {k} to {v} (bandwidth or downtime)")),
+        }
+    }
+    Ok(Value::Object(done))
+}
+
 /// `hpmig ctl PATH ...`
 #[derive(Args, Debug)]
 pub struct CtlArgs {
@@ -165,6 +298,21 @@ pub struct CtlArgs {
 enum CtlCommand {
     /// Print the migration's state as JSON.
     Status,
+    /// Print one line of progress every interval until the migration ends.
+    Watch {
+        /// Between two lines.
+        #[arg(long, default_value = "1s", value_parser = parse_millis)]
+        interval: Duration,
+    },
+    /// Change the bandwidth cap or the downtime target while it runs:
+    /// `bandwidth=5Gbit`, `bandwidth=none`, `downtime=100ms`.
+    Set {
+        #[arg(required = true, value_parser = key_value)]
+        settings: Vec<(String, String)>,
+    },
+    /// Stop the migration; the guest keeps running on the source
+    /// (refused once the Commit was sent).
+    Cancel,
     /// Decide a migration in doubt by hand.
     Resolve {
         #[command(subcommand)]
@@ -190,10 +338,70 @@ enum ResolveAction {
     },
 }
 
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE (e.g. bandwidth=5Gbit)"))
+}
+
+/// One request, one answer.
+fn ask(path: &Path, req: &Value) -> Result<Value> {
+    let mut conn =
+        UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(90)))?;
+    writeln!(conn, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line)?;
+    serde_json::from_str(&line).context("the answer is not JSON")
+}
+
+/// `ctl watch`: a line per interval until the migration ends.
+fn watch(path: &Path, interval: Duration) -> Result<bool> {
+    loop {
+        let reply = ask(path, &json!({"execute": "status"}))?;
+        let v = &reply["return"];
+        if let Some(e) = reply.get("error") {
+            bail!("{}", e["desc"].as_str().unwrap_or("refused"));
+        }
+        let status = v["status"].as_str().unwrap_or("?");
+        let gib = |b: &Value| crate::units::human(b.as_u64().unwrap_or(0));
+        println!(
+            "{:>8.1} s  {:<10} {}  [{} of {} sent; expected downtime {}]",
+            v["total-time-ms"].as_f64().unwrap_or(0.0) / 1e3,
+            status,
+            v["phase"].as_str().unwrap_or(""),
+            gib(&v["ram"]["transferred"]),
+            gib(&v["ram"]["total"]),
+            v["expected-downtime-ms"]
+                .as_f64()
+                .map_or("-".into(), |m| format!("{m:.1} ms")),
+        );
+        match status {
+            "completed" => return Ok(true),
+            "failed" | "cancelled" | "in-doubt" => {
+                if let Some(e) = v["error"].as_str() {
+                    println!("{e}");
+                }
+                return Ok(false);
+            }
+            _ => std::thread::sleep(interval),
+        }
+    }
+}
+
 /// Sends one request, prints the answer; exit status 0 on `return`.
 pub fn run(a: &CtlArgs) -> Result<bool> {
     let req = match &a.command {
         CtlCommand::Status => json!({"execute": "status"}),
+        CtlCommand::Watch { interval } => return watch(&a.path, *interval),
+        CtlCommand::Set { settings } => {
+            let args: serde_json::Map<String, Value> = settings
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            json!({"execute": "set", "arguments": args})
+        }
+        CtlCommand::Cancel => json!({"execute": "cancel"}),
         CtlCommand::Resolve { action } => {
             let arguments = match action {
                 ResolveAction::Resume { destination_dead } => {
@@ -207,12 +415,7 @@ pub fn run(a: &CtlArgs) -> Result<bool> {
             json!({"execute": "resolve", "arguments": arguments})
         }
     };
-    let mut conn = UnixStream::connect(&a.path)
-        .with_context(|| format!("connecting to {}", a.path.display()))?;
-    writeln!(conn, "{req}")?;
-    let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
-    let reply: Value = serde_json::from_str(&line).context("the answer is not JSON")?;
+    let reply = ask(&a.path, &req)?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     if let Some(e) = reply.get("error") {
         bail!("{}", e["desc"].as_str().unwrap_or("refused"));

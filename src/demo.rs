@@ -46,6 +46,8 @@ pub struct DemoArgs {
     prefault: bool,
     #[command(flatten)]
     rdma: crate::rdma::RdmaArgs,
+    #[command(flatten)]
+    watch: crate::watch::WatchArgs,
     /// Test hook: hold the guest paused this long between the Ack and the
     /// Commit.
     #[arg(long, hide = true, default_value = "0ms", value_parser = crate::units::parse_millis)]
@@ -61,6 +63,9 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         (None, Wire::Inproc) => "in-process channels".into(),
     };
     describe(&a.guest, &a.migration, &wire);
+    let mut watch =
+        crate::watch::Watch::open(&a.watch, crate::watch::config_json(&a.guest, &a.migration))?;
+    watch.start();
     let mut booted = boot(&a.guest)?;
     let layout = Layout::of(&booted.memory)?;
     let dest_memory: DestMemory = if a.prefault {
@@ -73,6 +78,7 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     };
     let mut cfg = a.migration.config(Default::default());
     cfg.delay_commit = a.test_delay_commit;
+    cfg.live = std::sync::Arc::clone(&watch.live);
     let dm = dest_memory.clone();
     let observer = Observer::start(booted.memory.clone(), dest_memory.clone());
 
@@ -122,6 +128,7 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
             }
             let end = match e {
                 MigrateError::InDoubt { .. } => Outcome::InDoubt,
+                MigrateError::Cancelled { .. } => Outcome::Cancelled,
                 _ => Outcome::Failed,
             };
             if let Some(path) = &a.migration.json {

@@ -6,11 +6,13 @@ mod bench;
 mod control;
 mod demo;
 mod dest;
+mod metrics;
 mod outcome;
 mod rdma;
 mod report;
 mod source;
 mod units;
+mod watch;
 
 use outcome::{Outcome, Usage};
 

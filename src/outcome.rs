@@ -25,8 +25,7 @@ pub enum Outcome {
     /// After switch-over the source's memory differs from what it sent:
     /// the dirty log missed a write (`--verify incremental`).
     VerifyAlarm = 5,
-    /// Reserved in the table: cancelling is not built yet.
-    #[allow(dead_code)]
+    /// Cancelled by an operator (`hpmig ctl PATH cancel`, SIGINT, SIGTERM).
     Cancelled = 6,
     /// Migrated, but the downtime target was not kept.
     NotConverged = 7,

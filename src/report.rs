@@ -288,6 +288,7 @@ pub fn write_json(
         Err(e) => {
             let (phase, round) = match e {
                 MigrateError::Failed { phase, round, .. }
+                | MigrateError::Cancelled { phase, round }
                 | MigrateError::ResumeFailed { phase, round, .. } => (phase.to_string(), *round),
                 MigrateError::Aborted { round, .. } => ("pre-copy".into(), *round),
                 MigrateError::InDoubt { round, .. } => ("decision".into(), *round),
@@ -329,31 +330,50 @@ pub fn cpu_line(cpu: f64, bytes: u64) -> String {
     format!("{cpu:.2} s of CPU (user + system), {per_gb:.2} s per GB on the wire")
 }
 
-/// A spinner under the round table while a round runs.
-pub struct Spinner(indicatif::ProgressBar);
+/// A spinner under the round table while a migration runs: the running
+/// round's bytes so far, rate, work left and ETA, from the engine's
+/// [`Live`], refreshed five times a second.
+pub struct Spinner {
+    bar: indicatif::ProgressBar,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Spinner {
-    pub fn start() -> Spinner {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} round {msg} running, {elapsed_precise}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    pub fn start(live: std::sync::Arc<hpmig_core::precopy::live::Live>) -> Spinner {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
-        pb.set_message("0");
-        pb.enable_steady_tick(std::time::Duration::from_millis(100));
-        Spinner(pb)
+        bar.set_message("setting up");
+        bar.enable_steady_tick(std::time::Duration::from_millis(100));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, st) = (bar.clone(), std::sync::Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                b.set_message(crate::watch::progress_line(&live.status()));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        Spinner {
+            bar,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Prints a finished round above the spinner.
     pub fn row(&self, r: &RoundReport) {
-        self.0.suspend(|| table_row(r));
-        self.0.set_message((r.metrics.round + 1).to_string());
+        self.bar.suspend(|| table_row(r));
     }
 
-    pub fn finish(&self) {
-        self.0.finish_and_clear();
+    pub fn finish(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.bar.finish_and_clear();
     }
 }
 

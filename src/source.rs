@@ -23,6 +23,7 @@ use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_millis};
+use crate::watch::{config_json, Watch, WatchArgs};
 use hpmig_microvm::{self as guest, RunningGuest};
 
 #[derive(Args, Debug)]
@@ -42,10 +43,10 @@ pub struct SourceArgs {
     /// Alive while it works): every wait on it is bounded by this.
     #[arg(long, default_value = "30s", value_parser = parse_millis)]
     io_timeout: Duration,
-    /// A control socket to ask and steer this migration (`hpmig ctl`); in
-    /// doubt one is opened anyway, at a path printed then.
-    #[arg(long)]
-    control: Option<std::path::PathBuf>,
+    /// `--control`, `--metrics`, `--events`. Without `--control`, in
+    /// doubt a control socket is opened anyway, at a path printed then.
+    #[command(flatten)]
+    watch: WatchArgs,
 }
 
 /// A running guest, ready to migrate.
@@ -108,7 +109,7 @@ pub fn migrate_booted<T: SourceTransport>(
     cfg: &SourceConfig,
 ) -> Result<(Result<MigrationReport, MigrateError>, GuestFigures)> {
     report::table_header();
-    let spinner = report::Spinner::start();
+    let mut spinner = report::Spinner::start(std::sync::Arc::clone(&cfg.live));
     let (w0, t0, cpu0) = (b.guest.writes(), Instant::now(), report::cpu_seconds());
     let mut on_round = |r: &hpmig_core::precopy::RoundReport| spinner.row(r);
     let outcome = migrate(
@@ -147,8 +148,11 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         None => format!("TCP to {}", a.to),
     };
     describe(&a.guest, &a.migration, &wire);
+    let mut watch = Watch::open(&a.watch, config_json(&a.guest, &a.migration))?;
     let mut cfg = a.migration.config(a.token.secret());
     cfg.deadlines.io = a.io_timeout;
+    cfg.live = std::sync::Arc::clone(&watch.live);
+    watch.start();
     #[cfg(feature = "rdma")]
     if let Some(o) = rdma {
         let mut transport = hpmig_transport_rdma::RdmaSource::connect(a.to.as_str(), o)
@@ -156,7 +160,7 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         let stats = transport.stats();
         let mut booted = boot(&a.guest)?;
         let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
-        let end = finish(a, &mut booted, &mut transport, outcome)?;
+        let end = finish(a, &watch, &mut booted, &mut transport, outcome)?;
         println!("  rdma:          {}", crate::rdma::stats_line(&stats));
         return Ok(end);
     }
@@ -165,7 +169,7 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         .with_context(|| format!("connecting to {}", a.to))?;
     let mut booted = boot(&a.guest)?;
     let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
-    finish(a, &mut booted, &mut transport, outcome)
+    finish(a, &watch, &mut booted, &mut transport, outcome)
 }
 
 /// Reports how the migration ended; in doubt, keeps the guest paused and
@@ -173,6 +177,7 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
 /// operator resolves it.
 fn finish<T: SourceTransport>(
     a: &SourceArgs,
+    watch: &Watch,
     booted: &mut Booted,
     transport: &mut T,
     (outcome, figures): (Result<MigrationReport, MigrateError>, GuestFigures),
@@ -201,7 +206,7 @@ fn finish<T: SourceTransport>(
                     .map(ToString::to_string)
                     .unwrap_or_default()
             );
-            in_doubt(a, booted, transport, pending.as_deref())?
+            in_doubt(a, watch, booted, transport, pending.as_deref())?
         }
         Err(MigrateError::ResumeFailed { .. }) => {
             eprintln!(
@@ -213,6 +218,14 @@ fn finish<T: SourceTransport>(
                     .unwrap_or_default()
             );
             Outcome::Internal
+        }
+        Err(e @ MigrateError::Cancelled { .. }) => {
+            eprintln!("hpmig: {e}");
+            if resumed_runs_on(booted) {
+                Outcome::Cancelled
+            } else {
+                Outcome::Internal
+            }
         }
         Err(e) => {
             eprintln!("hpmig: migration FAILED: {e}");
@@ -257,15 +270,20 @@ fn resumed_runs_on(booted: &Booted) -> bool {
 /// answers that the guest runs there).
 fn in_doubt<T: SourceTransport>(
     a: &SourceArgs,
+    watch: &Watch,
     booted: &mut Booted,
     transport: &mut T,
     pending: Option<&Pending>,
 ) -> Result<Outcome> {
-    let path = match &a.control {
-        Some(p) => p.clone(),
-        None => control::default_path("source")?,
+    let own;
+    let socket = match &watch.socket {
+        Some(s) => s,
+        None => {
+            own = control::Socket::bind(&control::default_path("source")?)?;
+            &own
+        }
     };
-    let socket = control::Socket::bind(&path)?;
+    let path = socket.path().to_path_buf();
     socket.set_status(json!({
         "state": "in-doubt",
         "role": "source",
