@@ -96,7 +96,13 @@ impl Socket {
 
     /// From now on `status`, `set` and `cancel` act on `live`.
     pub fn attach(&self, live: Arc<Live>, config: Value) {
-        *lock(&self.live) = Some((live, config));
+        *lock(&self.live) = Some((live, config, true));
+    }
+
+    /// From now on `status` shows `live`; `set` and `cancel` are refused
+    /// (the destination: both are the source's to do).
+    pub fn attach_view(&self, live: Arc<Live>, config: Value) {
+        *lock(&self.live) = Some((live, config, false));
     }
 
     pub fn path(&self) -> &Path {
@@ -121,7 +127,7 @@ impl Drop for Socket {
     }
 }
 
-type Attached = Arc<Mutex<Option<(Arc<Live>, Value)>>>;
+type Attached = Arc<Mutex<Option<(Arc<Live>, Value, bool)>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -130,7 +136,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn serve(
     conn: UnixStream,
     status: &Mutex<Value>,
-    live: &Mutex<Option<(Arc<Live>, Value)>>,
+    live: &Mutex<Option<(Arc<Live>, Value, bool)>>,
     tx: &Sender<(Resolve, Sender<Result<Value, String>>)>,
 ) {
     let mut out = match conn.try_clone() {
@@ -155,18 +161,27 @@ fn serve(
 fn handle(
     req: &Value,
     status: &Mutex<Value>,
-    live: &Mutex<Option<(Arc<Live>, Value)>>,
+    live: &Mutex<Option<(Arc<Live>, Value, bool)>>,
     tx: &Sender<(Resolve, Sender<Result<Value, String>>)>,
 ) -> Result<Value, (&'static str, String)> {
     let args = &req["arguments"];
     let flag = |k: &str| args[k].as_bool().unwrap_or(false);
     let attached = lock(live).clone();
-    let no_migration = || ("GenericError", "no migration runs here".to_string());
+    let steerable = |a: Option<(Arc<Live>, Value, bool)>| {
+        match a {
+        Some((live, _, true)) => Ok(live),
+        Some(_) => Err((
+            "GenericError",
+            "the source steers and cancels a migration: ask its control socket (the destination discards when the source cancels)".to_string(),
+        )),
+        None => Err(("GenericError", "no migration runs here".to_string())),
+    }
+    };
     match req["execute"].as_str() {
         Some("status" | "query-migrate") => {
             let fixed = lock(status).clone();
             Ok(match attached {
-                Some((live, config)) => {
+                Some((live, config, _)) => {
                     let mut v = crate::watch::status_json(&live.status(), &config);
                     if let (Some(v), Some(fixed)) = (v.as_object_mut(), fixed.as_object()) {
                         if fixed.get("state").and_then(Value::as_str) != Some("starting") {
@@ -179,11 +194,11 @@ fn handle(
             })
         }
         Some("set" | "migrate-set-parameters") => {
-            let (live, _) = attached.ok_or_else(no_migration)?;
+            let live = steerable(attached)?;
             set(&live, args).map_err(|e| ("GenericError", e))
         }
         Some("cancel" | "migrate_cancel") => {
-            let (live, _) = attached.ok_or_else(no_migration)?;
+            let live = steerable(attached)?;
             match live.cancel() {
                 CancelAnswer::Accepted => Ok(json!({
                     "cancelling": true,
@@ -366,12 +381,11 @@ fn watch(path: &Path, interval: Duration) -> Result<bool> {
         let status = v["status"].as_str().unwrap_or("?");
         let gib = |b: &Value| crate::units::human(b.as_u64().unwrap_or(0));
         println!(
-            "{:>8.1} s  {:<10} {}  [{} of {} sent; expected downtime {}]",
+            "{:>7.1} s  {:<10} {}; {} on the wire; expected downtime {}",
             v["total-time-ms"].as_f64().unwrap_or(0.0) / 1e3,
             status,
             v["phase"].as_str().unwrap_or(""),
             gib(&v["ram"]["transferred"]),
-            gib(&v["ram"]["total"]),
             v["expected-downtime-ms"]
                 .as_f64()
                 .map_or("-".into(), |m| format!("{m:.1} ms")),

@@ -135,8 +135,19 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
     let rdma = a.rdma.options(opts)?;
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listening on {}", a.listen))?;
+    // The control socket from the start: `status` shows each migration as
+    // it lands, and in doubt `resolve` decides it.
+    let socket = a
+        .control
+        .as_deref()
+        .map(control::Socket::bind)
+        .transpose()?;
+    if let Some(s) = &socket {
+        s.set_status(json!({"state": "waiting", "role": "dest", "listen": a.listen}));
+    }
+    let socket = socket.as_ref();
     if a.once {
-        return once(a, &cfg, listener, opts, rdma);
+        return once(a, &cfg, socket, listener, opts, rdma);
     }
     let service = TcpService::bind(
         listener,
@@ -173,14 +184,14 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
         let end = match &rdma {
             Some(o) => {
                 let mut t = hpmig_transport_rdma::RdmaDest::over(tcp, o.clone())?;
-                land_and_run(a, &cfg, &accepted, &mut t, peer)?
+                land_and_run(a, &cfg, socket, &accepted, &mut t, peer)?
             }
-            None => land_and_run(a, &cfg, &accepted, &mut { tcp }, peer)?,
+            None => land_and_run(a, &cfg, socket, &accepted, &mut { tcp }, peer)?,
         };
         #[cfg(not(feature = "rdma"))]
         let end = {
             let _ = &rdma;
-            land_and_run(a, &cfg, &accepted, &mut { tcp }, peer)?
+            land_and_run(a, &cfg, socket, &accepted, &mut { tcp }, peer)?
         };
         if end != Outcome::Failed {
             return Ok(end);
@@ -194,6 +205,7 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
 fn once(
     a: &DestArgs,
     cfg: &DestConfig,
+    socket: Option<&control::Socket>,
     listener: TcpListener,
     opts: TcpOptions,
     rdma: Option<crate::rdma::RdmaOptions>,
@@ -210,14 +222,14 @@ fn once(
         let end = match &rdma {
             Some(o) => {
                 let mut t = hpmig_transport_rdma::RdmaDest::over(tcp, o.clone())?;
-                accept_and_land(a, cfg, &mut t, peer)?
+                accept_and_land(a, cfg, socket, &mut t, peer)?
             }
-            None => accept_and_land(a, cfg, &mut { tcp }, peer)?,
+            None => accept_and_land(a, cfg, socket, &mut { tcp }, peer)?,
         };
         #[cfg(not(feature = "rdma"))]
         let end = {
             let _ = &rdma;
-            accept_and_land(a, cfg, &mut { tcp }, peer)?
+            accept_and_land(a, cfg, socket, &mut { tcp }, peer)?
         };
         // A source in doubt that asked what became of its guest (this
         // process restarted) was answered from the journal: that was not
@@ -231,11 +243,12 @@ fn once(
 fn accept_and_land<T: DestTransport>(
     a: &DestArgs,
     cfg: &DestConfig,
+    socket: Option<&control::Socket>,
     transport: &mut T,
     peer: std::net::SocketAddr,
 ) -> Result<Option<Outcome>> {
     match accept(transport, cfg, None, &mut Arrival::new()) {
-        Ok(accepted) => land_and_run(a, cfg, &accepted, transport, peer).map(Some),
+        Ok(accepted) => land_and_run(a, cfg, socket, &accepted, transport, peer).map(Some),
         Err(e @ LandError::Answered(_)) => {
             println!("  source {peer}: {e}");
             Ok(None)
@@ -251,10 +264,22 @@ fn accept_and_land<T: DestTransport>(
 fn land_and_run<T: DestTransport>(
     a: &DestArgs,
     cfg: &DestConfig,
+    socket: Option<&control::Socket>,
     accepted: &Accepted,
     transport: &mut T,
     peer: std::net::SocketAddr,
 ) -> Result<Outcome> {
+    // A fresh live view per migration, shown on the control socket.
+    let mut cfg = cfg.clone();
+    cfg.live = Arc::new(hpmig_core::precopy::live::Live::new());
+    if let Some(s) = socket {
+        s.set_status(json!({"state": "receiving", "role": "dest"}));
+        s.attach_view(
+            Arc::clone(&cfg.live),
+            json!({"role": "dest", "source": peer.to_string()}),
+        );
+    }
+    let cfg = &cfg;
     let mut arrival = Arrival::new();
     let hello = &accepted.hello;
     println!(
@@ -283,7 +308,7 @@ fn land_and_run<T: DestTransport>(
         Ok(r) => r,
         Err(LandError::InDoubt(u)) => {
             eprintln!("hpmig dest: {}", LandError::InDoubt(u.clone()));
-            let end = in_doubt(a, cfg, transport, &mut arrival, &u)?;
+            let end = in_doubt(cfg, socket, transport, &mut arrival, &u)?;
             if end == Outcome::Migrated {
                 run_for(a, &memory, &mut arrival);
             }
@@ -351,17 +376,21 @@ fn run_for(a: &DestArgs, memory: &DestMemory, arrival: &mut Arrival) -> bool {
 /// Holds the acknowledged copy, paused, until the source's decision comes
 /// again or an operator resolves it.
 fn in_doubt<T: DestTransport>(
-    a: &DestArgs,
     cfg: &DestConfig,
+    socket: Option<&control::Socket>,
     transport: &mut T,
     arrival: &mut Arrival,
     u: &Undecided,
 ) -> Result<Outcome> {
-    let path = match &a.control {
-        Some(p) => p.clone(),
-        None => control::default_path("dest")?,
+    let own;
+    let socket = match socket {
+        Some(s) => s,
+        None => {
+            own = control::Socket::bind(&control::default_path("dest")?)?;
+            &own
+        }
     };
-    let socket = control::Socket::bind(&path)?;
+    let path = socket.path().to_path_buf();
     socket.set_status(json!({
         "state": "in-doubt",
         "role": "dest",

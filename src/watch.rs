@@ -209,6 +209,12 @@ pub fn duration(d: Duration) -> String {
 /// 30 MiB left, ETA 0.3 s".
 pub fn progress_line(st: &Status) -> String {
     match st.stage {
+        Stage::PreCopy if st.landing => format!(
+            "landing round {}: {} landed, {} of guest memory",
+            st.round,
+            human(st.bytes.total()),
+            human(st.guest_bytes),
+        ),
         Stage::PreCopy | Stage::StopAndCopy => {
             let mut s = format!(
                 "round {}{}: {} sent at {}/s, {} of guest memory left",

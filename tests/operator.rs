@@ -118,12 +118,15 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
     let addr = format!("127.0.0.1:{port}");
     let metrics = format!("127.0.0.1:{}", free_port());
     let sock = dir.path().join("source.sock");
+    let dest_sock = dir.path().join("dest.sock");
     let events = dir.path().join("events.jsonl");
     let dest = Reaped(
         Command::new(env!("CARGO_BIN_EXE_hpmig"))
             .args(["dest", "--listen", &addr, "--once", "--io-timeout", "10s"])
             .arg("--journal")
             .arg(dir.path().join("journal"))
+            .arg("--control")
+            .arg(&dest_sock)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -185,6 +188,17 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
         }
     }
     assert!(transferred(&s2) > transferred(&s1), "{s1}\n{s2}");
+    // The destination shows what it landed; steering is the source's.
+    let (_, d) = status(&dest_sock);
+    assert_eq!(d["status"], "active", "{d}");
+    assert_eq!(d["ram"]["total"], 64 << 20, "{d}");
+    assert!(
+        transferred(&d) > 0.0 && transferred(&d) <= transferred(&s2) * 1.5,
+        "{d}"
+    );
+    let (code, text) = ctl(&dest_sock, &["cancel"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("source"), "{text}");
     assert!(
         s2["ram"]["remaining"].as_u64() < s1["ram"]["remaining"].as_u64(),
         "{s1}\n{s2}"

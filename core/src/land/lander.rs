@@ -71,7 +71,7 @@ impl GuestPages {
 /// Applies one data stream's records to guest memory.
 #[derive(Debug)]
 pub struct StreamLander<'a> {
-    stream: usize,
+    pub(crate) stream: usize,
     layout: &'a Layout,
     pages: &'a GuestPages,
     share: Share,
@@ -194,6 +194,7 @@ impl<'a> StreamLander<'a> {
                 }
                 self.records = 0;
                 self.stats.wire_bytes += (HEADER_LEN + ROUND_END_LEN) as u64;
+                self.stats.bytes.headers += (HEADER_LEN + ROUND_END_LEN) as u64;
                 self.next_round += 1;
                 self.stats.rounds = self.next_round;
                 self.stats.ledger_sum = self.ledger.as_ref().map_or(0, |(_, l)| l.sum());
@@ -248,6 +249,7 @@ impl<'a> StreamLander<'a> {
                 self.crc.update(seg);
                 self.stats.segments += 1;
                 self.stats.payload_bytes += u64::from(h.len);
+                self.stats.bytes.segment += u64::from(h.len);
                 if self.next_round > 0 {
                     if let Some(fault) = self.fault.take() {
                         self.corrupt(fault, page, loc.region, loc.offset, at, h.len as usize);
@@ -259,6 +261,7 @@ impl<'a> StreamLander<'a> {
                 self.crc.update(dst);
                 self.stats.whole_pages += 1;
                 self.stats.payload_bytes += ps;
+                self.stats.bytes.whole += ps;
             }
             Kind::Zero => {
                 if was_written {
@@ -284,6 +287,7 @@ impl<'a> StreamLander<'a> {
                 self.stats.whole_pages += 1;
                 self.stats.zstd_pages += 1;
                 self.stats.payload_bytes += ps;
+                self.stats.bytes.zstd += u64::from(h.len);
             }
             // Only data kinds reach here (checked by the caller).
             other => return Err(ApplyError::Unexpected(other)),
@@ -292,6 +296,7 @@ impl<'a> StreamLander<'a> {
         self.records += 1;
         self.stats.records += 1;
         self.stats.wire_bytes += (HEADER_LEN + h.len as usize) as u64;
+        self.stats.bytes.headers += HEADER_LEN as u64;
         Ok(())
     }
 }

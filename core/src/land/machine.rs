@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use crate::precopy::live::{Ended, Stage};
+
 use super::journal::JournalEvent;
 use super::receive::{land_all, Check, Landed};
 use super::switchover::{self, Undecided, Verified};
@@ -89,7 +91,17 @@ impl<'a, T: DestTransport> Dest<'a, T> {
         } else {
             DestState::Handshake
         };
+        let live = Arc::clone(&self.cfg.live);
         let result = loop {
+            live.set_stage(match state {
+                DestState::Handshake | DestState::Setup => Stage::Setup,
+                DestState::Receiving => Stage::PreCopy,
+                DestState::Verify | DestState::Restore => Stage::SwitchOver,
+                DestState::Acknowledged => Stage::Committing,
+                DestState::InDoubt => Stage::InDoubt,
+                DestState::Running => Stage::Migrated,
+                DestState::Discarded => Stage::Cancelled,
+            });
             match self.step(state) {
                 Ok(DestState::Running) => break self.received(),
                 Ok(DestState::Discarded) => break Err(LandError::Aborted),
@@ -104,6 +116,19 @@ impl<'a, T: DestTransport> Dest<'a, T> {
         if !held {
             tell_source(self.transport, &result);
         }
+        let (stage, error) = match &result {
+            Ok(_) => (Stage::Migrated, None),
+            Err(LandError::Aborted) => (Stage::Cancelled, None),
+            Err(e @ LandError::InDoubt(_)) => (Stage::InDoubt, Some(e.to_string())),
+            Err(e) => (Stage::Failed, Some(e.to_string())),
+        };
+        live.end(
+            stage,
+            Ended {
+                error,
+                ..Ended::default()
+            },
+        );
         result
     }
 
@@ -166,6 +191,7 @@ impl<'a, T: DestTransport> Dest<'a, T> {
                     }),
                     full_digest: accepted.hello.verify == VerifyMode::Strict,
                     fault: self.cfg.fault,
+                    live: Arc::clone(&self.cfg.live),
                 };
                 let rxs = std::mem::take(&mut self.rxs);
                 self.landed = Some(land_all(
@@ -274,6 +300,9 @@ impl<'a, T: DestTransport> Dest<'a, T> {
     fn setup(&mut self) -> Result<(), LandError> {
         let accepted = self.accepted.as_ref().ok_or(LandError::NoState)?;
         let hello = &accepted.hello;
+        self.cfg
+            .live
+            .start_landing(hello.layout.total_bytes(), hello.layout.page_size() as u64);
         let ours = Layout::of(self.memory).map_err(|e| {
             HandshakeError::Refused(ProtocolError::Layout {
                 source_layout: format!("{:?}", hello.layout),

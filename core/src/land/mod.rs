@@ -214,6 +214,9 @@ pub struct DestConfig {
     /// Test hook (see [`LandFault`]).
     #[doc(hidden)]
     pub fault: Option<LandFault>,
+    /// Progress published while it lands (see [`crate::precopy::live`]):
+    /// the stage, the round, bytes landed by kind per stream.
+    pub live: Arc<crate::precopy::live::Live>,
 }
 
 impl Default for DestConfig {
@@ -224,6 +227,7 @@ impl Default for DestConfig {
             require_verified: false,
             deadlines: Deadlines::default(),
             in_doubt_wait: Duration::from_secs(60),
+            live: Arc::default(),
             journal: None,
             fault: None,
         }
@@ -245,6 +249,8 @@ pub struct LandStats {
     /// The sum of the stream's page-hash ledger (all streams' summed: the
     /// destination's ledger sum; 0 unless incremental).
     pub ledger_sum: u128,
+    /// Wire bytes by what they carried (their sum is `wire_bytes`).
+    pub bytes: crate::precopy::live::ByteKinds,
 }
 
 impl std::ops::AddAssign for LandStats {
@@ -258,6 +264,7 @@ impl std::ops::AddAssign for LandStats {
         self.zstd_pages += o.zstd_pages;
         self.segments += o.segments;
         self.rounds = self.rounds.max(o.rounds);
+        self.bytes += o.bytes;
         self.ledger_sum = self.ledger_sum.wrapping_add(o.ledger_sum);
     }
 }

@@ -9,12 +9,17 @@ use std::time::{Duration, Instant};
 use super::lander::{GuestPages, StreamLander};
 use super::{ApplyError, LandError, LandFault, LandStats};
 use crate::memory::{DestMemory, Layout};
+use crate::precopy::live::{ByteKinds, Live};
 use crate::protocol::{Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_INCREMENTAL};
 use crate::transport::{
     with_keepalive, Control, Deadlines, DestTransport, Interrupt, StreamRx, TransportError,
 };
 use crate::verify::PageHasher;
 use std::sync::Arc;
+
+/// Records a stream lands between two publications of its progress (64
+/// whole pages: about one of the source's ring slots).
+const PUBLISH_EVERY: u32 = 64;
 
 /// The vCPU state record: the vCPU count it announces, and its bytes.
 pub(crate) type StateRecord = Option<(u32, Vec<u8>)>;
@@ -33,6 +38,8 @@ pub(crate) struct Check {
     pub hasher: Option<Arc<PageHasher>>,
     pub full_digest: bool,
     pub fault: Option<LandFault>,
+    /// Where the streams publish what they landed.
+    pub live: Arc<Live>,
 }
 
 /// What the streams and the control exchange brought.
@@ -59,6 +66,7 @@ pub(crate) fn land_all<T: DestTransport>(
     check: Check,
 ) -> Result<Landed, LandError> {
     let (io, alive) = (check.io, check.alive);
+    let live = Arc::clone(&check.live);
     let streams = rxs.len();
     let pages = GuestPages::new(memory);
     let interrupt = transport.interrupt();
@@ -77,8 +85,9 @@ pub(crate) fn land_all<T: DestTransport>(
                     .with_fault(check.fault.filter(|_| i == 0));
                 let interrupt = interrupt.clone();
                 let progress = &progress[i].0;
+                let live = &*live;
                 scope.spawn(move || {
-                    run_stream(&mut lander, &mut rx, &interrupt, progress)
+                    run_stream(&mut lander, &mut rx, &interrupt, progress, live)
                         .map(|last| (last, lander.stats))
                         .map_err(|e| (lander.next_round, e))
                 })
@@ -263,13 +272,32 @@ fn run_stream(
     rx: &mut dyn StreamRx,
     interrupt: &Interrupt,
     progress: &AtomicU64,
+    live: &Live,
 ) -> Result<u32, ApplyError> {
+    // What this stream told the watchers, published every PUBLISH_EVERY
+    // records and at every round's end (never per record).
+    let mut told = (ByteKinds::default(), 0u64);
+    let mut publish = |lander: &StreamLander<'_>| {
+        let s = &lander.stats;
+        let pages = s.zero_pages + s.whole_pages + s.segments;
+        live.add(lander.stream, s.bytes - told.0, pages - told.1);
+        told = (s.bytes, pages);
+    };
+    let mut steps = 0u32;
     let result = loop {
         let step = lander.step(rx);
         progress.fetch_add(1, Ordering::Relaxed);
+        steps = steps.wrapping_add(1);
         match step {
-            Ok(Some(end)) if end.last => break Ok(end.round),
-            Ok(_) => {}
+            Ok(Some(end)) => {
+                publish(lander);
+                live.round_landed(end.round);
+                if end.last {
+                    break Ok(end.round);
+                }
+            }
+            Ok(None) if steps % PUBLISH_EVERY == 0 => publish(lander),
+            Ok(None) => {}
             Err(e) => break Err(e),
         }
     };

@@ -173,6 +173,8 @@ pub struct Ended {
 /// A snapshot of a running migration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Status {
+    /// The destination's view: bytes landed, not sent; no work-set figures.
+    pub landing: bool,
     pub stage: Stage,
     /// The round running (or the last one).
     pub round: u32,
@@ -243,7 +245,8 @@ pub enum CancelAnswer {
 /// A running migration's shared progress and steering. See the module doc.
 #[derive(Debug)]
 pub struct Live {
-    started: Mutex<Instant>,
+    /// When the migration started (`None` before: elapsed is zero).
+    started: Mutex<Option<Instant>>,
     stage: AtomicU8,
     round: AtomicU32,
     guest_bytes: AtomicU64,
@@ -265,6 +268,7 @@ pub struct Live {
     steered_cap: AtomicBool,
     steered_target: AtomicBool,
     cancel: AtomicBool,
+    landing: AtomicBool,
     /// Held while deciding between cancelling and committing.
     gate: Mutex<()>,
 }
@@ -282,7 +286,7 @@ impl Default for Live {
 impl Live {
     pub fn new() -> Live {
         Live {
-            started: Mutex::new(Instant::now()),
+            started: Mutex::new(None),
             stage: AtomicU8::new(Stage::Setup as u8),
             round: AtomicU32::new(0),
             guest_bytes: AtomicU64::new(0),
@@ -301,6 +305,7 @@ impl Live {
             steered_cap: AtomicBool::new(false),
             steered_target: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
+            landing: AtomicBool::new(false),
             gate: Mutex::new(()),
         }
     }
@@ -385,9 +390,10 @@ impl Live {
             bytes += s.bytes;
             pages += s.pages;
         }
-        let elapsed = started.elapsed();
+        let elapsed = started.map_or(Duration::ZERO, |t| t.elapsed());
         let round_start = Duration::from_nanos(self.round_start_ns.load(Relaxed));
         Status {
+            landing: self.landing.load(Relaxed),
             stage: self.stage(),
             round: self.round.load(Relaxed),
             elapsed,
@@ -424,7 +430,7 @@ impl Live {
         bandwidth: Option<u64>,
         target: Duration,
     ) {
-        *lock(&self.started) = Instant::now();
+        *lock(&self.started) = Some(Instant::now());
         self.guest_bytes.store(guest_bytes, Relaxed);
         self.page_size.store(page_size, Relaxed);
         if !self.steered_cap.load(Relaxed) {
@@ -471,6 +477,17 @@ impl Live {
         } else {
             Stage::PreCopy
         });
+    }
+
+    /// The destination starts landing a guest of `guest_bytes`.
+    pub(crate) fn start_landing(&self, guest_bytes: u64, page_size: u64) {
+        self.landing.store(true, Relaxed);
+        self.start(guest_bytes, page_size, None, Duration::ZERO);
+    }
+
+    /// The destination: a stream landed round `round` whole.
+    pub(crate) fn round_landed(&self, round: u32) {
+        self.round.fetch_max(round + 1, Relaxed);
     }
 
     pub(crate) fn round_done(&self, r: RoundStatus) {
