@@ -48,7 +48,7 @@ pub struct DemoArgs {
     rdma: crate::rdma::RdmaArgs,
     /// Test hook: hold the guest paused this long between the Ack and the
     /// Commit.
-    #[arg(long, hide = true, default_value = "0ms", value_parser = crate::units::parse_millis)]
+    #[arg(long, hide = true, default_value = "0ms", value_parser = crate::units::parse_wait)]
     test_delay_commit: Duration,
 }
 

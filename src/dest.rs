@@ -28,7 +28,7 @@ use crate::args::TokenArgs;
 use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::report;
-use crate::units::{human, parse_bytes, parse_millis};
+use crate::units::{human, parse_size, parse_timeout, parse_wait};
 
 #[derive(Args, Debug)]
 pub struct DestArgs {
@@ -40,22 +40,22 @@ pub struct DestArgs {
     #[command(flatten)]
     rdma: crate::rdma::RdmaArgs,
     /// Refuse guests larger than this (and larger than the memory this
-    /// host has available).
-    #[arg(long, default_value = "64G", value_parser = parse_bytes)]
+    /// host has available); binary units, as --memory.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
     max_memory: u64,
-    /// How long to run the received guest before exiting.
-    #[arg(long, default_value = "2s", value_parser = parse_millis)]
+    /// How long to run the received guest before exiting (0 ms to 24 h).
+    #[arg(long, default_value = "2s", value_parser = parse_wait)]
     run_for: Duration,
     /// Fault all guest memory in before receiving (faster receive, full
     /// resident size from the start; like QEMU's -mem-prealloc).
     #[arg(long)]
     prefault: bool,
     /// Give up when the source sends nothing for this long (it says Alive
-    /// while it works): every wait on it is bounded by this.
-    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    /// while it works): every wait on it is bounded by this (1 ms to 24 h).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     io_timeout: Duration,
-    /// How long a peer has for the whole handshake.
-    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    /// How long a peer has for the whole handshake (1 ms to 24 h).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     handshake_timeout: Duration,
     /// Refuse a copy the source did not send a digest for.
     #[arg(long)]

@@ -22,7 +22,7 @@ use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
-use crate::units::{human, parse_millis};
+use crate::units::{human, parse_timeout};
 use hpmig_microvm::{self as guest, RunningGuest};
 
 #[derive(Args, Debug)]
@@ -39,8 +39,9 @@ pub struct SourceArgs {
     #[command(flatten)]
     rdma: RdmaArgs,
     /// Give up when the destination sends nothing for this long (it says
-    /// Alive while it works): every wait on it is bounded by this.
-    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    /// Alive while it works): every wait on it is bounded by this (1 ms to
+    /// 24 h).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     io_timeout: Duration,
     /// A control socket to ask and steer this migration (`hpmig ctl`); in
     /// doubt one is opened anyway, at a path printed then.
