@@ -1,5 +1,6 @@
 //! Flag groups shared by the commands.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -146,12 +147,22 @@ pub struct MigrationArgs {
     /// digested on both ends while the guest is paused), or off.
     #[arg(long, default_value = "incremental")]
     pub verify: VerifyMode,
-    /// Write a JSON report here.
+    /// Write a JSON report here (its directory must exist and be writable;
+    /// checked before anything starts).
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
 
 impl MigrationArgs {
+    /// Refuses a report that could not be written, before anything starts
+    /// (exit status 2).
+    pub fn check(&self) -> Result<()> {
+        if let Some(path) = &self.json {
+            check_writable("--json", path)?;
+        }
+        Ok(())
+    }
+
     pub fn config(&self, secret: Secret) -> SourceConfig {
         let mut cfg = SourceConfig::new(self.granularity);
         cfg.workers = usize::from(self.workers);
@@ -189,5 +200,59 @@ impl TokenArgs {
         self.token
             .as_deref()
             .map_or_else(Secret::none, |t| Secret::from_token(t.as_bytes()))
+    }
+}
+
+/// Refuses (exit status 2) a file `flag` names that could not be written
+/// later: its directory missing, or no file can be made there. Leaves
+/// nothing behind and an existing file as it was.
+pub fn check_writable(flag: &str, path: &Path) -> Result<()> {
+    let refuse = |why: String| usage(format!("{flag} {}: {why}", path.display()));
+    if path.is_dir() {
+        return Err(refuse("is a directory".into()));
+    }
+    if path.exists() {
+        // Opened for writing, not truncated: the old report stays until
+        // the new one replaces it.
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| refuse(format!("cannot be written ({e})")));
+    }
+    check_dir(flag, path)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| refuse(format!("cannot be created ({e})")))?;
+    std::fs::remove_file(path).map_err(|e| refuse(format!("cannot be removed again ({e})")))
+}
+
+/// Refuses (exit status 2) a path `flag` names whose directory does not
+/// exist (a socket made there later could not be).
+pub fn check_dir(flag: &str, path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(usage(format!(
+            "{flag} {}: no directory {}",
+            path.display(),
+            dir.display()
+        )))
+    }
+}
+
+/// Refuses (exit status 2) a HOST:PORT `flag` names that does not resolve.
+pub fn check_address(flag: &str, addr: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    match addr.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(usage(format!("{flag} {addr}: resolves to no address"))),
+        Err(e) => Err(usage(format!("{flag} {addr}: {e}"))),
     }
 }

@@ -54,6 +54,8 @@ pub struct DemoArgs {
 
 pub fn run(a: &DemoArgs) -> Result<Outcome> {
     a.guest.check()?;
+    a.migration.check()?;
+    a.rdma.check()?;
     let rdma = a.rdma.options(TcpOptions::default())?;
     let wire = match (&rdma, a.wire) {
         (Some(o), _) => format!("{}, control over TCP on loopback", crate::rdma::wire(o)),

@@ -24,7 +24,7 @@ use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{Admit, ServiceOptions, TcpDest, TcpOptions, TcpService};
 use serde_json::json;
 
-use crate::args::TokenArgs;
+use crate::args::{check_address, check_dir, TokenArgs};
 use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::report;
@@ -77,9 +77,21 @@ pub struct DestArgs {
 }
 
 pub fn run(a: &DestArgs) -> Result<Outcome> {
+    check(a)?;
     let result = receive_and_run(a);
     println!("  peak memory: {} resident", human(report::peak_rss()));
     result
+}
+
+/// Refuses what cannot work, before anything starts (exit status 2, one
+/// line).
+fn check(a: &DestArgs) -> Result<()> {
+    a.rdma.check()?;
+    check_address("--listen", &a.listen)?;
+    if let Some(path) = &a.control {
+        check_dir("--control", path)?;
+    }
+    Ok(())
 }
 
 /// The journal directory when none was given.

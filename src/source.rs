@@ -17,7 +17,7 @@ use hpmig_microvm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
 use serde_json::json;
 
-use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
+use crate::args::{check_address, check_dir, GuestArgs, MigrationArgs, TokenArgs};
 use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
@@ -141,6 +141,15 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         ..TcpOptions::default()
     };
     a.guest.check()?;
+    a.migration.check()?;
+    a.rdma.check()?;
+    if let Some(path) = &a.control {
+        check_dir("--control", path)?;
+    }
+    // A name that does not resolve is refused as input, before anything
+    // starts; a destination that does not answer is found by the connect
+    // below, still before the guest boots.
+    check_address("--to", &a.to)?;
     // Check the flags (and open the device) before the guest boots.
     let rdma = a.rdma.options(opts)?;
     let wire = match &rdma {
@@ -153,7 +162,7 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
     #[cfg(feature = "rdma")]
     if let Some(o) = rdma {
         let mut transport = hpmig_transport_rdma::RdmaSource::connect(a.to.as_str(), o)
-            .with_context(|| format!("connecting to {} over RDMA", a.to))?;
+            .with_context(|| format!("--to {} (RDMA)", a.to))?;
         let stats = transport.stats();
         let mut booted = boot(&a.guest)?;
         let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
@@ -162,8 +171,8 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         return Ok(end);
     }
     // Connect before the guest boots: a wrong address costs nothing.
-    let mut transport = TcpSource::connect(a.to.as_str(), opts)
-        .with_context(|| format!("connecting to {}", a.to))?;
+    let mut transport =
+        TcpSource::connect(a.to.as_str(), opts).with_context(|| format!("--to {}", a.to))?;
     let mut booted = boot(&a.guest)?;
     let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
     finish(a, &mut booted, &mut transport, outcome)
