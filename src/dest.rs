@@ -28,7 +28,7 @@ use crate::args::{check_address, check_dir, TokenArgs};
 use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::report;
-use crate::units::{human, parse_size, parse_timeout, parse_wait};
+use crate::units::{human, parse_size, parse_timeout, parse_wait, span};
 
 #[derive(Args, Debug)]
 pub struct DestArgs {
@@ -169,6 +169,7 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
         "hpmig dest: waiting for one migration on {}",
         service.local_addr()
     );
+    describe(a);
     if !a.token.secret().is_set() {
         println!("  no token: any peer that can reach this port may migrate a guest here");
     }
@@ -201,6 +202,31 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
     }
 }
 
+/// The rest of the banner: the flags that decide what is accepted and how
+/// long the guest runs.
+fn describe(a: &DestArgs) {
+    println!(
+        "  accepts: guests up to {}{}, {}; runs the guest {}{}",
+        human(a.max_memory),
+        if a.require_verified {
+            ", verified copies only"
+        } else {
+            ""
+        },
+        if a.once {
+            "one source"
+        } else {
+            "until one migration succeeds"
+        },
+        span(a.run_for),
+        if a.prefault {
+            ", memory prefaulted"
+        } else {
+            ""
+        },
+    );
+}
+
 /// `--once`: the first connection is the one migration, whatever it brings
 /// (a refused handshake ends the command).
 fn once(
@@ -214,6 +240,7 @@ fn once(
         "hpmig dest: waiting for one migration on {}",
         listener.local_addr()?
     );
+    describe(a);
     loop {
         let l = listener.try_clone().context("accepting the source")?;
         let tcp = TcpDest::accept(l, opts).context("accepting the source")?;

@@ -22,7 +22,7 @@ use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
-use crate::units::{human, parse_timeout};
+use crate::units::{human, parse_timeout, rate, span};
 use hpmig_microvm::{self as guest, RunningGuest};
 
 #[derive(Args, Debug)]
@@ -89,14 +89,40 @@ pub fn boot(g: &GuestArgs) -> Result<Booted> {
     })
 }
 
+/// The banner: every flag that changes the outcome, as it was understood.
 pub fn describe(g: &GuestArgs, m: &MigrationArgs, wire: &str) {
     println!(
-        "hpmig: {} guest, {} vCPU(s), workload {}, {} granularity, {} worker(s)",
+        "hpmig: {} guest, {} vCPU(s), workload {} at {}, {} contents",
         human(g.memory),
         g.vcpus,
         g.workload.as_str(),
+        g.dirty_rate
+            .map_or_else(|| "full speed".into(), |r| format!("{r} writes/s")),
+        g.contents,
+    );
+    println!(
+        "  plan:  {} granularity, {} worker(s), downtime target {}, at most {} rounds then {}",
         m.granularity.as_str(),
-        m.workers
+        m.workers,
+        span(m.downtime),
+        m.max_rounds,
+        if m.abort_on_stall {
+            "give up"
+        } else {
+            "stop-and-copy"
+        },
+    );
+    println!(
+        "  send:  {}, zstd {}, verify {}{}",
+        m.bandwidth.map_or_else(
+            || "no bandwidth cap".into(),
+            |b| format!("bandwidth cap {} on all streams", rate(b))
+        ),
+        format!("{:?}", m.zstd).to_lowercase(),
+        m.verify.as_str(),
+        m.shadow_budget
+            .map(|b| format!(", shadow at most {}", human(b)))
+            .unwrap_or_default(),
     );
     println!("  wire:  {wire}");
 }

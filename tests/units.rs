@@ -181,3 +181,82 @@ fn rdma_in_a_build_without_it_is_refused_before_the_destination_waits() {
     assert!(!text.contains("waiting"), "{text}");
     assert!(!text.contains("peak memory"), "one line: {text}");
 }
+
+#[test]
+fn the_banner_echoes_every_flag_that_changes_the_outcome() {
+    let (code, text) = hpmig(&[
+        "demo",
+        "--memory",
+        "16M",
+        "--warmup",
+        "50ms",
+        "--wire",
+        "inproc",
+        "--dirty-rate",
+        "50000",
+        "--contents",
+        "mixed",
+        "--granularity",
+        "page",
+        "--workers",
+        "3",
+        // 100MBps is megabytes: it was read as megabits (12.6 MB/s).
+        "--bandwidth",
+        "100MBps",
+        "--downtime",
+        "1.5s",
+        "--max-rounds",
+        "7",
+        "--verify",
+        "strict",
+        "--zstd",
+        "auto",
+    ]);
+    assert!(matches!(code, Some(0 | 7)), "{text}");
+    let banner: String = text.lines().take(4).collect::<Vec<_>>().join("\n");
+    for says in [
+        "16.0 MiB guest",
+        "1 vCPU(s)",
+        "workload sparse at 50000 writes/s",
+        "mixed contents",
+        "page granularity",
+        "3 worker(s)",
+        "downtime target 1500 ms",
+        "at most 7 rounds then stop-and-copy",
+        "bandwidth cap 100 MB/s (800 Mbit/s)",
+        "verify strict",
+        "zstd auto",
+        "in-process channels",
+    ] {
+        assert!(
+            banner.contains(says),
+            "'{says}' missing from the banner:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn the_destination_echoes_what_it_accepts() {
+    use std::io::BufRead;
+    let journal = std::env::temp_dir().join(format!("hpmig-units-journal-{}", std::process::id()));
+    let mut dest = Command::new(env!("CARGO_BIN_EXE_hpmig"))
+        .args(["dest", "--listen", "127.0.0.1:0", "--once"])
+        .args(["--max-memory", "1.5G", "--run-for", "1.5s", "--journal"])
+        .arg(&journal)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(dest.stdout.take().unwrap()).lines();
+    let banner = [lines.next(), lines.next()].map(|l| l.unwrap().unwrap());
+    let _ = dest.kill();
+    let _ = dest.wait();
+    let _ = std::fs::remove_dir_all(&journal);
+    assert!(
+        banner[0].contains("waiting for one migration"),
+        "{banner:?}"
+    );
+    assert!(
+        banner[1].contains("guests up to 1.5 GiB, one source; runs the guest 1500 ms"),
+        "{banner:?}"
+    );
+}
