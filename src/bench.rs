@@ -11,7 +11,7 @@ use hpmig_bench::{matrix, model};
 use hpmig_core::memory::Contents;
 use hpmig_microvm::{GuestChoice, Workload};
 
-use crate::units::parse_bytes;
+use crate::units::parse_size;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -34,10 +34,10 @@ pub struct BenchArgs {
     peer: bool,
     /// Only these guest sizes of the full matrix (comma-separated, e.g.
     /// 256M,1G); all three when absent.
-    #[arg(long, value_delimiter = ',', value_parser = parse_bytes)]
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     memory: Vec<u64>,
     /// Guest size of the QEMU comparison.
-    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
     peer_memory: u64,
     /// What guest memory holds before the workload starts (comma-separated:
     /// empty, full, mixed). Default: full in the quick matrix and the QEMU
@@ -65,7 +65,7 @@ pub struct ModelArgs {
     #[arg(long)]
     from: PathBuf,
     /// Guest sizes to predict (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "64G,256G,1T", value_parser = parse_bytes)]
+    #[arg(long, value_delimiter = ',', default_value = "64G,256G,1T", value_parser = parse_size)]
     memory: Vec<u64>,
     /// Link speeds to predict, Gbit/s (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "25,100,400")]
@@ -100,7 +100,7 @@ pub struct ImageArgs {
     #[arg(long)]
     out: PathBuf,
     /// Guest memory (QEMU's -m must be the same).
-    #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
     #[arg(long, default_value = "sparse")]
     workload: Workload,

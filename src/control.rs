@@ -34,10 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hpmig_core::precopy::limiter::parse_rate;
 use hpmig_core::precopy::live::{CancelAnswer, Live};
 
-use crate::units::parse_millis;
+use crate::units::{parse_downtime, parse_rate, parse_timeout};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::sync::mpsc::{channel as unbounded, Receiver, Sender};
@@ -278,10 +277,7 @@ fn set(live: &Live, args: &Value) -> Result<Value, String> {
                 done.insert("bandwidth".into(), json!(b));
             }
             ("downtime", Value::String(s)) => {
-                let d = parse_millis(s).map_err(|e| format!("downtime: {e}"))?;
-                if d.is_zero() {
-                    return Err("downtime: must be above 0".into());
-                }
+                let d = parse_downtime(s).map_err(|e| format!("downtime: {e}"))?;
                 live.set_downtime_target(d);
                 done.insert("downtime-ms".into(), json!(d.as_secs_f64() * 1e3));
             }
@@ -316,7 +312,7 @@ enum CtlCommand {
     /// Print one line of progress every interval until the migration ends.
     Watch {
         /// Between two lines.
-        #[arg(long, default_value = "1s", value_parser = parse_millis)]
+        #[arg(long, default_value = "1s", value_parser = parse_timeout)]
         interval: Duration,
     },
     /// Change the bandwidth cap or the downtime target while it runs:

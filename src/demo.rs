@@ -50,12 +50,14 @@ pub struct DemoArgs {
     watch: crate::watch::WatchArgs,
     /// Test hook: hold the guest paused this long between the Ack and the
     /// Commit.
-    #[arg(long, hide = true, default_value = "0ms", value_parser = crate::units::parse_millis)]
+    #[arg(long, hide = true, default_value = "0ms", value_parser = crate::units::parse_wait)]
     test_delay_commit: Duration,
 }
 
 pub fn run(a: &DemoArgs) -> Result<Outcome> {
     a.guest.check()?;
+    a.migration.check()?;
+    a.rdma.check()?;
     let rdma = a.rdma.options(TcpOptions::default())?;
     let wire = match (&rdma, a.wire) {
         (Some(o), _) => format!("{}, control over TCP on loopback", crate::rdma::wire(o)),

@@ -24,11 +24,11 @@ use hpmig_microvm::Arrival;
 use hpmig_transport_tcp::{Admit, ServiceOptions, TcpDest, TcpOptions, TcpService};
 use serde_json::json;
 
-use crate::args::TokenArgs;
+use crate::args::{check_address, check_dir, TokenArgs};
 use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::report;
-use crate::units::{human, parse_bytes, parse_millis};
+use crate::units::{human, parse_size, parse_timeout, parse_wait, span};
 
 #[derive(Args, Debug)]
 pub struct DestArgs {
@@ -40,22 +40,22 @@ pub struct DestArgs {
     #[command(flatten)]
     rdma: crate::rdma::RdmaArgs,
     /// Refuse guests larger than this (and larger than the memory this
-    /// host has available).
-    #[arg(long, default_value = "64G", value_parser = parse_bytes)]
+    /// host has available); binary units, as --memory.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
     max_memory: u64,
-    /// How long to run the received guest before exiting.
-    #[arg(long, default_value = "2s", value_parser = parse_millis)]
+    /// How long to run the received guest before exiting (0 ms to 24 h).
+    #[arg(long, default_value = "2s", value_parser = parse_wait)]
     run_for: Duration,
     /// Fault all guest memory in before receiving (faster receive, full
     /// resident size from the start; like QEMU's -mem-prealloc).
     #[arg(long)]
     prefault: bool,
     /// Give up when the source sends nothing for this long (it says Alive
-    /// while it works): every wait on it is bounded by this.
-    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    /// while it works): every wait on it is bounded by this (1 ms to 24 h).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     io_timeout: Duration,
-    /// How long a peer has for the whole handshake.
-    #[arg(long, default_value = "10s", value_parser = parse_millis)]
+    /// How long a peer has for the whole handshake (1 ms to 24 h).
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     handshake_timeout: Duration,
     /// Refuse a copy the source did not send a digest for.
     #[arg(long)]
@@ -77,9 +77,21 @@ pub struct DestArgs {
 }
 
 pub fn run(a: &DestArgs) -> Result<Outcome> {
+    check(a)?;
     let result = receive_and_run(a);
     println!("  peak memory: {} resident", human(report::peak_rss()));
     result
+}
+
+/// Refuses what cannot work, before anything starts (exit status 2, one
+/// line).
+fn check(a: &DestArgs) -> Result<()> {
+    a.rdma.check()?;
+    check_address("--listen", &a.listen)?;
+    if let Some(path) = &a.control {
+        check_dir("--control", path)?;
+    }
+    Ok(())
 }
 
 /// The journal directory when none was given.
@@ -168,6 +180,7 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
         "hpmig dest: waiting for one migration on {}",
         service.local_addr()
     );
+    describe(a);
     if !a.token.secret().is_set() {
         println!("  no token: any peer that can reach this port may migrate a guest here");
     }
@@ -200,6 +213,31 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
     }
 }
 
+/// The rest of the banner: the flags that decide what is accepted and how
+/// long the guest runs.
+fn describe(a: &DestArgs) {
+    println!(
+        "  accepts: guests up to {}{}, {}; runs the guest {}{}",
+        human(a.max_memory),
+        if a.require_verified {
+            ", verified copies only"
+        } else {
+            ""
+        },
+        if a.once {
+            "one source"
+        } else {
+            "until one migration succeeds"
+        },
+        span(a.run_for),
+        if a.prefault {
+            ", memory prefaulted"
+        } else {
+            ""
+        },
+    );
+}
+
 /// `--once`: the first connection is the one migration, whatever it brings
 /// (a refused handshake ends the command).
 fn once(
@@ -214,6 +252,7 @@ fn once(
         "hpmig dest: waiting for one migration on {}",
         listener.local_addr()?
     );
+    describe(a);
     loop {
         let l = listener.try_clone().context("accepting the source")?;
         let tcp = TcpDest::accept(l, opts).context("accepting the source")?;

@@ -73,12 +73,63 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(outcome) => outcome.code(),
         Err(e) => {
-            eprintln!("hpmig: error: {e:#}");
+            eprintln!("hpmig: error: {}", one_line(&e));
             if e.downcast_ref::<Usage>().is_some() {
                 Outcome::Usage.code()
             } else {
                 Outcome::Internal.code()
             }
         }
+    }
+}
+
+/// An error and its causes on one line, each cause once. An error whose
+/// message already ends with its source's (thiserror's `"{context}:
+/// {source}"` beside `#[source]`) would otherwise print it twice under
+/// anyhow's `{:#}`.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_cause_its_error_already_says_is_printed_once() {
+        /// As thiserror's `#[error("connecting: {source}")]` with `#[source]`.
+        #[derive(Debug)]
+        struct Connect {
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Connect {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "connecting: {}", self.source)
+            }
+        }
+        impl std::error::Error for Connect {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = anyhow::Error::new(Connect { source: refused }).context("--to 127.0.0.1:1");
+        assert_eq!(
+            one_line(&e),
+            "--to 127.0.0.1:1: connecting: connection refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(one_line(&plain), "outer: inner");
     }
 }

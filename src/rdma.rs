@@ -2,6 +2,8 @@
 //! build; the transport itself only with `--features rdma`.
 
 use anyhow::{bail, Result};
+
+use crate::outcome::usage;
 use clap::Args;
 use hpmig_transport_tcp::TcpOptions;
 
@@ -30,15 +32,25 @@ pub use hpmig_transport_rdma::RdmaOptions;
 pub enum RdmaOptions {}
 
 impl RdmaArgs {
+    /// Refuses `--rdma` in a build without RDMA (exit status 2), before
+    /// anything starts.
+    pub fn check(&self) -> Result<()> {
+        match &self.rdma {
+            Some(device) if !hpmig_transport_rdma::ENABLED => Err(usage(format!(
+                "--rdma {device}: {}",
+                hpmig_transport_rdma::unavailable()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The RDMA options, when `--rdma` was given; an error that says how to
     /// build with RDMA when this build lacks it.
     pub fn options(&self, tcp: TcpOptions) -> Result<Option<RdmaOptions>> {
         let Some(device) = &self.rdma else {
             return Ok(None);
         };
-        if !hpmig_transport_rdma::ENABLED {
-            bail!("--rdma {device}: {}", hpmig_transport_rdma::unavailable());
-        }
+        self.check()?;
         #[cfg(feature = "rdma")]
         {
             let mut o = RdmaOptions::new(device);

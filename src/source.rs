@@ -17,12 +17,12 @@ use hpmig_microvm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
 use serde_json::json;
 
-use crate::args::{GuestArgs, MigrationArgs, TokenArgs};
+use crate::args::{check_address, check_dir, GuestArgs, MigrationArgs, TokenArgs};
 use crate::control::{self, Resolve};
 use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
-use crate::units::{human, parse_millis};
+use crate::units::{human, parse_timeout, rate, span};
 use crate::watch::{config_json, Watch, WatchArgs};
 use hpmig_microvm::{self as guest, RunningGuest};
 
@@ -40,8 +40,9 @@ pub struct SourceArgs {
     #[command(flatten)]
     rdma: RdmaArgs,
     /// Give up when the destination sends nothing for this long (it says
-    /// Alive while it works): every wait on it is bounded by this.
-    #[arg(long, default_value = "30s", value_parser = parse_millis)]
+    /// Alive while it works): every wait on it is bounded by this (1 ms to
+    /// 24 h).
+    #[arg(long, default_value = "30s", value_parser = parse_timeout)]
     io_timeout: Duration,
     /// `--control`, `--metrics`, `--events`. Without `--control`, in
     /// doubt a control socket is opened anyway, at a path printed then.
@@ -89,14 +90,40 @@ pub fn boot(g: &GuestArgs) -> Result<Booted> {
     })
 }
 
+/// The banner: every flag that changes the outcome, as it was understood.
 pub fn describe(g: &GuestArgs, m: &MigrationArgs, wire: &str) {
     println!(
-        "hpmig: {} guest, {} vCPU(s), workload {}, {} granularity, {} worker(s)",
+        "hpmig: {} guest, {} vCPU(s), workload {} at {}, {} contents",
         human(g.memory),
         g.vcpus,
         g.workload.as_str(),
+        g.dirty_rate
+            .map_or_else(|| "full speed".into(), |r| format!("{r} writes/s")),
+        g.contents,
+    );
+    println!(
+        "  plan:  {} granularity, {} worker(s), downtime target {}, at most {} rounds then {}",
         m.granularity.as_str(),
-        m.workers
+        m.workers,
+        span(m.downtime),
+        m.max_rounds,
+        if m.abort_on_stall {
+            "give up"
+        } else {
+            "stop-and-copy"
+        },
+    );
+    println!(
+        "  send:  {}, zstd {}, verify {}{}",
+        m.bandwidth.map_or_else(
+            || "no bandwidth cap".into(),
+            |b| format!("bandwidth cap {} on all streams", rate(b))
+        ),
+        format!("{:?}", m.zstd).to_lowercase(),
+        m.verify.as_str(),
+        m.shadow_budget
+            .map(|b| format!(", shadow at most {}", human(b)))
+            .unwrap_or_default(),
     );
     println!("  wire:  {wire}");
 }
@@ -141,6 +168,15 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         ..TcpOptions::default()
     };
     a.guest.check()?;
+    a.migration.check()?;
+    a.rdma.check()?;
+    if let Some(path) = &a.watch.control {
+        check_dir("--control", path)?;
+    }
+    // A name that does not resolve is refused as input, before anything
+    // starts; a destination that does not answer is found by the connect
+    // below, still before the guest boots.
+    check_address("--to", &a.to)?;
     // Check the flags (and open the device) before the guest boots.
     let rdma = a.rdma.options(opts)?;
     let wire = match &rdma {
@@ -156,7 +192,7 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
     #[cfg(feature = "rdma")]
     if let Some(o) = rdma {
         let mut transport = hpmig_transport_rdma::RdmaSource::connect(a.to.as_str(), o)
-            .with_context(|| format!("connecting to {} over RDMA", a.to))?;
+            .with_context(|| format!("--to {} (RDMA)", a.to))?;
         let stats = transport.stats();
         let mut booted = boot(&a.guest)?;
         let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
@@ -165,8 +201,8 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         return Ok(end);
     }
     // Connect before the guest boots: a wrong address costs nothing.
-    let mut transport = TcpSource::connect(a.to.as_str(), opts)
-        .with_context(|| format!("connecting to {}", a.to))?;
+    let mut transport =
+        TcpSource::connect(a.to.as_str(), opts).with_context(|| format!("--to {}", a.to))?;
     let mut booted = boot(&a.guest)?;
     let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
     finish(a, &watch, &mut booted, &mut transport, outcome)

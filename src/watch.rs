@@ -66,7 +66,7 @@ impl Watch {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .with_context(|| format!("--events: opening {}", p.display()))
+                    .map_err(|e| crate::outcome::usage(format!("--events {}: {e}", p.display())))
             })
             .transpose()?
             .map(|f| Arc::new(Mutex::new(f)));

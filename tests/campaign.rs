@@ -461,7 +461,7 @@ fn start_source(to: &str, dir: &Path, name: &str) -> Proc {
         hpmig()
             .args(["source", "--to", to])
             .args(["--memory", "16M", "--prefill", "--granularity", "page"])
-            .args(["--dirty-rate", "100000", "--downtime", "0ms"])
+            .args(["--dirty-rate", "100000", "--downtime", "1ms"])
             .args([
                 "--max-rounds",
                 "4",

@@ -333,7 +333,7 @@ pub fn fill_guest<B: vm_memory::bitmap::Bitmap + Send + Sync + 'static>(
     hpmig_core::memory::fill(memory, contents, 1);
     if contents != hpmig_core::memory::Contents::Empty {
         let zeros = vec![0u8; kvm::program::DATA as usize];
-        // Every guest is at least 3 MiB, so the range lies in memory.
+        // Every guest is at least 4 MiB (kvm::MIN_MEMORY), so the range lies in memory.
         let _ = memory.write_slice(&zeros, GuestAddress(0));
     }
 }

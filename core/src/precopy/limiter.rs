@@ -71,40 +71,6 @@ impl RateLimiter {
     }
 }
 
-/// Parses a rate as people write link speeds: `10Gbit`, `500MB`, `1.5Gbit/s`,
-/// `100Mbps`; bits when the unit says bit/bps, bytes otherwise (decimal).
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let t = s.trim().trim_end_matches("/s");
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a rate (try 10Gbit or 500MB)"))?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let (mult, bits) = match unit.as_str() {
-        "" | "b" => (1.0, false),
-        "k" | "kb" => (1e3, false),
-        "m" | "mb" => (1e6, false),
-        "g" | "gb" => (1e9, false),
-        "kbit" | "kbps" => (1e3, true),
-        "mbit" | "mbps" => (1e6, true),
-        "gbit" | "gbps" => (1e9, true),
-        "tbit" | "tbps" => (1e12, true),
-        other => {
-            return Err(format!(
-                "unknown rate unit '{other}' in '{s}' (use MB, GB, Mbit or Gbit)"
-            ))
-        }
-    };
-    let bytes = n * mult / if bits { 8.0 } else { 1.0 };
-    if !(1.0..1e15).contains(&bytes) {
-        return Err(format!("rate '{s}' is out of range"));
-    }
-    Ok(bytes as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,16 +91,5 @@ mod tests {
         let t = Instant::now();
         l.acquire(1_000, &|| true); // a cancel ends the wait
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
-    }
-
-    #[test]
-    fn rates_parse_as_written() {
-        assert_eq!(parse_rate("10Gbit"), Ok(1_250_000_000));
-        assert_eq!(parse_rate("1gbps"), Ok(125_000_000));
-        assert_eq!(parse_rate("500MB"), Ok(500_000_000));
-        assert_eq!(parse_rate("1.5Gbit/s"), Ok(187_500_000));
-        assert!(parse_rate("fast").is_err());
-        assert!(parse_rate("10 furlongs").is_err());
-        assert!(parse_rate("0").is_err());
     }
 }

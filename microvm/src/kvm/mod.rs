@@ -57,15 +57,25 @@ pub fn available() -> bool {
     Kvm::new().is_ok()
 }
 
+/// Guest memory comes in multiples of this (the page tables map 2 MiB
+/// pages).
+pub const MEMORY_ALIGN: u64 = 2 << 20;
+/// Smallest guest: the program's own area, the hotspot and some data,
+/// rounded up to [`MEMORY_ALIGN`].
+pub const MIN_MEMORY: u64 =
+    (DATA + (HOTSPOT_PAGES + 64) * GUEST_PAGE).next_multiple_of(MEMORY_ALIGN);
+/// Largest guest.
+pub const MAX_MEMORY: u64 = program::MAX_MEMORY;
+
 /// The guest memory ranges of a micro-VM of `bytes`: contiguous from 0, in
-/// slots of at most [`SLOT_BYTES`].
+/// slots of at most [`SLOT_BYTES`]. The emulated guest keeps this layout
+/// too, so that either kind of destination can run what it receives.
 pub fn memory_ranges(bytes: u64) -> Result<Vec<(GuestAddress, usize)>, GuestError> {
-    let min = DATA + (HOTSPOT_PAGES + 64) * GUEST_PAGE;
-    if bytes < min || bytes > program::MAX_MEMORY || bytes % (2 << 20) != 0 {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || bytes % MEMORY_ALIGN != 0 {
         return Err(GuestError::Config(format!(
-            "micro-VM memory must be a multiple of 2 MiB between {} MiB and {} GiB",
-            min.div_ceil(1 << 20),
-            program::MAX_MEMORY >> 30
+            "guest memory must be a multiple of 2 MiB between {} MiB and {} GiB",
+            MIN_MEMORY >> 20,
+            MAX_MEMORY >> 30
         )));
     }
     Ok((0..bytes.div_ceil(SLOT_BYTES))
