@@ -61,6 +61,11 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         (None, Wire::Inproc) => "in-process channels".into(),
     };
     describe(&a.guest, &a.migration, &wire);
+    let transport = match (&rdma, a.wire) {
+        (Some(_), _) => "rdma",
+        (None, Wire::Tcp) => "tcp",
+        (None, Wire::Inproc) => "inproc",
+    };
     let mut booted = boot(&a.guest)?;
     let layout = Layout::of(&booted.memory)?;
     let dest_memory: DestMemory = if a.prefault {
@@ -125,12 +130,14 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
                 _ => Outcome::Failed,
             };
             if let Some(path) = &a.migration.json {
-                report::write_json(path, "source", end, &outcome, &figures, None)?;
+                let config = report::config(&a.guest, &a.migration, &booted.guest, transport);
+                report::write_json(path, "source", end, &outcome, &figures, None, &config)?;
             }
             return Ok(end);
         }
     };
     let (received, mut arrival) = dest.context("destination failed after the source succeeded")?;
+    let config = report::config(&a.guest, &a.migration, &booted.guest, transport);
     drop(booted.guest);
     // The destination runs the guest since the Commit: watch its heartbeat.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -162,7 +169,15 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         (false, true, false) => Outcome::NotConverged,
     };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
+        report::write_json(
+            path,
+            "source",
+            end,
+            &outcome,
+            &figures,
+            check.as_ref(),
+            &config,
+        )?;
         println!("  report:        {}", path.display());
     }
     Ok(end)

@@ -270,9 +270,9 @@ fn land_and_run<T: DestTransport>(
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let m = hpmig_core::memory::allocate_prefaulted(&hello.layout, threads)?;
         println!(
-            "  prefaulted {} of guest memory in {:.0} ms",
+            "  prefaulted {} of guest memory in {}",
             human(hello.layout.total_bytes()),
-            t.elapsed().as_secs_f64() * 1e3
+            hpmig_report::text::duration(t.elapsed())
         );
         m
     } else {

@@ -224,7 +224,17 @@ fn finish<T: SourceTransport>(
         }
     };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
+        let transport = if a.rdma.rdma.is_some() { "rdma" } else { "tcp" };
+        let config = report::config(&a.guest, &a.migration, &booted.guest, transport);
+        report::write_json(
+            path,
+            "source",
+            end,
+            &outcome,
+            &figures,
+            check.as_ref(),
+            &config,
+        )?;
     }
     Ok(end)
 }
