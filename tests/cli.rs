@@ -762,3 +762,67 @@ fn a_once_destination_answers_a_redelivered_decision_and_waits_on() {
     );
     let _ = std::fs::remove_dir_all(&journal);
 }
+
+/// `hpmig [-v...] dest` as a service: a connection that is no hpmig
+/// source comes and is refused; returns everything the destination wrote
+/// to stderr.
+fn dest_stderr_after_a_stranger(verbose: &[&str], rust_log: Option<&str>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let addr = format!("127.0.0.1:{}", free_port());
+    let journal = std::env::temp_dir().join(format!(
+        "hpmig-cli-log-{}-{}",
+        std::process::id(),
+        verbose.len() + rust_log.map_or(0, |_| 9)
+    ));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hpmig"));
+    cmd.args(verbose)
+        .args(["dest", "--listen", &addr, "--handshake-timeout", "1s"])
+        .arg("--journal")
+        .arg(&journal)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(l) = rust_log {
+        cmd.env("RUST_LOG", l);
+    }
+    let mut dest = Reaped(cmd.spawn().unwrap());
+    let mut out = BufReader::new(dest.0.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.contains("waiting for one migration") {}
+    assert!(line.contains("waiting for one migration"), "{line}");
+    let mut stranger = std::net::TcpStream::connect(&addr).unwrap();
+    stranger
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = stranger.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    // The destination closes it once it sees it is not a source.
+    let _ = stranger.read_to_end(&mut Vec::new());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    signal(dest.0.id() as i32, libc::SIGKILL);
+    let mut err = String::new();
+    dest.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(journal);
+    err
+}
+
+#[test]
+fn the_libraries_log_to_stderr_warnings_by_default_more_with_v_or_rust_log() {
+    // The transport's events: "listening" is info, a refused stranger debug.
+    let quiet = dest_stderr_after_a_stranger(&[], None);
+    assert!(
+        !quiet.contains("listening") && !quiet.contains("closed a connection"),
+        "{quiet}"
+    );
+    let info = dest_stderr_after_a_stranger(&["-v"], None);
+    assert!(info.contains("destination service listening"), "{info}");
+    assert!(!info.contains("closed a connection"), "{info}");
+    let debug = dest_stderr_after_a_stranger(&["-vv"], None);
+    assert!(debug.contains("closed a connection"), "{debug}");
+    let env = dest_stderr_after_a_stranger(&[], Some("hpmig_transport_tcp=debug"));
+    assert!(env.contains("closed a connection"), "{env}");
+}
