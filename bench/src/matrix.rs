@@ -306,6 +306,8 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
 /// then writes bench.csv, bench.json and the figures into `o.out`. False
 /// when a run failed (the other runs are still reported).
 pub fn run(o: &Options) -> Result<bool> {
+    // SIGINT and SIGTERM end the QEMU peers and remove their directories.
+    qemu::end_children_on_signals()?;
     let with_qemu = !o.quick && qemu::available();
     let mut cells = if o.peer {
         Vec::new()
