@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Round-0 throughput of hpmig over TCP on loopback, next to iperf3 with the
-# same number of streams, in one run; CPU time per GB at both ends.
+# same number of streams, in one run; CPU time per GiB at both ends.
 # Usage: scripts/tcp-throughput.sh [memory=1G] [streams=2] [extra source flags...]
 # Needs iperf3 (apt-get install iperf3) and a release build.
 set -euo pipefail
@@ -33,10 +33,10 @@ src = json.load(open(sys.argv[1])); iperf = float(sys.argv[2])
 r0 = src["rounds"][0]
 rate = r0["wire_bytes"] / (r0["duration_ms"] / 1e3)
 dest = open(sys.argv[3]).read(); srct = open(sys.argv[4]).read()
-dcpu = re.search(r"dest cpu: ([\d.]+) s .*?, ([\d.]+) s per GB", dest)
-scpu = re.search(r"source cpu:\s+([\d.]+) s .*?, ([\d.]+) s per GB", srct)
+dcpu = re.search(r"dest cpu: ([\d.]+) s .*?, ([\d.]+) s per GiB", dest)
+scpu = re.search(r"source cpu:\s+([\d.]+) s .*?, ([\d.]+) s per GiB", srct)
 print(f"iperf3 (loopback): {iperf/1e6:8.1f} MB/s")
 print(f"hpmig round 0:     {rate/1e6:8.1f} MB/s  ({r0['wire_bytes']/2**20:.0f} MiB in {r0['duration_ms']:.0f} ms)")
 print(f"ratio hpmig/iperf3: {rate/iperf:.2f}")
-print(f"cpu per GB: source {scpu.group(2)} s, destination {dcpu.group(2)} s (whole migration)")
+print(f"cpu per GiB: source {scpu.group(2)} s, destination {dcpu.group(2)} s (whole migration)")
 PY

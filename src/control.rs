@@ -98,6 +98,11 @@ impl Socket {
         *lock(&self.live) = Some((live, config, true));
     }
 
+    /// The migration ended: `status` shows only what `set_status` says.
+    pub fn detach(&self) {
+        *lock(&self.live) = None;
+    }
+
     /// From now on `status` shows `live`; `set` and `cancel` are refused
     /// (the destination: both are the source's to do).
     pub fn attach_view(&self, live: Arc<Live>, config: Value) {

@@ -65,10 +65,20 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         (None, Wire::Inproc) => "in-process channels".into(),
     };
     describe(&a.guest, &a.migration, &wire);
-    let mut watch =
-        crate::watch::Watch::open(&a.watch, crate::watch::config_json(&a.guest, &a.migration))?;
+    let mut watch = crate::watch::Watch::open(&a.watch)?;
     watch.start();
+    let transport = match (&rdma, a.wire) {
+        (Some(_), _) => "rdma",
+        (None, Wire::Tcp) => "tcp",
+        (None, Wire::Inproc) => "inproc",
+    };
     let mut booted = boot(&a.guest)?;
+    watch.configure(&report::config(
+        &a.guest,
+        &a.migration,
+        &booted.guest,
+        transport,
+    ));
     let layout = Layout::of(&booted.memory)?;
     let dest_memory: DestMemory = if a.prefault {
         hpmig_core::memory::allocate_prefaulted(
@@ -134,12 +144,14 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
                 _ => Outcome::Failed,
             };
             if let Some(path) = &a.migration.json {
-                report::write_json(path, "source", end, &outcome, &figures, None)?;
+                let config = report::config(&a.guest, &a.migration, &booted.guest, transport);
+                report::write_json(path, "source", end, &outcome, &figures, None, &config)?;
             }
             return Ok(end);
         }
     };
     let (received, mut arrival) = dest.context("destination failed after the source succeeded")?;
+    let config = report::config(&a.guest, &a.migration, &booted.guest, transport);
     drop(booted.guest);
     // The destination runs the guest since the Commit: watch its heartbeat.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -171,7 +183,15 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         (false, true, false) => Outcome::NotConverged,
     };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
+        report::write_json(
+            path,
+            "source",
+            end,
+            &outcome,
+            &figures,
+            check.as_ref(),
+            &config,
+        )?;
         println!("  report:        {}", path.display());
     }
     Ok(end)

@@ -308,6 +308,28 @@ fn land_and_run<T: DestTransport>(
     transport: &mut T,
     peer: std::net::SocketAddr,
 ) -> Result<Outcome> {
+    let end = land_and_run_once(a, cfg, socket, accepted, transport, peer);
+    // Over (or failed): the control socket stops showing this migration.
+    if let Some(s) = socket {
+        s.detach();
+        s.set_status(json!({
+            "state": "waiting",
+            "role": "dest",
+            "listen": a.listen,
+            "last-migration": end.as_ref().map_or("internal-error", |e| e.as_str()),
+        }));
+    }
+    end
+}
+
+fn land_and_run_once<T: DestTransport>(
+    a: &DestArgs,
+    cfg: &DestConfig,
+    socket: Option<&control::Socket>,
+    accepted: &Accepted,
+    transport: &mut T,
+    peer: std::net::SocketAddr,
+) -> Result<Outcome> {
     // A fresh live view per migration, shown on the control socket.
     let mut cfg = cfg.clone();
     cfg.live = Arc::new(hpmig_core::precopy::live::Live::new());
@@ -334,9 +356,9 @@ fn land_and_run<T: DestTransport>(
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let m = hpmig_core::memory::allocate_prefaulted(&hello.layout, threads)?;
         println!(
-            "  prefaulted {} of guest memory in {:.0} ms",
+            "  prefaulted {} of guest memory in {}",
             human(hello.layout.total_bytes()),
-            t.elapsed().as_secs_f64() * 1e3
+            hpmig_report::text::duration(t.elapsed())
         );
         m
     } else {

@@ -25,6 +25,11 @@ use clap::{Parser, Subcommand};
     about = "Live migration of VM memory by dirty offset segments"
 )]
 struct Cli {
+    /// More log lines on stderr: -v info, -vv debug, -vvv trace (warnings
+    /// only without it). RUST_LOG, when set, decides instead (e.g.
+    /// RUST_LOG=hpmig_transport_tcp=debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,8 +54,27 @@ enum Command {
     Ctl(control::CtlArgs),
 }
 
+/// Sends the libraries' `tracing` events to stderr: warnings and errors by
+/// default, more with each `-v`, or what RUST_LOG says when it is set.
+fn log_to_stderr(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Fails only when a subscriber is installed already; the first stays.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    log_to_stderr(cli.verbose);
     let done = |ok: anyhow::Result<bool>| {
         ok.map(|ok| {
             if ok {

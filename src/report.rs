@@ -3,45 +3,40 @@
 
 use anyhow::{Context, Result};
 use hpmig_microvm::blackout::Split;
+use hpmig_report::text::{bytes as human, duration, rate};
+use hpmig_report::{ms, Config, Report, Round, Stop, Summary, SwitchoverMs};
 use std::time::Instant;
 
 use hpmig_core::memory::SourceMemory;
 use hpmig_core::precopy::{MigrateError, MigrationReport, RoundReport};
+use hpmig_core::segment::compress::ZstdMode;
 use hpmig_core::verify::{SourceCheck, VerifyMode};
 
+use crate::args::{GuestArgs, MigrationArgs};
 use crate::outcome::{guest_where, Outcome};
 
-use crate::units::human;
-
+/// The round table's header. Its units are binary throughout (sizes in
+/// KiB/MiB/GiB, the rate in MiB/s); a round's time is in ms below a second
+/// and in s from one second on.
 pub fn table_header() {
     println!();
     println!(
-        "{:>5} {:>11} {:>13} {:>13} {:>9} {:>10}  decision",
-        "round", "dirty pages", "work set", "on the wire", "ms", "MB/s"
+        "{:>5} {:>11} {:>11} {:>11} {:>9} {:>12}  decision",
+        "round", "dirty pages", "work set", "on the wire", "time", "rate"
     );
 }
 
 pub fn table_row(r: &RoundReport) {
     let m = &r.metrics;
-    let secs = m.duration.as_secs_f64();
-    let rate = if secs > 0.0 {
-        m.wire_bytes as f64 / secs / 1e6
-    } else {
-        0.0
-    };
-    let decision = if r.last {
-        "stop-and-copy round".to_string()
-    } else {
-        format!("{:?}", r.decision)
-    };
     println!(
-        "{:>5} {:>11} {:>13} {:>13} {:>9.1} {:>10.1}  {decision}",
+        "{:>5} {:>11} {:>11} {:>11} {:>9} {:>12}  {}",
         m.round,
         m.dirty_pages,
         human(m.work_set_bytes),
         human(m.wire_bytes),
-        secs * 1e3,
-        rate
+        duration(m.duration),
+        rate(m.wire_bytes, m.duration),
+        hpmig_report::decision_text(r)
     );
 }
 
@@ -77,46 +72,42 @@ impl GuestFigures {
 
 pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     println!();
+    println!("  total time:    {}", duration(r.total_time));
     println!(
-        "  total time:    {:.1} ms",
-        r.total_time.as_secs_f64() * 1e3
-    );
-    println!(
-        "  downtime:      {:.1} ms against a target of {:.0} ms{} (guest paused until its vCPUs run on the destination; {:.1} ms of it digesting memory to verify)",
-        r.downtime.as_secs_f64() * 1e3,
-        r.downtime_target.as_secs_f64() * 1e3,
+        "  downtime:      {} against a target of {}{} (guest paused until its vCPUs run on the destination; {} of it digesting memory to verify)",
+        duration(r.downtime),
+        duration(r.downtime_target),
         if r.downtime_target_met() {
             ""
         } else {
             ", NOT kept"
         },
-        r.verify_time.as_secs_f64() * 1e3
+        duration(r.verify_time)
     );
     if let Some(b) = &g.blackout {
         println!(
-            "  blackout:      {:.1} ms as the guest saw it (its heartbeat read at {:.0} kHz on both ends, resolution {:.2} ms)",
-            b.blackout.as_secs_f64() * 1e3,
+            "  blackout:      {} as the guest saw it (its heartbeat read at {:.0} kHz on both ends, resolution {:.2} ms)",
+            duration(b.blackout),
             b.sample_hz / 1e3,
             b.tick.as_secs_f64() * 1e3
         );
         if let Some(s) = g.blackout_split(r) {
             println!(
-                "                 = {:.1} ms from the last beat to the pause + {:.1} ms paused until the vCPUs started there + {:.1} ms to their first beat",
-                s.before_pause.as_secs_f64() * 1e3,
-                s.paused.as_secs_f64() * 1e3,
-                s.after_start.as_secs_f64() * 1e3
+                "                 = {} from the last beat to the pause + {} paused until the vCPUs started there + {} to their first beat",
+                duration(s.before_pause),
+                duration(s.paused),
+                duration(s.after_start)
             );
         }
     }
     let t = &r.switchover;
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     println!(
-        "  switch-over:   harvest {:.1} ms, final round {:.1} ms, until the Ack {:.1} ms, until the vCPUs run there {:.1} ms (pausing the guest took {:.1} ms before)",
-        ms(t.harvest),
-        ms(t.final_round),
-        ms(t.acknowledge),
-        ms(t.decision),
-        ms(t.pause)
+        "  switch-over:   harvest {}, final round {}, until the Ack {}, until the vCPUs run there {} (pausing the guest took {} before)",
+        duration(t.harvest),
+        duration(t.final_round),
+        duration(t.acknowledge),
+        duration(t.decision),
+        duration(t.pause)
     );
     println!(
         "  on the wire:   {} total, {} after round 0",
@@ -128,7 +119,7 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
         println!("  zstd:          {zstd} wide pages went compressed");
     }
     println!(
-        "  rounds:        {} ({}, stop: {:?})",
+        "  rounds:        {} ({}: {})",
         r.rounds.len(),
         if r.converged() {
             "converged"
@@ -187,9 +178,9 @@ pub fn check_source(r: &MigrationReport, memory: &SourceMemory) -> Option<Source
     let c = sent.check(memory);
     if c.pages_differ == 0 {
         println!(
-            "  source check:  {} pages of the source's memory equal what was sent ({:.0} ms, after switch-over)",
+            "  source check:  {} pages of the source's memory equal what was sent ({}, after switch-over)",
             c.pages_checked,
-            t.elapsed().as_secs_f64() * 1e3
+            duration(t.elapsed())
         );
     } else {
         let first: Vec<String> = c.first.iter().map(|a| format!("{a:#x}")).collect();
@@ -204,8 +195,50 @@ pub fn check_source(r: &MigrationReport, memory: &SourceMemory) -> Option<Source
     Some(c)
 }
 
-/// Writes the JSON report (see docs/report.md): how the command ended and
-/// where the guest is, and on success the rounds and figures.
+/// The configuration a migration runs with, for the report: the guest's
+/// flags, the migration's, the guest that booted and the transport
+/// (`tcp`, `rdma`, `inproc`).
+pub fn config(
+    g: &GuestArgs,
+    m: &MigrationArgs,
+    guest: &hpmig_microvm::RunningGuest,
+    transport: &str,
+) -> Config {
+    let policy = m.config(Default::default()).policy;
+    Config {
+        memory_bytes: g.memory,
+        vcpus: g.vcpus,
+        workload: g.workload.as_str().into(),
+        dirty_rate: g.dirty_rate,
+        contents: g.contents.as_str().into(),
+        guest_kind: match guest {
+            hpmig_microvm::RunningGuest::Kvm(_) => "kvm",
+            hpmig_microvm::RunningGuest::Emulated(_) => "emulated",
+        }
+        .into(),
+        dirty_log: g.dirty_log.as_str().into(),
+        granularity: m.granularity.as_str().into(),
+        workers: usize::from(m.workers),
+        pin: m.pin,
+        bandwidth_bytes_per_s: m.bandwidth,
+        downtime_target_ms: ms(policy.downtime_target),
+        max_rounds: policy.max_rounds,
+        on_stall: hpmig_report::on_stall_name(policy.on_stall).into(),
+        verify: m.verify.as_str().into(),
+        zstd: match m.zstd {
+            ZstdMode::Off => "off",
+            ZstdMode::On => "on",
+            ZstdMode::Auto => "auto",
+        }
+        .into(),
+        shadow_budget_bytes: m.shadow_budget,
+        transport: transport.into(),
+    }
+}
+
+/// Writes the JSON report (its schema: docs/report.md): how the command
+/// ended, where the guest is, the configuration, and on success the rounds
+/// and figures.
 pub fn write_json(
     path: &std::path::Path,
     role: &str,
@@ -213,77 +246,54 @@ pub fn write_json(
     outcome: &Result<MigrationReport, MigrateError>,
     g: &GuestFigures,
     check: Option<&SourceCheck>,
+    config: &Config,
 ) -> Result<()> {
-    let mut doc = serde_json::json!({
-        "schema": 1,
-        "role": role,
-        "outcome": end.as_str(),
-        "exit_status": end as u8,
-        "guest": guest_where(end, role),
-    });
+    let mut doc = Report {
+        schema: hpmig_report::SCHEMA,
+        hpmig_version: env!("CARGO_PKG_VERSION").into(),
+        role: role.into(),
+        outcome: end.as_str().into(),
+        exit_status: end as u8,
+        guest: guest_where(end, role).into(),
+        config: config.clone(),
+        rounds: None,
+        summary: None,
+        source_check: None,
+        failure: None,
+    };
     match outcome {
         Ok(r) => {
-            doc["rounds"] = r
-                .rounds
-                .iter()
-                .map(|x| {
-                    serde_json::json!({
-                        "round": x.metrics.round,
-                        "dirty_pages": x.metrics.dirty_pages,
-                        "work_set_bytes": x.metrics.work_set_bytes,
-                        "wire_bytes": x.metrics.wire_bytes,
-                        "duration_ms": x.metrics.duration.as_secs_f64() * 1e3,
-                        "segments": x.stats.segments,
-                        "whole_pages": x.stats.whole_pages,
-                        "zstd_pages": x.stats.zstd_pages,
-                        "zero_pages": x.stats.zero_pages,
-                        "unchanged_pages": x.stats.unchanged_pages,
-                        "stop_and_copy": x.last,
-                    })
-                })
-                .collect();
+            doc.rounds = Some(r.rounds.iter().map(Round::from).collect());
             let split = g.blackout_split(r);
-            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            doc["summary"] = serde_json::json!({
-                "granularity": r.granularity.as_str(),
-                "total_time_ms": r.total_time.as_secs_f64() * 1e3,
-                "downtime_ms": r.downtime.as_secs_f64() * 1e3,
-                "downtime_target_ms": r.downtime_target.as_secs_f64() * 1e3,
-                "downtime_target_met": r.downtime_target_met(),
-                "verify_ms": r.verify_time.as_secs_f64() * 1e3,
-                "switchover_ms": {
-                    "pause": r.switchover.pause.as_secs_f64() * 1e3,
-                    "harvest": r.switchover.harvest.as_secs_f64() * 1e3,
-                    "final_round": r.switchover.final_round.as_secs_f64() * 1e3,
-                    "acknowledge": r.switchover.acknowledge.as_secs_f64() * 1e3,
-                    "decision": r.switchover.decision.as_secs_f64() * 1e3,
-                },
-                "wire_bytes": r.wire_bytes,
-                "wire_bytes_after_round0": r.wire_bytes_after_round0(),
-                "rounds": r.rounds.len(),
-                "converged": r.converged(),
-                "stop_reason": format!("{:?}", r.stop),
-                "verified": r.verified,
-                "verify": r.verify.as_str(),
-                "guest_contents": g.contents.map(|c| c.as_str()),
-                "heartbeat_before": g.heartbeat_before,
-                "heartbeat_after": g.heartbeat_after,
-                "blackout_ms": g.blackout.map(|b| b.blackout.as_secs_f64() * 1e3),
-                "blackout_resolution_ms": g.blackout.map(|b| b.tick.as_secs_f64() * 1e3),
-                "blackout_before_pause_ms": split.map(|s| ms(s.before_pause)),
-                "blackout_paused_ms": split.map(|s| ms(s.paused)),
-                "blackout_after_start_ms": split.map(|s| ms(s.after_start)),
-                "guest_rate_before": g.rate_before,
-                "guest_rate_during": g.rate_during,
-                "source_cpu_seconds": g.cpu_seconds,
+            doc.summary = Some(Summary {
+                granularity: r.granularity.as_str().into(),
+                total_time_ms: ms(r.total_time),
+                downtime_ms: ms(r.downtime),
+                downtime_target_ms: ms(r.downtime_target),
+                downtime_target_met: r.downtime_target_met(),
+                verify_ms: ms(r.verify_time),
+                switchover_ms: SwitchoverMs::from(&r.switchover),
+                wire_bytes: r.wire_bytes,
+                wire_bytes_after_round0: r.wire_bytes_after_round0(),
+                rounds: r.rounds.len(),
+                converged: r.converged(),
+                stop_reason: Stop::from(r.stop),
+                stop_reason_text: r.stop.to_string(),
+                verified: r.verified,
+                verify: r.verify.as_str().into(),
+                guest_contents: g.contents.map(|c| c.as_str().into()),
+                heartbeat_before: g.heartbeat_before,
+                heartbeat_after: g.heartbeat_after,
+                blackout_ms: g.blackout.map(|b| ms(b.blackout)),
+                blackout_resolution_ms: g.blackout.map(|b| ms(b.tick)),
+                blackout_before_pause_ms: split.map(|s| ms(s.before_pause)),
+                blackout_paused_ms: split.map(|s| ms(s.paused)),
+                blackout_after_start_ms: split.map(|s| ms(s.after_start)),
+                guest_rate_before: g.rate_before,
+                guest_rate_during: g.rate_during,
+                source_cpu_seconds: g.cpu_seconds,
             });
-            if let Some(c) = check {
-                doc["source_check"] = serde_json::json!({
-                    "pages_checked": c.pages_checked,
-                    "pages_differ": c.pages_differ,
-                    "first": c.first,
-                });
-            }
+            doc.source_check = check.map(hpmig_report::SourceCheck::from);
         }
         Err(e) => {
             let (phase, round) = match e {
@@ -293,10 +303,10 @@ pub fn write_json(
                 MigrateError::Aborted { round, .. } => ("pre-copy".into(), *round),
                 MigrateError::InDoubt { round, .. } => ("decision".into(), *round),
             };
-            doc["failure"] = serde_json::json!({
-                "phase": phase,
-                "round": round,
-                "cause": e.to_string(),
+            doc.failure = Some(hpmig_report::Failure {
+                phase,
+                round,
+                cause: e.to_string(),
             });
         }
     }
@@ -320,14 +330,14 @@ pub fn cpu_seconds() -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-/// "1.2 s of CPU, 0.4 s per GB".
+/// "1.2 s of CPU, 0.4 s per GiB" (binary, as every size hpmig prints).
 pub fn cpu_line(cpu: f64, bytes: u64) -> String {
-    let per_gb = if bytes > 0 {
-        cpu / (bytes as f64 / 1e9)
+    let per_gib = if bytes > 0 {
+        cpu / (bytes as f64 / f64::from(1u32 << 30))
     } else {
         0.0
     };
-    format!("{cpu:.2} s of CPU (user + system), {per_gb:.2} s per GB on the wire")
+    format!("{cpu:.2} s of CPU (user + system), {per_gib:.2} s per GiB on the wire")
 }
 
 /// A spinner under the round table while a migration runs: the running

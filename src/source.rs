@@ -23,7 +23,7 @@ use crate::outcome::Outcome;
 use crate::rdma::RdmaArgs;
 use crate::report::{self, GuestFigures};
 use crate::units::{human, parse_timeout, rate, span};
-use crate::watch::{config_json, Watch, WatchArgs};
+use crate::watch::{Watch, WatchArgs};
 use hpmig_microvm::{self as guest, RunningGuest};
 
 #[derive(Args, Debug)]
@@ -184,7 +184,7 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
         None => format!("TCP to {}", a.to),
     };
     describe(&a.guest, &a.migration, &wire);
-    let mut watch = Watch::open(&a.watch, config_json(&a.guest, &a.migration))?;
+    let mut watch = Watch::open(&a.watch)?;
     let mut cfg = a.migration.config(a.token.secret());
     cfg.deadlines.io = a.io_timeout;
     cfg.live = std::sync::Arc::clone(&watch.live);
@@ -195,6 +195,12 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
             .with_context(|| format!("--to {} (RDMA)", a.to))?;
         let stats = transport.stats();
         let mut booted = boot(&a.guest)?;
+        watch.configure(&report::config(
+            &a.guest,
+            &a.migration,
+            &booted.guest,
+            "rdma",
+        ));
         let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
         let end = finish(a, &watch, &mut booted, &mut transport, outcome)?;
         println!("  rdma:          {}", crate::rdma::stats_line(&stats));
@@ -204,6 +210,12 @@ pub fn run(a: &SourceArgs) -> Result<Outcome> {
     let mut transport =
         TcpSource::connect(a.to.as_str(), opts).with_context(|| format!("--to {}", a.to))?;
     let mut booted = boot(&a.guest)?;
+    watch.configure(&report::config(
+        &a.guest,
+        &a.migration,
+        &booted.guest,
+        "tcp",
+    ));
     let outcome = migrate_booted(&mut booted, &mut transport, &cfg)?;
     finish(a, &watch, &mut booted, &mut transport, outcome)
 }
@@ -273,7 +285,17 @@ fn finish<T: SourceTransport>(
         }
     };
     if let Some(path) = &a.migration.json {
-        report::write_json(path, "source", end, &outcome, &figures, check.as_ref())?;
+        let transport = if a.rdma.rdma.is_some() { "rdma" } else { "tcp" };
+        let config = report::config(&a.guest, &a.migration, &booted.guest, transport);
+        report::write_json(
+            path,
+            "source",
+            end,
+            &outcome,
+            &figures,
+            check.as_ref(),
+            &config,
+        )?;
     }
     Ok(end)
 }

@@ -48,12 +48,12 @@ pub struct Watch {
 
 impl Watch {
     /// Opens the control socket, the metrics listener and the event log,
-    /// and catches SIGINT/SIGTERM. `config` is echoed in `status`.
-    pub fn open(a: &WatchArgs, config: Value) -> Result<Watch> {
+    /// and catches SIGINT/SIGTERM.
+    pub fn open(a: &WatchArgs) -> Result<Watch> {
         let live = Arc::new(Live::new());
         let socket = a.control.as_ref().map(|p| Socket::bind(p)).transpose()?;
         if let Some(s) = &socket {
-            s.attach(Arc::clone(&live), config);
+            s.attach(Arc::clone(&live), Value::Null);
         }
         if let Some(addr) = &a.metrics {
             crate::metrics::serve(addr, Arc::clone(&live))?;
@@ -83,6 +83,17 @@ impl Watch {
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
         })
+    }
+
+    /// The configuration `status` echoes (the JSON report's `config`), once
+    /// the guest booted.
+    pub fn configure(&self, config: &hpmig_report::Config) {
+        if let Some(s) = &self.socket {
+            s.attach(
+                Arc::clone(&self.live),
+                serde_json::to_value(config).unwrap_or(Value::Null),
+            );
+        }
     }
 
     /// Starts the watcher thread: it acts on signals and writes events,
@@ -242,7 +253,11 @@ pub fn progress_line(st: &Status) -> String {
 
 /// `status` as JSON, with QMP's `query-migrate` names where one exists.
 pub fn status_json(st: &Status, config: &Value) -> Value {
-    let mut config = config.clone();
+    let mut config = match config {
+        Value::Object(_) => config.clone(),
+        _ => json!({}),
+    };
+    // What is in force now (the operator may have changed both).
     config["max-bandwidth"] = json!(st.bandwidth);
     config["downtime-limit-ms"] = json!(ms(st.downtime_target));
     let mut v = json!({
@@ -297,21 +312,4 @@ pub fn status_json(st: &Status, config: &Value) -> Value {
         v["error"] = json!(e.error);
     }
     v
-}
-
-/// The configuration `status` echoes.
-pub fn config_json(g: &crate::args::GuestArgs, m: &crate::args::MigrationArgs) -> Value {
-    json!({
-        "memory": g.memory,
-        "vcpus": g.vcpus,
-        "workload": g.workload.as_str(),
-        "dirty-rate": g.dirty_rate,
-        "contents": g.contents.to_string(),
-        "granularity": m.granularity.as_str(),
-        "workers": m.workers,
-        "max-rounds": m.max_rounds,
-        "on-stall": if m.abort_on_stall { "abort" } else { "force-stop" },
-        "verify": format!("{:?}", m.verify).to_lowercase(),
-        "zstd": format!("{:?}", m.zstd).to_lowercase(),
-    })
 }

@@ -60,7 +60,69 @@ fn demo_migrates_verifies_and_writes_json() {
     ] {
         assert!(doc.contains(key), "{key} missing from {doc}");
     }
+    // The report as docs/report.md describes it: versioned, every field
+    // documented, decisions and the stop reason in words.
+    let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(v["schema"], hpmig_report::SCHEMA, "{doc}");
+    let mut written = std::collections::BTreeSet::new();
+    json_paths(&v, "", &mut written);
+    let documented = documented_report_fields();
+    let undocumented: Vec<_> = written.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "fields missing from docs/report.md: {undocumented:?}"
+    );
+    assert_eq!(v["config"]["memory_bytes"], 32 << 20, "{doc}");
+    assert_eq!(v["config"]["downtime_target_ms"], 5000.0, "{doc}");
+    let rounds = v["rounds"].as_array().unwrap();
+    let decided = &rounds[rounds.len() - 2];
+    assert_eq!(decided["decision"], "stop-and-copy", "{doc}");
+    assert_eq!(decided["reason"], v["summary"]["stop_reason"], "{doc}");
+    let reason = v["summary"]["stop_reason"].as_str().unwrap();
+    assert!(
+        ["clean", "small-work-set", "downtime-fits"].contains(&reason),
+        "{doc}"
+    );
+    assert!(
+        !text.contains("StopAndCopy") && !text.contains("Continue"),
+        "{text}"
+    );
     let _ = std::fs::remove_file(json);
+}
+
+/// The paths of every field of a JSON value: `summary.switchover_ms.pause`,
+/// `rounds[].round`.
+fn json_paths(v: &serde_json::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.insert(p.clone());
+                json_paths(v, &p, out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for v in a.iter().filter(|v| v.is_object()) {
+                json_paths(v, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The fields docs/report.md documents: the first column of its tables.
+fn documented_report_fields() -> std::collections::BTreeSet<String> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/report.md")).unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
@@ -258,12 +320,20 @@ fn rdma_without_the_feature_or_the_device_says_why_and_boots_nothing() {
     }
 }
 
-/// The number before " ms" on the summary line that starts with `label`.
+/// The first duration on the summary line that starts with `label`, in ms
+/// (printed as "412.7 ms" or, from a second on, "1.2 s").
 fn ms_on(text: &str, label: &str) -> f64 {
     text.lines()
         .find_map(|l| l.trim().strip_prefix(label))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
+        .and_then(|l| {
+            let mut w = l.split_whitespace();
+            let n: f64 = w.next()?.parse().ok()?;
+            match w.next()? {
+                "ms" => Some(n),
+                "s" => Some(n * 1e3),
+                _ => None,
+            }
+        })
         .unwrap_or_else(|| panic!("no '{label}' figure in {text}"))
 }
 
@@ -692,4 +762,68 @@ fn a_once_destination_answers_a_redelivered_decision_and_waits_on() {
         "the destination ended instead of waiting for its migration"
     );
     let _ = std::fs::remove_dir_all(&journal);
+}
+
+/// `hpmig [-v...] dest` as a service: a connection that is no hpmig
+/// source comes and is refused; returns everything the destination wrote
+/// to stderr.
+fn dest_stderr_after_a_stranger(verbose: &[&str], rust_log: Option<&str>) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let addr = format!("127.0.0.1:{}", free_port());
+    let journal = std::env::temp_dir().join(format!(
+        "hpmig-cli-log-{}-{}",
+        std::process::id(),
+        verbose.len() + rust_log.map_or(0, |_| 9)
+    ));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hpmig"));
+    cmd.args(verbose)
+        .args(["dest", "--listen", &addr, "--handshake-timeout", "1s"])
+        .arg("--journal")
+        .arg(&journal)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(l) = rust_log {
+        cmd.env("RUST_LOG", l);
+    }
+    let mut dest = Reaped(cmd.spawn().unwrap());
+    let mut out = BufReader::new(dest.0.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.contains("waiting for one migration") {}
+    assert!(line.contains("waiting for one migration"), "{line}");
+    let mut stranger = std::net::TcpStream::connect(&addr).unwrap();
+    stranger
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let _ = stranger.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    // The destination closes it once it sees it is not a source.
+    let _ = stranger.read_to_end(&mut Vec::new());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    signal(dest.0.id() as i32, libc::SIGKILL);
+    let mut err = String::new();
+    dest.0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(journal);
+    err
+}
+
+#[test]
+fn the_libraries_log_to_stderr_warnings_by_default_more_with_v_or_rust_log() {
+    // The transport's events: "listening" is info, a refused stranger debug.
+    let quiet = dest_stderr_after_a_stranger(&[], None);
+    assert!(
+        !quiet.contains("listening") && !quiet.contains("closed a connection"),
+        "{quiet}"
+    );
+    let info = dest_stderr_after_a_stranger(&["-v"], None);
+    assert!(info.contains("destination service listening"), "{info}");
+    assert!(!info.contains("closed a connection"), "{info}");
+    let debug = dest_stderr_after_a_stranger(&["-vv"], None);
+    assert!(debug.contains("closed a connection"), "{debug}");
+    let env = dest_stderr_after_a_stranger(&[], Some("hpmig_transport_tcp=debug"));
+    assert!(env.contains("closed a connection"), "{env}");
 }

@@ -178,7 +178,7 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
             "/ram/mbps",
             "/total-time-ms",
             "/running-round/eta-ms",
-            "/config/memory",
+            "/config/memory_bytes",
             "/config/workers",
             "/config/max-bandwidth",
             "/config/downtime-limit-ms",

@@ -37,18 +37,5 @@ pub fn policy() -> Policy {
     }
 }
 
-/// Bytes for people, as the `hpmig` binary prints them: `1.5 GiB`.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+// Bytes for people, as the `hpmig` binary prints them: `1.5 GiB`.
+use hpmig_report::text::bytes as human;

@@ -24,6 +24,7 @@ use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
 use crate::results::{BenchResults, Cell, Link, Run, Setting, Variant};
 use crate::{human, plots, policy, qemu};
+use hpmig_report::text::millis;
 
 /// What `hpmig bench` runs.
 #[derive(Clone, Debug)]
@@ -257,6 +258,8 @@ fn run_hpmig(
         blackout_ms: blackout.map_or(f64::NAN, |b| ms(b.blackout)),
         blackout_before_pause_ms: split.map_or(f64::NAN, |s| ms(s.before_pause)),
         blackout_after_start_ms: split.map_or(f64::NAN, |s| ms(s.after_start)),
+        stop_reason: Some(r.stop.into()),
+        per_round: r.rounds.iter().map(hpmig_report::Round::from).collect(),
     })
 }
 
@@ -294,6 +297,8 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
         blackout_ms: f64::NAN,
         blackout_before_pause_ms: f64::NAN,
         blackout_after_start_ms: f64::NAN,
+        stop_reason: None,
+        per_round: Vec::new(),
     })
 }
 
@@ -301,6 +306,8 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
 /// then writes bench.csv, bench.json and the figures into `o.out`. False
 /// when a run failed (the other runs are still reported).
 pub fn run(o: &Options) -> Result<bool> {
+    // SIGINT and SIGTERM end the QEMU peers and remove their directories.
+    qemu::end_children_on_signals()?;
     let with_qemu = !o.quick && qemu::available();
     let mut cells = if o.peer {
         Vec::new()
@@ -335,8 +342,10 @@ pub fn run(o: &Options) -> Result<bool> {
         }
     }
     println!();
+    // Sizes binary (MiB, GiB), durations in ms below a second and in s
+    // from one on (hpmig_report::text, as the round table).
     println!(
-        "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "memory",
         "contents",
         "workload",
@@ -344,9 +353,9 @@ pub fn run(o: &Options) -> Result<bool> {
         "variant",
         "rounds",
         "total bytes",
-        "time ms",
-        "down ms",
-        "black ms",
+        "time",
+        "downtime",
+        "blackout",
         "converged",
         "progress"
     );
@@ -377,7 +386,7 @@ pub fn run(o: &Options) -> Result<bool> {
         let cell = Cell { setting, runs };
         let s = cell.summary();
         println!(
-            "{:>7} {:<8} {:<16} {:<9} {:<13} {:>7} {:>13} {:>10.0} {:>10.1} {:>10.1} {:>9} {:>8.0}%",
+            "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>8.0}%",
             human(setting.memory_bytes),
             setting.contents,
             setting.load(),
@@ -385,9 +394,9 @@ pub fn run(o: &Options) -> Result<bool> {
             setting.variant,
             s.rounds,
             human(s.total_bytes.median as u64),
-            s.total_ms.median,
-            s.downtime_ms.median,
-            s.blackout_ms.median,
+            millis(s.total_ms.median),
+            millis(s.downtime_ms.median),
+            millis(s.blackout_ms.median),
             format!("{}/{}", s.converged_runs, s.runs),
             s.progress * 100.0
         );

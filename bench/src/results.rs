@@ -30,8 +30,20 @@
 //!                            "blackout_ms",     (the pause as the guest saw
 //!                                                it; null where not measured)
 //!                            "blackout_before_pause_ms",
-//!                            "blackout_after_start_ms" }, ... ] }, ... ] }
+//!                            "blackout_after_start_ms",
+//!                            "stop_reason",     (hpmig: why pre-copy ended,
+//!                                                by name: small-work-set;
+//!                                                null for QEMU)
+//!                            "per_round": [ ... ] }, ... ] }, ... ] }
+//!                                               (hpmig: each round as the
+//!                                                JSON report's rounds[],
+//!                                                its decision included;
+//!                                                empty for QEMU)
 //! ```
+//!
+//! `stop_reason` and `per_round` are the types of hpmig's JSON report
+//! ([`hpmig_report`], docs/report.md); files written before them lack
+//! them and read back as null and empty.
 //!
 //! `schema` is the version of this layout, the first field of the file. It
 //! is 1 for the layout above and goes up by one whenever a field is removed
@@ -141,6 +153,13 @@ pub struct Run {
     /// beat. The rest is the downtime's part until the start.
     #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub blackout_after_start_ms: f64,
+    /// hpmig: why pre-copy ended (`None` for QEMU).
+    #[serde(default)]
+    pub stop_reason: Option<hpmig_report::Stop>,
+    /// hpmig: each round as its JSON report writes it, the controller's
+    /// decision included (empty for QEMU).
+    #[serde(default)]
+    pub per_round: Vec<hpmig_report::Round>,
 }
 
 fn nan() -> f64 {

@@ -4,11 +4,25 @@
 //! `query-migrate` figures and the guest's heartbeat (read with HMP `xp`)
 //! give the same columns as hpmig's runs. This module owns the QEMU
 //! processes, their QMP conversation and the image's pacing.
+//!
+//! # QEMU processes and scratch directories never outlive the benchmark
+//!
+//! Each run's image, guest RAM file and QMP sockets live in a directory
+//! with a random name ([`tempfile`]), removed when the run ends. Every QEMU
+//! process and every such directory is entered in one registry while it
+//! exists, under the lock that spawns or creates it and that kills, reaps
+//! or removes it. [`end_children_on_signals`] (installed by `hpmig bench`)
+//! answers SIGINT and SIGTERM by taking that lock, killing and reaping the
+//! QEMUs, removing the directories and exiting with 128 + the signal (130,
+//! 143). Should hpmig die by SIGKILL instead, each QEMU gets SIGKILL from
+//! the kernel (`PR_SET_PDEATHSIG`); only its directory stays then.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -56,9 +70,161 @@ enum Ram<'a> {
     Backend,
 }
 
+/// The QEMU processes and scratch directories that exist now.
+struct Live {
+    pids: Vec<u32>,
+    dirs: Vec<PathBuf>,
+}
+
+static LIVE: Mutex<Live> = Mutex::new(Live {
+    pids: Vec::new(),
+    dirs: Vec::new(),
+});
+
+/// The registry, even if a thread panicked holding it (it stays valid:
+/// every change is one push or one retain).
+fn live() -> MutexGuard<'static, Live> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Makes SIGINT and SIGTERM end the benchmark cleanly: its QEMU processes
+/// killed and reaped, its scratch directories removed, then exit with
+/// 128 + the signal. For `hpmig bench` (the migration commands have their
+/// own answer to these signals).
+pub fn end_children_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing the SIGINT and SIGTERM handlers")?;
+    std::thread::Builder::new()
+        .name("bench-signals".into())
+        .spawn(move || {
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            // Held until the exit: no QEMU is spawned and no directory
+            // created after this.
+            let live = live();
+            for &pid in &live.pids {
+                // SAFETY: kill(2) with a pid from the registry: a child of
+                // this process not yet reaped (Qemu's drop reaps it and
+                // leaves the registry under this lock), so the pid is still
+                // that child's.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+            for &pid in &live.pids {
+                // SAFETY: waitpid(2) on that unreaped child; a null status
+                // pointer is allowed.
+                unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+            }
+            for dir in &live.dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            eprintln!(
+                "hpmig bench: {}: ended {} QEMU process(es), removed {} scratch director{}",
+                if signal == SIGINT {
+                    "interrupted"
+                } else {
+                    "terminated"
+                },
+                live.pids.len(),
+                live.dirs.len(),
+                if live.dirs.len() == 1 { "y" } else { "ies" }
+            );
+            std::process::exit(128 + signal);
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// A QEMU process, in the registry from its spawn until it is reaped.
+struct Qemu(Child);
+
+impl Qemu {
+    fn spawn(cmd: &mut Command) -> Result<Qemu> {
+        // SAFETY: getpid(2) has no preconditions.
+        let me = unsafe { libc::getpid() };
+        // SAFETY: the closure runs in the child between fork and exec, where
+        // only async-signal-safe calls are allowed: it makes two syscalls
+        // (prctl, getppid) and builds an io::Error from a raw errno, which
+        // does not allocate. PR_SET_PDEATHSIG fires when the thread that
+        // forked exits; QEMUs are spawned by the thread that runs the
+        // benchmark, which lives until the process ends.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the prctl: nobody would kill us.
+                if libc::getppid() != me {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let mut live = live();
+        let child = cmd.spawn().with_context(|| format!("starting {QEMU}"))?;
+        live.pids.push(child.id());
+        Ok(Qemu(child))
+    }
+
+    /// Its exit status if it exited (then reaped, and out of the registry).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let mut live = live();
+        let status = self.0.try_wait().ok().flatten()?;
+        let pid = self.0.id();
+        live.pids.retain(|&p| p != pid);
+        Some(status)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let mut live = live();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let pid = self.0.id();
+        live.pids.retain(|&p| p != pid);
+    }
+}
+
+/// A run's scratch directory: a random name, in the registry while it
+/// exists, removed on drop.
+struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        // In memory where /dev/shm exists: the guest's RAM file lives here.
+        let base = Some(PathBuf::from("/dev/shm"))
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut live = live();
+        let dir = tempfile::Builder::new()
+            .prefix("hpmig-qemu-")
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a directory in {}", base.display()))?;
+        live.dirs.push(dir.path().to_path_buf());
+        Ok(Scratch(Some(dir)))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.as_ref().map_or(Path::new(""), |d| d.path())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut live = live();
+        if let Some(dir) = self.0.take() {
+            live.dirs.retain(|d| d != dir.path());
+            let _ = dir.close();
+        }
+    }
+}
+
 /// One QEMU process with its QMP connection.
 struct Vm {
-    child: Child,
+    /// Held for its drop: killed and reaped with the Vm.
+    _process: Qemu,
     qmp: BufReader<UnixStream>,
 }
 
@@ -99,30 +265,28 @@ impl Vm {
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
-        let mut child = cmd.spawn().with_context(|| format!("starting {QEMU}"))?;
+        let mut child = Qemu::spawn(&mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
             match UnixStream::connect(sock) {
                 Ok(s) => break s,
                 Err(_) if Instant::now() < deadline => {
-                    if let Ok(Some(status)) = child.try_wait() {
+                    if let Some(status) = child.exited() {
                         let mut err = String::new();
-                        if let Some(mut e) = child.stderr.take() {
+                        if let Some(mut e) = child.0.stderr.take() {
                             let _ = std::io::Read::read_to_string(&mut e, &mut err);
                         }
                         bail!("{QEMU} exited ({status}): {}", err.trim());
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e) => {
-                    let _ = child.kill();
-                    return Err(e).context("connecting to QEMU's QMP socket");
-                }
+                // The child is killed and reaped as it drops.
+                Err(e) => return Err(e).context("connecting to QEMU's QMP socket"),
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut vm = Vm {
-            child,
+            _process: child,
             qmp: BufReader::new(stream),
         };
         vm.line()?; // the greeting
@@ -189,13 +353,6 @@ impl Vm {
             }
             last = now;
         }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -276,20 +433,32 @@ fn filled_ram(dir: &Path, memory: u64, contents: Contents) -> Result<Option<Path
 
 /// Boots the workload in two QEMUs and migrates it from one to the other.
 pub fn migrate(run: &Run) -> Result<Outcome> {
-    let dir = TempDir::new()?;
-    let image_path = dir.0.join("guest.img");
+    let dir = Scratch::new()?;
+    let image_path = dir.path().join("guest.img");
     std::fs::write(
         &image_path,
         image(run.workload, run.memory, run.dirty_rate)?,
     )?;
     let image = image_path;
-    let ram = filled_ram(&dir.0, run.memory, run.contents)?;
+    let ram = filled_ram(dir.path(), run.memory, run.contents)?;
     let (src_ram, dst_ram) = match &ram {
         Some(path) => (Ram::File(path), Ram::Backend),
         None => (Ram::Default, Ram::Default),
     };
-    let mut src = Vm::start(&image, run.memory, src_ram, &dir.0.join("src.qmp"), false)?;
-    let mut dst = Vm::start(&image, run.memory, dst_ram, &dir.0.join("dst.qmp"), true)?;
+    let mut src = Vm::start(
+        &image,
+        run.memory,
+        src_ram,
+        &dir.path().join("src.qmp"),
+        false,
+    )?;
+    let mut dst = Vm::start(
+        &image,
+        run.memory,
+        dst_ram,
+        &dir.path().join("dst.qmp"),
+        true,
+    )?;
     src.wait_running(Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(300));
     let (h0, t0) = (src.heartbeat()?, Instant::now());
@@ -390,27 +559,4 @@ fn tsc_hz() -> f64 {
     let (c0, t0) = (read(), Instant::now());
     std::thread::sleep(Duration::from_millis(50));
     (read() - c0) as f64 / t0.elapsed().as_secs_f64()
-}
-
-/// A private temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // In memory where /dev/shm exists: the guest's RAM file lives here.
-        let base = Some(PathBuf::from("/dev/shm"))
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let p = base.join(format!("hpmig-qemu-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }

@@ -112,6 +112,31 @@ impl StopReason {
             StopReason::Clean | StopReason::SmallWorkSet | StopReason::DowntimeFits
         )
     }
+
+    /// The reason's name for machines (JSON reports, scripts):
+    /// `small-work-set`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Clean => "clean",
+            StopReason::SmallWorkSet => "small-work-set",
+            StopReason::DowntimeFits => "downtime-fits",
+            StopReason::Stalled => "stalled",
+            StopReason::RoundCap => "round-cap",
+        }
+    }
+}
+
+/// The reason in words, for people: `the projected downtime fits the target`.
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Clean => "nothing is dirty",
+            StopReason::SmallWorkSet => "the work set is under the threshold",
+            StopReason::DowntimeFits => "the projected downtime fits the target",
+            StopReason::Stalled => "the work set stopped shrinking",
+            StopReason::RoundCap => "the round cap was reached",
+        })
+    }
 }
 
 /// The controller's verdict.
@@ -120,6 +145,37 @@ pub enum Decision {
     Continue,
     StopAndCopy(StopReason),
     Abort(StopReason),
+}
+
+impl Decision {
+    /// The verdict's name for machines: `continue`, `stop-and-copy`, `abort`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Continue => "continue",
+            Decision::StopAndCopy(_) => "stop-and-copy",
+            Decision::Abort(_) => "abort",
+        }
+    }
+
+    /// Why pre-copy ends; `None` when it goes on.
+    pub fn reason(self) -> Option<StopReason> {
+        match self {
+            Decision::Continue => None,
+            Decision::StopAndCopy(r) | Decision::Abort(r) => Some(r),
+        }
+    }
+}
+
+/// The verdict in words, for people: `stop and copy: the work set is under
+/// the threshold`.
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::Continue => f.write_str("another round"),
+            Decision::StopAndCopy(r) => write!(f, "stop and copy: {r}"),
+            Decision::Abort(r) => write!(f, "give up: {r}"),
+        }
+    }
 }
 
 /// The projection the decision was made on (reported with every round).
@@ -502,6 +558,19 @@ mod tests {
         assert_eq!(proj.page_time, Duration::from_millis(20));
         assert!(proj.downtime >= Duration::from_millis(20), "{proj:?}");
         assert_eq!(d, Decision::Continue);
+    }
+
+    #[test]
+    fn decisions_read_as_words() {
+        let d = Decision::StopAndCopy(StopReason::RoundCap);
+        assert_eq!(d.to_string(), "stop and copy: the round cap was reached");
+        assert_eq!(
+            (d.name(), d.reason()),
+            ("stop-and-copy", Some(StopReason::RoundCap))
+        );
+        assert_eq!(StopReason::SmallWorkSet.name(), "small-work-set");
+        assert_eq!(Decision::Continue.to_string(), "another round");
+        assert_eq!(Decision::Abort(StopReason::Stalled).name(), "abort");
     }
 
     #[test]

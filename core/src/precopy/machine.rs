@@ -541,7 +541,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 0.0
             },
             expected_downtime: projection.downtime,
-            decision: format!("{decision:?}"),
+            decision: decision.to_string(),
         });
         (self.on_round)(&report);
         self.rounds.push(report);
