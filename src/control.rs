@@ -362,45 +362,92 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 
 /// One request, one answer.
 fn ask(path: &Path, req: &Value) -> Result<Value> {
-    let mut conn =
-        UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
-    conn.set_read_timeout(Some(Duration::from_secs(90)))?;
-    writeln!(conn, "{req}")?;
-    let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
-    serde_json::from_str(&line).context("the answer is not JSON")
+    Conn::open(path)?.ask(req)
 }
 
-/// `ctl watch`: a line per interval until the migration ends.
+/// `ctl watch`: a line per interval, and one at every change of status,
+/// until the migration ends (the socket is polled five times a second, so
+/// a process that ends right after its migration is still seen ending).
 fn watch(path: &Path, interval: Duration) -> Result<bool> {
+    const POLL: Duration = Duration::from_millis(200);
+    let mut conn = Conn::open(path)?;
+    let (mut last_status, mut printed) = (String::new(), None::<std::time::Instant>);
     loop {
-        let reply = ask(path, &json!({"execute": "status"}))?;
-        let v = &reply["return"];
+        let reply = match conn.ask(&json!({"execute": "status"})) {
+            Ok(r) => r,
+            Err(e) if !last_status.is_empty() => {
+                println!(
+                    "the hpmig process ended before its last status showed here ({e}); last: {last_status}; its exit status and report say how it ended"
+                );
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(e) = reply.get("error") {
             bail!("{}", e["desc"].as_str().unwrap_or("refused"));
         }
-        let status = v["status"].as_str().unwrap_or("?");
-        let gib = |b: &Value| crate::units::human(b.as_u64().unwrap_or(0));
-        println!(
-            "{:>7.1} s  {:<10} {}; {} on the wire; expected downtime {}",
-            v["total-time-ms"].as_f64().unwrap_or(0.0) / 1e3,
-            status,
-            v["phase"].as_str().unwrap_or(""),
-            gib(&v["ram"]["transferred"]),
-            v["expected-downtime-ms"]
-                .as_f64()
-                .map_or("-".into(), |m| format!("{m:.1} ms")),
-        );
-        match status {
-            "completed" => return Ok(true),
+        let v = &reply["return"];
+        let status = v["status"]
+            .as_str()
+            .or(v["state"].as_str())
+            .unwrap_or("?")
+            .to_string();
+        let due = printed.is_none_or(|t| t.elapsed() + POLL / 2 >= interval);
+        if due || status != last_status {
+            printed = Some(std::time::Instant::now());
+            println!(
+                "{:>7.1} s  {:<10} {}; {} on the wire; expected downtime {}",
+                v["total-time-ms"].as_f64().unwrap_or(0.0) / 1e3,
+                status,
+                v["phase"].as_str().unwrap_or(""),
+                crate::units::human(v["ram"]["transferred"].as_u64().unwrap_or(0)),
+                v["expected-downtime-ms"]
+                    .as_f64()
+                    .map_or("-".into(), |m| format!("{m:.1} ms")),
+            );
+        }
+        match status.as_str() {
+            "completed" => {
+                if let Some(d) = v["downtime-ms"].as_f64() {
+                    println!("migrated: downtime {d:.1} ms");
+                }
+                return Ok(true);
+            }
             "failed" | "cancelled" | "in-doubt" => {
                 if let Some(e) = v["error"].as_str() {
                     println!("{e}");
                 }
                 return Ok(false);
             }
-            _ => std::thread::sleep(interval),
+            _ => {}
         }
+        last_status = status;
+        std::thread::sleep(POLL);
+    }
+}
+
+/// One connection to a control socket, asked many times.
+struct Conn {
+    out: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Conn {
+    fn open(path: &Path) -> Result<Conn> {
+        let out = UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        out.set_read_timeout(Some(Duration::from_secs(90)))?;
+        let reader = BufReader::new(out.try_clone()?);
+        Ok(Conn { out, reader })
+    }
+
+    fn ask(&mut self, req: &Value) -> Result<Value> {
+        writeln!(self.out, "{req}").context("the socket closed")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("the socket closed");
+        }
+        serde_json::from_str(&line).context("the answer is not JSON")
     }
 }
 
