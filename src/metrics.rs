@@ -199,17 +199,7 @@ impl Metrics {
                 self.downtime.get_or_create(&l).set(d.as_secs_f64());
             }
         }
-        for s in [
-            Stage::Setup,
-            Stage::PreCopy,
-            Stage::StopAndCopy,
-            Stage::SwitchOver,
-            Stage::Committing,
-            Stage::Migrated,
-            Stage::Failed,
-            Stage::Cancelled,
-            Stage::InDoubt,
-        ] {
+        for s in Stage::ALL {
             let l = StatusLabel {
                 status: s.as_str().into(),
             };

@@ -111,6 +111,24 @@ fn scraped_bytes(metrics: &str) -> f64 {
         .sum()
 }
 
+/// Waits (30 s at most) for the source to end after `what`; its exit
+/// status and everything it printed.
+fn ended(source: &mut Reaped, what: &str) -> (Option<i32>, String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(s) = source.0.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "{what} did not end the source");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut out = String::new();
+    let (stdout, stderr) = (source.0.stdout.as_mut(), source.0.stderr.as_mut());
+    stdout.unwrap().read_to_string(&mut out).unwrap();
+    stderr.unwrap().read_to_string(&mut out).unwrap();
+    (code, out)
+}
+
 #[test]
 fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
     let dir = tempfile::tempdir().unwrap();
@@ -238,32 +256,7 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
     // Cancel: the guest runs on at the source, which exits 6.
     let (code, text) = ctl(&sock, &["cancel"]);
     assert_eq!(code, Some(0), "{text}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        if let Some(s) = source.0.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the source did not end after cancel"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut out = String::new();
-    source
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    source
-        .0
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let (code, out) = ended(&mut source, "cancel");
     assert_eq!(code, Some(6), "{out}");
     assert!(out.contains("cancelled by the operator"), "{out}");
     assert!(
@@ -318,32 +311,7 @@ fn sigterm_and_sigint_cancel_like_the_control_socket() {
         unsafe {
             libc::kill(source.0.id() as i32, sig);
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let code = loop {
-            if let Some(s) = source.0.try_wait().unwrap() {
-                break s.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "signal {sig} did not end the source"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let mut out = String::new();
-        source
-            .0
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        source
-            .0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        let (code, out) = ended(&mut source, &format!("signal {sig}"));
         assert_eq!(code, Some(6), "signal {sig}: {out}");
         assert!(out.contains("runs on"), "signal {sig}: {out}");
         drop(dest);

@@ -43,7 +43,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    const ALL: [Stage; 9] = [
+    /// Every stage, in order.
+    pub const ALL: [Stage; 9] = [
         Stage::Setup,
         Stage::PreCopy,
         Stage::StopAndCopy,
