@@ -70,6 +70,10 @@ pub struct DestArgs {
     /// in doubt one is opened anyway, at a path printed then.
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics of the migration landing here on
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9465).
+    #[arg(long)]
+    metrics: Option<String>,
     /// End after the first source, whatever its migration's outcome
     /// (without it, a migration that fails waits for the next attempt).
     #[arg(long)]
@@ -157,7 +161,19 @@ fn receive_and_run(a: &DestArgs) -> Result<Outcome> {
     if let Some(s) = &socket {
         s.set_status(json!({"state": "waiting", "role": "dest", "listen": a.listen}));
     }
-    let socket = socket.as_ref();
+    let metrics = match &a.metrics {
+        Some(addr) => {
+            let shown = Arc::new(std::sync::Mutex::new(Arc::clone(&cfg.live)));
+            crate::metrics::serve(addr, Arc::clone(&shown))?;
+            Some(shown)
+        }
+        None => None,
+    };
+    let watchers = Watchers {
+        socket: socket.as_ref(),
+        metrics,
+    };
+    let socket = &watchers;
     if a.once {
         return once(a, &cfg, socket, listener, opts, rdma);
     }
@@ -238,12 +254,19 @@ fn describe(a: &DestArgs) {
     );
 }
 
+/// What shows the migrations landing here: the control socket and the
+/// metrics endpoint (each shows the migration of the moment).
+struct Watchers<'a> {
+    socket: Option<&'a control::Socket>,
+    metrics: Option<Arc<std::sync::Mutex<Arc<hpmig_core::precopy::live::Live>>>>,
+}
+
 /// `--once`: the first connection is the one migration, whatever it brings
 /// (a refused handshake ends the command).
 fn once(
     a: &DestArgs,
     cfg: &DestConfig,
-    socket: Option<&control::Socket>,
+    socket: &Watchers<'_>,
     listener: TcpListener,
     opts: TcpOptions,
     rdma: Option<crate::rdma::RdmaOptions>,
@@ -282,7 +305,7 @@ fn once(
 fn accept_and_land<T: DestTransport>(
     a: &DestArgs,
     cfg: &DestConfig,
-    socket: Option<&control::Socket>,
+    socket: &Watchers<'_>,
     transport: &mut T,
     peer: std::net::SocketAddr,
 ) -> Result<Option<Outcome>> {
@@ -303,14 +326,14 @@ fn accept_and_land<T: DestTransport>(
 fn land_and_run<T: DestTransport>(
     a: &DestArgs,
     cfg: &DestConfig,
-    socket: Option<&control::Socket>,
+    socket: &Watchers<'_>,
     accepted: &Accepted,
     transport: &mut T,
     peer: std::net::SocketAddr,
 ) -> Result<Outcome> {
     let end = land_and_run_once(a, cfg, socket, accepted, transport, peer);
     // Over (or failed): the control socket stops showing this migration.
-    if let Some(s) = socket {
+    if let Some(s) = socket.socket {
         s.detach();
         s.set_status(json!({
             "state": "waiting",
@@ -325,7 +348,7 @@ fn land_and_run<T: DestTransport>(
 fn land_and_run_once<T: DestTransport>(
     a: &DestArgs,
     cfg: &DestConfig,
-    socket: Option<&control::Socket>,
+    socket: &Watchers<'_>,
     accepted: &Accepted,
     transport: &mut T,
     peer: std::net::SocketAddr,
@@ -333,7 +356,10 @@ fn land_and_run_once<T: DestTransport>(
     // A fresh live view per migration, shown on the control socket.
     let mut cfg = cfg.clone();
     cfg.live = Arc::new(hpmig_core::precopy::live::Live::new());
-    if let Some(s) = socket {
+    if let Some(m) = &socket.metrics {
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&cfg.live);
+    }
+    if let Some(s) = socket.socket {
         s.set_status(json!({"state": "receiving", "role": "dest"}));
         s.attach_view(
             Arc::clone(&cfg.live),
@@ -438,13 +464,13 @@ fn run_for(a: &DestArgs, memory: &DestMemory, arrival: &mut Arrival) -> bool {
 /// again or an operator resolves it.
 fn in_doubt<T: DestTransport>(
     cfg: &DestConfig,
-    socket: Option<&control::Socket>,
+    socket: &Watchers<'_>,
     transport: &mut T,
     arrival: &mut Arrival,
     u: &Undecided,
 ) -> Result<Outcome> {
     let own;
-    let socket = match socket {
+    let socket = match socket.socket {
         Some(s) => s,
         None => {
             own = control::Socket::bind(&control::default_path("dest")?)?;

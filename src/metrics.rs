@@ -20,7 +20,7 @@
 //! | `hpmig_status` | gauge | status | 1 for the current status (setup, active, device, switchover, committing, completed, failed, cancelled, in-doubt) |
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
 use hpmig_core::precopy::live::{Live, Stage, Status};
@@ -217,8 +217,10 @@ impl Metrics {
 }
 
 /// Listens on `addr` (checked now, before anything starts) and serves
-/// `/metrics` from a thread of its own for the rest of the process.
-pub fn serve(addr: &str, live: Arc<Live>) -> Result<()> {
+/// `/metrics` from a thread of its own for the rest of the process, from
+/// the migration `live` shows at each scrape (the destination swaps in a
+/// fresh one per migration).
+pub fn serve(addr: &str, live: Arc<Mutex<Arc<Live>>>) -> Result<()> {
     let server = tiny_http::Server::http(addr)
         .map_err(|e| crate::outcome::usage(format!("--metrics {addr}: cannot listen: {e}")))?;
     let metrics = Metrics::new();
@@ -227,7 +229,8 @@ pub fn serve(addr: &str, live: Arc<Live>) -> Result<()> {
         .spawn(move || {
             for req in server.incoming_requests() {
                 let resp = if req.url() == "/metrics" {
-                    let body = metrics.render(&live.status());
+                    let now = Arc::clone(&live.lock().unwrap_or_else(|p| p.into_inner()));
+                    let body = metrics.render(&now.status());
                     let ct = tiny_http::Header::from_bytes(
                         &b"Content-Type"[..],
                         &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],

@@ -56,7 +56,7 @@ impl Watch {
             s.attach(Arc::clone(&live), Value::Null);
         }
         if let Some(addr) = &a.metrics {
-            crate::metrics::serve(addr, Arc::clone(&live))?;
+            crate::metrics::serve(addr, Arc::new(Mutex::new(Arc::clone(&live))))?;
         }
         let events = a
             .events

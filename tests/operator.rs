@@ -135,6 +135,7 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let metrics = format!("127.0.0.1:{}", free_port());
+    let dest_metrics = format!("127.0.0.1:{}", free_port());
     let sock = dir.path().join("source.sock");
     let dest_sock = dir.path().join("dest.sock");
     let events = dir.path().join("events.jsonl");
@@ -145,6 +146,7 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
             .arg(dir.path().join("journal"))
             .arg("--control")
             .arg(&dest_sock)
+            .args(["--metrics", &dest_metrics])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -214,6 +216,8 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
         transferred(&d) > 0.0 && transferred(&d) <= transferred(&s2) * 1.5,
         "{d}"
     );
+    let landed = scraped_bytes(&dest_metrics);
+    assert!(landed > 0.0 && landed <= transferred(&s2) * 1.5, "{landed}");
     let (code, text) = ctl(&dest_sock, &["cancel"]);
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("source"), "{text}");
