@@ -135,3 +135,54 @@ fn a_cancel_mid_round_resumes_the_guest_here_and_tells_the_destination() {
     drop(src);
     assert!(dest.join().unwrap().is_err(), "the destination discards");
 }
+
+#[test]
+fn a_cancel_after_the_ack_aborts_the_held_copy_and_resumes_the_guest_here() {
+    let memory = memory();
+    let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
+    let layout = Layout::of(&memory).unwrap();
+    let dest_memory: DestMemory = layout.allocate().unwrap();
+    let (mut src, mut dst) = pair(Faults::none());
+    let dm = dest_memory.clone();
+    let dest = thread::spawn(move || {
+        receive(
+            &dm,
+            &mut dst,
+            &DestConfig::default(),
+            &mut LandedScribbler::new(),
+        )
+    });
+    let mut cfg = config(Granularity::Segment, 2);
+    // The guest stays paused a second between the Ack and the Commit.
+    cfg.delay_commit = Duration::from_secs(1);
+    let live = Arc::clone(&cfg.live);
+    let canceller = thread::spawn(move || {
+        let t = Instant::now();
+        while live.stage() != Stage::SwitchOver && t.elapsed() < Duration::from_secs(20) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Past the Ack (it comes within milliseconds here), before the Commit.
+        thread::sleep(Duration::from_millis(300));
+        (live.cancel(), live)
+    });
+    let mut dirty = VmmBitmap::new(memory.clone(), layout).unwrap();
+    let result = migrate(&memory, &mut dirty, &mut guest, &mut src, &cfg, &mut |_| {});
+    let (answer, live) = canceller.join().unwrap();
+    assert_eq!(answer, CancelAnswer::Accepted);
+    assert!(
+        matches!(result, Err(MigrateError::Cancelled { .. })),
+        "{result:?}"
+    );
+    assert_eq!(live.stage(), Stage::Cancelled);
+    let w = guest.writes();
+    thread::sleep(Duration::from_millis(100));
+    assert!(guest.writes() > w, "the guest runs on at the source");
+    drop(src);
+    assert!(
+        matches!(
+            dest.join().unwrap(),
+            Err(hpmig_core::land::LandError::Aborted)
+        ),
+        "the destination discards the copy it held"
+    );
+}
