@@ -314,3 +314,38 @@ fn a_pause_that_fails_after_vcpu_0_stopped_leaves_every_vcpu_running() {
         assert!(after > b, "vCPU {v} stuck at {b} after the failed pause");
     }
 }
+
+/// Ring mode: once logging started, a vCPU whose ring fills must not wait
+/// for the next round's harvest (the reaper empties the rings): with no
+/// harvest at all for seconds, the guest writes on, far past what one ring
+/// holds. Without a reaper it stops after about RING_ENTRIES new pages.
+#[test]
+fn with_the_dirty_ring_the_guest_writes_on_between_harvests() {
+    use hpmig_core::dirty::kvm::RING_ENTRIES;
+    use hpmig_core::dirty::{DirtyBitmap, DirtySource};
+    if !kvm_or_skip() {
+        return;
+    }
+    // 1 GiB: 262,144 pages, four rings' worth of distinct pages.
+    let mut vm = boot(1024 * MIB, Workload::Sparse, 1, DirtyLogMode::Ring);
+    let layout = Layout::of(vm.memory()).unwrap();
+    let mut log = vm.take_dirty_log().unwrap();
+    let mut bits = DirtyBitmap::new(&layout);
+    log.harvest(&mut bits).unwrap(); // logging starts here
+    let w0 = vm.writes();
+    let target = w0 + 4 * u64::from(RING_ENTRIES);
+    let t = Instant::now();
+    while vm.writes() < target && t.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        vm.writes() >= target,
+        "the guest stalled: {} writes in {:?} with no harvest",
+        vm.writes() - w0,
+        t.elapsed()
+    );
+    // Nothing reaped is lost: the next harvest has the pages written.
+    bits.clear();
+    log.harvest(&mut bits).unwrap();
+    assert!(bits.count() > u64::from(RING_ENTRIES), "{}", bits.count());
+}

@@ -16,12 +16,18 @@
 //!
 //! A VMM that uses these: call [`DirtyLogMode::enable`] on its VM before it
 //! creates vCPUs, map each vCPU's ring with [`DirtyRing::map`] (ring mode),
-//! and hand the slots it registered to [`KvmDirtyLog::new`]. A vCPU that
-//! exits with `KVM_EXIT_DIRTY_RING_FULL` waits for the next harvest.
+//! and hand the slots it registered to [`KvmDirtyLog::new`]. In ring mode a
+//! reaper thread empties the rings every [`REAP_PERIOD`] once logging
+//! started (as QEMU's dirty-ring reaper does), into a bitmap the next
+//! harvest takes: a vCPU whose ring filled up (`KVM_EXIT_DIRTY_RING_FULL`)
+//! waits a few milliseconds for it, not for the next round.
 
 mod sys;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
@@ -34,6 +40,10 @@ use crate::memory::Layout;
 /// Entries of each vCPU's dirty ring that [`DirtyLogMode::enable`] asks for
 /// (16 bytes each).
 pub const RING_ENTRIES: u32 = 65536;
+
+/// How often the reaper empties the dirty rings (ring mode): at a million
+/// new pages a second a ring of [`RING_ENTRIES`] fills in 65 ms.
+pub const REAP_PERIOD: Duration = Duration::from_millis(5);
 
 /// Pages re-protected per KVM_CLEAR_DIRTY_LOG call (a multiple of 64).
 pub const CLEAR_CHUNK_PAGES: usize = 64 * 1024;
@@ -146,8 +156,44 @@ pub struct KvmDirtyLog {
     slots: Vec<KvmSlot>,
     layout: Layout,
     mode: DirtyLogMode,
-    rings: Vec<DirtyRing>,
+    /// Ring mode: the rings and what was reaped from them since the last
+    /// harvest, shared with the reaper thread.
+    rings: Arc<Mutex<Reaped>>,
+    reaper: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     logging: bool,
+}
+
+/// The dirty rings and the pages reaped from them, not yet harvested.
+#[derive(Debug)]
+struct Reaped {
+    rings: Vec<DirtyRing>,
+    pending: DirtyBitmap,
+    /// A reset the reaper could not do, for the next harvest to report.
+    error: Option<std::io::Error>,
+}
+
+impl Reaped {
+    /// Empties every ring into `pending` and re-protects the pages.
+    fn reap(&mut self, vm: &VmFd, layout: &Layout) -> Result<(), std::io::Error> {
+        let pending = &mut self.pending;
+        let mut any = false;
+        for ring in &mut self.rings {
+            ring.harvest(|slot, offset| {
+                any = true;
+                if let Some(page) = layout.page_index(slot as usize, offset) {
+                    pending.set_page(page);
+                }
+            });
+        }
+        if any {
+            sys::reset_dirty_rings(vm)?;
+        }
+        Ok(())
+    }
+}
+
+fn lock(m: &Mutex<Reaped>) -> MutexGuard<'_, Reaped> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl KvmDirtyLog {
@@ -160,14 +206,49 @@ impl KvmDirtyLog {
         mode: DirtyLogMode,
         rings: Vec<DirtyRing>,
     ) -> Self {
+        let pending = DirtyBitmap::new(&layout);
         KvmDirtyLog {
             vm,
             slots,
             layout,
             mode,
-            rings,
+            rings: Arc::new(Mutex::new(Reaped {
+                rings,
+                pending,
+                error: None,
+            })),
+            reaper: None,
             logging: false,
         }
+    }
+
+    /// Ring mode: starts the thread that empties the rings every
+    /// [`REAP_PERIOD`].
+    fn start_reaper(&mut self) -> Result<(), DirtyError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, rings, vm, layout) = (
+            Arc::clone(&stop),
+            Arc::clone(&self.rings),
+            Arc::clone(&self.vm),
+            self.layout.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("hpmig-reaper".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    std::thread::sleep(REAP_PERIOD);
+                    let mut r = lock(&rings);
+                    if let Err(e) = r.reap(&vm, &layout) {
+                        r.error.get_or_insert(e);
+                    }
+                }
+            })
+            .map_err(|source| DirtyError::Hypervisor {
+                call: "starting the dirty-ring reaper",
+                source,
+            })?;
+        self.reaper = Some((stop, thread));
+        Ok(())
     }
 
     pub fn mode(&self) -> DirtyLogMode {
@@ -194,7 +275,19 @@ impl KvmDirtyLog {
             ))?;
         }
         self.logging = true;
+        if self.mode == DirtyLogMode::Ring {
+            self.start_reaper()?;
+        }
         Ok(())
+    }
+}
+
+impl Drop for KvmDirtyLog {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.reaper.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
     }
 }
 
@@ -233,18 +326,19 @@ impl DirtySource for KvmDirtyLog {
                 }
             }
             DirtyLogMode::Ring => {
-                let layout = &self.layout;
-                for ring in &mut self.rings {
-                    ring.harvest(|slot, offset| {
-                        if let Some(page) = layout.page_index(slot as usize, offset) {
-                            into.set_page(page);
-                        }
+                // What the reaper took since the last harvest, and what the
+                // rings hold now; reset before any page of the round is read.
+                let mut r = lock(&self.rings);
+                let reaped = r.reap(&self.vm, &self.layout);
+                let failed = r.error.take();
+                if let Some(source) = reaped.err().or(failed) {
+                    return Err(DirtyError::Hypervisor {
+                        call: "KVM_RESET_DIRTY_RINGS",
+                        source,
                     });
                 }
-                sys::reset_dirty_rings(&*self.vm).map_err(|source| DirtyError::Hypervisor {
-                    call: "KVM_RESET_DIRTY_RINGS",
-                    source,
-                })?;
+                into.or_region(0, r.pending.words());
+                r.pending.clear();
             }
         }
         Ok(())

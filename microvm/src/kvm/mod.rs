@@ -477,7 +477,7 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, cmds: &Receiver<Cmd>, run: RunPara
                 std::thread::sleep(Duration::from_millis(1))
             }
             Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
-                // The harvester resets the ring at the next round; wait for it.
+                // The reaper (core::dirty::kvm) empties the ring within a few ms.
                 std::thread::sleep(Duration::from_millis(1));
             }
             Ok(VcpuExit::Intr) => {}
