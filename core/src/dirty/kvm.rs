@@ -159,7 +159,8 @@ pub struct KvmDirtyLog {
     /// Ring mode: the rings and what was reaped from them since the last
     /// harvest, shared with the reaper thread.
     rings: Arc<Mutex<Reaped>>,
-    reaper: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    /// Boxed: a VMM's guest type holds this log and stays small.
+    reaper: Option<Box<(Arc<AtomicBool>, JoinHandle<()>)>>,
     logging: bool,
 }
 
@@ -247,7 +248,7 @@ impl KvmDirtyLog {
                 call: "starting the dirty-ring reaper",
                 source,
             })?;
-        self.reaper = Some((stop, thread));
+        self.reaper = Some(Box::new((stop, thread)));
         Ok(())
     }
 
@@ -284,7 +285,8 @@ impl KvmDirtyLog {
 
 impl Drop for KvmDirtyLog {
     fn drop(&mut self) {
-        if let Some((stop, thread)) = self.reaper.take() {
+        if let Some(r) = self.reaper.take() {
+            let (stop, thread) = *r;
             stop.store(true, Ordering::Relaxed);
             let _ = thread.join();
         }
