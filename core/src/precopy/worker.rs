@@ -217,6 +217,9 @@ impl<T: StreamTx> Worker<T> {
         em.base = self.published;
         em.kinds = ByteKinds::default();
         em.pages = 0;
+        if let Some(f) = &mut self.fingerprints {
+            f.start_round(cmd.round);
+        }
         let words = cmd.bitmap.words();
         // One small vector per round (regions are few), none per page.
         let memory = self.memory.clone();

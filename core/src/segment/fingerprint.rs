@@ -259,9 +259,10 @@ impl FingerprintStore {
         }
     }
 
-    /// Test hook: from now on the fingerprint of block `block` of `page`
-    /// reports "unchanged" whatever its bytes become, as an undetected
-    /// collision would (the verification must refuse the copy).
+    /// Test hook: from round 1 on (see [`FingerprintPart::start_round`]) the
+    /// fingerprint of block `block` of `page` reports "unchanged" whatever
+    /// its bytes become, as an undetected collision would (the verification
+    /// must refuse the copy).
     #[doc(hidden)]
     pub fn blind_to(&mut self, page: PageIndex, block: usize) {
         self.blind = Some((page, block));
@@ -284,6 +285,7 @@ impl FingerprintStore {
                     fresh: vec![0u64; blocks],
                     changed: vec![0u64; blocks.div_ceil(64)],
                     blind: self.blind.and_then(|(p, b)| Some((share.local(p)?, b))),
+                    blind_armed: false,
                     share,
                     blocks,
                     hasher: self.hasher.clone(),
@@ -306,11 +308,17 @@ pub struct FingerprintPart {
     /// One bit per block of the last page compared: its fingerprint changed.
     changed: Vec<u64>,
     hasher: BlockHasher,
-    /// Test hook, as a (local page, block) pair.
+    /// Test hook, as a (local page, block) pair, and whether it acts.
     blind: Option<(usize, usize)>,
+    blind_armed: bool,
 }
 
 impl FingerprintPart {
+    /// A round begins (the test hook acts from round 1 on).
+    pub fn start_round(&mut self, round: u32) {
+        self.blind_armed = round > 0;
+    }
+
     /// Hashes `snapshot`, the new bytes of page `page`, block by block;
     /// returns one bit per block (bit `b % 64` of word `b / 64`), set where
     /// the fingerprint differs from the one stored, and stores the new
@@ -322,7 +330,7 @@ impl FingerprintPart {
         let at = local * self.blocks;
         let stored = self.prints.get_mut(at..at + self.blocks)?;
         self.hasher.hash_blocks(snapshot, &mut self.fresh);
-        if let Some((p, b)) = self.blind {
+        if let (Some((p, b)), true) = (self.blind, self.blind_armed) {
             if p == local && b < self.blocks {
                 self.fresh[b] = stored[b];
             }
@@ -440,8 +448,10 @@ mod tests {
             parts[1].compare_and_store(p, &page).is_none(),
             "not its page"
         );
-        // The blind block: its change goes unseen, its neighbour's does not.
+        // The blind block: its change goes unseen from round 1, its
+        // neighbour's does not.
         let q = PageIndex(70);
+        parts[1].start_round(1);
         page[5 * 64] = 9;
         page[6 * 64] = 9;
         assert_eq!(
