@@ -185,3 +185,21 @@ fn a_shadow_budget_with_fingerprints_is_refused_at_setup() {
         "{report:?}"
     );
 }
+
+/// Pages that stay zero from round 0 on are "unchanged" to their (zero)
+/// fingerprints and get no record: both ledgers must leave them at 0.
+#[test]
+fn a_still_guest_with_zero_pages_verifies_incrementally() {
+    let m = pattern_memory(&[(0, MIB)]);
+    let mut guest = Scribbler::start_parked(m.clone(), 1, None);
+    let mut cfg = config(Granularity::Segment, 2);
+    cfg.shadow = ShadowMode::Fingerprint;
+    rounds(&mut cfg, 3);
+    let (report, dest, dm) = run(&m, &mut guest, &cfg, &mut |_| {});
+    let report = report.unwrap();
+    assert!(dest.is_ok() && report.verified);
+    assert!(report.rounds[0].stats.unchanged_pages > 0, "zero pages");
+    assert_same_memory(&m, &dm);
+    let check = report.sent.as_ref().unwrap().check(&m);
+    assert_eq!(check.pages_differ, 0, "{check:?}");
+}

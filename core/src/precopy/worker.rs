@@ -277,11 +277,21 @@ impl<T: StreamTx> Worker<T> {
                 };
                 let compressed = self.emit(em, plan, gpa, snapshot, cmd.compress)?;
                 // "Unchanged" proves the destination holds the snapshot only
-                // when it came from a byte-exact diff; a fingerprint's
+                // when it came from a byte-exact diff. A fingerprint's
                 // "unchanged" may be a collision, which the ledger must not
-                // inherit: it hashes every dirty page's snapshot then.
-                let exact = plan == Plan::Unchanged && self.fingerprints.is_none();
-                if let (Some((hasher, ledger)), false) = (&mut self.ledger, exact) {
+                // inherit: it records the snapshot's hash then, unless the
+                // page was never recorded and is zero (the destination's
+                // memory starts zeroed, and its ledger holds 0 for a page
+                // no record reached: so must this one).
+                let record = match plan {
+                    Plan::Unchanged if self.fingerprints.is_some() => {
+                        self.ledger.as_ref().is_some_and(|(_, l)| l.recorded(page))
+                            || !crate::memory::is_zero(snapshot)
+                    }
+                    Plan::Unchanged => false,
+                    _ => true,
+                };
+                if let (Some((hasher, ledger)), true) = (&mut self.ledger, record) {
                     // What the destination holds from now on: the snapshot.
                     ledger.set(page, hasher.hash(gpa, snapshot));
                 }
