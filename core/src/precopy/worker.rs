@@ -1,4 +1,5 @@
-//! A diff worker: owns a fixed share of bitmap words, its part of the shadow,
+//! A diff worker: owns a fixed share of bitmap words, its part of the shadow
+//! (or of the fingerprint store, `--shadow fingerprint`),
 //! one page encoder, one snapshot buffer and one data stream. Each round it
 //! scans its words with `trailing_zeros`, and for every dirty page copies the
 //! live page once into the snapshot, plans, writes records into its current
