@@ -8,7 +8,7 @@ use clap::Args;
 use hpmig_core::auth::Secret;
 use hpmig_core::memory::Contents;
 use hpmig_core::precopy::controller::{OnStall, Policy};
-use hpmig_core::precopy::SourceConfig;
+use hpmig_core::precopy::{ShadowMode, SourceConfig};
 use hpmig_core::protocol::{Granularity, MAX_STREAMS};
 use hpmig_core::segment::compress::ZstdMode;
 use hpmig_core::verify::VerifyMode;
@@ -127,8 +127,14 @@ pub struct MigrationArgs {
     /// when rounds stop converging.
     #[arg(long)]
     pub abort_on_stall: bool,
-    /// Cap the shadow copy (segment mode) at this size (e.g. 64M); default:
-    /// full copy.
+    /// What the source keeps of what it sent (segment mode): full (a
+    /// byte-exact copy of the guest, changed bytes found exactly) or
+    /// fingerprint (a keyed 64-bit hash per 64-byte block, 1/8 of the
+    /// guest's memory; changed blocks go whole).
+    #[arg(long, default_value = "full")]
+    pub shadow: ShadowMode,
+    /// Cap the full shadow copy (segment mode) at this size (e.g. 64M);
+    /// default: full copy.
     #[arg(long, value_parser = parse_size)]
     pub shadow_budget: Option<u64>,
     /// zstd for wide pages: off, on, or auto (only while the link is slower
@@ -157,6 +163,11 @@ impl MigrationArgs {
     /// Refuses a report that could not be written, before anything starts
     /// (exit status 2).
     pub fn check(&self) -> Result<()> {
+        if self.shadow == ShadowMode::Fingerprint && self.shadow_budget.is_some() {
+            return Err(usage(
+                "--shadow-budget bounds --shadow full only; fingerprints take 1/8 of the guest's memory",
+            ));
+        }
         if let Some(path) = &self.json {
             check_writable("--json", path)?;
         }
@@ -167,6 +178,7 @@ impl MigrationArgs {
         let mut cfg = SourceConfig::new(self.granularity);
         cfg.workers = usize::from(self.workers);
         cfg.pin = self.pin;
+        cfg.shadow = self.shadow;
         cfg.shadow_budget = self.shadow_budget;
         cfg.zstd = self.zstd;
         cfg.bandwidth = self.bandwidth;

@@ -9,7 +9,7 @@ use hpmig_core::dirty::DirtySource;
 use hpmig_core::guest::Guest;
 use hpmig_core::memory::{Contents, SourceMemory};
 use hpmig_core::precopy::{
-    migrate, redeliver, MigrateError, MigrationReport, Pending, SourceConfig,
+    migrate, redeliver, MigrateError, MigrationReport, Pending, ShadowMode, SourceConfig,
 };
 use hpmig_core::protocol::switchover::{Decision, OutcomeKind, Verdict};
 use hpmig_core::transport::SourceTransport;
@@ -121,9 +121,11 @@ pub fn describe(g: &GuestArgs, m: &MigrationArgs, wire: &str) {
         ),
         format!("{:?}", m.zstd).to_lowercase(),
         m.verify.as_str(),
-        m.shadow_budget
-            .map(|b| format!(", shadow at most {}", human(b)))
-            .unwrap_or_default(),
+        match (m.shadow, m.shadow_budget) {
+            (ShadowMode::Fingerprint, _) => ", shadow: block fingerprints".to_string(),
+            (ShadowMode::Full, Some(b)) => format!(", shadow at most {}", human(b)),
+            (ShadowMode::Full, None) => String::new(),
+        },
     );
     println!("  wire:  {wire}");
 }

@@ -260,3 +260,12 @@ fn the_destination_echoes_what_it_accepts() {
         "{banner:?}"
     );
 }
+
+#[test]
+fn the_shadow_takes_full_or_fingerprint_and_a_budget_only_with_full() {
+    refused(
+        &["demo", "--shadow", "fingerprint", "--shadow-budget", "64M"],
+        &["--shadow-budget", "--shadow full"],
+    );
+    refused(&["demo", "--shadow", "bogus"], &["full or fingerprint"]);
+}

@@ -11,7 +11,7 @@ use super::live::{RoundStatus, Stage};
 use super::rounds::{compress_this_round, zstd_rate, PoolSpec, WorkerPool};
 use super::switchover::Pending;
 use super::{
-    fail, peer_error, switchover, Cause, Failure, MigrationReport, Phase, RoundReport,
+    fail, peer_error, switchover, Cause, Failure, MigrationReport, Phase, RoundReport, ShadowMode,
     SourceConfig, SwitchoverTimes,
 };
 use crate::dirty::{DirtyBitmap, DirtySource};
@@ -22,6 +22,7 @@ use crate::protocol::switchover::{Decision as DecisionRecord, OutcomeKind, Verdi
 use crate::protocol::{self, Granularity, Kind, ProtocolError, HEADER_LEN};
 use crate::ring::Ring;
 use crate::segment::compress::ZstdMode;
+use crate::segment::fingerprint::{BlockHasher, FingerprintStore, BLOCK};
 use crate::segment::shadow::ShadowStore;
 use crate::transport::TransportError;
 use crate::transport::{Control, SourceTransport};
@@ -374,18 +375,40 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             .transport
             .open_streams(rings, &agreed.session)
             .map_err(fail(Phase::Setup, 0))?;
-        let shadow = match (self.cfg.encoder.granularity, self.cfg.shadow_budget) {
-            (Granularity::Page, _) => None,
-            (Granularity::Segment, None) => Some(ShadowStore::full(layout)),
-            (Granularity::Segment, Some(b)) => Some(ShadowStore::with_budget(layout, b)),
+        let segment = self.cfg.encoder.granularity == Granularity::Segment;
+        let shadow = match (segment, self.cfg.shadow, self.cfg.shadow_budget) {
+            (false, ..) | (true, ShadowMode::Fingerprint, None) => None,
+            (true, ShadowMode::Full, None) => Some(ShadowStore::full(layout)),
+            (true, ShadowMode::Full, Some(b)) => Some(ShadowStore::with_budget(layout, b)),
+            (true, ShadowMode::Fingerprint, Some(_)) => {
+                return Err(setup(
+                    "a shadow budget bounds the full shadow only, not fingerprints".into(),
+                ))
+            }
         }
         .transpose()
         .map_err(|e| setup(format!("allocating the shadow: {e}")))?;
+        let fingerprints = if segment && self.cfg.shadow == ShadowMode::Fingerprint {
+            let hasher = BlockHasher::random()
+                .map_err(|e| setup(format!("drawing the fingerprint key: {e}")))?;
+            let mut store =
+                FingerprintStore::new(hasher, layout.page_size(), layout.bitmap_words());
+            if let Some(gpa) = self.cfg.fingerprint_blind {
+                let (page, _) = layout
+                    .locate(gpa, 1)
+                    .map_err(|e| setup(format!("fingerprint test hook: {e}")))?;
+                store.blind_to(page, (gpa % layout.page_size() as u64) as usize / BLOCK);
+            }
+            Some(store.parts(self.workers))
+        } else {
+            None
+        };
         let spec = PoolSpec {
             memory: self.memory,
             layout,
             encoder: self.cfg.encoder,
             shadow: shadow.map(|s| s.parts(self.workers)),
+            fingerprints,
             zstd: agreed.zstd() && self.cfg.zstd != ZstdMode::Off,
             limiter: self.cfg.live.limiter(),
             live: Arc::clone(&self.cfg.live),

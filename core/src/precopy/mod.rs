@@ -68,7 +68,10 @@ pub struct SourceConfig {
     /// Pin worker `i` to core `i` (modulo the cores there are).
     pub pin: bool,
     pub policy: Policy,
-    /// Cap the shadow at this many bytes (segment mode); `None` = full copy.
+    /// What the source remembers of what it sent (segment mode).
+    pub shadow: ShadowMode,
+    /// Cap the shadow at this many bytes (segment mode, [`ShadowMode::Full`]
+    /// only); `None` = full copy.
     pub shadow_budget: Option<u64>,
     pub ring_slots: usize,
     pub slot_size: usize,
@@ -90,6 +93,12 @@ pub struct SourceConfig {
     /// paused (a test that the blackout measurement sees the whole pause).
     #[doc(hidden)]
     pub delay_commit: Duration,
+    /// Test hook ([`ShadowMode::Fingerprint`]): from round 1 on, the
+    /// fingerprint of the 64-byte block at this guest address reports
+    /// "unchanged" whatever its bytes become, as an undetected collision
+    /// would; the verification must refuse the copy.
+    #[doc(hidden)]
+    pub fingerprint_blind: Option<u64>,
     /// Progress published and steering read while it runs (see
     /// [`live`]); share a clone of the `Arc` to watch or steer.
     pub live: Arc<live::Live>,
@@ -102,6 +111,7 @@ impl SourceConfig {
             workers: 2,
             pin: false,
             policy: Policy::default(),
+            shadow: ShadowMode::default(),
             shadow_budget: None,
             ring_slots: 8,
             slot_size: 256 << 10,
@@ -113,7 +123,44 @@ impl SourceConfig {
             deadlines: Deadlines::default(),
             max_version: protocol::VERSION,
             delay_commit: Duration::ZERO,
+            fingerprint_blind: None,
             live: Arc::new(live::Live::new()),
+        }
+    }
+}
+
+/// What the source keeps of the bytes it sent, to find a re-dirtied page's
+/// changed bytes (segment mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShadowMode {
+    /// A byte-exact copy of every page sent (up to `shadow_budget`): the
+    /// diff finds changed bytes exactly ([`crate::segment::shadow`]).
+    #[default]
+    Full,
+    /// One keyed 64-bit hash per 64-byte block, 1/8 of guest memory: the
+    /// changed blocks go whole ([`crate::segment::fingerprint`]).
+    Fingerprint,
+}
+
+impl std::str::FromStr for ShadowMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(ShadowMode::Full),
+            "fingerprint" => Ok(ShadowMode::Fingerprint),
+            other => Err(format!(
+                "unknown shadow '{other}' (expected full or fingerprint)"
+            )),
+        }
+    }
+}
+
+impl ShadowMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowMode::Full => "full",
+            ShadowMode::Fingerprint => "fingerprint",
         }
     }
 }

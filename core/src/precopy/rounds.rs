@@ -17,6 +17,7 @@ use super::{Cause, RoundReport};
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Layout, Share, SourceMemory};
 use crate::segment::compress::{PageCompressor, ZstdMode};
+use crate::segment::fingerprint::FingerprintPart;
 use crate::segment::shadow::ShadowPart;
 use crate::segment::{EncoderConfig, PageEncoder};
 use crate::transport::{Interrupt, StreamTx, TransportError};
@@ -28,6 +29,8 @@ pub(crate) struct PoolSpec<'a> {
     pub layout: &'a Layout,
     pub encoder: EncoderConfig,
     pub shadow: Option<Vec<ShadowPart>>,
+    /// Instead of a shadow: the fingerprint store's parts.
+    pub fingerprints: Option<Vec<FingerprintPart>>,
     pub zstd: bool,
     pub limiter: Arc<RateLimiter>,
     /// Where every worker publishes its progress, once per slot.
@@ -42,7 +45,7 @@ pub(crate) struct PoolSpec<'a> {
 pub(crate) struct WorkerPool {
     cmds: Vec<Sender<RoundCmd>>,
     done: Receiver<Done>,
-    threads: Vec<JoinHandle<(Option<Ledger>, Option<ShadowPart>)>>,
+    threads: Vec<JoinHandle<(Option<Ledger>, Remembered)>>,
     interrupt: Interrupt,
 }
 
@@ -61,6 +64,9 @@ impl WorkerPool {
         };
         let mut shadow = spec
             .shadow
+            .map(|parts| parts.into_iter().map(Some).collect::<Vec<_>>());
+        let mut fingerprints = spec
+            .fingerprints
             .map(|parts| parts.into_iter().map(Some).collect::<Vec<_>>());
         let (done_tx, done) = unbounded();
         let mut pool = WorkerPool {
@@ -81,6 +87,7 @@ impl WorkerPool {
                 layout: spec.layout.clone(),
                 share: Share::of(spec.layout.bitmap_words(), index, n),
                 shadow: shadow.as_mut().and_then(|p| p[index].take()),
+                fingerprints: fingerprints.as_mut().and_then(|p| p[index].take()),
                 encoder: PageEncoder::new(spec.encoder, page_size),
                 compressor,
                 limiter: Arc::clone(&spec.limiter),
@@ -199,11 +206,15 @@ impl WorkerPool {
     }
 }
 
-/// Frees the shadow's parts on a thread of their own: the caller (the
-/// switch-over, or a failure resuming the guest) need not wait for the
-/// unmapping.
-fn free_in_background(shadows: Vec<Option<ShadowPart>>) {
-    if shadows.iter().any(Option::is_some) {
+/// What a worker remembers of what it sent: its part of the shadow, or of
+/// the fingerprint store.
+pub(crate) type Remembered = (Option<ShadowPart>, Option<FingerprintPart>);
+
+/// Frees the shadow's (or the fingerprints') parts on a thread of their
+/// own: the caller (the switch-over, or a failure resuming the guest) need
+/// not wait for the unmapping.
+fn free_in_background(shadows: Vec<Remembered>) {
+    if shadows.iter().any(|(s, f)| s.is_some() || f.is_some()) {
         let _ = std::thread::Builder::new()
             .name("hpmig-free".into())
             .spawn(move || drop(shadows));

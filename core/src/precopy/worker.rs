@@ -1,4 +1,5 @@
-//! A diff worker: owns a fixed share of bitmap words, its part of the shadow,
+//! A diff worker: owns a fixed share of bitmap words, its part of the shadow
+//! (or of the fingerprint store, `--shadow fingerprint`),
 //! one page encoder, one snapshot buffer and one data stream. Each round it
 //! scans its words with `trailing_zeros`, and for every dirty page copies the
 //! live page once into the snapshot, plans, writes records into its current
@@ -13,12 +14,14 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::limiter::RateLimiter;
 use super::live::{ByteKinds, Live};
+use super::rounds::Remembered;
 use super::Cause;
 use crate::dirty::DirtyBitmap;
 use crate::memory::{Layout, PageIndex, Share, SourceMemory};
 use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
 use crate::ring::SendBuf;
 use crate::segment::compress::PageCompressor;
+use crate::segment::fingerprint::FingerprintPart;
 use crate::segment::shadow::{Shadow, ShadowPart};
 use crate::segment::{PageEncoder, Plan};
 use crate::transport::{StreamTx, TransportError};
@@ -83,6 +86,8 @@ pub(crate) struct Worker<T: StreamTx> {
     pub layout: Layout,
     pub share: Share,
     pub shadow: Option<ShadowPart>,
+    /// Instead of a shadow: this share's block fingerprints.
+    pub fingerprints: Option<FingerprintPart>,
     pub encoder: PageEncoder,
     pub compressor: Option<PageCompressor>,
     pub limiter: Arc<RateLimiter>,
@@ -120,7 +125,7 @@ impl<T: StreamTx> Worker<T> {
         mut self,
         cmds: Receiver<RoundCmd>,
         done: Sender<Done>,
-    ) -> (Option<Ledger>, Option<ShadowPart>) {
+    ) -> (Option<Ledger>, Remembered) {
         let page_size = self.layout.page_size();
         let mut snapshot = vec![0u8; page_size];
         let zero_page = vec![0u8; page_size];
@@ -128,7 +133,10 @@ impl<T: StreamTx> Worker<T> {
             Ok(b) => b,
             Err(e) => {
                 let _ = done.send((self.index, Err(e.into())));
-                return (self.ledger.map(|(_, l)| l), self.shadow.take());
+                return (
+                    self.ledger.map(|(_, l)| l),
+                    (self.shadow.take(), self.fingerprints.take()),
+                );
             }
         };
         let mut em = Emitter {
@@ -150,7 +158,10 @@ impl<T: StreamTx> Worker<T> {
                 break;
             }
         }
-        (self.ledger.map(|(_, l)| l), self.shadow.take())
+        (
+            self.ledger.map(|(_, l)| l),
+            (self.shadow.take(), self.fingerprints.take()),
+        )
     }
 
     /// Submits the current slot and takes a free one.
@@ -207,6 +218,9 @@ impl<T: StreamTx> Worker<T> {
         em.base = self.published;
         em.kinds = ByteKinds::default();
         em.pages = 0;
+        if let Some(f) = &mut self.fingerprints {
+            f.start_round(cmd.round);
+        }
         let words = cmd.bitmap.words();
         // One small vector per round (regions are few), none per page.
         let memory = self.memory.clone();
@@ -235,29 +249,50 @@ impl<T: StreamTx> Worker<T> {
                 st.dirty_pages += 1;
                 em.pages += 1;
                 let gpa = base + offset;
-                let plan = match self.shadow.as_mut().map(|s| s.lookup(page, cmd.round > 0)) {
-                    Some(Shadow::Known(sh)) => {
-                        let plan = self.encoder.plan(snapshot, Some(sh));
-                        self.encoder.update_shadow(plan, snapshot, sh);
-                        plan
-                    }
-                    Some(Shadow::Zero(slot)) => {
-                        let plan = self.encoder.plan(snapshot, Some(zero_page));
-                        if plan != Plan::Unchanged {
-                            self.encoder
-                                .update_shadow(plan, snapshot, slot.into_bytes());
+                let fingerprinted = self
+                    .fingerprints
+                    .as_mut()
+                    .and_then(|f| f.compare_and_store(page, snapshot));
+                let plan = match (fingerprinted, self.shadow.as_mut()) {
+                    (Some(changed), _) => self.encoder.plan_blocks(snapshot, changed),
+                    (None, shadow) => match shadow.map(|s| s.lookup(page, cmd.round > 0)) {
+                        Some(Shadow::Known(sh)) => {
+                            let plan = self.encoder.plan(snapshot, Some(sh));
+                            self.encoder.update_shadow(plan, snapshot, sh);
+                            plan
                         }
-                        plan
-                    }
-                    Some(Shadow::Fresh(sh)) => {
-                        sh.copy_from_slice(snapshot);
-                        self.encoder.plan(snapshot, None)
-                    }
-                    Some(Shadow::None) | None => self.encoder.plan(snapshot, None),
+                        Some(Shadow::Zero(slot)) => {
+                            let plan = self.encoder.plan(snapshot, Some(zero_page));
+                            if plan != Plan::Unchanged {
+                                self.encoder
+                                    .update_shadow(plan, snapshot, slot.into_bytes());
+                            }
+                            plan
+                        }
+                        Some(Shadow::Fresh(sh)) => {
+                            sh.copy_from_slice(snapshot);
+                            self.encoder.plan(snapshot, None)
+                        }
+                        Some(Shadow::None) | None => self.encoder.plan(snapshot, None),
+                    },
                 };
                 let compressed = self.emit(em, plan, gpa, snapshot, cmd.compress)?;
-                if let (Some((hasher, ledger)), false) = (&mut self.ledger, plan == Plan::Unchanged)
-                {
+                // "Unchanged" proves the destination holds the snapshot only
+                // when it came from a byte-exact diff. A fingerprint's
+                // "unchanged" may be a collision, which the ledger must not
+                // inherit: it records the snapshot's hash then, unless the
+                // page was never recorded and is zero (the destination's
+                // memory starts zeroed, and its ledger holds 0 for a page
+                // no record reached: so must this one).
+                let record = match plan {
+                    Plan::Unchanged if self.fingerprints.is_some() => {
+                        self.ledger.as_ref().is_some_and(|(_, l)| l.recorded(page))
+                            || !crate::memory::is_zero(snapshot)
+                    }
+                    Plan::Unchanged => false,
+                    _ => true,
+                };
+                if let (Some((hasher, ledger)), true) = (&mut self.ledger, record) {
                     // What the destination holds from now on: the snapshot.
                     ledger.set(page, hasher.hash(gpa, snapshot));
                 }

@@ -14,11 +14,17 @@
 //! - the whole page ("wide"), when the segments would cost at least
 //!   `wide_percent` % of a whole-page record: then one record beats many.
 //!
+//! With a fingerprint store instead of a shadow ([`fingerprint`]), the
+//! spans are whole 64-byte blocks whose fingerprint changed
+//! ([`PageEncoder::plan_blocks`]); the choice between nothing, zero,
+//! segments and whole is the same.
+//!
 //! [`Granularity::Page`] is classic pre-copy (every dirty page whole, zero
 //! pages as markers) so both methods can be compared on the same run.
 
 pub mod compress;
 pub mod diff;
+pub mod fingerprint;
 pub mod shadow;
 
 use crate::protocol::{Granularity, Header, HEADER_LEN};
@@ -126,6 +132,60 @@ impl PageEncoder {
                 Plan::Segments { count, covered }
             }
             _ => Plan::Whole,
+        }
+    }
+
+    /// Decides how to send `snapshot` when what the destination holds is
+    /// known only by fingerprints: `changed` has one bit per 64-byte block
+    /// (bit `b % 64` of word `b / 64`, as
+    /// [`fingerprint::FingerprintPart::compare_and_store`] returns it), set
+    /// where the block must be sent. Marked blocks become spans, merged
+    /// across gaps of at most `merge_gap` bytes (so adjacent blocks always
+    /// merge), then the page goes as nothing, zero, segments or whole as in
+    /// [`PageEncoder::plan`]. Page granularity ignores `changed`.
+    pub fn plan_blocks(&mut self, snapshot: &[u8], changed: &[u64]) -> Plan {
+        if self.cfg.granularity == Granularity::Page {
+            return self.plan(snapshot, None);
+        }
+        self.spans.clear();
+        let block = fingerprint::BLOCK as u32;
+        let page_end = (self.page_size.min(snapshot.len()) / fingerprint::BLOCK) as u32 * block;
+        let mut covered = 0u32;
+        'words: for (w, &bits) in changed.iter().enumerate() {
+            let mut bits = bits;
+            while bits != 0 {
+                let b = (w * 64) as u32 + bits.trailing_zeros();
+                bits &= bits - 1;
+                let start = b.saturating_mul(block);
+                if start >= page_end {
+                    break 'words;
+                }
+                let end = start + block;
+                match self.spans.last_mut() {
+                    Some(last) if start - last.end <= self.cfg.merge_gap => {
+                        covered += end - last.end;
+                        last.end = end;
+                    }
+                    _ => {
+                        covered += block;
+                        self.spans.push(Span { start, end });
+                    }
+                }
+            }
+        }
+        if self.spans.is_empty() {
+            return Plan::Unchanged;
+        }
+        if self.differ.is_zero(snapshot) {
+            return Plan::Zero;
+        }
+        let count = self.spans.len() as u32;
+        let whole_cost = (HEADER_LEN + self.page_size) as u64;
+        let cost = u64::from(count) * HEADER_LEN as u64 + u64::from(covered);
+        if cost * 100 >= whole_cost * u64::from(self.cfg.wide_percent) {
+            Plan::Whole
+        } else {
+            Plan::Segments { count, covered }
         }
     }
 
@@ -262,6 +322,36 @@ mod tests {
                 }
                 for s in spans {
                     prop_assert!(s.start < s.end && s.end as usize <= P, "inside the page");
+                }
+            }
+        }
+
+        #[test]
+        fn changed_blocks_rebuild_the_new_page((old, new) in page_pair(), gpa_page in 0u64..1000) {
+            let gpa = gpa_page * P as u64;
+            let mut changed = vec![0u64; P / fingerprint::BLOCK / 64];
+            for (b, (o, n)) in old.chunks(fingerprint::BLOCK).zip(new.chunks(fingerprint::BLOCK)).enumerate() {
+                changed[b / 64] |= u64::from(o != n) << (b % 64);
+            }
+            let mut enc = PageEncoder::new(EncoderConfig::new(Granularity::Segment), P);
+            let plan = enc.plan_blocks(&new, &changed);
+            prop_assert_eq!(plan == Plan::Unchanged, old == new);
+            let mut out = vec![0u8; 2 * P];
+            let n = enc.write(plan, gpa, &new, &mut out);
+            prop_assert_eq!(n, enc.encoded_len(plan));
+            prop_assert!(n <= 2 * HEADER_LEN + P);
+            let mut dest = old.clone();
+            apply(&mut dest, gpa, &out[..n]);
+            prop_assert_eq!(&dest, &new);
+            if let Plan::Segments { count, covered } = plan {
+                let spans = enc.spans();
+                prop_assert_eq!(spans.len() as u32, count);
+                prop_assert_eq!(spans.iter().map(Span::len).sum::<u32>(), covered);
+                for w in spans.windows(2) {
+                    prop_assert!(w[0].end < w[1].start, "adjacent blocks merged");
+                }
+                for s in spans {
+                    prop_assert!(s.start % 64 == 0 && s.end % 64 == 0, "whole blocks");
                 }
             }
         }

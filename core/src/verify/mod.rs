@@ -141,6 +141,15 @@ impl Ledger {
         }
     }
 
+    /// Whether `page` was ever recorded (a page that was not is zero on
+    /// both ends).
+    pub fn recorded(&self, page: PageIndex) -> bool {
+        self.share
+            .local(page)
+            .and_then(|l| self.hashes.get(l))
+            .is_some_and(|&h| h != 0)
+    }
+
     /// The sum of the share's page hashes.
     pub fn sum(&self) -> u128 {
         self.sum

@@ -14,7 +14,7 @@ use crate::handshake::{HandshakeError, Terms};
 use crate::land::{DestConfig, LandError};
 use crate::memory::{host_page_size, DestMemory, Layout};
 use crate::precopy::controller::{OnStall, Policy};
-use crate::precopy::{Cause, MigrateError, Phase};
+use crate::precopy::{Cause, MigrateError, Phase, ShadowMode};
 use crate::protocol::Granularity;
 use crate::segment::compress::ZstdMode;
 use crate::testing::{assert_guest_runs, heartbeat, pattern_memory, Scribbler};
@@ -120,6 +120,19 @@ pub fn bounded_shadow_is_byte_exact<W: Wire>(w: &W) {
     cfg.shadow_budget = Some(16 * host_page_size() as u64);
     let run = run(w, &memory, &mut guest, &cfg);
     assert_migrated(&memory, guest, run);
+}
+
+/// Block fingerprints instead of a shadow land byte for byte, with pages
+/// sent as block segments in the rounds after round 0.
+pub fn fingerprint_shadow_is_byte_exact<W: Wire>(w: &W) {
+    let memory = source_memory(w);
+    let mut guest = Scribbler::start(memory.clone(), 2, None);
+    let mut cfg = config(Granularity::Segment, 2);
+    cfg.shadow = ShadowMode::Fingerprint;
+    let run = run(w, &memory, &mut guest, &cfg);
+    let report = assert_migrated(&memory, guest, run);
+    let segments: u64 = report.rounds.iter().skip(1).map(|r| r.stats.segments).sum();
+    assert!(segments > 0, "re-dirtied pages go as block segments");
 }
 
 /// A link cut in round 0: both ends fail, the guest runs on at the source,

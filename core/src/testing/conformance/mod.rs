@@ -5,8 +5,9 @@
 //!
 //! - byte-exact: a guest written by its vCPUs while it moves lands byte for
 //!   byte (1, 2 and 4 streams, page and segment granularity, two regions
-//!   with a hole), zstd on and auto, a bounded shadow, and the guest runs on
-//!   at the destination from its heartbeats;
+//!   with a hole), zstd on and auto, a bounded shadow, block fingerprints
+//!   instead of a shadow, and the guest runs on at the destination from its
+//!   heartbeats;
 //! - ordering: pages rewritten in every one of several rounds end with their
 //!   last bytes (each page's records travel on one ordered stream);
 //! - failure: a link cut in round 0 fails both ends with the guest running
@@ -308,6 +309,13 @@ macro_rules! conformance_suite {
                 return;
             }
             $crate::testing::conformance::bounded_shadow_is_byte_exact(&$wire)
+        }
+        #[test]
+        fn fingerprint_shadow_is_byte_exact() {
+            if !$crate::testing::conformance::Wire::available(&$wire) {
+                return;
+            }
+            $crate::testing::conformance::fingerprint_shadow_is_byte_exact(&$wire)
         }
         #[test]
         fn cut_in_round_zero_fails_cleanly_and_a_retry_succeeds() {
