@@ -231,6 +231,7 @@ pub fn config(
             ZstdMode::Auto => "auto",
         }
         .into(),
+        shadow: m.shadow.as_str().into(),
         shadow_budget_bytes: m.shadow_budget,
         transport: transport.into(),
     }

@@ -92,6 +92,9 @@ pub struct Config {
     pub verify: String,
     /// `off`, `on`, `auto`.
     pub zstd: String,
+    /// What segment mode diffs against: `full` (a byte copy of what was
+    /// sent) or `fingerprint` (a keyed hash per 64-byte block).
+    pub shadow: String,
     /// The shadow copy's cap, bytes; `None`: a full copy.
     pub shadow_budget_bytes: Option<u64>,
     /// `tcp`, `rdma` or `inproc`.
