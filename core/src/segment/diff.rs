@@ -1,10 +1,12 @@
 //! Diff: find the byte spans where a page snapshot differs from its shadow.
 //!
-//! The scan compares 64-byte blocks (two AVX2 vectors when the host has
-//! AVX2, detected at run time; eight `u64` words otherwise) and only looks
-//! inside a block when it differs. Inside a block it goes a word at a time
-//! and trims each differing word to its first and last differing byte, so a
-//! span is exact to the byte. Two spans whose gap is at most `merge_gap`
+//! The scan compares 64-byte blocks and only looks inside a block when it
+//! differs. With AVX2 (detected at run time) one byte compare of the block's
+//! two vectors gives a 64-bit mask of its differing bytes, and the spans are
+//! read off the mask's runs of ones with trailing-zero counts: a block that
+//! changed whole is one step, not eight. Without AVX2 it goes a word at a
+//! time and trims each differing word to its first and last differing
+//! byte. Either way a span is exact to the byte. Two spans whose gap is at most `merge_gap`
 //! bytes are merged: sending the gap costs less than a new segment header.
 
 /// A half-open byte range `[start, end)` inside one page.
@@ -166,12 +168,76 @@ unsafe fn scan_avx2(
     limit: Limit,
     out: &mut Vec<Span>,
 ) -> Option<u32> {
-    let equal = |a: &[u8], b: &[u8]| {
-        // SAFETY: this function only runs with AVX2 present (its contract),
-        // and `scan` passes 64-byte blocks.
-        unsafe { block_equal_avx2(a, b) }
+    let mut block = 0;
+    let mut cost = 0u64;
+    while block < old.len() {
+        // SAFETY: AVX2 is present (this function's contract) and both
+        // slices are 64 bytes (`old.len()` is a multiple of 64).
+        let mask =
+            unsafe { block_diff_mask_avx2(&old[block..block + BLOCK], &new[block..block + BLOCK]) };
+        if mask != 0 {
+            cost += runs_diff(mask, block as u32, merge_gap, limit.span_cost, out);
+            if cost > limit.max_cost {
+                return None;
+            }
+        }
+        block += BLOCK;
+    }
+    Some(out.iter().map(Span::len).sum())
+}
+
+/// One bit per byte of a 64-byte block, set where `a` and `b` differ.
+///
+/// # Safety
+/// The CPU must have AVX2 and both slices must be 64 bytes long.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_diff_mask_avx2(a: &[u8], b: &[u8]) -> u64 {
+    use std::arch::x86_64::*;
+    let (pa, pb) = (a.as_ptr() as *const __m256i, b.as_ptr() as *const __m256i);
+    // SAFETY: the caller passes two 64-byte slices, so both 32-byte halves of
+    // each are in bounds; loadu has no alignment requirement.
+    let (lo, hi) = unsafe {
+        (
+            _mm256_cmpeq_epi8(_mm256_loadu_si256(pa), _mm256_loadu_si256(pb)),
+            _mm256_cmpeq_epi8(_mm256_loadu_si256(pa.add(1)), _mm256_loadu_si256(pb.add(1))),
+        )
     };
-    scan(old, new, merge_gap, limit, out, equal)
+    let equal = u64::from(_mm256_movemask_epi8(lo) as u32)
+        | (u64::from(_mm256_movemask_epi8(hi) as u32) << 32);
+    !equal
+}
+
+/// The spans of one block from its mask of differing bytes (bit i: byte
+/// `base + i`), merged with the spans before them as [`words_diff`] does;
+/// returns what it added to the spans' cost.
+#[inline(always)]
+fn runs_diff(mut mask: u64, base: u32, merge_gap: u32, span_cost: u64, out: &mut Vec<Span>) -> u64 {
+    let mut added = 0u64;
+    while mask != 0 {
+        let first = mask.trailing_zeros();
+        // Ones from `first` on: the zeros of the inverted, shifted mask.
+        let run = (!(mask >> first)).trailing_zeros();
+        let (start, end) = (base + first, base + first + run);
+        match out.last_mut() {
+            Some(last) if start - last.end <= merge_gap => {
+                added += u64::from(end - last.end);
+                last.end = end;
+            }
+            _ => {
+                added += span_cost + u64::from(end - start);
+                out.push(Span { start, end });
+            }
+        }
+        let done = first + run;
+        mask = if done >= 64 {
+            0
+        } else {
+            mask & (!0u64 << done)
+        };
+    }
+    added
 }
 
 /// # Safety
@@ -349,6 +415,26 @@ mod tests {
                 let covered = d.diff(&old, &new, gap, &mut out);
                 prop_assert_eq!(&out, &want);
                 prop_assert_eq!(covered, want.iter().map(Span::len).sum::<u32>());
+            }
+        }
+
+        #[test]
+        fn both_scans_give_up_at_the_same_limit(
+            old in proptest::collection::vec(any::<u8>(), 1024),
+            edits in proptest::collection::vec((0usize..1024, any::<u8>()), 0..200),
+            gap in MIN_MERGE_GAP..40,
+            span_cost in 0u64..32,
+            max_cost in 0u64..1500,
+        ) {
+            let mut new = old.clone();
+            for (i, v) in edits { new[i] = v; }
+            let limit = Limit { span_cost, max_cost };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let x = Differ::portable().diff_limited(&old, &new, gap, limit, &mut a);
+            let y = Differ::detect().diff_limited(&old, &new, gap, limit, &mut b);
+            prop_assert_eq!(x, y);
+            if x.is_some() {
+                prop_assert_eq!(a, b);
             }
         }
     }
