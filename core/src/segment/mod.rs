@@ -255,6 +255,21 @@ impl PageEncoder {
     }
 }
 
+/// Copies `src[start..start + len]` to `dst[at..]`. A short span is copied
+/// as a fixed 32 bytes where both sides have room (the bytes past `len` are
+/// overwritten by the next record, or lie past the records written): a
+/// fixed-size copy is a few vector moves, where a copy of a length known
+/// only at run time is a call per span.
+#[inline(always)]
+fn copy_span(dst: &mut [u8], at: usize, src: &[u8], start: usize, len: usize) {
+    const SHORT: usize = 32;
+    if len <= SHORT && start + SHORT <= src.len() && at + SHORT <= dst.len() {
+        dst[at..at + SHORT].copy_from_slice(&src[start..start + SHORT]);
+    } else {
+        dst[at..at + len].copy_from_slice(&src[start..start + len]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,20 +416,5 @@ mod tests {
         let enc = PageEncoder::new(EncoderConfig::new(Granularity::Page), P);
         let mut out = vec![0u8; P];
         assert_eq!(enc.write(Plan::Whole, 0, &vec![1; P], &mut out), 0);
-    }
-}
-
-/// Copies `src[start..start + len]` to `dst[at..]`. A short span is copied
-/// as a fixed 32 bytes where both sides have room (the bytes past `len` are
-/// overwritten by the next record, or lie past the records written): a
-/// fixed-size copy is a few vector moves, where a copy of a length known
-/// only at run time is a call per span.
-#[inline(always)]
-fn copy_span(dst: &mut [u8], at: usize, src: &[u8], start: usize, len: usize) {
-    const SHORT: usize = 32;
-    if len <= SHORT && start + SHORT <= src.len() && at + SHORT <= dst.len() {
-        dst[at..at + SHORT].copy_from_slice(&src[start..start + SHORT]);
-    } else {
-        dst[at..at + len].copy_from_slice(&src[start..start + len]);
     }
 }
