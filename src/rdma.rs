@@ -1,7 +1,7 @@
 //! `--rdma DEVICE` and `hpmig devices`: the RDMA transport's flags, in every
 //! build; the transport itself only with `--features rdma`.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::outcome::usage;
 use clap::Args;
@@ -63,7 +63,7 @@ impl RdmaArgs {
         #[cfg(not(feature = "rdma"))]
         {
             let _ = tcp;
-            bail!("--rdma {device}: {}", hpmig_transport_rdma::unavailable())
+            anyhow::bail!("--rdma {device}: {}", hpmig_transport_rdma::unavailable())
         }
     }
 }
@@ -88,7 +88,7 @@ pub fn devices() -> Result<bool> {
         Ok(!list.is_empty())
     }
     #[cfg(not(feature = "rdma"))]
-    bail!("{}", hpmig_transport_rdma::unavailable())
+    anyhow::bail!("{}", hpmig_transport_rdma::unavailable())
 }
 
 /// One line on what the RDMA streams did.
