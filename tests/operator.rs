@@ -129,6 +129,54 @@ fn ended(source: &mut Reaped, what: &str) -> (Option<i32>, String) {
     (code, out)
 }
 
+/// `hpmig dest --once` on `addr` with its journal under `dir`, and what
+/// `more` adds; returns after giving it half a second to listen.
+fn dest(addr: &str, dir: &std::path::Path, more: impl FnOnce(&mut Command)) -> Reaped {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hpmig"));
+    c.args(["dest", "--listen", addr, "--once", "--io-timeout", "10s"])
+        .arg("--journal")
+        .arg(dir.join("journal"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    more(&mut c);
+    let d = Reaped(c.spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    d
+}
+
+/// `hpmig source` to `addr` with its control socket at `sock`: 64 MiB of
+/// full pages at 3 MB/s, so that round 0 takes ~22 s, long enough to
+/// watch; `more` adds flags. Its output is kept for [`ended`].
+fn capped_source(addr: &str, sock: &std::path::Path, more: impl FnOnce(&mut Command)) -> Reaped {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hpmig"));
+    c.args([
+        "source", "--to", addr, "--memory", "64M", "--warmup", "50ms",
+    ])
+    .args(["--dirty-rate", "10000", "--bandwidth", "3MB/s"])
+    .arg("--control")
+    .arg(sock)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    more(&mut c);
+    Reaped(c.spawn().unwrap())
+}
+
+/// Waits (30 s at most) until the migration behind `sock` is in a
+/// pre-copy round and `also` holds of its status.
+fn until_active(sock: &std::path::Path, also: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "round 0 never started");
+        if sock.exists() {
+            let (_, v) = status(sock);
+            if v["status"] == "active" && also(&v) {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,49 +187,16 @@ fn an_operator_watches_steers_scrapes_and_cancels_a_running_migration() {
     let sock = dir.path().join("source.sock");
     let dest_sock = dir.path().join("dest.sock");
     let events = dir.path().join("events.jsonl");
-    let dest = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_hpmig"))
-            .args(["dest", "--listen", &addr, "--once", "--io-timeout", "10s"])
-            .arg("--journal")
-            .arg(dir.path().join("journal"))
-            .arg("--control")
+    let dest = dest(&addr, dir.path(), |c| {
+        c.arg("--control")
             .arg(&dest_sock)
-            .args(["--metrics", &dest_metrics])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    // 64 MiB of full pages at 3 MB/s: round 0 takes ~22 s, long enough.
-    let mut source = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_hpmig"))
-            .args([
-                "source", "--to", &addr, "--memory", "64M", "--warmup", "50ms",
-            ])
-            .args(["--dirty-rate", "10000", "--bandwidth", "3MB/s"])
-            .args(["--metrics", &metrics])
-            .arg("--control")
-            .arg(&sock)
-            .arg("--events")
-            .arg(&events)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+            .args(["--metrics", &dest_metrics]);
+    });
+    let mut source = capped_source(&addr, &sock, |c| {
+        c.args(["--metrics", &metrics]).arg("--events").arg(&events);
+    });
     // Wait for round 0 to be under way.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "round 0 never started");
-        if sock.exists() {
-            let (_, v) = status(&sock);
-            if v["status"] == "active" && transferred(&v) > 1e6 {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_active(&sock, |v| transferred(v) > 1e6);
 
     // Two status calls mid-round.
     let (t1, s1) = status(&sock);
@@ -279,38 +294,9 @@ fn sigterm_and_sigint_cancel_like_the_control_socket() {
         let dir = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let sock = dir.path().join("source.sock");
-        let dest = Reaped(
-            Command::new(env!("CARGO_BIN_EXE_hpmig"))
-                .args(["dest", "--listen", &addr, "--once", "--io-timeout", "10s"])
-                .arg("--journal")
-                .arg(dir.path().join("journal"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        std::thread::sleep(Duration::from_millis(500));
-        let mut source = Reaped(
-            Command::new(env!("CARGO_BIN_EXE_hpmig"))
-                .args([
-                    "source", "--to", &addr, "--memory", "64M", "--warmup", "50ms",
-                ])
-                .args(["--dirty-rate", "10000", "--bandwidth", "3MB/s"])
-                .arg("--control")
-                .arg(&sock)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(Instant::now() < deadline, "round 0 never started");
-            if sock.exists() && status(&sock).1["status"] == "active" {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let dest = dest(&addr, dir.path(), |_| {});
+        let mut source = capped_source(&addr, &sock, |_| {});
+        until_active(&sock, |_| true);
         // SAFETY: kill(2) on a child of this test.
         unsafe {
             libc::kill(source.0.id() as i32, sig);

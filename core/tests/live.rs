@@ -11,18 +11,53 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hpmig_core::dirty::vmm::VmmBitmap;
-use hpmig_core::land::{receive, DestConfig};
+use hpmig_core::land::{receive, DestConfig, LandError, Received};
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::live::{CancelAnswer, Stage};
-use hpmig_core::precopy::{migrate, MigrateError, RoundReport};
+use hpmig_core::precopy::{migrate, MigrateError};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
 use hpmig_core::testing::conformance::config;
 use hpmig_core::testing::{pattern_memory, LandedScribbler, Scribbler};
-use hpmig_core::transport::inproc::{pair, Faults};
+use hpmig_core::transport::inproc::{pair, Faults, InProcSource};
 
 fn memory() -> SourceMemory {
     pattern_memory(&[(0, 4 << 20)])
+}
+
+/// A 4 MiB guest writing 50,000 times a second, its dirty log, and a
+/// destination landing it over the in-process wire on a thread of its own.
+struct Run {
+    memory: SourceMemory,
+    guest: Scribbler,
+    dirty: VmmBitmap,
+    src: InProcSource,
+    dest: thread::JoinHandle<Result<Received, LandError>>,
+}
+
+impl Run {
+    fn start() -> Run {
+        let memory = memory();
+        let guest = Scribbler::start(memory.clone(), 1, Some(50_000));
+        let layout = Layout::of(&memory).unwrap();
+        let dest_memory: DestMemory = layout.allocate().unwrap();
+        let (src, mut dst) = pair(Faults::none());
+        let dest = thread::spawn(move || {
+            let cfg = DestConfig {
+                memory_zeroed: true,
+                ..DestConfig::default()
+            };
+            receive(&dest_memory, &mut dst, &cfg, &mut LandedScribbler::new())
+        });
+        let dirty = VmmBitmap::new(memory.clone(), layout).unwrap();
+        Run {
+            memory,
+            guest,
+            dirty,
+            src,
+            dest,
+        }
+    }
 }
 
 #[test]
@@ -32,34 +67,18 @@ fn the_bytes_published_by_kind_add_up_to_the_wire_bytes() {
         (Granularity::Segment, ZstdMode::On),
         (Granularity::Page, ZstdMode::Off),
     ] {
-        let memory = memory();
-        let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
-        let layout = Layout::of(&memory).unwrap();
-        let dest_memory: DestMemory = layout.allocate().unwrap();
-        let (mut src, mut dst) = pair(Faults::none());
-        let dm = dest_memory.clone();
-        let dest = thread::spawn(move || {
-            let cfg = DestConfig {
-                memory_zeroed: true,
-                ..DestConfig::default()
-            };
-            receive(&dm, &mut dst, &cfg, &mut LandedScribbler::new())
-        });
+        let Run {
+            memory,
+            mut guest,
+            mut dirty,
+            mut src,
+            dest,
+        } = Run::start();
         let mut cfg = config(granularity, 2);
         cfg.zstd = zstd;
         let live = Arc::clone(&cfg.live);
-        let mut dirty = VmmBitmap::new(memory.clone(), layout).unwrap();
-        let mut rounds = Vec::new();
-        let mut on_round = |r: &RoundReport| rounds.push(r.clone());
-        let report = migrate(
-            &memory,
-            &mut dirty,
-            &mut guest,
-            &mut src,
-            &cfg,
-            &mut on_round,
-        )
-        .unwrap_or_else(|e| panic!("{granularity:?} {zstd:?}: {e}"));
+        let report = migrate(&memory, &mut dirty, &mut guest, &mut src, &cfg, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{granularity:?} {zstd:?}: {e}"));
         drop(src);
         dest.join().unwrap().unwrap();
         for r in &report.rounds {
@@ -88,20 +107,13 @@ fn the_bytes_published_by_kind_add_up_to_the_wire_bytes() {
 
 #[test]
 fn a_cancel_mid_round_resumes_the_guest_here_and_tells_the_destination() {
-    let memory = memory();
-    let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
-    let layout = Layout::of(&memory).unwrap();
-    let dest_memory: DestMemory = layout.allocate().unwrap();
-    let (mut src, mut dst) = pair(Faults::none());
-    let dm = dest_memory.clone();
-    let dest = thread::spawn(move || {
-        receive(
-            &dm,
-            &mut dst,
-            &DestConfig::default(),
-            &mut LandedScribbler::new(),
-        )
-    });
+    let Run {
+        memory,
+        mut guest,
+        mut dirty,
+        mut src,
+        dest,
+    } = Run::start();
     let mut cfg = config(Granularity::Segment, 2);
     // 4 MiB at 1 MB/s: round 0 runs for seconds.
     cfg.bandwidth = Some(1_000_000);
@@ -114,7 +126,6 @@ fn a_cancel_mid_round_resumes_the_guest_here_and_tells_the_destination() {
         let answer = live.cancel();
         (answer, Instant::now(), live)
     });
-    let mut dirty = VmmBitmap::new(memory.clone(), layout).unwrap();
     let result = migrate(&memory, &mut dirty, &mut guest, &mut src, &cfg, &mut |_| {});
     let ended = Instant::now();
     let (answer, asked, live) = canceller.join().unwrap();
@@ -138,20 +149,13 @@ fn a_cancel_mid_round_resumes_the_guest_here_and_tells_the_destination() {
 
 #[test]
 fn a_cancel_after_the_ack_aborts_the_held_copy_and_resumes_the_guest_here() {
-    let memory = memory();
-    let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
-    let layout = Layout::of(&memory).unwrap();
-    let dest_memory: DestMemory = layout.allocate().unwrap();
-    let (mut src, mut dst) = pair(Faults::none());
-    let dm = dest_memory.clone();
-    let dest = thread::spawn(move || {
-        receive(
-            &dm,
-            &mut dst,
-            &DestConfig::default(),
-            &mut LandedScribbler::new(),
-        )
-    });
+    let Run {
+        memory,
+        mut guest,
+        mut dirty,
+        mut src,
+        dest,
+    } = Run::start();
     let mut cfg = config(Granularity::Segment, 2);
     // The guest stays paused a second between the Ack and the Commit.
     cfg.delay_commit = Duration::from_secs(1);
@@ -165,7 +169,6 @@ fn a_cancel_after_the_ack_aborts_the_held_copy_and_resumes_the_guest_here() {
         thread::sleep(Duration::from_millis(300));
         (live.cancel(), live)
     });
-    let mut dirty = VmmBitmap::new(memory.clone(), layout).unwrap();
     let result = migrate(&memory, &mut dirty, &mut guest, &mut src, &cfg, &mut |_| {});
     let (answer, live) = canceller.join().unwrap();
     assert_eq!(answer, CancelAnswer::Accepted);
