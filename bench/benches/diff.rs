@@ -58,6 +58,41 @@ fn pages(permille: usize) -> (Vec<u8>, Vec<u8>) {
     (live, shadow)
 }
 
+/// The worker's path over every page: copy it into the snapshot, plan it
+/// against its shadow, write its records (the ring-sized `out` reused).
+fn shadow_pass(
+    enc: &mut PageEncoder,
+    live: &[u8],
+    shadow: &[u8],
+    snapshot: &mut [u8],
+    out: &mut [u8],
+) -> usize {
+    let ps = snapshot.len();
+    let mut at = 0;
+    for (p, (l, s)) in live
+        .chunks_exact(ps)
+        .zip(shadow.chunks_exact(ps))
+        .enumerate()
+    {
+        snapshot.copy_from_slice(l);
+        let plan = enc.plan(snapshot, Some(s));
+        if out.len() - at < 2 * ps {
+            at = 0;
+        }
+        at += enc.write(plan, (p * ps) as u64, snapshot, &mut out[at..]);
+    }
+    black_box(at)
+}
+
+/// The baseline: a full-length compare of each page with an identical copy.
+fn memcmp_pass(live: &[u8], copy: &[u8], ps: usize) -> usize {
+    let mut equal = 0usize;
+    for (l, c) in live.chunks_exact(ps).zip(copy.chunks_exact(ps)) {
+        equal += usize::from(black_box(l) == black_box(c));
+    }
+    black_box(equal)
+}
+
 fn bench_diff(c: &mut Criterion) {
     let ps = host_page_size();
     let mut group = c.benchmark_group("diff");
@@ -78,36 +113,13 @@ fn bench_diff(c: &mut Criterion) {
             let mut enc =
                 PageEncoder::with_differ(EncoderConfig::new(Granularity::Segment), ps, differ);
             group.bench_with_input(BenchmarkId::new(name, &label), &permille, |b, _| {
-                b.iter(|| {
-                    let mut at = 0;
-                    for (p, (l, s)) in live
-                        .chunks_exact(ps)
-                        .zip(shadow.chunks_exact(ps))
-                        .enumerate()
-                    {
-                        snapshot.copy_from_slice(l);
-                        let plan = enc.plan(&snapshot, Some(s));
-                        if out.len() - at < 2 * ps {
-                            at = 0;
-                        }
-                        at += enc.write(plan, (p * ps) as u64, &snapshot, &mut out[at..]);
-                    }
-                    black_box(at)
-                })
+                b.iter(|| shadow_pass(&mut enc, &live, &shadow, &mut snapshot, &mut out))
             });
         }
         group.bench_with_input(
             BenchmarkId::new("memcmp-baseline", &label),
             &permille,
-            |b, _| {
-                b.iter(|| {
-                    let mut equal = 0usize;
-                    for (l, c) in live.chunks_exact(ps).zip(copy.chunks_exact(ps)) {
-                        equal += usize::from(black_box(l) == black_box(c));
-                    }
-                    black_box(equal)
-                })
-            },
+            |b, _| b.iter(|| memcmp_pass(&live, &copy, ps)),
         );
     }
     group.finish();
@@ -209,37 +221,12 @@ fn bench_fingerprint(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("shadow-diff", &label),
             &permille,
-            |b, _| {
-                b.iter(|| {
-                    let mut at = 0;
-                    for (p, (l, s)) in live
-                        .chunks_exact(ps)
-                        .zip(shadow.chunks_exact(ps))
-                        .enumerate()
-                    {
-                        snapshot.copy_from_slice(l);
-                        let plan = enc.plan(&snapshot, Some(s));
-                        if out.len() - at < 2 * ps {
-                            at = 0;
-                        }
-                        at += enc.write(plan, (p * ps) as u64, &snapshot, &mut out[at..]);
-                    }
-                    black_box(at)
-                })
-            },
+            |b, _| b.iter(|| shadow_pass(&mut enc, &live, &shadow, &mut snapshot, &mut out)),
         );
         group.bench_with_input(
             BenchmarkId::new("memcmp-baseline", &label),
             &permille,
-            |b, _| {
-                b.iter(|| {
-                    let mut equal = 0usize;
-                    for (l, c) in live.chunks_exact(ps).zip(copy.chunks_exact(ps)) {
-                        equal += usize::from(black_box(l) == black_box(c));
-                    }
-                    black_box(equal)
-                })
-            },
+            |b, _| b.iter(|| memcmp_pass(&live, &copy, ps)),
         );
     }
     group.finish();
