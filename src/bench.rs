@@ -44,6 +44,14 @@ pub struct BenchArgs {
     /// comparison, full and mixed in the full matrix.
     #[arg(long, value_delimiter = ',')]
     contents: Vec<Contents>,
+    /// Only these loads of the matrix (comma-separated, as the table names
+    /// them: sparse@100k, dense@max, hotspot@max, idle); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    loads: Vec<String>,
+    /// Only these links of the matrix (comma-separated, as the table names
+    /// them: 1Gbit, 10Gbit, 25Gbit, uncapped); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    links: Vec<String>,
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
@@ -56,6 +64,8 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
         memory: a.memory.clone(),
         peer_memory: a.peer_memory,
         contents: a.contents.clone(),
+        loads: a.loads.clone(),
+        links: a.links.clone(),
     })
 }
 

@@ -45,6 +45,13 @@ pub struct Options {
     pub peer_memory: u64,
     /// Guest contents to run instead of the matrices' own; all when empty.
     pub contents: Vec<Contents>,
+    /// Only these loads of the matrix, as the table names them
+    /// (`sparse@100k/s`, `dense@max`, `idle`; the `/s` may be left off);
+    /// all when empty.
+    pub loads: Vec<String>,
+    /// Only these links of the matrix, as the table names them (`1Gbit`,
+    /// `uncapped`); all when empty.
+    pub links: Vec<String>,
 }
 
 /// A workload and its dirty rate.
@@ -82,7 +89,12 @@ fn peer_matrix(memory: u64, with_qemu: bool, contents: &[Contents]) -> Vec<Setti
     cells
 }
 
-fn matrix(quick: bool, only: &[Contents]) -> Vec<Setting> {
+fn matrix(
+    quick: bool,
+    only: &[Contents],
+    only_loads: &[String],
+    only_links: &[String],
+) -> Vec<Setting> {
     use Variant::{Page, Segment, SegmentZstd};
     // Guests hold data: what each method sends for a page depends on it.
     // The full matrix adds the mixed blend; empty guests are not measured
@@ -126,20 +138,30 @@ fn matrix(quick: bool, only: &[Contents]) -> Vec<Setting> {
                 ],
             )
         };
+    // A filter keeps what it names; an empty one keeps everything.
+    let named = |names: &[String], label: String| {
+        names.is_empty()
+            || names
+                .iter()
+                .any(|n| n.trim_end_matches("/s") == label.trim_end_matches("/s"))
+    };
     let mut cells = Vec::new();
     for &memory_bytes in &memories {
         for &contents in &contents {
             for &(workload, dirty_rate) in &loads {
                 for &link in &links {
                     for &variant in &variants {
-                        cells.push(Setting {
+                        let cell = Setting {
                             memory_bytes,
                             workload,
                             contents,
                             dirty_rate,
                             link,
                             variant,
-                        });
+                        };
+                        if named(only_loads, cell.load()) && named(only_links, link.to_string()) {
+                            cells.push(cell);
+                        }
                     }
                 }
             }
@@ -312,13 +334,18 @@ pub fn run(o: &Options) -> Result<bool> {
     let mut cells = if o.peer {
         Vec::new()
     } else {
-        matrix(o.quick, &o.contents)
+        matrix(o.quick, &o.contents, &o.loads, &o.links)
     };
     if !o.memory.is_empty() {
         cells.retain(|c| o.memory.contains(&c.memory_bytes));
     }
     if !o.quick {
-        cells.extend(peer_matrix(o.peer_memory, with_qemu, &o.contents));
+        // A filtered matrix may already hold the comparison's hpmig cells.
+        for cell in peer_matrix(o.peer_memory, with_qemu, &o.contents) {
+            if !cells.contains(&cell) {
+                cells.push(cell);
+            }
+        }
     }
     let repeats = o.repeats.max(1);
     println!(
