@@ -80,14 +80,27 @@ pub struct ModelArgs {
     /// Link speeds to predict, Gbit/s (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "25,100,400")]
     link: Vec<f64>,
+    /// Guest contents to predict (comma-separated: empty, full, mixed);
+    /// every contents bench.json has cells for when absent. A contents
+    /// without cells gets no prediction.
+    #[arg(long, value_delimiter = ',')]
+    contents: Vec<Contents>,
+    /// Guest size the held-out check calibrates on: the error is then
+    /// measured on the cells of the other sizes. The smallest measured size
+    /// when absent (no check when bench.json holds only one size).
+    #[arg(long, value_parser = parse_size)]
+    calibrate_on: Option<u64>,
     /// Where to write model.csv (next to bench.json when absent).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Scan (snapshot + diff) rate of the target hosts, GB/s, instead of
-    /// the measured one (e.g. from scripts/scaling.sh on such a host).
+    /// the measured ones (round 0's and the later rounds'), e.g. from
+    /// scripts/scaling.sh on such a host.
     #[arg(long)]
     scan_rate: Option<f64>,
-    /// Digest rate of the target hosts, GB/s, instead of the measured one.
+    /// Predict `--verify strict`: add a whole-memory digest at this rate,
+    /// GB/s, to every downtime. Without it the downtime has no such term,
+    /// as with hpmig's default `--verify incremental`.
     #[arg(long)]
     digest_rate: Option<f64>,
 }
@@ -97,6 +110,8 @@ pub fn model(a: &ModelArgs) -> Result<bool> {
         from: a.from.clone(),
         memory: a.memory.clone(),
         link_gbit: a.link.clone(),
+        contents: a.contents.clone(),
+        calibrate_on: a.calibrate_on,
         out: a.out.clone(),
         scan_rate: a.scan_rate,
         digest_rate: a.digest_rate,
