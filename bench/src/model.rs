@@ -460,10 +460,11 @@ impl DowntimeFit {
             )
         };
         format!(
-            "downtime = final round + {:.1} ms fixed; {slope}; fitted on {} converged cells, {} sizes",
+            "downtime = final round + {:.1} ms fixed; {slope}; fitted on {} converged cells of {} guest size{}",
             self.fixed * 1e3,
             self.points,
-            self.sizes
+            self.sizes,
+            if self.sizes == 1 { "" } else { "s" }
         )
     }
 }
@@ -474,6 +475,25 @@ struct Calibration {
     profiles: Vec<Profile>,
     machine: Machine,
     downtime: DowntimeFit,
+    /// The rates were measured (on uncapped cells), not assumed.
+    rates_measured: bool,
+}
+
+impl Calibration {
+    /// The machine it found, as people read it.
+    fn describe(&self) -> String {
+        let rates = format!(
+            "round 0 at {:.2} GB/s, later rounds scan {:.2} GB/s",
+            self.machine.round0_rate / 1e9,
+            self.machine.scan_rate / 1e9
+        );
+        let rates = if self.rates_measured {
+            rates
+        } else {
+            format!("{rates} assumed: no uncapped cells to measure them on")
+        };
+        format!("{rates}; {}", self.downtime.describe())
+    }
 }
 
 fn calibrate(cells: &[Measured]) -> Calibration {
@@ -483,11 +503,8 @@ fn calibrate(cells: &[Measured]) -> Calibration {
             .filter(|c| c.round0_s > 0.0)
             .map(|c| c.memory / c.round0_s),
     );
-    let round0_rate = if round0_rate.is_finite() {
-        round0_rate
-    } else {
-        1e9
-    };
+    let round0_measured = round0_rate.is_finite();
+    let round0_rate = if round0_measured { round0_rate } else { 1e9 };
     // Without per-round records (older bench.json), round 0's rate.
     let scan_rate = median(uncapped().map(|c| c.later_rate));
     let mut profiles: Vec<Profile> = Vec::new();
@@ -537,6 +554,7 @@ fn calibrate(cells: &[Measured]) -> Calibration {
             ..bare
         },
         downtime,
+        rates_measured: round0_measured,
     }
 }
 
@@ -774,12 +792,10 @@ pub fn run(a: &Options) -> Result<bool> {
         let (calibration, unseen) = held_out(&cells, size);
         let cal = calibrate(&calibration);
         println!(
-            "hpmig model: held-out check: calibrated on the {} cells of {} guests only (round 0 at {:.2} GB/s, later rounds scan {:.2} GB/s; {}), predicting the {} cells of other sizes it has not seen",
+            "hpmig model: held-out check: calibrated on the {} cells of {} guests only ({}), predicting the {} cells of other sizes it has not seen",
             calibration.len(),
             human(size as u64),
-            cal.machine.round0_rate / 1e9,
-            cal.machine.scan_rate / 1e9,
-            cal.downtime.describe(),
+            cal.describe(),
             unseen.len()
         );
         if unseen.is_empty() {
@@ -795,11 +811,9 @@ pub fn run(a: &Options) -> Result<bool> {
     // In-sample: calibrated on every cell, checked on the same cells.
     let cal = calibrate(&cells);
     println!(
-        "in-sample (calibrated on all {} cells, checked on the same cells): round 0 at {:.2} GB/s, later rounds scan {:.2} GB/s; {}",
+        "in-sample (calibrated on all {} cells, checked on the same cells): {}",
         cells.len(),
-        cal.machine.round0_rate / 1e9,
-        cal.machine.scan_rate / 1e9,
-        cal.downtime.describe()
+        cal.describe()
     );
     report("in-sample", &validate(&cal, &cells), false, &mut csv);
 
