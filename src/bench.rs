@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use hpmig_bench::link::Emulation;
 use hpmig_bench::qemu::QEMU;
 use hpmig_bench::{matrix, model};
 use hpmig_core::memory::Contents;
@@ -44,6 +45,12 @@ pub struct BenchArgs {
     /// comparison, full and mixed in the full matrix.
     #[arg(long, value_delimiter = ',')]
     contents: Vec<Contents>,
+    /// How the link is emulated: `veth` (a veth pair into a network
+    /// namespace shaped with tc tbf: one limit for hpmig and QEMU, bytes
+    /// counted on the link; needs root and iproute2) or `cap` (each tool's
+    /// own bandwidth cap over loopback).
+    #[arg(long, default_value = "veth")]
+    link_emulation: Emulation,
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
@@ -56,6 +63,7 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
         memory: a.memory.clone(),
         peer_memory: a.peer_memory,
         contents: a.contents.clone(),
+        link: a.link_emulation,
     })
 }
 

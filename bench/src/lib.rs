@@ -3,6 +3,8 @@
 //! runs:
 //!
 //! - [`matrix`]: `hpmig bench`, the cells and how each one runs;
+//! - [`link`]: the link both tools migrate over, a veth pair shaped with
+//!   tc, and its byte counters;
 //! - [`results`]: what a run measured, as types: bench.json (versioned),
 //!   bench.csv, and the per-cell summaries the figures draw;
 //! - [`stats`]: the median and spread over a cell's runs;
@@ -18,6 +20,7 @@
 
 use hpmig_core::precopy::controller::{OnStall, Policy};
 
+pub mod link;
 pub mod matrix;
 pub mod model;
 pub mod plots;

@@ -403,6 +403,8 @@ mod tests {
             } else {
                 vec![(1e6 * scale) as u64, (1e4 * scale) as u64]
             },
+            brownout: 1.0,
+            cpu_bound_runs: 0,
         }
     }
 
