@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_bench::qemu::QEMU;
-use hpmig_bench::{matrix, model};
+use hpmig_bench::{matrix, model, plots};
 use hpmig_core::memory::Contents;
 use hpmig_microvm::{GuestChoice, Workload};
 
@@ -44,9 +44,19 @@ pub struct BenchArgs {
     /// comparison, full and mixed in the full matrix.
     #[arg(long, value_delimiter = ',')]
     contents: Vec<Contents>,
+    /// Run nothing: redraw the figures of DIR from its bench.json (one
+    /// written by an older hpmig too) into DIR.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "peer", "memory", "contents"])]
+    replot: Option<PathBuf>,
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
+    if let Some(dir) = &a.replot {
+        for plot in plots::replot(dir)? {
+            println!("  plot:    {}", plot.display());
+        }
+        return Ok(true);
+    }
     matrix::run(&matrix::Options {
         quick: a.quick,
         repeats: a.repeats,
