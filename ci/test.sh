@@ -77,9 +77,17 @@ target/release/hpmig bench --quick --out "$bench_out"
 rows=$(($(wc -l < "$bench_out/bench.csv") - 1))
 [ "$rows" -eq 12 ] || { echo "bench.csv has $rows cells, expected 12" >&2; exit 1; }
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert len(d["cells"]) == 12 and all(len(c["runs"]) == 3 for c in d["cells"]), "incomplete bench.json"' "$bench_out/bench.json"
-for plot in bytes_per_round time_vs_link paper; do
-    grep -q "<svg" "$bench_out/$plot.svg" || { echo "plot $plot.svg missing" >&2; exit 1; }
-done
+# The quick matrix's guests are 64 MiB: one figure set, named for the size;
+# --replot must draw the same set again from bench.json alone.
+check_plots() {
+    for plot in bytes_per_round time_vs_link paper; do
+        grep -q "<svg" "$bench_out/$plot-64M.svg" || { echo "plot $plot-64M.svg missing $1" >&2; exit 1; }
+    done
+}
+check_plots "after the run"
+rm "$bench_out"/*.svg
+target/release/hpmig bench --replot "$bench_out"
+check_plots "after --replot"
 rm -rf "$bench_out"
 
 step "QEMU as the peer (hpmig bench --peer, one run per cell): every QEMU mode must complete"

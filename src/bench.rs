@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hpmig_bench::link::Emulation;
 use hpmig_bench::qemu::QEMU;
-use hpmig_bench::{matrix, model};
+use hpmig_bench::{matrix, model, plots};
 use hpmig_core::memory::Contents;
 use hpmig_microvm::{GuestChoice, Workload};
 
@@ -51,9 +51,19 @@ pub struct BenchArgs {
     /// own bandwidth cap over loopback).
     #[arg(long, default_value = "veth")]
     link_emulation: Emulation,
+    /// Run nothing: redraw the figures of DIR from its bench.json (one
+    /// written by an older hpmig too) into DIR.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "peer", "memory", "contents"])]
+    replot: Option<PathBuf>,
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
+    if let Some(dir) = &a.replot {
+        for plot in plots::replot(dir)? {
+            println!("  plot:    {}", plot.display());
+        }
+        return Ok(true);
+    }
     matrix::run(&matrix::Options {
         quick: a.quick,
         repeats: a.repeats,

@@ -10,8 +10,9 @@
 //! - [`stats`]: the median and spread over a cell's runs;
 //! - [`model`]: `hpmig model`, predictions for guests and links larger
 //!   than a test machine has, calibrated on a bench.json;
-//! - [`plots`]: the figures (SVG): bytes per round, time and downtime
-//!   against the link, the paper's comparison;
+//! - [`plots`]: the figures (SVG), one set per guest size: bytes per
+//!   round, time and downtime per link cap, the paper's comparison; and
+//!   downtime against guest size; non-converged cells drawn hollow;
 //! - [`qemu`]: QEMU as the peer, booting the micro-VM's workload as a
 //!   multiboot image and migrating it with its own migration.
 //!

@@ -18,6 +18,12 @@
 //!                "link": "1Gbit",               ("uncapped": no cap)
 //!                "variant": "segment",          (page, segment, segment+zstd,
 //!                                                qemu, qemu-xbzrle, qemu-multifd)
+//!                "converged_runs": 3,           (runs whose pre-copy converged,
+//!                "all_converged": true,          and whether that is all of
+//!                                                them: written for readers,
+//!                                                derived from the runs when
+//!                                                read back; absent in older
+//!                                                files)
 //!                "runs": [ { "rounds", "bytes_per_round", "ms_per_round",
 //!                            "total_bytes", "total_ms", "downtime_ms",
 //!                            "verify_ms", "converged", "guest_progress",
@@ -108,12 +114,41 @@ pub struct BenchResults {
     pub cells: Vec<Cell>,
 }
 
-/// One cell of the matrix and its runs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One cell of the matrix and its runs. Written with `converged_runs` and
+/// `all_converged` (see [`Cell::serialize`]); a reader derives them from
+/// the runs again.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Cell {
     #[serde(flatten)]
     pub setting: Setting,
     pub runs: Vec<Run>,
+}
+
+/// A cell as bench.json writes it: its setting, whether it converged (so
+/// that a reader of the file need not count `converged` over the runs to
+/// tell a force-stopped cell from a converged one), then the runs.
+#[derive(Serialize)]
+struct CellOut<'a> {
+    #[serde(flatten)]
+    setting: &'a Setting,
+    /// Runs whose pre-copy converged ...
+    converged_runs: usize,
+    /// ... and whether that is every run.
+    all_converged: bool,
+    runs: &'a [Run],
+}
+
+impl Serialize for Cell {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let converged_runs = self.runs.iter().filter(|r| r.converged).count();
+        CellOut {
+            setting: &self.setting,
+            converged_runs,
+            all_converged: converged_runs == self.runs.len(),
+            runs: &self.runs,
+        }
+        .serialize(s)
+    }
 }
 
 /// What a cell migrates, over what, and how.
@@ -434,6 +469,15 @@ pub struct Summary {
     pub cpu_bound_runs: usize,
 }
 
+impl Summary {
+    /// Every run's pre-copy converged; a cell where some run was
+    /// force-stopped at the round cap (or QEMU cancelled) is not a result
+    /// like the others, and the figures draw it hollow.
+    pub fn all_converged(&self) -> bool {
+        self.converged_runs == self.runs
+    }
+}
+
 impl Cell {
     /// The cell's medians and ranges.
     pub fn summary(&self) -> Summary {
@@ -594,6 +638,25 @@ mod tests {
             assert!(text.contains(key), "{key} missing from {text}");
         }
         assert_eq!(serde_json::from_str::<BenchResults>(&text).unwrap(), doc);
+
+        // A cell says whether it converged, before its runs.
+        let mut cut = doc.clone();
+        cut.cells[0].runs.push(Run {
+            converged: false,
+            ..run(900, 5.0)
+        });
+        let text = serde_json::to_string(&cut).unwrap();
+        assert!(
+            text.contains("\"variant\":\"segment+zstd\",\"converged_runs\":1,\"all_converged\":false,\"runs\":"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"converged_runs\":1,\"all_converged\":true"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<BenchResults>(&text).unwrap(), cut);
+        assert!(!cut.cells[0].summary().all_converged());
+        assert!(cut.cells[1].summary().all_converged());
 
         let mut nan = doc.clone();
         nan.cells[1].runs[0].downtime_ms = f64::NAN;
