@@ -846,7 +846,7 @@ fn paper(dir: &Path, set: &Set<'_>) -> Result<PathBuf> {
         ("total migration time", "total time", Unit::Millis, |p| {
             p.total_ms
         }),
-        ("data volume", "bytes sent", Unit::Bytes, |p| p.total_bytes),
+        ("bytes on the link", "bytes, both ways", Unit::Bytes, |p| p.total_bytes),
     ];
     let title = "rounds, total time and data volume per method and link cap";
     by_link(dir, "paper", set, title, panels, String::new())
@@ -860,7 +860,7 @@ fn time_vs_link(dir: &Path, set: &Set<'_>) -> Result<PathBuf> {
             p.total_ms
         }),
         (
-            "downtime (the tool's own figure)",
+            "downtime (pause to run, one clock)",
             "downtime",
             Unit::Millis,
             |p| p.downtime_ms,
