@@ -76,10 +76,33 @@ bench_out=$(mktemp -d)
 target/release/hpmig bench --quick --out "$bench_out"
 rows=$(($(wc -l < "$bench_out/bench.csv") - 1))
 [ "$rows" -eq 12 ] || { echo "bench.csv has $rows cells, expected 12" >&2; exit 1; }
-python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert len(d["cells"]) == 12 and all(len(c["runs"]) == 3 for c in d["cells"]), "incomplete bench.json"' "$bench_out/bench.json"
-for plot in bytes_per_round time_vs_link paper; do
-    grep -q "<svg" "$bench_out/$plot.svg" || { echo "plot $plot.svg missing" >&2; exit 1; }
-done
+python3 - "$bench_out/bench.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["schema"] == 2, d["schema"]
+assert len(d["cells"]) == 12 and all(len(c["runs"]) == 3 for c in d["cells"]), "incomplete bench.json"
+for c in d["cells"]:
+    assert c["contents"] == "full", c["contents"]
+    for r in c["runs"]:
+        # Every run: bytes counted on the shaped link, a one-clock downtime
+        # and a brownout; the memory budgets written.
+        assert r["link_emulation"] == "veth-tbf" and r["link_tx_bytes"] > 0, r
+        assert r["total_bytes"] == r["link_tx_bytes"] + r["link_rx_bytes"], r
+        assert r["downtime_ms"] is not None and r["brownout"] is not None, r
+        assert "shadow_bytes" in r and "xbzrle_cache_bytes" in r, r
+print("quick matrix complete: 12 cells x 3 runs, link-counted")
+PY
+# The quick matrix's guests are 64 MiB: one figure set, named for the size;
+# --replot must draw the same set again from bench.json alone.
+check_plots() {
+    for plot in bytes_per_round time_vs_link paper; do
+        grep -q "<svg" "$bench_out/$plot-64M.svg" || { echo "plot $plot-64M.svg missing $1" >&2; exit 1; }
+    done
+}
+check_plots "after the run"
+rm "$bench_out"/*.svg
+target/release/hpmig bench --replot "$bench_out"
+check_plots "after --replot"
 rm -rf "$bench_out"
 
 step "QEMU as the peer (hpmig bench --peer, one run per cell): every QEMU mode must complete"
@@ -93,6 +116,14 @@ assert names == ["page", "qemu", "qemu-multifd", "qemu-xbzrle", "segment"], name
 assert len(cells) == 10 and all(len(c["runs"]) == 1 for c in cells), "a run failed"
 # At 10 Gbit/s a 64 MiB guest at 100k stores/s converges whatever the method.
 assert all(c["runs"][0]["converged"] for c in cells if c["link"] == "10Gbit"), "a 10 Gbit/s run did not converge"
+# Every run finished with a downtime on one clock (QEMU: STOP on the source
+# to RESUME on the destination), a blackout, and bytes counted on the link.
+for c in cells:
+    r = c["runs"][0]
+    for k in ("downtime_ms", "blackout_ms", "brownout", "link_tx_bytes"):
+        assert r[k] is not None, (c["variant"], c["link"], k, r)
+    if c["variant"].startswith("qemu"):
+        assert r["tool_downtime_ms"] is not None, r
 print("peer comparison complete:", len(cells), "cells")
 PY
 rm -rf "$peer_out"

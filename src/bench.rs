@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use hpmig_bench::link::Emulation;
 use hpmig_bench::qemu::QEMU;
-use hpmig_bench::{matrix, model};
+use hpmig_bench::{matrix, model, plots};
 use hpmig_core::memory::Contents;
 use hpmig_microvm::{GuestChoice, Workload};
 
@@ -52,9 +53,25 @@ pub struct BenchArgs {
     /// them: 1Gbit, 10Gbit, 25Gbit, uncapped); all when absent.
     #[arg(long, value_delimiter = ',')]
     links: Vec<String>,
+    /// How the link is emulated: `veth` (a veth pair into a network
+    /// namespace shaped with tc tbf: one limit for hpmig and QEMU, bytes
+    /// counted on the link; needs root and iproute2) or `cap` (each tool's
+    /// own bandwidth cap over loopback).
+    #[arg(long, default_value = "veth")]
+    link_emulation: Emulation,
+    /// Run nothing: redraw the figures of DIR from its bench.json (one
+    /// written by an older hpmig too) into DIR.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "peer", "memory", "contents"])]
+    replot: Option<PathBuf>,
 }
 
 pub fn run(a: &BenchArgs) -> Result<bool> {
+    if let Some(dir) = &a.replot {
+        for plot in plots::replot(dir)? {
+            println!("  plot:    {}", plot.display());
+        }
+        return Ok(true);
+    }
     matrix::run(&matrix::Options {
         quick: a.quick,
         repeats: a.repeats,
@@ -66,6 +83,7 @@ pub fn run(a: &BenchArgs) -> Result<bool> {
         contents: a.contents.clone(),
         loads: a.loads.clone(),
         links: a.links.clone(),
+        link: a.link_emulation,
     })
 }
 

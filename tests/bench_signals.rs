@@ -70,12 +70,26 @@ fn ppid_and_name(pid: u32) -> Option<(u32, String)> {
     (state != "Z").then_some((ppid, name))
 }
 
+/// The network namespaces of `hpmig bench` process `pid` (its shaped
+/// links).
+fn namespaces(pid: u32) -> Vec<String> {
+    let prefix = format!("hpmig-bench-{pid}-");
+    std::fs::read_dir("/var/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn is_qemu(name: &str) -> bool {
     name.starts_with("qemu-system")
 }
 
 #[test]
-fn sigterm_ends_the_benchmarks_qemu_processes_and_removes_their_directories() {
+fn sigterm_ends_the_benchmarks_qemu_processes_and_removes_their_directories_and_links() {
     if !qemu_usable() {
         eprintln!("skipped: needs qemu-system-x86_64 and /dev/kvm (HPMIG_REQUIRE_QEMU=1 makes it fail instead)");
         return;
@@ -115,6 +129,10 @@ fn sigterm_ends_the_benchmarks_qemu_processes_and_removes_their_directories() {
         "QEMU's directory: {dirs:?}"
     );
 
+    // The QEMU pair migrates over a shaped link in a namespace of its own.
+    let links = namespaces(pid);
+    assert!(!links.is_empty(), "no link namespace while QEMU runs");
+
     // SAFETY: kill(2) on the child this test spawned and has not reaped.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -144,5 +162,10 @@ fn sigterm_ends_the_benchmarks_qemu_processes_and_removes_their_directories() {
             dir.display()
         );
     }
+    assert_eq!(
+        namespaces(pid),
+        Vec::<String>::new(),
+        "link namespaces {links:?} survived hpmig bench: {err}"
+    );
     let _ = std::fs::remove_dir_all(out);
 }

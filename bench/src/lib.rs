@@ -3,13 +3,16 @@
 //! runs:
 //!
 //! - [`matrix`]: `hpmig bench`, the cells and how each one runs;
+//! - [`link`]: the link both tools migrate over, a veth pair shaped with
+//!   tc, and its byte counters;
 //! - [`results`]: what a run measured, as types: bench.json (versioned),
 //!   bench.csv, and the per-cell summaries the figures draw;
 //! - [`stats`]: the median and spread over a cell's runs;
 //! - [`model`]: `hpmig model`, predictions for guests and links larger
 //!   than a test machine has, calibrated on a bench.json;
-//! - [`plots`]: the figures (SVG): bytes per round, time and downtime
-//!   against the link, the paper's comparison;
+//! - [`plots`]: the figures (SVG), one set per guest size: bytes per
+//!   round, time and downtime per link cap, the paper's comparison; and
+//!   downtime against guest size; non-converged cells drawn hollow;
 //! - [`qemu`]: QEMU as the peer, booting the micro-VM's workload as a
 //!   multiboot image and migrating it with its own migration.
 //!
@@ -18,6 +21,7 @@
 
 use hpmig_core::precopy::controller::{OnStall, Policy};
 
+pub mod link;
 pub mod matrix;
 pub mod model;
 pub mod plots;

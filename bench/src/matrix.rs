@@ -19,9 +19,11 @@ use hpmig_core::precopy::{migrate, SourceConfig};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
 use hpmig_microvm::blackout::Observer;
+use hpmig_microvm::kvm::heartbeat;
 use hpmig_microvm::{self as guest, BootSpec, GuestChoice, Workload};
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
 
+use crate::link::{self, Emulation, ShapedLink};
 use crate::results::{BenchResults, Cell, Link, Run, Setting, Variant};
 use crate::{human, plots, policy, qemu};
 use hpmig_report::text::millis;
@@ -52,6 +54,9 @@ pub struct Options {
     /// Only these links of the matrix, as the table names them (`1Gbit`,
     /// `uncapped`); all when empty.
     pub links: Vec<String>,
+    /// How the link is emulated: a shaped veth pair (default) or each
+    /// tool's own cap on loopback.
+    pub link: Emulation,
 }
 
 /// A workload and its dirty rate.
@@ -170,17 +175,46 @@ fn matrix(
     cells
 }
 
-/// One run of a cell.
-fn run_cell(cell: &Setting, choice: GuestChoice) -> Result<Run> {
-    let hpmig = |granularity, zstd| run_hpmig(cell, granularity, zstd, choice);
-    match cell.variant {
+/// One run of a cell, over a fresh shaped link (or each tool's own cap).
+fn run_cell(cell: &Setting, choice: GuestChoice, emulation: Emulation) -> Result<Run> {
+    let link = match emulation {
+        Emulation::Veth => Some(ShapedLink::create(cell.link.bytes_per_s())?),
+        Emulation::Cap => None,
+    };
+    let link = link.as_ref();
+    let hpmig = |granularity, zstd| run_hpmig(cell, granularity, zstd, choice, link);
+    // The link carries nothing but the migration: the guests boot and
+    // measure their rate before it starts without a byte on it.
+    let mut run = counted(link, || match cell.variant {
         Variant::Page => hpmig(Granularity::Page, ZstdMode::Off),
         Variant::Segment => hpmig(Granularity::Segment, ZstdMode::Off),
         Variant::SegmentZstd => hpmig(Granularity::Segment, ZstdMode::Auto),
-        Variant::Qemu => run_qemu(cell, qemu::Mode::Plain),
-        Variant::QemuXbzrle => run_qemu(cell, qemu::Mode::Xbzrle),
-        Variant::QemuMultifd => run_qemu(cell, qemu::Mode::Multifd),
-    }
+        Variant::Qemu => run_qemu(cell, qemu::Mode::Plain, link),
+        Variant::QemuXbzrle => run_qemu(cell, qemu::Mode::Xbzrle, link),
+        Variant::QemuMultifd => run_qemu(cell, qemu::Mode::Multifd, link),
+    })?;
+    run.link_emulation = emulation;
+    Ok(run)
+}
+
+/// Counts the link's bytes over `f` (a migration) and puts them in its run:
+/// `total_bytes` becomes every byte the link carried, both ways.
+fn counted(link: Option<&ShapedLink>, f: impl FnOnce() -> Result<Run>) -> Result<Run> {
+    let Some(link) = link else {
+        let mut run = f()?;
+        run.tool_bytes = run.total_bytes;
+        return Ok(run);
+    };
+    let counter = link.count()?;
+    let mut run = f()?;
+    let c = counter.finish(link)?;
+    run.tool_bytes = run.total_bytes;
+    run.total_bytes = c.tx_bytes + c.rx_bytes;
+    run.link_tx_bytes = Some(c.tx_bytes);
+    run.link_rx_bytes = Some(c.rx_bytes);
+    run.link_peak_rate = Some(c.peak_rate);
+    run.cpu_bound = c.cpu_bound();
+    Ok(run)
 }
 
 fn run_hpmig(
@@ -188,6 +222,7 @@ fn run_hpmig(
     granularity: Granularity,
     zstd: ZstdMode,
     choice: GuestChoice,
+    link: Option<&ShapedLink>,
 ) -> Result<Run> {
     let memory = SourceMemory::from_ranges(&hpmig_microvm::kvm::memory_ranges(cell.memory_bytes)?)?;
     guest::fill_guest(&memory, cell.contents);
@@ -200,12 +235,17 @@ fn run_hpmig(
     };
     let (mut guest, mut dirty, _) = guest::boot(&memory, &spec)?;
     std::thread::sleep(Duration::from_millis(300));
-    let (w0, t0) = (guest.writes(), Instant::now());
+    let (w0, b0, t0) = (guest.writes(), heartbeat(&memory, 0), Instant::now());
     std::thread::sleep(Duration::from_millis(200));
-    let rate_before = (guest.writes() - w0) as f64 / t0.elapsed().as_secs_f64();
+    let secs = t0.elapsed().as_secs_f64();
+    let rate_before = (guest.writes() - w0) as f64 / secs;
+    let beats_per_s_before = (heartbeat(&memory, 0) - b0) as f64 / secs;
 
     let dest_memory: DestMemory = Layout::of(&memory)?.allocate()?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let listener = match link {
+        Some(link) => link.listen()?,
+        None => TcpListener::bind("127.0.0.1:0")?,
+    };
     let addr = listener.local_addr()?;
     let dm = dest_memory.clone();
     let dest = std::thread::spawn(move || -> Result<hpmig_microvm::Arrival> {
@@ -221,11 +261,12 @@ fn run_hpmig(
     });
     let observer = Observer::start(memory.clone(), dest_memory.clone());
     let mut cfg = SourceConfig::new(granularity);
-    cfg.bandwidth = cell.link.bytes_per_s();
+    // On a shaped link the link is the only limit, as for QEMU.
+    cfg.bandwidth = cell.link.bytes_per_s().filter(|_| link.is_none());
     cfg.zstd = zstd;
     cfg.policy = policy();
     let mut t = TcpSource::connect(addr, TcpOptions::default())?;
-    let (w1, t1) = (guest.writes(), Instant::now());
+    let (w1, h1, t1) = (guest.writes(), heartbeat(&memory, 0), Instant::now());
     let report = migrate(
         &memory,
         dirty.as_mut(),
@@ -248,6 +289,22 @@ fn run_hpmig(
         (Some(b), Some(paused), Some(started)) => Some(b.split(paused, started)),
         _ => None,
     };
+    // One clock: the source's pause to the destination's vCPUs running,
+    // both seen by this process.
+    let downtime = match (r.switchover.paused_at, arrival.started_at()) {
+        (Some(paused), Some(started)) => started.saturating_duration_since(paused),
+        _ => {
+            return Err(anyhow!(
+                "the run has no pause or no start to measure downtime by"
+            ))
+        }
+    };
+    // The guest's heartbeat rate from the start until its last beat on the
+    // source, over its rate before: the brownout, the pause excluded.
+    let brownout = blackout.map_or(f64::NAN, |b| {
+        let secs = b.source_last.saturating_duration_since(t1).as_secs_f64();
+        b.source_last_beat.saturating_sub(h1) as f64 / secs / beats_per_s_before
+    });
     if !r.verified {
         return Err(anyhow!("digest not verified"));
     }
@@ -261,7 +318,9 @@ fn run_hpmig(
             .collect(),
         total_bytes: r.wire_bytes,
         total_ms: r.total_time.as_secs_f64() * 1e3,
-        downtime_ms: r.downtime.as_secs_f64() * 1e3,
+        downtime_ms: ms(downtime),
+        tool_downtime_ms: ms(r.downtime),
+        brownout,
         verify_ms: r.verify_time.as_secs_f64() * 1e3,
         converged: r.converged(),
         guest_progress: if rate_before > 0.0 {
@@ -282,45 +341,51 @@ fn run_hpmig(
         blackout_after_start_ms: split.map_or(f64::NAN, |s| ms(s.after_start)),
         stop_reason: Some(r.stop.into()),
         per_round: r.rounds.iter().map(hpmig_report::Round::from).collect(),
+        ..Run::default()
     })
 }
 
-fn run_qemu(cell: &Setting, mode: qemu::Mode) -> Result<Run> {
+fn run_qemu(cell: &Setting, mode: qemu::Mode, link: Option<&ShapedLink>) -> Result<Run> {
     let o = qemu::migrate(&qemu::Run {
         workload: cell.workload,
         contents: cell.contents,
         dirty_rate: cell.dirty_rate,
         memory: cell.memory_bytes,
         mode,
-        bandwidth: cell.link.bytes_per_s(),
+        // On a shaped link the link is the only limit, as for hpmig.
+        bandwidth: cell.link.bytes_per_s().filter(|_| link.is_none()),
         downtime_limit: policy().downtime_target,
         channels: SourceConfig::new(Granularity::Page).workers,
-        timeout: Duration::from_secs(20),
+        dest: link.map(|l| (l.namespace().to_string(), l.dest_ip())),
+        // hpmig's round cap, then its guest is stopped (hpmig forces its
+        // stop-and-copy there); and a time cap for either.
+        max_rounds: u64::from(policy().max_rounds),
+        timeout: Duration::from_secs(60),
     })?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(Run {
-        rounds: o.dirty_syncs as usize,
-        bytes_per_round: Vec::new(),
-        ms_per_round: Vec::new(),
+        // Its dirty syncs less the setup's: one per pass over memory, the
+        // final one included, as hpmig counts rounds.
+        rounds: o.dirty_syncs.saturating_sub(1) as usize,
         total_bytes: o.transferred,
         total_ms: o.total_ms,
         downtime_ms: o.downtime_ms,
+        tool_downtime_ms: o.tool_downtime_ms,
         verify_ms: 0.0,
         converged: o.converged,
         guest_progress: o.progress,
+        brownout: o.brownout,
         guest_writes_per_s_before: o.rate_before,
-        shadow_bytes: 0,
         // Sized to hpmig's shadow for the same guest (see qemu::migrate).
         xbzrle_cache_bytes: if mode == qemu::Mode::Xbzrle {
             cell.memory_bytes
         } else {
             0
         },
-        // Not yet on the same clock as hpmig's (QMP STOP/RESUME events).
-        blackout_ms: f64::NAN,
-        blackout_before_pause_ms: f64::NAN,
-        blackout_after_start_ms: f64::NAN,
-        stop_reason: None,
-        per_round: Vec::new(),
+        blackout_ms: o.blackout.map_or(f64::NAN, |b| ms(b.blackout)),
+        blackout_before_pause_ms: o.split.map_or(f64::NAN, |s| ms(s.before_pause)),
+        blackout_after_start_ms: o.split.map_or(f64::NAN, |s| ms(s.after_start)),
+        ..Run::default()
     })
 }
 
@@ -359,7 +424,15 @@ pub fn run(o: &Options) -> Result<bool> {
             "full matrix"
         }
     );
-    println!("  wire: TCP over loopback, the cap emulating the link");
+    match o.link {
+        Emulation::Veth => {
+            link::remove_stale();
+            println!("  link: a veth pair into a network namespace, shaped with tc tbf both ways; neither tool caps itself; bytes counted on the link")
+        }
+        Emulation::Cap => println!(
+            "  link: TCP over loopback, each tool's own cap emulating the link (--link-emulation cap); bytes are each tool's own count"
+        ),
+    }
     if !o.quick {
         let qemu = qemu::QEMU;
         if with_qemu {
@@ -372,7 +445,7 @@ pub fn run(o: &Options) -> Result<bool> {
     // Sizes binary (MiB, GiB), durations in ms below a second and in s
     // from one on (hpmig_report::text, as the round table).
     println!(
-        "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
         "memory",
         "contents",
         "workload",
@@ -384,7 +457,8 @@ pub fn run(o: &Options) -> Result<bool> {
         "downtime",
         "blackout",
         "converged",
-        "progress"
+        "progress",
+        "brownout"
     );
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let mut done = Vec::new();
@@ -392,7 +466,7 @@ pub fn run(o: &Options) -> Result<bool> {
     for setting in cells {
         let mut runs = Vec::new();
         for _ in 0..repeats {
-            match run_cell(&setting, o.guest) {
+            match run_cell(&setting, o.guest, o.link) {
                 Ok(r) => runs.push(r),
                 Err(e) => {
                     ok = false;
@@ -413,7 +487,7 @@ pub fn run(o: &Options) -> Result<bool> {
         let cell = Cell { setting, runs };
         let s = cell.summary();
         println!(
-            "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>8.0}%",
+            "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>8.0}% {:>8.0}%{}",
             human(setting.memory_bytes),
             setting.contents,
             setting.load(),
@@ -425,7 +499,13 @@ pub fn run(o: &Options) -> Result<bool> {
             millis(s.downtime_ms.median),
             millis(s.blackout_ms.median),
             format!("{}/{}", s.converged_runs, s.runs),
-            s.progress * 100.0
+            s.progress * 100.0,
+            s.brownout * 100.0,
+            if s.cpu_bound_runs > 0 {
+                format!("  CPU-bound in {}/{} (below 0.9x the shaped rate)", s.cpu_bound_runs, s.runs)
+            } else {
+                String::new()
+            }
         );
         done.push(cell);
     }

@@ -310,7 +310,12 @@ fn measured(doc: &BenchResults) -> Result<Vec<Measured>> {
             variant: c.variant,
             link: c.link.bytes_per_s().map(|b| b as f64),
             rounds: get(|r| r.rounds as f64),
-            total_bytes: get(|r| r.total_bytes as f64),
+            // What hpmig itself sent, as the model counts it: on a shaped
+            // link (schema 2) `total_bytes` is the link's, both ways.
+            total_bytes: get(|r| match r.tool_bytes {
+                0 => r.total_bytes as f64,
+                b => b as f64,
+            }),
             total_s: get(|r| r.total_ms) / 1e3,
             downtime_s: get(|r| r.downtime_ms) / 1e3,
             progress: get(|r| r.guest_progress),

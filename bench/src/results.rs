@@ -7,7 +7,7 @@
 //! # bench.json and its schema version
 //!
 //! ```text
-//! { "schema": 1,
+//! { "schema": 2,
 //!   "cells": [ { "memory_bytes": 67108864, "workload": "sparse",
 //!                "contents": "full",            (empty, full, mixed: what
 //!                                                guest memory held first;
@@ -18,6 +18,12 @@
 //!                "link": "1Gbit",               ("uncapped": no cap)
 //!                "variant": "segment",          (page, segment, segment+zstd,
 //!                                                qemu, qemu-xbzrle, qemu-multifd)
+//!                "converged_runs": 3,           (runs whose pre-copy converged,
+//!                "all_converged": true,          and whether that is all of
+//!                                                them: written for readers,
+//!                                                derived from the runs when
+//!                                                read back; absent in older
+//!                                                files)
 //!                "runs": [ { "rounds", "bytes_per_round", "ms_per_round",
 //!                            "total_bytes", "total_ms", "downtime_ms",
 //!                            "verify_ms", "converged", "guest_progress",
@@ -34,19 +40,43 @@
 //!                            "stop_reason",     (hpmig: why pre-copy ended,
 //!                                                by name: small-work-set;
 //!                                                null for QEMU)
-//!                            "per_round": [ ... ] }, ... ] }, ... ] }
+//!                            "per_round": [ ... ],
 //!                                               (hpmig: each round as the
 //!                                                JSON report's rounds[],
 //!                                                its decision included;
 //!                                                empty for QEMU)
+//!                            "link_emulation",  (veth-tbf: the shaped link
+//!                                                of crate::link, one limit
+//!                                                for both tools;
+//!                                                in-process-cap: each
+//!                                                tool's own cap)
+//!                            "tool_bytes",      (the tool's own count)
+//!                            "link_tx_bytes", "link_rx_bytes",
+//!                                               (counted on the link; null
+//!                                                on the in-process cap)
+//!                            "link_peak_rate",  (bytes/s, best 200 ms)
+//!                            "cpu_bound",       (peak < 0.9x the shaped rate)
+//!                            "tool_downtime_ms", (each tool's own figure)
+//!                            "brownout" } ... ] }, ... ] }
+//!                                               (guest progress during
+//!                                                pre-copy, pause excluded)
 //! ```
+//!
+//! Schema 2 (this one) changed two meanings: `total_bytes` is what the
+//! link carried both ways on a shaped link (every byte, control and state
+//! included; the tool's own count is `tool_bytes`), and `downtime_ms` is
+//! measured on one host clock for both tools, from the source's vCPUs
+//! pausing to the destination's running (hpmig: `Guest::pause` returning
+//! to the destination's start; QEMU: the QMP `STOP` event on the source to
+//! `RESUME` on the destination); the tools' own figures are
+//! `tool_downtime_ms`. Schema 1 had the tools' own figures in both.
 //!
 //! `stop_reason` and `per_round` are the types of hpmig's JSON report
 //! ([`hpmig_report`], docs/report.md); files written before them lack
 //! them and read back as null and empty.
 //!
 //! `schema` is the version of this layout, the first field of the file. It
-//! is 1 for the layout above and goes up by one whenever a field is removed
+//! is 2 for the layout above and goes up by one whenever a field is removed
 //! or renamed or changes its meaning or unit, so that a reader never takes
 //! one figure for another; adding a field does not change it. A reader
 //! refuses a schema newer than [`SCHEMA`]. A file without the field was
@@ -67,10 +97,11 @@ use hpmig_core::memory::Contents;
 use hpmig_microvm::Workload;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::link::Emulation;
 use crate::stats::{median, spread, Spread};
 
 /// The version of the bench.json layout this code writes and reads.
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 
 /// Everything one `hpmig bench` run measured: the content of bench.json.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,12 +114,41 @@ pub struct BenchResults {
     pub cells: Vec<Cell>,
 }
 
-/// One cell of the matrix and its runs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One cell of the matrix and its runs. Written with `converged_runs` and
+/// `all_converged` (see [`Cell::serialize`]); a reader derives them from
+/// the runs again.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Cell {
     #[serde(flatten)]
     pub setting: Setting,
     pub runs: Vec<Run>,
+}
+
+/// A cell as bench.json writes it: its setting, whether it converged (so
+/// that a reader of the file need not count `converged` over the runs to
+/// tell a force-stopped cell from a converged one), then the runs.
+#[derive(Serialize)]
+struct CellOut<'a> {
+    #[serde(flatten)]
+    setting: &'a Setting,
+    /// Runs whose pre-copy converged ...
+    converged_runs: usize,
+    /// ... and whether that is every run.
+    all_converged: bool,
+    runs: &'a [Run],
+}
+
+impl Serialize for Cell {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let converged_runs = self.runs.iter().filter(|r| r.converged).count();
+        CellOut {
+            setting: &self.setting,
+            converged_runs,
+            all_converged: converged_runs == self.runs.len(),
+            runs: &self.runs,
+        }
+        .serialize(s)
+    }
 }
 
 /// What a cell migrates, over what, and how.
@@ -160,6 +220,43 @@ pub struct Run {
     /// decision included (empty for QEMU).
     #[serde(default)]
     pub per_round: Vec<hpmig_report::Round>,
+    /// How the link was emulated ([`crate::link`]); files written before
+    /// the shaped link ran on each tool's own cap.
+    #[serde(default = "cap_before_the_field")]
+    pub link_emulation: Emulation,
+    /// The tool's own byte count (hpmig: its streams' wire bytes; QEMU:
+    /// `ram.transferred`). On a shaped link `total_bytes` is the link's.
+    #[serde(default)]
+    pub tool_bytes: u64,
+    /// Bytes the shaped link carried, source to destination and back
+    /// (`None` on the in-process cap).
+    #[serde(default)]
+    pub link_tx_bytes: Option<u64>,
+    #[serde(default)]
+    pub link_rx_bytes: Option<u64>,
+    /// The best source-to-destination rate on the link over 200 ms,
+    /// bytes per second.
+    #[serde(default)]
+    pub link_peak_rate: Option<f64>,
+    /// The migration never reached 0.9x the shaped rate: the CPU, not the
+    /// link, limited it.
+    #[serde(default)]
+    pub cpu_bound: bool,
+    /// Each tool's own downtime figure (hpmig: the source's, from the
+    /// pause until it learnt the destination runs; QEMU: `query-migrate`'s).
+    /// `downtime_ms` is the one-clock figure.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub tool_downtime_ms: f64,
+    /// The guest's progress during pre-copy, the pause excluded (its
+    /// heartbeat's rate from the migration's start to its last beat on the
+    /// source, over its rate before): 1 is no slowdown.
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub brownout: f64,
+}
+
+/// Runs written before the shaped link ran on each tool's own cap.
+fn cap_before_the_field() -> Emulation {
+    Emulation::Cap
 }
 
 fn nan() -> f64 {
@@ -365,6 +462,20 @@ pub struct Summary {
     pub progress: f64,
     /// Bytes per round of the run with the median total bytes (hpmig only).
     pub bytes_per_round: Vec<u64>,
+    /// Median brownout: the guest's progress during pre-copy, pause
+    /// excluded (NaN where not measured).
+    pub brownout: f64,
+    /// Runs limited by the CPU rather than the shaped link.
+    pub cpu_bound_runs: usize,
+}
+
+impl Summary {
+    /// Every run's pre-copy converged; a cell where some run was
+    /// force-stopped at the round cap (or QEMU cancelled) is not a result
+    /// like the others, and the figures draw it hollow.
+    pub fn all_converged(&self) -> bool {
+        self.converged_runs == self.runs
+    }
 }
 
 impl Cell {
@@ -387,11 +498,13 @@ impl Cell {
                 .get(by_bytes.len() / 2)
                 .map(|r| r.bytes_per_round.clone())
                 .unwrap_or_default(),
+            brownout: median(runs.iter().map(|r| r.brownout)),
+            cpu_bound_runs: runs.iter().filter(|r| r.cpu_bound).count(),
         }
     }
 }
 
-const CSV_HEADER: &str = "memory_bytes,workload,contents,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,blackout_ms_median,blackout_ms_min,blackout_ms_max,converged_runs,progress_median\n";
+const CSV_HEADER: &str = "memory_bytes,workload,contents,dirty_rate,link,variant,runs,rounds_median,total_bytes_median,total_bytes_min,total_bytes_max,total_ms_median,total_ms_min,total_ms_max,downtime_ms_median,downtime_ms_min,downtime_ms_max,blackout_ms_median,blackout_ms_min,blackout_ms_max,converged_runs,progress_median,brownout_median,cpu_bound_runs,link_emulation\n";
 
 impl BenchResults {
     /// Results of the current schema.
@@ -425,7 +538,7 @@ impl BenchResults {
             let s = cell.summary();
             let (b, t, d) = (s.total_bytes, s.total_ms, s.downtime_ms);
             csv.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3}\n",
+                "{},{},{},{},{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{:.3},{:.3},{},{}\n",
                 s.setting.memory_bytes,
                 s.setting.workload.as_str(),
                 s.setting.contents,
@@ -447,7 +560,12 @@ impl BenchResults {
                 s.blackout_ms.min,
                 s.blackout_ms.max,
                 s.converged_runs,
-                s.progress
+                s.progress,
+                s.brownout,
+                s.cpu_bound_runs,
+                cell.runs
+                    .first()
+                    .map_or("", |r| r.link_emulation.name())
             ));
         }
         csv
@@ -505,7 +623,7 @@ mod tests {
         ]);
         let text = serde_json::to_string_pretty(&doc).unwrap();
         assert!(
-            text.trim_start().starts_with("{\n  \"schema\": 1,"),
+            text.trim_start().starts_with("{\n  \"schema\": 2,"),
             "{text}"
         );
         for key in [
@@ -520,6 +638,25 @@ mod tests {
             assert!(text.contains(key), "{key} missing from {text}");
         }
         assert_eq!(serde_json::from_str::<BenchResults>(&text).unwrap(), doc);
+
+        // A cell says whether it converged, before its runs.
+        let mut cut = doc.clone();
+        cut.cells[0].runs.push(Run {
+            converged: false,
+            ..run(900, 5.0)
+        });
+        let text = serde_json::to_string(&cut).unwrap();
+        assert!(
+            text.contains("\"variant\":\"segment+zstd\",\"converged_runs\":1,\"all_converged\":false,\"runs\":"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"converged_runs\":1,\"all_converged\":true"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<BenchResults>(&text).unwrap(), cut);
+        assert!(!cut.cells[0].summary().all_converged());
+        assert!(cut.cells[1].summary().all_converged());
 
         let mut nan = doc.clone();
         nan.cells[1].runs[0].downtime_ms = f64::NAN;
@@ -549,9 +686,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hpmig-results-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let newer = dir.join("bench.json");
-        std::fs::write(&newer, old.replacen('{', "{\"schema\":2,", 1)).unwrap();
+        std::fs::write(&newer, old.replacen('{', "{\"schema\":3,", 1)).unwrap();
         let e = BenchResults::read(&newer).unwrap_err();
-        assert!(format!("{e:#}").contains("schema 2"), "{e:#}");
+        assert!(format!("{e:#}").contains("schema 3"), "{e:#}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -585,7 +722,7 @@ mod tests {
         assert_eq!(rows.len(), 3);
         assert_eq!(
             rows[1],
-            "67108864,sparse,mixed,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,0.0,0.0,0.0,3,0.500"
+            "67108864,sparse,mixed,100000,1Gbit,page,3,2,200,100,300,12.5,12.5,12.5,2.0,1.0,3.0,0.0,0.0,0.0,3,0.500,0.000,0,veth-tbf"
         );
         assert!(rows[2].starts_with("67108864,sparse,mixed,100000,uncapped,segment,1,"));
         assert_eq!(doc.cells[0].summary().bytes_per_round, vec![190, 10]);

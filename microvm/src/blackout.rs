@@ -34,6 +34,9 @@ pub struct Blackout {
     pub source_last: Instant,
     /// When it saw the destination's first beat past it.
     pub dest_first: Instant,
+    /// The source heartbeat's last value: with its time (`source_last`),
+    /// the guest's progress until the pause (the brownout's end).
+    pub source_last_beat: u64,
 }
 
 /// The blackout in three parts.
@@ -75,7 +78,17 @@ impl Drop for Observer {
 }
 
 impl Observer {
+    /// Watches vCPU 0's heartbeat in the micro-VM's memory on both ends.
     pub fn start(source: SourceMemory, dest: DestMemory) -> Observer {
+        Observer::start_with(move || heartbeat(&source, 0), move || heartbeat(&dest, 0))
+    }
+
+    /// Watches a heartbeat read by `source` and `dest` (another VMM's
+    /// guest, whose memory the host maps: QEMU's in the benchmark).
+    pub fn start_with(
+        source: impl Fn() -> u64 + Send + 'static,
+        dest: impl Fn() -> u64 + Send + 'static,
+    ) -> Observer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let thread = std::thread::spawn(move || observe(&source, &dest, &flag));
@@ -99,7 +112,11 @@ impl Observer {
     }
 }
 
-fn observe(source: &SourceMemory, dest: &DestMemory, stop: &AtomicBool) -> Option<Blackout> {
+fn observe(
+    source: &dyn Fn() -> u64,
+    dest: &dyn Fn() -> u64,
+    stop: &AtomicBool,
+) -> Option<Blackout> {
     // The default 50 µs timer slack would stretch each 50 µs sleep to about
     // 100 µs and more: ask for none, on this thread only.
     // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this
@@ -114,14 +131,14 @@ fn observe(source: &SourceMemory, dest: &DestMemory, stop: &AtomicBool) -> Optio
     // it measures.
     let start = Instant::now();
     let mut samples = 0u64;
-    let mut last_src = heartbeat(source, 0);
+    let mut last_src = source();
     let mut src_changed = start;
     // When the source's last 1,001 beats were seen, newest last.
     let mut src_beats: std::collections::VecDeque<Instant> = Default::default();
     loop {
         samples += 1;
         let now = Instant::now();
-        let s = heartbeat(source, 0);
+        let s = source();
         if s != last_src {
             last_src = s;
             src_changed = now;
@@ -134,7 +151,7 @@ fn observe(source: &SourceMemory, dest: &DestMemory, stop: &AtomicBool) -> Optio
         // means its vCPUs ran. The source is paused by then, so `last_src`
         // is its final beat (read again after the destination: a source
         // that beat between the two reads is not over yet).
-        if last_src > 0 && heartbeat(dest, 0) > last_src && heartbeat(source, 0) == last_src {
+        if last_src > 0 && dest() > last_src && source() == last_src {
             let mut gaps: Vec<Duration> = src_beats
                 .iter()
                 .zip(src_beats.iter().skip(1))
@@ -147,6 +164,7 @@ fn observe(source: &SourceMemory, dest: &DestMemory, stop: &AtomicBool) -> Optio
                 sample_hz: samples as f64 / start.elapsed().as_secs_f64(),
                 source_last: src_changed,
                 dest_first: now,
+                source_last_beat: last_src,
             });
         }
         if stop.load(Ordering::Relaxed) {

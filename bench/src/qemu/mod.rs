@@ -25,10 +25,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+
 use anyhow::{anyhow, bail, Context, Result};
 use hpmig_core::memory::Contents;
+use hpmig_microvm::blackout::{Blackout, Observer, Split};
 use hpmig_microvm::Workload;
 use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub mod multiboot;
 
@@ -55,19 +59,6 @@ pub fn available() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-/// Where a QEMU's guest RAM lives.
-#[derive(Clone, Copy, Debug)]
-enum Ram<'a> {
-    /// QEMU's own (zeroed) RAM.
-    Default,
-    /// A file the host filled, mapped shared: what the host wrote there is
-    /// what the guest finds.
-    File(&'a Path),
-    /// A RAM backend object named like the file's (a destination for a
-    /// source on a file).
-    Backend,
 }
 
 /// The QEMU processes and scratch directories that exist now.
@@ -119,6 +110,7 @@ pub fn end_children_on_signals() -> Result<()> {
             for dir in &live.dirs {
                 let _ = std::fs::remove_dir_all(dir);
             }
+            crate::link::remove_all();
             eprintln!(
                 "hpmig bench: {}: ended {} QEMU process(es), removed {} scratch director{}",
                 if signal == SIGINT {
@@ -226,29 +218,39 @@ struct Vm {
     /// Held for its drop: killed and reaped with the Vm.
     _process: Qemu,
     qmp: BufReader<UnixStream>,
+    /// The QMP events read so far, in order.
+    events: Vec<Value>,
 }
 
 impl Vm {
-    /// Starts QEMU on `image` with guest RAM as `ram` says.
-    fn start(image: &Path, memory: u64, ram: Ram<'_>, sock: &Path, incoming: bool) -> Result<Vm> {
-        let mut cmd = Command::new(QEMU);
-        // Both ends must name their RAM block alike for the migration to
-        // find it: a source on a backend object needs one on the
-        // destination too.
-        let backend = match ram {
-            Ram::Default => None,
-            Ram::File(path) => Some(format!(
+    /// Starts QEMU on `image` with guest RAM in the file `ram`, mapped
+    /// shared: what the host wrote there is what the guest finds, and the
+    /// host reads the guest's heartbeat there. Both ends name their RAM
+    /// block alike, as the migration requires. In the network namespace
+    /// `netns` when given (the destination's end of a shaped link).
+    fn start(
+        image: &Path,
+        memory: u64,
+        ram: &Path,
+        sock: &Path,
+        incoming: bool,
+        netns: Option<&str>,
+    ) -> Result<Vm> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, QEMU]);
+                c
+            }
+            None => Command::new(QEMU),
+        };
+        cmd.arg("-object")
+            .arg(format!(
                 "memory-backend-file,id=ram0,size={}M,mem-path={},share=on",
                 memory >> 20,
-                path.display()
-            )),
-            Ram::Backend => Some(format!("memory-backend-ram,id=ram0,size={}M", memory >> 20)),
-        };
-        if let Some(backend) = backend {
-            cmd.arg("-object")
-                .arg(backend)
-                .args(["-machine", "memory-backend=ram0"]);
-        }
+                ram.display()
+            ))
+            .args(["-machine", "memory-backend=ram0"]);
         // arch-capabilities off: its MSR cannot be set under some nested
         // hypervisors (PVM among them), and the guest does not need it.
         cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"])
@@ -288,6 +290,7 @@ impl Vm {
         let mut vm = Vm {
             _process: child,
             qmp: BufReader::new(stream),
+            events: Vec::new(),
         };
         vm.line()?; // the greeting
         vm.cmd("qmp_capabilities", json!({}))?;
@@ -315,8 +318,24 @@ impl Vm {
             if let Some(e) = v.get("error") {
                 bail!("QMP {name}: {}", e["desc"].as_str().unwrap_or("error"));
             }
-            // An event: skip it.
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
         }
+    }
+
+    /// When QEMU last emitted `event` (`STOP`, `RESUME`), in seconds of the
+    /// host's real-time clock (QMP's event timestamp, microseconds).
+    fn event_time(&self, event: &str) -> Option<f64> {
+        let e = self.events.iter().rev().find(|e| e["event"] == event)?;
+        let t = &e["timestamp"];
+        Some(t["seconds"].as_f64()? + t["microseconds"].as_f64()? * 1e-6)
+    }
+
+    /// QEMU's run state (`running`, `paused`, `inmigrate`, ...).
+    fn status(&mut self) -> Result<String> {
+        let s = self.cmd("query-status", json!({}))?;
+        Ok(s["status"].as_str().unwrap_or_default().to_string())
     }
 
     /// The guest's heartbeat (vCPU 0's counter at guest address 0).
@@ -360,18 +379,31 @@ impl Vm {
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub dirty_syncs: u64,
+    /// QEMU's own count (`ram.transferred`).
     pub transferred: u64,
     pub total_ms: f64,
+    /// From the QMP `STOP` event on the source to the `RESUME` event on the
+    /// destination: vCPUs paused to vCPUs running, on the host's clock.
     pub downtime_ms: f64,
+    /// QEMU's own downtime figure (`query-migrate`), for comparison.
+    pub tool_downtime_ms: f64,
+    /// Completed on its own, not after the guest was stopped at the cap.
     pub converged: bool,
     /// Heartbeats per second during migration over before it.
     pub progress: f64,
+    /// Heartbeats per second during pre-copy (until the source's last
+    /// beat) over before it: the brownout, the pause excluded.
+    pub brownout: f64,
+    /// The pause as the guest saw it, read in both RAM files ...
+    pub blackout: Option<Blackout>,
+    /// ... split at the `STOP` and `RESUME` events.
+    pub split: Option<Split>,
     /// Guest stores per second before migration (measured).
     pub rate_before: f64,
 }
 
 /// Settings of one comparison run, the same values hpmig's run gets.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Run {
     pub workload: Workload,
     /// What the source guest's memory holds before its workload starts.
@@ -380,11 +412,18 @@ pub struct Run {
     pub dirty_rate: Option<u64>,
     pub memory: u64,
     pub mode: Mode,
-    /// Bytes per second; `None` leaves QEMU's limit effectively off.
+    /// QEMU's own cap, bytes per second; `None` leaves it effectively off
+    /// (on a shaped link it is off).
     pub bandwidth: Option<u64>,
     pub downtime_limit: Duration,
     pub channels: usize,
-    /// Give up (and count the run as not converged) after this long.
+    /// The destination's end of a shaped link: its network namespace and
+    /// address. `None`: loopback.
+    pub dest: Option<(String, Ipv4Addr)>,
+    /// After this many dirty syncs past the setup's (hpmig's round cap),
+    /// or after `timeout`, the source guest is stopped so the migration
+    /// finishes as a stop-and-copy (`virsh migrate --timeout-suspend`).
+    pub max_rounds: u64,
     pub timeout: Duration,
 }
 
@@ -402,17 +441,20 @@ pub fn image(workload: Workload, memory: u64, dirty_rate: Option<u64>) -> Result
     multiboot::image(workload, memory, per_batch, cycles, 7).context("building the QEMU image")
 }
 
-/// The source QEMU's RAM as a file in `dir` holding `contents`, filled by
-/// the function that fills hpmig's guests (page by page from the same
-/// seed), or `None` for an empty guest (QEMU's own zeroed RAM). Below the
-/// PC's 32-bit hole a file offset is the guest address, so the guest finds
-/// the same bytes at the same addresses as hpmig's; the multiboot loader
-/// then writes the program below `DATA`, as hpmig's VMM does.
-fn filled_ram(dir: &Path, memory: u64, contents: Contents) -> Result<Option<PathBuf>> {
-    if contents == Contents::Empty {
-        return Ok(None);
-    }
-    let path = dir.join("guest.ram");
+/// A QEMU guest's RAM as a file `name` in `dir`, holding `contents` (filled
+/// by the function that fills hpmig's guests, page by page from the same
+/// seed; an empty guest's file is all zeros), and the host's shared
+/// mapping of it. Below the PC's 32-bit hole a file offset is the guest
+/// address, so the guest finds the same bytes at the same addresses as
+/// hpmig's; the multiboot loader then writes the program below `DATA`, as
+/// hpmig's VMM does.
+fn ram_file(
+    dir: &Path,
+    name: &str,
+    memory: u64,
+    contents: Contents,
+) -> Result<(PathBuf, GuestMemoryMmap<()>)> {
+    let path = dir.join(name);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -420,15 +462,21 @@ fn filled_ram(dir: &Path, memory: u64, contents: Contents) -> Result<Option<Path
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     file.set_len(memory)?;
-    let ram: vm_memory::GuestMemoryMmap<()> =
-        vm_memory::GuestMemoryMmap::from_ranges_with_files([(
-            vm_memory::GuestAddress(0),
-            memory as usize,
-            Some(vm_memory::FileOffset::new(file, 0)),
-        )])
-        .map_err(|e| anyhow!("mapping {}: {e}", path.display()))?;
-    hpmig_microvm::fill_guest(&ram, contents);
-    Ok(Some(path))
+    let ram = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        memory as usize,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )])
+    .map_err(|e| anyhow!("mapping {}: {e}", path.display()))?;
+    if contents != Contents::Empty {
+        hpmig_microvm::fill_guest(&ram, contents);
+    }
+    Ok((path, ram))
+}
+
+/// vCPU 0's heartbeat, at guest address 0 of a RAM file's mapping.
+fn beat(ram: &GuestMemoryMmap<()>) -> u64 {
+    ram.read_obj::<u64>(GuestAddress(0)).unwrap_or(0)
 }
 
 /// Boots the workload in two QEMUs and migrates it from one to the other.
@@ -440,30 +488,29 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         image(run.workload, run.memory, run.dirty_rate)?,
     )?;
     let image = image_path;
-    let ram = filled_ram(dir.path(), run.memory, run.contents)?;
-    let (src_ram, dst_ram) = match &ram {
-        Some(path) => (Ram::File(path), Ram::Backend),
-        None => (Ram::Default, Ram::Default),
-    };
+    let (src_path, src_ram) = ram_file(dir.path(), "source.ram", run.memory, run.contents)?;
+    let (dst_path, dst_ram) = ram_file(dir.path(), "dest.ram", run.memory, Contents::Empty)?;
     let mut src = Vm::start(
         &image,
         run.memory,
-        src_ram,
+        &src_path,
         &dir.path().join("src.qmp"),
         false,
+        None,
     )?;
     let mut dst = Vm::start(
         &image,
         run.memory,
-        dst_ram,
+        &dst_path,
         &dir.path().join("dst.qmp"),
         true,
+        run.dest.as_ref().map(|(ns, _)| ns.as_str()),
     )?;
     src.wait_running(Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_millis(300));
-    let (h0, t0) = (src.heartbeat()?, Instant::now());
+    let (h0, t0) = (beat(&src_ram), Instant::now());
     std::thread::sleep(Duration::from_millis(200));
-    let rate_before = (src.heartbeat()? - h0) as f64 / t0.elapsed().as_secs_f64();
+    let rate_before = (beat(&src_ram) - h0) as f64 / t0.elapsed().as_secs_f64();
     if rate_before <= 0.0 {
         bail!("the QEMU guest does not run (its heartbeat stands still)");
     }
@@ -493,54 +540,116 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         )?;
     }
     src.cmd("migrate-set-parameters", params)?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let uri = format!("tcp:127.0.0.1:{port}");
+    let uri = match &run.dest {
+        // A namespace of its own: any port is free there.
+        Some((_, ip)) => format!("tcp:{ip}:4444"),
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            format!("tcp:127.0.0.1:{port}")
+        }
+    };
     dst.cmd("migrate-incoming", json!({ "uri": uri }))?;
-    let (h1, t1) = (src.heartbeat()?, Instant::now());
+    let dst_ram = std::sync::Arc::new(dst_ram);
+    let src_ram = std::sync::Arc::new(src_ram);
+    let observer = {
+        let (s, d) = (
+            std::sync::Arc::clone(&src_ram),
+            std::sync::Arc::clone(&dst_ram),
+        );
+        Observer::start_with(move || beat(&s), move || beat(&d))
+    };
+    let (h1, t1) = (beat(&src_ram), Instant::now());
     src.cmd("migrate", json!({ "uri": uri }))?;
+    // Past the round cap or the time cap the source guest is stopped, as
+    // `virsh migrate --timeout-suspend` does, and the migration ends as a
+    // stop-and-copy: every run finishes and has a downtime.
+    let mut stopped = false;
     let (status, info) = loop {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
         let info = src.cmd("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("").to_string();
+        let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
         match status.as_str() {
             "completed" | "failed" | "cancelled" => break (status, info),
-            _ if t1.elapsed() > run.timeout => {
+            _ if !stopped && (syncs > run.max_rounds || t1.elapsed() > run.timeout) => {
+                src.cmd("stop", json!({}))?;
+                stopped = true;
+            }
+            _ if t1.elapsed() > run.timeout + Duration::from_secs(60) => {
                 src.cmd("migrate_cancel", json!({}))?;
-                break ("timeout".into(), info);
+                bail!("QEMU's migration did not finish within a minute of stopping its guest");
             }
             _ => {}
         }
     };
     let elapsed = t1.elapsed().as_secs_f64();
-    if status == "failed" {
+    if status != "completed" {
         bail!(
-            "QEMU's migration failed: {}",
+            "QEMU's migration {status}: {}",
             info["error-desc"].as_str().unwrap_or("no reason given")
         );
     }
-    let converged = status == "completed";
-    // The source guest is paused once completed; its heartbeat there is
-    // where it stopped.
-    let h2 = src.heartbeat()?;
-    if converged {
-        // QEMU's own check: the guest runs on at the destination.
-        let d0 = dst.heartbeat()?;
-        std::thread::sleep(Duration::from_millis(100));
-        if dst.heartbeat()? <= d0 {
-            bail!("QEMU's destination guest does not run after migration");
+    // The destination runs the guest once it has loaded it, unless the
+    // source's guest was stopped (its state says paused): then it is
+    // continued, as libvirt continues a guest it suspended for a timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match dst.status()?.as_str() {
+            "running" => break,
+            "inmigrate" | "finish-migrate" => {}
+            "paused" | "postmigrate" | "prelaunch" if stopped => {
+                dst.cmd("cont", json!({}))?;
+            }
+            other if Instant::now() > deadline => {
+                bail!("QEMU's destination stayed {other} after the migration")
+            }
+            _ => {}
         }
+        if Instant::now() > deadline {
+            bail!("QEMU's destination did not run the guest within 30 s of the migration");
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
+    let blackout = observer.finish(Duration::from_secs(2));
+    // The source guest is paused now; its heartbeat is where it stopped.
+    let h2 = beat(&src_ram);
+    // QEMU's own check: the guest runs on at the destination.
+    let d0 = beat(&dst_ram);
+    std::thread::sleep(Duration::from_millis(100));
+    if beat(&dst_ram) <= d0 {
+        bail!("QEMU's destination guest does not run after migration");
+    }
+    let (stop, resume) = match (src.event_time("STOP"), dst.event_time("RESUME")) {
+        (Some(stop), Some(resume)) => (stop, resume),
+        _ => bail!("QEMU sent no STOP event on the source or no RESUME on the destination"),
+    };
+    // The events' real-time stamps on the observer's monotonic clock: one
+    // reading of both clocks, close together, anchors the conversion.
+    let (anchor_real, anchor) = (real_time(), Instant::now());
+    let at = |real: f64| {
+        let back = Duration::from_secs_f64((anchor_real - real).max(0.0));
+        anchor.checked_sub(back).unwrap_or(anchor)
+    };
+    let split = blackout.map(|b| b.split(at(stop), at(resume)));
+    let brownout = blackout.map_or(f64::NAN, |b| {
+        let secs = b.source_last.saturating_duration_since(t1).as_secs_f64();
+        (b.source_last_beat.saturating_sub(h1)) as f64 / secs / rate_before
+    });
     let ram = &info["ram"];
     let total_ms = info["total-time"].as_f64().unwrap_or(elapsed * 1e3);
     Ok(Outcome {
         dirty_syncs: ram["dirty-sync-count"].as_u64().unwrap_or(0),
         transferred: ram["transferred"].as_u64().unwrap_or(0),
         total_ms,
-        downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
-        converged,
+        downtime_ms: (resume - stop) * 1e3,
+        tool_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        converged: !stopped,
         progress: (h2 - h1) as f64 / elapsed / rate_before,
+        brownout,
+        blackout,
+        split,
         // The heartbeat counts stores; dense's, pages of 8-byte stores.
         rate_before: rate_before
             * if run.workload == Workload::Dense {
@@ -549,6 +658,13 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
                 1.0
             },
     })
+}
+
+/// The host's real-time clock, seconds (the clock of QMP's event stamps).
+fn real_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The time-stamp counter's rate, measured over 50 ms (a KVM guest's TSC

@@ -436,8 +436,15 @@ fn fail(shared: &Shared, why: String) {
 /// A vCPU thread: run, count, throttle; park on pause and serve requests.
 fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, cmds: &Receiver<Cmd>, run: RunParams) {
     sys::set_thread_run_struct(fd.get_kvm_run());
-    let start = Instant::now();
-    let mut done = 0u64;
+    // The pace: a batch every `period`. The next batch is due a period
+    // after the last was due, or now if the guest fell behind (a
+    // dirty-logging fault, no CPU to run on): it never catches up in a
+    // burst, the rule the QEMU peer's guest keeps by TSC deadlines, so
+    // both benchmark guests pace alike.
+    let period = run
+        .rate
+        .map(|r| Duration::from_secs_f64(run.writes_per_batch as f64 / r as f64));
+    let mut due = Instant::now();
     let msr_list = readable_msrs(&fd);
     'outer: loop {
         if shared.stop.load(Ordering::SeqCst) {
@@ -465,11 +472,12 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, cmds: &Receiver<Cmd>, run: RunPara
                 shared
                     .writes
                     .fetch_add(run.writes_per_batch, Ordering::Relaxed);
-                done += run.writes_per_batch;
-                if let Some(rate) = run.rate {
-                    let due = Duration::from_secs_f64(done as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(start.elapsed()) {
-                        std::thread::sleep(wait.min(Duration::from_millis(50)));
+                if let Some(period) = period {
+                    due += period;
+                    let now = Instant::now();
+                    match due.checked_duration_since(now) {
+                        Some(wait) => std::thread::sleep(wait.min(Duration::from_millis(50))),
+                        None => due = now,
                     }
                 }
             }
