@@ -846,7 +846,9 @@ fn paper(dir: &Path, set: &Set<'_>) -> Result<PathBuf> {
         ("total migration time", "total time", Unit::Millis, |p| {
             p.total_ms
         }),
-        ("bytes on the link", "bytes, both ways", Unit::Bytes, |p| p.total_bytes),
+        ("bytes on the link", "bytes, both ways", Unit::Bytes, |p| {
+            p.total_bytes
+        }),
     ];
     let title = "rounds, total time and data volume per method and link cap";
     by_link(dir, "paper", set, title, panels, String::new())
