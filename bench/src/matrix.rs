@@ -436,7 +436,7 @@ pub fn run(o: &Options) -> Result<bool> {
     if !o.quick {
         let qemu = qemu::QEMU;
         if with_qemu {
-            println!("  peer: QEMU ({qemu}) on the same guest program, migrating over loopback with its own migration");
+            println!("  peer: QEMU ({qemu}) on the same guest program, migrating with its own migration over the same link");
         } else {
             println!("  peer: {qemu} not found, so hpmig runs alone (apt-get install qemu-system-x86 adds the QEMU comparison)");
         }
