@@ -102,7 +102,11 @@ impl<'a, T: DestTransport> Dest<'a, T> {
                 DestState::Running => Stage::Migrated,
                 DestState::Discarded => Stage::Cancelled,
             });
-            match self.step(state) {
+            let next = self.step(state);
+            if let Ok(next) = &next {
+                tracing::debug!(target: "hpmig::dest", state = ?next, "destination state");
+            }
+            match next {
                 Ok(DestState::Running) => break self.received(),
                 Ok(DestState::Discarded) => break Err(LandError::Aborted),
                 Ok(next) => state = next,

@@ -161,6 +161,11 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             } else {
                 self.step(state)
             };
+            if let Ok(next) = &next {
+                // Each phase's start, for `-v` and for lining up a profile
+                // with the switch-over (the subscriber stamps the time).
+                tracing::debug!(target: "hpmig::source", state = ?next, "source state");
+            }
             state = match next {
                 Ok(SourceState::Migrated) => return Ok(self.report()),
                 Ok(next) => next,
