@@ -58,6 +58,45 @@ pub struct GuestFigures {
     /// CPU seconds this process spent during the migration (the emulated
     /// guest's own vCPU threads included).
     pub cpu_seconds: f64,
+    /// This process's peak resident memory when the migration ended (`demo`:
+    /// both ends' memory, in one process).
+    pub peak_rss: u64,
+    /// What the source kept to find changed bytes: the shadow copy, the
+    /// block fingerprints, or nothing (page granularity).
+    pub diff_store: DiffStore,
+}
+
+/// What the source keeps of what it sent, to find what changed since.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiffStore {
+    /// `shadow`, `fingerprints` or `none`.
+    pub kind: &'static str,
+    pub bytes: u64,
+}
+
+impl DiffStore {
+    /// The store `cfg` keeps for a guest of `memory` bytes: a full shadow
+    /// (capped by `--shadow-budget`), 8 bytes of fingerprint per 64-byte
+    /// block, or none in page mode.
+    pub fn of(cfg: &hpmig_core::precopy::SourceConfig, memory: u64) -> DiffStore {
+        use hpmig_core::precopy::ShadowMode;
+        use hpmig_core::protocol::Granularity;
+        use hpmig_core::segment::fingerprint::BLOCK;
+        match (cfg.encoder.granularity, cfg.shadow) {
+            (Granularity::Page, _) => DiffStore {
+                kind: "none",
+                bytes: 0,
+            },
+            (_, ShadowMode::Fingerprint) => DiffStore {
+                kind: "fingerprints",
+                bytes: memory / BLOCK as u64 * 8,
+            },
+            (_, ShadowMode::Full) => DiffStore {
+                kind: "shadow",
+                bytes: cfg.shadow_budget.map_or(memory, |b| b.min(memory)),
+            },
+        }
+    }
 }
 
 impl GuestFigures {
@@ -156,6 +195,21 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     println!(
         "  source cpu:    {} (the guest's vCPU threads included)",
         cpu_line(g.cpu_seconds, r.wire_bytes)
+    );
+    println!(
+        "  memory:        peak {} resident in this process{}; {} kept to diff against ({})",
+        human(g.peak_rss),
+        if g.heartbeat_after.is_some() {
+            " (both ends)"
+        } else {
+            ""
+        },
+        human(g.diff_store.bytes),
+        match g.diff_store.kind {
+            "fingerprints" => "block fingerprints, 8 bytes per 64",
+            "shadow" => "a shadow copy of what was sent",
+            _ => "page granularity keeps nothing",
+        }
     );
     println!(
         "  guest writes:  {:.0}/s before, {:.0}/s during migration ({:.0}%)",
@@ -293,6 +347,9 @@ pub fn write_json(
                 guest_rate_before: g.rate_before,
                 guest_rate_during: g.rate_during,
                 source_cpu_seconds: g.cpu_seconds,
+                peak_rss_bytes: Some(g.peak_rss),
+                diff_store: Some(g.diff_store.kind.into()),
+                diff_store_bytes: Some(g.diff_store.bytes),
             });
             doc.source_check = check.map(hpmig_report::SourceCheck::from);
         }

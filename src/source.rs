@@ -160,6 +160,11 @@ pub fn migrate_booted<T: SourceTransport>(
         rate_before: b.rate_before,
         rate_during,
         cpu_seconds: report::cpu_seconds() - cpu0,
+        peak_rss: report::peak_rss(),
+        diff_store: report::DiffStore::of(
+            cfg,
+            hpmig_core::memory::Layout::of(&b.memory).map_or(0, |l| l.total_bytes()),
+        ),
     };
     Ok((outcome, figures))
 }

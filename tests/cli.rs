@@ -74,6 +74,16 @@ fn demo_migrates_verifies_and_writes_json() {
     );
     assert_eq!(v["config"]["memory_bytes"], 32 << 20, "{doc}");
     assert_eq!(v["config"]["downtime_target_ms"], 5000.0, "{doc}");
+    // The memory it cost: both ends' guests live in this one process, and
+    // the source kept a full shadow of what it sent.
+    let s = &v["summary"];
+    assert!(
+        s["peak_rss_bytes"].as_u64().unwrap() > 2 * (32 << 20),
+        "{doc}"
+    );
+    assert_eq!(s["diff_store"], "shadow", "{doc}");
+    assert_eq!(s["diff_store_bytes"], 32 << 20, "{doc}");
+    assert!(text.contains("kept to diff against"), "{text}");
     let rounds = v["rounds"].as_array().unwrap();
     let decided = &rounds[rounds.len() - 2];
     assert_eq!(decided["decision"], "stop-and-copy", "{doc}");
@@ -87,6 +97,35 @@ fn demo_migrates_verifies_and_writes_json() {
         !text.contains("StopAndCopy") && !text.contains("Continue"),
         "{text}"
     );
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
+fn the_report_says_what_the_source_kept_to_diff_against() {
+    let json = std::env::temp_dir().join(format!("hpmig-cli-fp-{}.json", std::process::id()));
+    let (ok, text) = hpmig(&[
+        "demo",
+        "--memory",
+        "32M",
+        "--warmup",
+        "50ms",
+        "--downtime",
+        "5s",
+        "--shadow",
+        "fingerprint",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("4.0 MiB kept to diff against (block fingerprints"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["summary"]["diff_store"], "fingerprints", "{v}");
+    // 8 bytes per 64-byte block: 1/8 of the guest.
+    assert_eq!(v["summary"]["diff_store_bytes"], 4 << 20, "{v}");
     let _ = std::fs::remove_file(json);
 }
 

@@ -273,6 +273,15 @@ pub struct Summary {
     pub guest_rate_before: f64,
     pub guest_rate_during: f64,
     pub source_cpu_seconds: f64,
+    /// The reporting process's peak resident memory (`demo`: both ends).
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
+    /// What the source kept to find changed bytes: `shadow`,
+    /// `fingerprints` or `none` (page granularity), and its size.
+    #[serde(default)]
+    pub diff_store: Option<String>,
+    #[serde(default)]
+    pub diff_store_bytes: Option<u64>,
 }
 
 /// The check of the source's memory against what was sent.

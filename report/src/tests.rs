@@ -69,6 +69,9 @@ fn everything() -> Report {
             guest_rate_before: 0.0,
             guest_rate_during: 0.0,
             source_cpu_seconds: 0.0,
+            peak_rss_bytes: Some(1 << 30),
+            diff_store: Some("fingerprints".into()),
+            diff_store_bytes: Some(1 << 27),
         }),
         source_check: Some(SourceCheck::default()),
         failure: Some(Failure {
