@@ -127,12 +127,13 @@ pub struct MigrationArgs {
     /// when rounds stop converging.
     #[arg(long)]
     pub abort_on_stall: bool,
-    /// What the source keeps of what it sent (segment mode): full (a
-    /// byte-exact copy of the guest, changed bytes found exactly) or
-    /// fingerprint (a keyed 64-bit hash per 64-byte block, 1/8 of the
-    /// guest's memory; changed blocks go whole).
-    #[arg(long, default_value = "full")]
-    pub shadow: ShadowMode,
+    /// What the source keeps of what it sent (segment mode): fingerprint (a
+    /// keyed 64-bit hash per 64-byte block, 1/8 of the guest's memory;
+    /// changed blocks go whole) or full (a byte-exact copy of the guest,
+    /// changed bytes found exactly, as much memory again as the guest).
+    /// Default: fingerprint, or full when --shadow-budget is given.
+    #[arg(long)]
+    pub shadow: Option<ShadowMode>,
     /// Cap the full shadow copy (segment mode) at this size (e.g. 64M);
     /// default: full copy.
     #[arg(long, value_parser = parse_size)]
@@ -160,10 +161,20 @@ pub struct MigrationArgs {
 }
 
 impl MigrationArgs {
+    /// The shadow asked for; by default block fingerprints (bounded: 1/8 of
+    /// the guest), a full copy when only its budget was given.
+    pub fn shadow_mode(&self) -> ShadowMode {
+        self.shadow.unwrap_or(if self.shadow_budget.is_some() {
+            ShadowMode::Full
+        } else {
+            ShadowMode::Fingerprint
+        })
+    }
+
     /// Refuses a report that could not be written, before anything starts
     /// (exit status 2).
     pub fn check(&self) -> Result<()> {
-        if self.shadow == ShadowMode::Fingerprint && self.shadow_budget.is_some() {
+        if self.shadow == Some(ShadowMode::Fingerprint) && self.shadow_budget.is_some() {
             return Err(usage(
                 "--shadow-budget bounds --shadow full only; fingerprints take 1/8 of the guest's memory",
             ));
@@ -178,7 +189,7 @@ impl MigrationArgs {
         let mut cfg = SourceConfig::new(self.granularity);
         cfg.workers = usize::from(self.workers);
         cfg.pin = self.pin;
-        cfg.shadow = self.shadow;
+        cfg.shadow = self.shadow_mode();
         cfg.shadow_budget = self.shadow_budget;
         cfg.zstd = self.zstd;
         cfg.bandwidth = self.bandwidth;

@@ -285,7 +285,7 @@ pub fn config(
             ZstdMode::Auto => "auto",
         }
         .into(),
-        shadow: m.shadow.as_str().into(),
+        shadow: m.shadow_mode().as_str().into(),
         shadow_budget_bytes: m.shadow_budget,
         transport: transport.into(),
     }

@@ -12,6 +12,7 @@ use hpmig_core::precopy::{
     migrate, redeliver, MigrateError, MigrationReport, Pending, ShadowMode, SourceConfig,
 };
 use hpmig_core::protocol::switchover::{Decision, OutcomeKind, Verdict};
+use hpmig_core::protocol::Granularity;
 use hpmig_core::transport::SourceTransport;
 use hpmig_microvm::kvm::heartbeat;
 use hpmig_transport_tcp::{TcpOptions, TcpSource};
@@ -121,10 +122,12 @@ pub fn describe(g: &GuestArgs, m: &MigrationArgs, wire: &str) {
         ),
         format!("{:?}", m.zstd).to_lowercase(),
         m.verify.as_str(),
-        match (m.shadow, m.shadow_budget) {
-            (ShadowMode::Fingerprint, _) => ", shadow: block fingerprints".to_string(),
-            (ShadowMode::Full, Some(b)) => format!(", shadow at most {}", human(b)),
-            (ShadowMode::Full, None) => String::new(),
+        match (m.granularity, m.shadow_mode(), m.shadow_budget) {
+            (Granularity::Page, _, _) => String::new(),
+            (_, ShadowMode::Fingerprint, _) =>
+                ", shadow: block fingerprints (1/8 of the guest)".to_string(),
+            (_, ShadowMode::Full, Some(b)) => format!(", shadow: a copy of at most {}", human(b)),
+            (_, ShadowMode::Full, None) => ", shadow: a full copy of the guest".to_string(),
         },
     );
     println!("  wire:  {wire}");

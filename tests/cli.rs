@@ -75,14 +75,15 @@ fn demo_migrates_verifies_and_writes_json() {
     assert_eq!(v["config"]["memory_bytes"], 32 << 20, "{doc}");
     assert_eq!(v["config"]["downtime_target_ms"], 5000.0, "{doc}");
     // The memory it cost: both ends' guests live in this one process, and
-    // the source kept a full shadow of what it sent.
+    // by default the source kept block fingerprints of what it sent (1/8).
     let s = &v["summary"];
     assert!(
         s["peak_rss_bytes"].as_u64().unwrap() > 2 * (32 << 20),
         "{doc}"
     );
-    assert_eq!(s["diff_store"], "shadow", "{doc}");
-    assert_eq!(s["diff_store_bytes"], 32 << 20, "{doc}");
+    assert_eq!(v["config"]["shadow"], "fingerprint", "{doc}");
+    assert_eq!(s["diff_store"], "fingerprints", "{doc}");
+    assert_eq!(s["diff_store_bytes"], 4 << 20, "{doc}");
     assert!(text.contains("kept to diff against"), "{text}");
     let rounds = v["rounds"].as_array().unwrap();
     let decided = &rounds[rounds.len() - 2];
@@ -101,31 +102,32 @@ fn demo_migrates_verifies_and_writes_json() {
 }
 
 #[test]
-fn the_report_says_what_the_source_kept_to_diff_against() {
-    let json = std::env::temp_dir().join(format!("hpmig-cli-fp-{}.json", std::process::id()));
-    let (ok, text) = hpmig(&[
-        "demo",
-        "--memory",
-        "32M",
-        "--warmup",
-        "50ms",
-        "--downtime",
-        "5s",
-        "--shadow",
-        "fingerprint",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(ok, "{text}");
-    assert!(
-        text.contains("4.0 MiB kept to diff against (block fingerprints"),
-        "{text}"
-    );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(v["summary"]["diff_store"], "fingerprints", "{v}");
-    // 8 bytes per 64-byte block: 1/8 of the guest.
-    assert_eq!(v["summary"]["diff_store_bytes"], 4 << 20, "{v}");
+fn a_full_shadow_is_asked_for_and_the_report_says_so() {
+    let json = std::env::temp_dir().join(format!("hpmig-cli-full-{}.json", std::process::id()));
+    let demo = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["demo", "--memory", "32M", "--warmup", "50ms"];
+        args.extend(["--downtime", "5s", "--json", json.to_str().unwrap()]);
+        args.extend(extra);
+        let (ok, text) = hpmig(&args);
+        assert!(ok, "{text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert!(
+            text.contains(&format!(
+                "{} kept to diff against",
+                hpmig_report::text::bytes(v["summary"]["diff_store_bytes"].as_u64().unwrap())
+            )),
+            "{text}"
+        );
+        v
+    };
+    let v = demo(&["--shadow", "full"]);
+    assert_eq!(v["summary"]["diff_store"], "shadow", "{v}");
+    assert_eq!(v["summary"]["diff_store_bytes"], 32 << 20, "{v}");
+    // A budget alone asks for a (bounded) full shadow.
+    let v = demo(&["--shadow-budget", "16M"]);
+    assert_eq!(v["config"]["shadow"], "full", "{v}");
+    assert_eq!(v["summary"]["diff_store_bytes"], 16 << 20, "{v}");
     let _ = std::fs::remove_file(json);
 }
 
