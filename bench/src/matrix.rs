@@ -513,7 +513,7 @@ pub fn run(o: &Options) -> Result<bool> {
     let (csv, json) = results.write(&o.out)?;
     println!("\n  results: {} and {}", csv.display(), json.display());
     let summaries: Vec<_> = results.cells.iter().map(Cell::summary).collect();
-    for plot in plots::write(&o.out, &summaries)? {
+    for plot in plots::write(&o.out, &summaries, results.schema)? {
         println!("  plot:    {}", plot.display());
     }
     Ok(ok)

@@ -266,11 +266,11 @@ fn runs_note<'a>(points: impl IntoIterator<Item = &'a Summary>) -> String {
 
 /// Draws every figure of `points` (one per cell) into `dir`; returns the
 /// files written.
-pub fn write(dir: &Path, points: &[Summary]) -> Result<Vec<PathBuf>> {
+pub fn write(dir: &Path, points: &[Summary], schema: u32) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for set in Set::per_size(points) {
         files.push(paper(dir, &set)?);
-        files.push(time_vs_link(dir, &set)?);
+        files.push(time_vs_link(dir, &set, schema)?);
         if let Some(f) = bytes_per_round(dir, &set)? {
             files.push(f);
         }
@@ -287,7 +287,7 @@ pub fn write(dir: &Path, points: &[Summary]) -> Result<Vec<PathBuf>> {
 pub fn replot(dir: &Path) -> Result<Vec<PathBuf>> {
     let doc = BenchResults::read(&dir.join("bench.json"))?;
     let points: Vec<Summary> = doc.cells.iter().map(Cell::summary).collect();
-    write(dir, &points)
+    write(dir, &points, doc.schema)
 }
 
 /// What an axis counts, and how its ticks are written.
@@ -846,9 +846,21 @@ fn paper(dir: &Path, set: &Set<'_>) -> Result<PathBuf> {
         ("total migration time", "total time", Unit::Millis, |p| {
             p.total_ms
         }),
-        ("bytes on the link", "bytes, both ways", Unit::Bytes, |p| {
-            p.total_bytes
-        }),
+        // Only runs on the shaped link counted the link's bytes; the others
+        // (`--link-emulation cap`, bench.json before schema 2) hold each
+        // tool's own count.
+        if set.cells.iter().all(|p| p.link_counted_runs == p.runs) {
+            ("bytes on the link", "bytes, both ways", Unit::Bytes, |p| {
+                p.total_bytes
+            })
+        } else {
+            (
+                "bytes sent (each tool's own count)",
+                "bytes",
+                Unit::Bytes,
+                |p| p.total_bytes,
+            )
+        },
     ];
     let title = "rounds, total time and data volume per method and link cap";
     by_link(dir, "paper", set, title, panels, String::new())
@@ -856,17 +868,19 @@ fn paper(dir: &Path, set: &Set<'_>) -> Result<PathBuf> {
 
 /// `time_vs_link-<size>.svg`: total time, downtime and the blackout (where
 /// measured) per method, grouped by link cap.
-fn time_vs_link(dir: &Path, set: &Set<'_>) -> Result<PathBuf> {
+fn time_vs_link(dir: &Path, set: &Set<'_>, schema: u32) -> Result<PathBuf> {
+    // Schema 2 measures both tools' downtime on one clock; older files hold
+    // each tool's own figure.
+    let downtime = if schema >= 2 {
+        "downtime (pause to run, one clock)"
+    } else {
+        "downtime (each tool's own figure)"
+    };
     let mut panels: Vec<Metric> = vec![
         ("total migration time", "total time", Unit::Millis, |p| {
             p.total_ms
         }),
-        (
-            "downtime (pause to run, one clock)",
-            "downtime",
-            Unit::Millis,
-            |p| p.downtime_ms,
-        ),
+        (downtime, "downtime", Unit::Millis, |p| p.downtime_ms),
     ];
     let blackout = set.cells.iter().any(|p| p.blackout_ms.median.is_finite());
     let mut unmeasured = String::new();
@@ -920,7 +934,17 @@ fn by_link(
         Grouped {
             caption: caption.into(),
             x_desc: "link cap",
-            groups: ls.iter().map(|l| link_words(*l)).collect(),
+            // A link cap no run reached is not that link's result: say so.
+            groups: ls
+                .iter()
+                .map(|&l| {
+                    let cpu = set
+                        .cells
+                        .iter()
+                        .any(|p| p.setting.link == l && p.cpu_bound_runs > 0);
+                    link_words(l) + if cpu { " (CPU-bound)" } else { "" }
+                })
+                .collect(),
             y_desc,
             unit,
             variants: &vs,
@@ -1146,6 +1170,7 @@ mod tests {
             },
             brownout: 1.0,
             cpu_bound_runs: 0,
+            link_counted_runs: 3,
         }
     }
 
@@ -1203,7 +1228,7 @@ mod tests {
     #[test]
     fn every_figure_names_every_link_and_method() {
         let dir = scratch("links");
-        let files = write(&dir, &matrix(&[256 << 20])).unwrap();
+        let files = write(&dir, &matrix(&[256 << 20]), crate::results::SCHEMA).unwrap();
         let names: Vec<String> = files
             .iter()
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
@@ -1256,7 +1281,7 @@ mod tests {
         let mut points = matrix(&[256 << 20]);
         // Page at 1 Gbit/s force-stopped in two runs of three.
         points[0].converged_runs = 1;
-        write(&dir, &points).unwrap();
+        write(&dir, &points, crate::results::SCHEMA).unwrap();
         for name in [
             "paper-256M.svg",
             "time_vs_link-256M.svg",
@@ -1276,7 +1301,7 @@ mod tests {
 
         // Everything converged: nothing hollow.
         points[0].converged_runs = 3;
-        write(&dir, &points).unwrap();
+        write(&dir, &points, crate::results::SCHEMA).unwrap();
         for name in ["paper-256M.svg", "time_vs_link-256M.svg"] {
             let svg = read(&dir, name);
             assert!(
@@ -1290,7 +1315,7 @@ mod tests {
     #[test]
     fn two_sizes_draw_two_sets_with_their_size_and_one_against_size() {
         let dir = scratch("sizes");
-        let files = write(&dir, &matrix(&[256 << 20, 1 << 30])).unwrap();
+        let files = write(&dir, &matrix(&[256 << 20, 1 << 30]), crate::results::SCHEMA).unwrap();
         assert_eq!(files.len(), 7, "{files:?}");
         for (tag, size, other) in [
             ("256M", "256 MiB guest", "1 GiB"),

@@ -467,6 +467,9 @@ pub struct Summary {
     pub brownout: f64,
     /// Runs limited by the CPU rather than the shaped link.
     pub cpu_bound_runs: usize,
+    /// Runs whose `total_bytes` the shaped link counted (the others hold
+    /// each tool's own count).
+    pub link_counted_runs: usize,
 }
 
 impl Summary {
@@ -500,6 +503,10 @@ impl Cell {
                 .unwrap_or_default(),
             brownout: median(runs.iter().map(|r| r.brownout)),
             cpu_bound_runs: runs.iter().filter(|r| r.cpu_bound).count(),
+            link_counted_runs: runs
+                .iter()
+                .filter(|r| r.link_emulation == Emulation::Veth)
+                .count(),
         }
     }
 }

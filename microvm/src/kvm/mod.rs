@@ -467,18 +467,20 @@ fn vcpu_loop(mut fd: VcpuFd, shared: &Shared, cmds: &Receiver<Cmd>, run: RunPara
             shared.parked.fetch_sub(1, Ordering::SeqCst);
             continue;
         }
+        // Not before the batch is due; in slices of at most 50 ms, so that
+        // a pause or a stop is seen while waiting for a slow pace.
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
+            continue;
+        }
         match fd.run() {
             Ok(VcpuExit::MmioWrite(addr, _)) if addr == run.doorbell + BELL_BATCH => {
                 shared
                     .writes
                     .fetch_add(run.writes_per_batch, Ordering::Relaxed);
                 if let Some(period) = period {
-                    due += period;
-                    let now = Instant::now();
-                    match due.checked_duration_since(now) {
-                        Some(wait) => std::thread::sleep(wait.min(Duration::from_millis(50))),
-                        None => due = now,
-                    }
+                    // A guest that fell behind starts again from now.
+                    due = (due + period).max(Instant::now());
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, _)) if addr == run.doorbell + BELL_IDLE => {
