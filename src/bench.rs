@@ -61,7 +61,7 @@ pub struct BenchArgs {
     link_emulation: Emulation,
     /// Run nothing: redraw the figures of DIR from its bench.json (one
     /// written by an older hpmig too) into DIR.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "peer", "memory", "contents"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "peer", "memory", "contents", "loads", "links", "repeats", "out", "link_emulation"])]
     replot: Option<PathBuf>,
 }
 

@@ -1,6 +1,7 @@
 //! The migration benchmark matrix behind `hpmig bench`. It owns the cells
 //! (guest size × load × link × method) and how one run of a cell goes: boot
-//! a guest, migrate it over TCP on loopback (the cap emulates the link),
+//! a guest, migrate it over TCP on a shaped veth link ([`crate::link`]; or
+//! loopback with each tool's own cap, `--link-emulation cap`),
 //! and record rounds, bytes per round, total bytes, total time, downtime,
 //! convergence and the guest's own progress during migration relative to
 //! before. Cells repeat; the table printed as they finish and the reports
@@ -8,6 +9,7 @@
 //! (min..max), and the figures ([`crate::plots`]) are drawn from them.
 
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -94,6 +96,18 @@ fn peer_matrix(memory: u64, with_qemu: bool, contents: &[Contents]) -> Vec<Setti
     cells
 }
 
+/// Whether the `--loads` and `--links` filters keep `cell`: a filter keeps
+/// what it names; an empty one keeps everything.
+fn kept(cell: &Setting, loads: &[String], links: &[String]) -> bool {
+    let named = |names: &[String], label: String| {
+        names.is_empty()
+            || names
+                .iter()
+                .any(|n| n.trim_end_matches("/s") == label.trim_end_matches("/s"))
+    };
+    named(loads, cell.load()) && named(links, cell.link.to_string())
+}
+
 fn matrix(
     quick: bool,
     only: &[Contents],
@@ -143,13 +157,6 @@ fn matrix(
                 ],
             )
         };
-    // A filter keeps what it names; an empty one keeps everything.
-    let named = |names: &[String], label: String| {
-        names.is_empty()
-            || names
-                .iter()
-                .any(|n| n.trim_end_matches("/s") == label.trim_end_matches("/s"))
-    };
     let mut cells = Vec::new();
     for &memory_bytes in &memories {
         for &contents in &contents {
@@ -164,7 +171,7 @@ fn matrix(
                             link,
                             variant,
                         };
-                        if named(only_loads, cell.load()) && named(only_links, link.to_string()) {
+                        if kept(&cell, only_loads, only_links) {
                             cells.push(cell);
                         }
                     }
@@ -183,8 +190,9 @@ fn run_cell(cell: &Setting, choice: GuestChoice, emulation: Emulation) -> Result
     };
     let link = link.as_ref();
     let hpmig = |granularity, zstd| run_hpmig(cell, granularity, zstd, choice, link);
-    // The link carries nothing but the migration: the guests boot and
-    // measure their rate before it starts without a byte on it.
+    // The link carries the migration and next to nothing else (its IPv6
+    // neighbour discovery is off): the guests boot and measure their rate
+    // before it starts without a byte on it.
     let mut run = counted(link, || match cell.variant {
         Variant::Page => hpmig(Granularity::Page, ZstdMode::Off),
         Variant::Segment => hpmig(Granularity::Segment, ZstdMode::Off),
@@ -247,6 +255,7 @@ fn run_hpmig(
         None => TcpListener::bind("127.0.0.1:0")?,
     };
     let addr = listener.local_addr()?;
+    let wake = listener.try_clone()?;
     let dm = dest_memory.clone();
     let dest = std::thread::spawn(move || -> Result<hpmig_microvm::Arrival> {
         let mut t = TcpDest::accept(listener, TcpOptions::default())?;
@@ -265,7 +274,19 @@ fn run_hpmig(
     cfg.bandwidth = cell.link.bytes_per_s().filter(|_| link.is_none());
     cfg.zstd = zstd;
     cfg.policy = policy();
-    let mut t = TcpSource::connect(addr, TcpOptions::default())?;
+    let mut t = match TcpSource::connect(addr, TcpOptions::default()) {
+        Ok(t) => t,
+        Err(e) => {
+            // The destination waits in accept without a deadline, and its
+            // socket would keep the link's namespace alive: wake it.
+            // SAFETY: shutdown(2) on `wake`, a duplicate of the listener's
+            // descriptor that stays open for the call; it only changes the
+            // socket's state (accept returns an error).
+            unsafe { libc::shutdown(wake.as_raw_fd(), libc::SHUT_RDWR) };
+            let _ = dest.join();
+            return Err(e.into());
+        }
+    };
     let (w1, h1, t1) = (guest.writes(), heartbeat(&memory, 0), Instant::now());
     let report = migrate(
         &memory,
@@ -407,7 +428,7 @@ pub fn run(o: &Options) -> Result<bool> {
     if !o.quick {
         // A filtered matrix may already hold the comparison's hpmig cells.
         for cell in peer_matrix(o.peer_memory, with_qemu, &o.contents) {
-            if !cells.contains(&cell) {
+            if !cells.contains(&cell) && kept(&cell, &o.loads, &o.links) {
                 cells.push(cell);
             }
         }
@@ -427,6 +448,11 @@ pub fn run(o: &Options) -> Result<bool> {
     match o.link {
         Emulation::Veth => {
             link::remove_stale();
+            // Once, before any cell: a host without namespaces (not root, no
+            // iproute2) is told so, not cell by cell.
+            drop(ShapedLink::create(None).context(
+                "the benchmark's shaped link (a veth pair into a network namespace) needs root and iproute2; --link-emulation cap runs on loopback with each tool's own cap instead",
+            )?);
             println!("  link: a veth pair into a network namespace, shaped with tc tbf both ways; neither tool caps itself; bytes counted on the link")
         }
         Emulation::Cap => println!(
@@ -452,7 +478,10 @@ pub fn run(o: &Options) -> Result<bool> {
         "link",
         "variant",
         "rounds",
-        "total bytes",
+        match o.link {
+            Emulation::Veth => "link bytes",
+            Emulation::Cap => "tool bytes",
+        },
         "time",
         "downtime",
         "blackout",

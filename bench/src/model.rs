@@ -26,7 +26,7 @@
 //!   measured on the uncapped cells: the round-0 rate on their round 0s,
 //!   the scan rate on their later rounds' dirty pages ([`Round`] records
 //!   them per round). They differ: a full guest's round 0 sends all of
-//!   memory through the loopback into destination pages touched for the
+//!   memory over the link into destination pages touched for the
 //!   first time, at a third of the later rounds' rate here;
 //! - after each round the model hands the rounds so far, as the
 //!   [`RoundMetrics`] the source would have recorded (dirty pages, work
@@ -136,7 +136,7 @@ struct Profile {
 struct Machine {
     /// Guest bytes per second of an uncapped round 0: all of memory
     /// scanned and, for a guest that holds data, most of it sent through
-    /// the loopback and landed in destination memory touched for the first
+    /// the link and landed in destination memory touched for the first
     /// time.
     round0_rate: f64,
     /// Guest bytes of dirty pages per second an uncapped later round gets

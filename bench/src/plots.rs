@@ -24,7 +24,7 @@
 //!   axis would start at an arbitrary value);
 //! - whiskers span min..max over the cell's runs ([`crate::stats`]);
 //! - a cell where some run did not converge (hpmig force-stopped at its
-//!   round cap, QEMU cancelled) is drawn hollow — a hatched bar, an open
+//!   round cap, QEMU stopped at the cap) is drawn hollow — a hatched bar, an open
 //!   point, a dashed line — and the legend says so ([`HOLLOW`]);
 //! - one Okabe–Ito colour per method, the same in every figure (safe for
 //!   colour-blind readers);

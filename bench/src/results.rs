@@ -474,7 +474,7 @@ pub struct Summary {
 
 impl Summary {
     /// Every run's pre-copy converged; a cell where some run was
-    /// force-stopped at the round cap (or QEMU cancelled) is not a result
+    /// force-stopped at the round cap (or QEMU's guest stopped at the cap) is not a result
     /// like the others, and the figures draw it hollow.
     pub fn all_converged(&self) -> bool {
         self.converged_runs == self.runs

@@ -1,9 +1,19 @@
 //! QEMU as the benchmark's peer: the micro-VM's workload as a multiboot
 //! image ([`multiboot`]), booted by two QEMU processes and migrated between
-//! them over loopback with QEMU's own migration, driven through QMP; QEMU's
-//! `query-migrate` figures and the guest's heartbeat (read with HMP `xp`)
-//! give the same columns as hpmig's runs. This module owns the QEMU
-//! processes, their QMP conversation and the image's pacing.
+//! them with QEMU's own migration over the run's link (the destination in
+//! the shaped link's namespace, [`crate::link`]; or loopback), driven
+//! through QMP. The downtime comes from QMP's `STOP` (source) and `RESUME`
+//! (destination) event stamps; the heartbeat is read by the host in both
+//! guests' RAM files (the blackout observer's, as for hpmig); its
+//! `query-migrate` figures are kept as QEMU's own. This module owns the
+//! QEMU processes, their QMP conversation and the image's pacing.
+//!
+//! `STOP` is sent once the vCPUs are paused; `RESUME` just before QEMU
+//! resumes them (its state notifiers and the vCPUs' wake-up come after),
+//! while hpmig's start is stamped once its vCPU threads run: a difference
+//! below a millisecond, in QEMU's favour. A forced run's destination is
+//! continued by a `cont` from the bench, as libvirt continues a guest it
+//! suspended; the QMP round trip (a few ms) counts in its downtime.
 //!
 //! # QEMU processes and scratch directories never outlive the benchmark
 //!
@@ -14,8 +24,10 @@
 //! or removes it. [`end_children_on_signals`] (installed by `hpmig bench`)
 //! answers SIGINT and SIGTERM by taking that lock, killing and reaping the
 //! QEMUs, removing the directories and exiting with 128 + the signal (130,
-//! 143). Should hpmig die by SIGKILL instead, each QEMU gets SIGKILL from
-//! the kernel (`PR_SET_PDEATHSIG`); only its directory stays then.
+//! 143), after deleting the link namespaces left ([`crate::link::remove_all`]).
+//! Should hpmig die by SIGKILL instead, each QEMU gets SIGKILL from the
+//! kernel (`PR_SET_PDEATHSIG`); only its directory stays then (and its
+//! namespace, which the next benchmark removes).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -112,7 +124,7 @@ pub fn end_children_on_signals() -> Result<()> {
             }
             crate::link::remove_all();
             eprintln!(
-                "hpmig bench: {}: ended {} QEMU process(es), removed {} scratch director{}",
+                "hpmig bench: {}: ended {} QEMU process(es), removed {} scratch director{} and the link namespaces",
                 if signal == SIGINT {
                     "interrupted"
                 } else {
@@ -573,7 +585,9 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
         match status.as_str() {
             "completed" | "failed" | "cancelled" => break (status, info),
-            _ if !stopped && (syncs > run.max_rounds || t1.elapsed() > run.timeout) => {
+            // Only while it is still iterating: a stop once completion began
+            // would mark a converged run as forced.
+            "active" if !stopped && (syncs > run.max_rounds || t1.elapsed() > run.timeout) => {
                 src.cmd("stop", json!({}))?;
                 stopped = true;
             }
@@ -601,9 +615,6 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
             "inmigrate" | "finish-migrate" => {}
             "paused" | "postmigrate" | "prelaunch" if stopped => {
                 dst.cmd("cont", json!({}))?;
-            }
-            other if Instant::now() > deadline => {
-                bail!("QEMU's destination stayed {other} after the migration")
             }
             _ => {}
         }
