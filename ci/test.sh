@@ -112,8 +112,14 @@ python3 - "$peer_out/bench.json" <<'PY'
 import json, sys
 cells = json.load(open(sys.argv[1]))["cells"]
 names = sorted({c["variant"] for c in cells})
-assert names == ["page", "qemu", "qemu-multifd", "qemu-xbzrle", "segment"], names
-assert len(cells) == 10 and all(len(c["runs"]) == 1 for c in cells), "a run failed"
+assert names == ["page", "qemu", "qemu-multifd", "qemu-xbzrle", "qemu-xbzrle-1/8", "segment", "segment-fp"], names
+assert len(cells) == 14 and all(len(c["runs"]) == 1 for c in cells), "a run failed"
+# Each delta method at its memory budget: the full shadow and xbzrle at the
+# guest's size, the fingerprints and the bounded xbzrle at 1/8 of it.
+budget = {c["variant"]: c["runs"][0]["shadow_bytes"] + c["runs"][0]["xbzrle_cache_bytes"] for c in cells}
+mem = cells[0]["memory_bytes"]
+assert budget["segment"] == mem and budget["qemu-xbzrle"] == mem, budget
+assert budget["segment-fp"] == mem // 8 and budget["qemu-xbzrle-1/8"] == mem // 8, budget
 # At 10 Gbit/s a 64 MiB guest at 100k stores/s converges whatever the method.
 assert all(c["runs"][0]["converged"] for c in cells if c["link"] == "10Gbit"), "a 10 Gbit/s run did not converge"
 # Every run finished with a downtime on one clock (QEMU: STOP on the source

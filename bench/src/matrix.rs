@@ -17,7 +17,7 @@ use anyhow::{anyhow, Context, Result};
 use hpmig_core::dirty::kvm::DirtyLogMode;
 use hpmig_core::land::{receive, DestConfig};
 use hpmig_core::memory::{Contents, DestMemory, Layout, SourceMemory};
-use hpmig_core::precopy::{migrate, SourceConfig};
+use hpmig_core::precopy::{migrate, ShadowMode, SourceConfig};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
 use hpmig_microvm::blackout::Observer;
@@ -69,9 +69,16 @@ type Load = (Workload, Option<u64>);
 /// its doorbell), hpmig page and segment next to QEMU plain, xbzrle and
 /// multifd, at 1 and 10 Gbit/s.
 fn peer_matrix(memory: u64, with_qemu: bool, contents: &[Contents]) -> Vec<Setting> {
-    let mut variants = vec![Variant::Page, Variant::Segment];
+    // hpmig's full shadow and its bounded fingerprints, and xbzrle at
+    // either budget.
+    let mut variants = vec![Variant::Page, Variant::Segment, Variant::SegmentFp];
     if with_qemu {
-        variants.extend([Variant::Qemu, Variant::QemuXbzrle, Variant::QemuMultifd]);
+        variants.extend([
+            Variant::Qemu,
+            Variant::QemuXbzrle,
+            Variant::QemuXbzrleBounded,
+            Variant::QemuMultifd,
+        ]);
     }
     let contents = if contents.is_empty() {
         &[Contents::Full][..]
@@ -189,7 +196,8 @@ fn run_cell(cell: &Setting, choice: GuestChoice, emulation: Emulation) -> Result
         Emulation::Cap => None,
     };
     let link = link.as_ref();
-    let hpmig = |granularity, zstd| run_hpmig(cell, granularity, zstd, choice, link);
+    let hpmig =
+        |granularity, zstd| run_hpmig(cell, granularity, zstd, ShadowMode::Full, choice, link);
     // The link carries the migration and next to nothing else (its IPv6
     // neighbour discovery is off): the guests boot and measure their rate
     // before it starts without a byte on it.
@@ -197,9 +205,18 @@ fn run_cell(cell: &Setting, choice: GuestChoice, emulation: Emulation) -> Result
         Variant::Page => hpmig(Granularity::Page, ZstdMode::Off),
         Variant::Segment => hpmig(Granularity::Segment, ZstdMode::Off),
         Variant::SegmentZstd => hpmig(Granularity::Segment, ZstdMode::Auto),
+        Variant::SegmentFp => run_hpmig(
+            cell,
+            Granularity::Segment,
+            ZstdMode::Off,
+            ShadowMode::Fingerprint,
+            choice,
+            link,
+        ),
         Variant::Qemu => run_qemu(cell, qemu::Mode::Plain, link),
         Variant::QemuXbzrle => run_qemu(cell, qemu::Mode::Xbzrle, link),
         Variant::QemuMultifd => run_qemu(cell, qemu::Mode::Multifd, link),
+        Variant::QemuXbzrleBounded => run_qemu(cell, qemu::Mode::Xbzrle, link),
     })?;
     run.link_emulation = emulation;
     Ok(run)
@@ -229,6 +246,7 @@ fn run_hpmig(
     cell: &Setting,
     granularity: Granularity,
     zstd: ZstdMode,
+    shadow: ShadowMode,
     choice: GuestChoice,
     link: Option<&ShapedLink>,
 ) -> Result<Run> {
@@ -273,6 +291,7 @@ fn run_hpmig(
     // On a shaped link the link is the only limit, as for QEMU.
     cfg.bandwidth = cell.link.bytes_per_s().filter(|_| link.is_none());
     cfg.zstd = zstd;
+    cfg.shadow = shadow;
     cfg.policy = policy();
     let mut t = match TcpSource::connect(addr, TcpOptions::default()) {
         Ok(t) => t,
@@ -350,11 +369,12 @@ fn run_hpmig(
             1.0
         },
         guest_writes_per_s_before: rate_before,
-        // Segment keeps a full copy of guest memory to diff against.
-        shadow_bytes: if granularity == Granularity::Segment {
-            cell.memory_bytes
-        } else {
-            0
+        // What segment keeps to diff against: a full copy of guest memory,
+        // or 8 bytes of fingerprint per 64-byte block.
+        shadow_bytes: match (granularity, shadow) {
+            (Granularity::Page, _) => 0,
+            (_, ShadowMode::Full) => cell.memory_bytes,
+            (_, ShadowMode::Fingerprint) => cell.memory_bytes / 8,
         },
         xbzrle_cache_bytes: 0,
         blackout_ms: blackout.map_or(f64::NAN, |b| ms(b.blackout)),
@@ -367,7 +387,15 @@ fn run_hpmig(
 }
 
 fn run_qemu(cell: &Setting, mode: qemu::Mode, link: Option<&ShapedLink>) -> Result<Run> {
+    // xbzrle's cache at hpmig's budget for the same guest: its full shadow,
+    // or its fingerprints' 1/8.
+    let xbzrle_cache = match (mode, cell.variant) {
+        (qemu::Mode::Xbzrle, Variant::QemuXbzrleBounded) => cell.memory_bytes / 8,
+        (qemu::Mode::Xbzrle, _) => cell.memory_bytes,
+        _ => 0,
+    };
     let o = qemu::migrate(&qemu::Run {
+        xbzrle_cache,
         workload: cell.workload,
         contents: cell.contents,
         dirty_rate: cell.dirty_rate,
@@ -397,12 +425,7 @@ fn run_qemu(cell: &Setting, mode: qemu::Mode, link: Option<&ShapedLink>) -> Resu
         guest_progress: o.progress,
         brownout: o.brownout,
         guest_writes_per_s_before: o.rate_before,
-        // Sized to hpmig's shadow for the same guest (see qemu::migrate).
-        xbzrle_cache_bytes: if mode == qemu::Mode::Xbzrle {
-            cell.memory_bytes
-        } else {
-            0
-        },
+        xbzrle_cache_bytes: xbzrle_cache,
         blackout_ms: o.blackout.map_or(f64::NAN, |b| ms(b.blackout)),
         blackout_before_pause_ms: o.split.map_or(f64::NAN, |s| ms(s.before_pause)),
         blackout_after_start_ms: o.split.map_or(f64::NAN, |s| ms(s.after_start)),

@@ -56,14 +56,17 @@ pub const LOG_SPAN: f64 = 30.0;
 /// Okabe & Ito's colour-blind-safe palette, one colour per method in
 /// [`Variant::ALL`]'s order: page vermillion, segment blue, segment+zstd
 /// sky blue, qemu orange, qemu-xbzrle bluish green, qemu-multifd reddish
-/// purple (its yellow is too faint on white).
-const PALETTE: [RGBColor; 6] = [
+/// purple, segment-fp black, qemu-xbzrle-1/8 grey (its yellow is too faint
+/// on white).
+const PALETTE: [RGBColor; 8] = [
     RGBColor(213, 94, 0),
     RGBColor(0, 114, 178),
     RGBColor(86, 180, 233),
     RGBColor(230, 159, 0),
     RGBColor(0, 158, 115),
     RGBColor(204, 121, 167),
+    RGBColor(0, 0, 0),
+    RGBColor(150, 150, 150),
 ];
 
 /// Text and the legend's neutral marks.

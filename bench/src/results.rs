@@ -264,7 +264,8 @@ fn nan() -> f64 {
 }
 
 /// Who migrates, and how. Written by name: `page`, `segment`,
-/// `segment+zstd`, `qemu`, `qemu-xbzrle`, `qemu-multifd`.
+/// `segment+zstd`, `segment-fp`, `qemu`, `qemu-xbzrle`, `qemu-xbzrle-1/8`,
+/// `qemu-multifd`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Variant {
     /// hpmig, whole dirty pages.
@@ -285,17 +286,28 @@ pub enum Variant {
     /// QEMU with multifd channels.
     #[serde(rename = "qemu-multifd")]
     QemuMultifd,
+    /// hpmig, segments found with block fingerprints instead of a full
+    /// shadow (`--shadow fingerprint`, the CLI's default): 1/8 of the
+    /// guest's memory.
+    #[serde(rename = "segment-fp")]
+    SegmentFp,
+    /// QEMU xbzrle with its cache at the fingerprints' budget, 1/8 of the
+    /// guest.
+    #[serde(rename = "qemu-xbzrle-1/8")]
+    QemuXbzrleBounded,
 }
 
 impl Variant {
     /// Every variant, in the order the figures list them.
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Page,
         Variant::Segment,
         Variant::SegmentZstd,
         Variant::Qemu,
         Variant::QemuXbzrle,
         Variant::QemuMultifd,
+        Variant::SegmentFp,
+        Variant::QemuXbzrleBounded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -306,6 +318,8 @@ impl Variant {
             Variant::Qemu => "qemu",
             Variant::QemuXbzrle => "qemu-xbzrle",
             Variant::QemuMultifd => "qemu-multifd",
+            Variant::SegmentFp => "segment-fp",
+            Variant::QemuXbzrleBounded => "qemu-xbzrle-1/8",
         }
     }
 
@@ -313,13 +327,16 @@ impl Variant {
     pub fn is_qemu(self) -> bool {
         matches!(
             self,
-            Variant::Qemu | Variant::QemuXbzrle | Variant::QemuMultifd
+            Variant::Qemu | Variant::QemuXbzrle | Variant::QemuMultifd | Variant::QemuXbzrleBounded
         )
     }
 
     /// hpmig sending dirty offset segments rather than whole pages.
     pub fn sends_segments(self) -> bool {
-        matches!(self, Variant::Segment | Variant::SegmentZstd)
+        matches!(
+            self,
+            Variant::Segment | Variant::SegmentZstd | Variant::SegmentFp
+        )
     }
 }
 

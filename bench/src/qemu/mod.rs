@@ -428,6 +428,8 @@ pub struct Run {
     /// (on a shaped link it is off).
     pub bandwidth: Option<u64>,
     pub downtime_limit: Duration,
+    /// xbzrle's page cache, bytes (a power of two; xbzrle only).
+    pub xbzrle_cache: u64,
     pub channels: usize,
     /// The destination's end of a shaped link: its network namespace and
     /// address. `None`: loopback.
@@ -542,7 +544,7 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         "downtime-limit": run.downtime_limit.as_millis() as u64,
     });
     if run.mode == Mode::Xbzrle {
-        params["xbzrle-cache-size"] = json!(run.memory);
+        params["xbzrle-cache-size"] = json!(run.xbzrle_cache);
     }
     if run.mode == Mode::Multifd {
         params["multifd-channels"] = json!(run.channels);
