@@ -341,10 +341,7 @@ fn run_hpmig(
     };
     // The guest's heartbeat rate from the start until its last beat on the
     // source, over its rate before: the brownout, the pause excluded.
-    let brownout = blackout.map_or(f64::NAN, |b| {
-        let secs = b.source_last.saturating_duration_since(t1).as_secs_f64();
-        b.source_last_beat.saturating_sub(h1) as f64 / secs / beats_per_s_before
-    });
+    let brownout = blackout.map_or(f64::NAN, |b| b.brownout(t1, h1, beats_per_s_before));
     if !r.verified {
         return Err(anyhow!("digest not verified"));
     }

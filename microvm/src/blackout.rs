@@ -52,6 +52,17 @@ pub struct Split {
 }
 
 impl Blackout {
+    /// The brownout: the guest's heartbeat rate from `start` (when it read
+    /// `beat`) to its last beat on the source, over `beats_per_s_before`.
+    /// The pause is excluded; 1 is no slowdown.
+    pub fn brownout(&self, start: Instant, beat: u64, beats_per_s_before: f64) -> f64 {
+        let secs = self
+            .source_last
+            .saturating_duration_since(start)
+            .as_secs_f64();
+        self.source_last_beat.saturating_sub(beat) as f64 / secs / beats_per_s_before
+    }
+
     /// Splits the blackout at the pause (`paused_at`, when the source's
     /// `Guest::pause` returned) and at the destination's start
     /// (`started_at`), both on this process's clock.

@@ -646,10 +646,7 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         anchor.checked_sub(back).unwrap_or(anchor)
     };
     let split = blackout.map(|b| b.split(at(stop), at(resume)));
-    let brownout = blackout.map_or(f64::NAN, |b| {
-        let secs = b.source_last.saturating_duration_since(t1).as_secs_f64();
-        (b.source_last_beat.saturating_sub(h1)) as f64 / secs / rate_before
-    });
+    let brownout = blackout.map_or(f64::NAN, |b| b.brownout(t1, h1, rate_before));
     let ram = &info["ram"];
     let total_ms = info["total-time"].as_f64().unwrap_or(elapsed * 1e3);
     Ok(Outcome {
