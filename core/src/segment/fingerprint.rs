@@ -300,6 +300,24 @@ fn gf_mul(a: u64, b: u64) -> u64 {
     reduce(hi, lo)
 }
 
+/// [`reduce`] in every 64-bit lane of vectors `hi` and `lo`, with the
+/// vector XOR and shift intrinsics of their width (in a function with the
+/// target features they need).
+#[cfg(target_arch = "x86_64")]
+macro_rules! reduce_lanes {
+    ($xor:ident, $shl:ident, $shr:ident, $hi:expr, $lo:expr) => {{
+        let (hi, lo) = ($hi, $lo);
+        let xor3 = |a, b, c| $xor(a, $xor(b, c));
+        let folded = $xor(xor3(hi, $shl::<1>(hi), $shl::<3>(hi)), $shl::<4>(hi));
+        let over = xor3($shr::<63>(hi), $shr::<61>(hi), $shr::<60>(hi));
+        let over = $xor(
+            xor3(over, $shl::<1>(over), $shl::<3>(over)),
+            $shl::<4>(over),
+        );
+        xor3(lo, folded, over)
+    }};
+}
+
 /// # Safety
 /// The CPU must have PCLMULQDQ.
 #[cfg(target_arch = "x86_64")]
@@ -320,22 +338,7 @@ unsafe fn hash_blocks_clmul(bytes: &[u8], powers: &[u64; WORDS], out: &mut [u64]
         let (x, y) = unsafe { (block_sum_clmul(x, &k), block_sum_clmul(y, &k)) };
         let hi = _mm_unpackhi_epi64(x, y);
         let lo = _mm_unpacklo_epi64(x, y);
-        // `reduce`, lane by lane.
-        let xor3 = |a, b, c| _mm_xor_si128(a, _mm_xor_si128(b, c));
-        let folded = _mm_xor_si128(
-            xor3(hi, _mm_slli_epi64::<1>(hi), _mm_slli_epi64::<3>(hi)),
-            _mm_slli_epi64::<4>(hi),
-        );
-        let over = xor3(
-            _mm_srli_epi64::<63>(hi),
-            _mm_srli_epi64::<61>(hi),
-            _mm_srli_epi64::<60>(hi),
-        );
-        let over = _mm_xor_si128(
-            xor3(over, _mm_slli_epi64::<1>(over), _mm_slli_epi64::<3>(over)),
-            _mm_slli_epi64::<4>(over),
-        );
-        let r = xor3(lo, folded, over);
+        let r = reduce_lanes!(_mm_xor_si128, _mm_slli_epi64, _mm_srli_epi64, hi, lo);
         // SAFETY: `o` is two u64, 16 bytes; storeu has no alignment requirement.
         unsafe { _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, r) };
     }
@@ -451,27 +454,15 @@ unsafe fn copy_hash_vpclmul(
         // 64-bit lanes a, c, b, d: the high words, the low words.
         let hi = _mm256_unpackhi_epi64(ab, cd);
         let lo = _mm256_unpacklo_epi64(ab, cd);
-        // `reduce`, lane by lane.
-        let xor3 = |a, b, c| _mm256_xor_si256(a, _mm256_xor_si256(b, c));
-        let folded = _mm256_xor_si256(
-            xor3(hi, _mm256_slli_epi64::<1>(hi), _mm256_slli_epi64::<3>(hi)),
-            _mm256_slli_epi64::<4>(hi),
-        );
-        let over = xor3(
-            _mm256_srli_epi64::<63>(hi),
-            _mm256_srli_epi64::<61>(hi),
-            _mm256_srli_epi64::<60>(hi),
-        );
-        let over = _mm256_xor_si256(
-            xor3(
-                over,
-                _mm256_slli_epi64::<1>(over),
-                _mm256_slli_epi64::<3>(over),
-            ),
-            _mm256_slli_epi64::<4>(over),
+        let r = reduce_lanes!(
+            _mm256_xor_si256,
+            _mm256_slli_epi64,
+            _mm256_srli_epi64,
+            hi,
+            lo
         );
         // Lanes a, c, b, d back to a, b, c, d.
-        let r = _mm256_permute4x64_epi64::<0b11_01_10_00>(xor3(lo, folded, over));
+        let r = _mm256_permute4x64_epi64::<0b11_01_10_00>(r);
         // SAFETY: `o` is four u64, 32 bytes; storeu has no alignment requirement.
         unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, r) };
     }
