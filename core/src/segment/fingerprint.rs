@@ -64,8 +64,8 @@
 //!
 //! The worker copies a live page into its snapshot and hashes it in one
 //! pass ([`FingerprintPart::copy_compare_and_store`]): on the `Vpclmul`
-//! path every 32 bytes are loaded once, stored into the snapshot and
-//! hashed from the same register, so the page crosses the memory bus once
+//! and `Clmul` paths every 32 (16) bytes are loaded once, stored into the
+//! snapshot and hashed from the same register, so the page crosses the memory bus once
 //! instead of being copied and then read again, and the fingerprints are
 //! those of the snapshot's bytes even while the guest writes the page.
 //!
@@ -215,32 +215,49 @@ impl BlockHasher {
     /// 64-byte blocks of `dst` into `out`, as [`BlockHasher::hash_blocks`]
     /// would after the copy: the hashes are those of the bytes in `dst`
     /// even if `src` changes meanwhile (a running guest's page). On the
-    /// `Vpclmul` path in one pass: every 32 bytes loaded once, stored and
-    /// hashed, so the page is read from memory only once.
+    /// carry-less paths in one pass: every 32 (16) bytes loaded once,
+    /// stored and hashed, so the page is read from memory only once.
     ///
     /// # Safety
     /// `src` must be readable for `dst.len()` bytes, which must not
     /// overlap `dst`.
     pub unsafe fn copy_and_hash_blocks(&self, src: *const u8, dst: &mut [u8], out: &mut [u64]) {
         let n = (dst.len() / BLOCK).min(out.len());
-        #[cfg(target_arch = "x86_64")]
-        if self.path == HashPath::Vpclmul {
-            let (d, whole, tail) = (dst.as_mut_ptr(), n * BLOCK, dst.len() - n * BLOCK);
+        let (d, whole, tail) = (dst.as_mut_ptr(), n * BLOCK, dst.len() - n * BLOCK);
+        // SAFETY: `src` is readable for dst.len() = whole + tail bytes (our
+        // contract), `dst` writable for as many, and they do not overlap;
+        // each path's CPU features are present, see `hash_raw`.
+        unsafe {
+            if self.path == HashPath::Portable {
+                std::ptr::copy_nonoverlapping(src, d, dst.len());
+                self.hash_blocks(dst, out);
+                return;
+            }
+            self.hash_raw(src, Some(d), &mut out[..n]);
+            std::ptr::copy_nonoverlapping(src.add(whole), d.add(whole), tail);
+        }
+    }
+
+    /// `copy_hash_vpclmul` or `copy_hash_clmul`, as `path` says.
+    ///
+    /// # Safety
+    /// `path` is not `Portable`; `src` readable, and `dst` (if given)
+    /// writable, for `64 · out.len()` bytes, the two not overlapping.
+    unsafe fn hash_raw(&self, src: *const u8, dst: Option<*mut u8>, out: &mut [u64]) {
+        match self.path {
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: `path` is Vpclmul only when `HashPath::available` saw
             // is_x86_feature_detected! report pclmulqdq, avx2 and
-            // vpclmulqdq; `src` is readable for dst.len() = whole + tail
-            // bytes (our contract), `dst` writable for as many, and they do
-            // not overlap.
-            unsafe {
-                copy_hash_vpclmul(src, Some(d), &self.powers, &mut out[..n]);
-                std::ptr::copy_nonoverlapping(src.add(whole), d.add(whole), tail);
-            }
-            return;
+            // vpclmulqdq; the lengths are our contract.
+            HashPath::Vpclmul => unsafe { copy_hash_vpclmul(src, dst, &self.powers, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `path` is Clmul only when `HashPath::available` saw
+            // is_x86_feature_detected! report pclmulqdq (sse2 is
+            // x86-64's); the lengths are our contract.
+            HashPath::Clmul => unsafe { copy_hash_clmul(src, dst, &self.powers, out) },
+            // Off x86-64 every hasher is Portable (`HashPath::available`).
+            _ => unreachable!("the portable path has no raw form"),
         }
-        // SAFETY: `src` is readable for dst.len() bytes and does not
-        // overlap `dst` (our contract).
-        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
-        self.hash_blocks(dst, out);
     }
 
     /// Hashes the 64-byte blocks of `bytes` into `out`, one per block, as
@@ -249,14 +266,10 @@ impl BlockHasher {
         let n = (bytes.len() / BLOCK).min(out.len());
         let (bytes, out) = (&bytes[..n * BLOCK], &mut out[..n]);
         #[cfg(target_arch = "x86_64")]
-        match self.path {
-            // SAFETY: `path` is Vpclmul only when `HashPath::available` saw
-            // is_x86_feature_detected! report pclmulqdq, avx2 and vpclmulqdq.
-            HashPath::Vpclmul => return unsafe { hash_blocks_vpclmul(bytes, &self.powers, out) },
-            // SAFETY: `path` is Clmul only when `HashPath::available` saw
-            // is_x86_feature_detected! report pclmulqdq (sse2 is x86-64's).
-            HashPath::Clmul => return unsafe { hash_blocks_clmul(bytes, &self.powers, out) },
-            HashPath::Portable => {}
+        if self.path != HashPath::Portable {
+            // SAFETY: not Portable; `bytes` holds `n` = out.len() blocks to
+            // read, and nothing is copied.
+            return unsafe { self.hash_raw(bytes.as_ptr(), None, out) };
         }
         for (b, o) in bytes.chunks_exact(BLOCK).zip(out.iter_mut()) {
             let mut hi = 0u64;
@@ -318,57 +331,69 @@ macro_rules! reduce_lanes {
     }};
 }
 
+/// Hashes the `out.len()` blocks at `src` into `out`; with `dst`, copies
+/// them there too, as [`copy_hash_vpclmul`] does, 16 bytes at a time.
+///
 /// # Safety
-/// The CPU must have PCLMULQDQ.
+/// The CPU must have PCLMULQDQ; `src` must be readable, and `dst` (if
+/// given) writable, for `64 · out.len()` bytes, the two not overlapping.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "pclmulqdq")]
-unsafe fn hash_blocks_clmul(bytes: &[u8], powers: &[u64; WORDS], out: &mut [u64]) {
+unsafe fn copy_hash_clmul(
+    src: *const u8,
+    dst: Option<*mut u8>,
+    powers: &[u64; WORDS],
+    out: &mut [u64],
+) {
     use std::arch::x86_64::*;
     // Key pairs, low lane for the even word, high lane for the odd one.
     let k = |i: usize| _mm_set_epi64x(powers[i + 1] as i64, powers[i] as i64);
     let k = [k(0), k(2), k(4), k(6)];
+    // SAFETY: the CPU has PCLMULQDQ (this function's contract); `sum` is
+    // called below only for blocks b < out.len(), which lie at offset 64·b
+    // of `src` and `dst`, 64 bytes each.
+    let sum = |b: usize| unsafe {
+        let off = b * BLOCK;
+        block_sum_clmul(src.add(off), dst.map(|d| d.add(off)), &k)
+    };
     // Two blocks at a time: their 128-bit sums are reduced side by side,
     // one 64-bit lane each, with shifts (which leave the multiplier free).
-    let mut pairs = bytes.chunks_exact(2 * BLOCK);
     let mut outs = out.chunks_exact_mut(2);
-    for (b, o) in (&mut pairs).zip(&mut outs) {
-        let (x, y) = b.split_at(BLOCK);
-        // SAFETY: PCLMULQDQ is present (this function's contract); `x` and
-        // `y` are 64 bytes each.
-        let (x, y) = unsafe { (block_sum_clmul(x, &k), block_sum_clmul(y, &k)) };
+    let mut at = 0;
+    for o in &mut outs {
+        let (x, y) = (sum(at), sum(at + 1));
+        at += 2;
         let hi = _mm_unpackhi_epi64(x, y);
         let lo = _mm_unpacklo_epi64(x, y);
         let r = reduce_lanes!(_mm_xor_si128, _mm_slli_epi64, _mm_srli_epi64, hi, lo);
         // SAFETY: `o` is two u64, 16 bytes; storeu has no alignment requirement.
         unsafe { _mm_storeu_si128(o.as_mut_ptr() as *mut __m128i, r) };
     }
-    for (b, o) in pairs
-        .remainder()
-        .chunks_exact(BLOCK)
-        .zip(outs.into_remainder())
-    {
-        // SAFETY: as above, for one 64-byte block.
-        let x = unsafe { block_sum_clmul(b, &k) };
+    if let [o] = outs.into_remainder() {
+        let x = sum(at);
         let lo = _mm_cvtsi128_si64(x) as u64;
         let hi = _mm_cvtsi128_si64(_mm_unpackhi_epi64(x, x)) as u64;
         *o = reduce(hi, lo);
     }
 }
 
-/// The unreduced 128-bit sum `Σ mᵢ·k^(8-i)` of one block.
+/// The unreduced 128-bit sum `Σ mᵢ·k^(8-i)` of the block at `p`; with
+/// `copy`, the block's bytes as loaded are stored there.
 ///
 /// # Safety
-/// The CPU must have PCLMULQDQ and `b` must be at least 64 bytes long.
+/// The CPU must have PCLMULQDQ, `p` must point to 64 readable bytes and
+/// `copy` (if given) to 64 writable ones.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "pclmulqdq")]
 #[inline]
 unsafe fn block_sum_clmul(
-    b: &[u8],
+    p: *const u8,
+    copy: Option<*mut u8>,
     k: &[std::arch::x86_64::__m128i; 4],
 ) -> std::arch::x86_64::__m128i {
     use std::arch::x86_64::*;
-    let p = b.as_ptr() as *const __m128i;
-    // SAFETY: `b` holds 64 bytes (the caller's contract), so the four
+    let p = p as *const __m128i;
+    // SAFETY: 64 readable bytes at `p` (the caller's contract), so the four
     // 16-byte loads at p..p+4 are in bounds; loadu needs no alignment.
     let m = unsafe {
         [
@@ -378,6 +403,14 @@ unsafe fn block_sum_clmul(
             _mm_loadu_si128(p.add(3)),
         ]
     };
+    if let Some(c) = copy {
+        let c = c as *mut __m128i;
+        for (i, m) in m.iter().enumerate() {
+            // SAFETY: 64 writable bytes at `c` (the caller's contract);
+            // storeu needs no alignment.
+            unsafe { _mm_storeu_si128(c.add(i), *m) };
+        }
+    }
     let pair = |i: usize| {
         _mm_xor_si128(
             _mm_clmulepi64_si128::<0x00>(m[i], k[i]),
@@ -388,17 +421,6 @@ unsafe fn block_sum_clmul(
         _mm_xor_si128(pair(0), pair(1)),
         _mm_xor_si128(pair(2), pair(3)),
     )
-}
-
-/// # Safety
-/// The CPU must have AVX2, PCLMULQDQ and VPCLMULQDQ.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,pclmulqdq")]
-unsafe fn hash_blocks_vpclmul(bytes: &[u8], powers: &[u64; WORDS], out: &mut [u64]) {
-    let n = (bytes.len() / BLOCK).min(out.len());
-    // SAFETY: the CPU has the three (this function's contract); `bytes`
-    // holds `n` blocks to read; no copy.
-    unsafe { copy_hash_vpclmul(bytes.as_ptr(), None, powers, &mut out[..n]) }
 }
 
 /// Hashes the `out.len()` blocks at `src` into `out`; with `dst`, copies
@@ -466,23 +488,17 @@ unsafe fn copy_hash_vpclmul(
         // SAFETY: `o` is four u64, 32 bytes; storeu has no alignment requirement.
         unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, r) };
     }
-    let rest = outs.into_remainder();
-    let len = rest.len() * BLOCK;
-    // SAFETY: the rest of `src` and `dst` (the contract's lengths); after
-    // the copy the hashed bytes are `dst`'s own, a buffer nobody else
-    // writes while we hold it (the contract: it does not overlap `src`).
-    let rest_bytes = unsafe {
-        let from = src.add(at * BLOCK);
-        match dst {
-            Some(d) => {
-                std::ptr::copy_nonoverlapping(from, d.add(at * BLOCK), len);
-                std::slice::from_raw_parts(d.add(at * BLOCK), len)
-            }
-            None => std::slice::from_raw_parts(from, len),
-        }
-    };
-    // SAFETY: the CPU has PCLMULQDQ (this function's contract).
-    unsafe { hash_blocks_clmul(rest_bytes, powers, rest) }
+    let off = at * BLOCK;
+    // SAFETY: the CPU has PCLMULQDQ (this function's contract); the
+    // blocks from `at` on are the rest of `src` and `dst`.
+    unsafe {
+        copy_hash_clmul(
+            src.add(off),
+            dst.map(|d| d.add(off)),
+            powers,
+            outs.into_remainder(),
+        )
+    }
 }
 
 /// The unreduced sum `Σ mᵢ·k^(8-i)` of the block at `p`, as two 128-bit
