@@ -47,9 +47,9 @@
 //!
 //! The powers `k⁸ … k¹` are computed once, so a block costs eight
 //! independent carry-less 64×64 multiplications, XORed together, and one
-//! reduction of the 128-bit sum (the hash is linear, so reducing once after
-//! the XOR gives exactly the reduced sum of the reduced products), done
-//! with shifts because the modulus is sparse. Three paths, chosen at run
+//! reduction of the 128-bit sum (reduction modulo the polynomial is
+//! linear, so reducing the XOR of the products gives exactly the XOR of the
+//! reduced products), done with shifts because the modulus is sparse. Three paths, chosen at run
 //! time by [`HashPath::detect`], give the same values bit for bit (a test
 //! runs them all on random data):
 //!
@@ -65,9 +65,9 @@
 //! The worker copies a live page into its snapshot and hashes it in one
 //! pass ([`FingerprintPart::copy_compare_and_store`]): on the `Vpclmul`
 //! and `Clmul` paths every 32 (16) bytes are loaded once, stored into the
-//! snapshot and hashed from the same register, so the page crosses the memory bus once
-//! instead of being copied and then read again, and the fingerprints are
-//! those of the snapshot's bytes even while the guest writes the page.
+//! snapshot and hashed from the same register, so the page is read from
+//! memory once instead of copied and then read again, and the fingerprints
+//! are those of the snapshot's bytes even while the guest writes the page.
 //!
 //! In the `diff` bench's `hash-only` figures on an AMD EPYC with both,
 //! `Vpclmul` hashes about twice as fast as `Clmul` (some 25 GiB/s, about
