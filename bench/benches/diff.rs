@@ -8,7 +8,8 @@
 //! buffer. 16 MiB of pages, larger than the caches, as in a real round.
 //!
 //! `fingerprint`: the same path with block fingerprints instead of a
-//! shadow (`--shadow fingerprint`): hash the snapshot's 64-byte blocks,
+//! shadow (`--shadow fingerprint`): copy the live page into the snapshot
+//! and hash its 64-byte blocks (one pass, as the worker does),
 //! compare with the stored fingerprints, plan the changed blocks, write the
 //! records; on pages with 0.1 %, 1 %, 10 % and 100 % of their *blocks*
 //! changed, beside the shadow diff and the memcmp baseline on the same
@@ -22,7 +23,7 @@ use hpmig_core::memory::host_page_size;
 use hpmig_core::memory::PageIndex;
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::diff::Differ;
-use hpmig_core::segment::fingerprint::{BlockHasher, FingerprintStore, BLOCK};
+use hpmig_core::segment::fingerprint::{BlockHasher, FingerprintStore, HashPath, BLOCK};
 use hpmig_core::segment::{EncoderConfig, PageEncoder};
 
 const PAGES: usize = 4096;
@@ -162,17 +163,16 @@ fn bench_fingerprint(c: &mut Criterion) {
         let copy = live.clone();
         let mut snapshot = vec![0u8; ps];
         let mut out = vec![0u8; 4 << 20];
-        let hashers = [
-            Some(BlockHasher::with_key(key).expect("a nonzero key")),
-            // The portable fallback is slow: one level shows how slow.
-            (permille == 10).then(|| BlockHasher::with_key(key).expect("nonzero").portable()),
-        ];
-        for hasher in hashers.into_iter().flatten() {
-            let name = if hasher.uses_clmul() {
-                "fingerprint-clmul"
-            } else {
-                "fingerprint-portable"
-            };
+        let best = BlockHasher::with_key(key).expect("a nonzero key");
+        // The default path at every level; the slower ones (where the CPU
+        // has them) at one level, to show how much slower.
+        let hashers = HashPath::ALL.into_iter().filter_map(|p| {
+            (p == best.path() || permille == 10)
+                .then(|| best.clone().on(p))
+                .flatten()
+        });
+        for hasher in hashers {
+            let name = format!("fingerprint-{}", hasher.path().name());
             let store = FingerprintStore::new(hasher, ps, PAGES / 64);
             let mut part = store.parts(1).pop().expect("one part");
             for (p, s) in shadow.chunks_exact(ps).enumerate() {
@@ -182,15 +182,23 @@ fn bench_fingerprint(c: &mut Criterion) {
             // Each pass stores what it saw: alternate between the two
             // memories, so that every pass finds the same blocks changed.
             let mut flip = false;
-            group.bench_with_input(BenchmarkId::new(name, &label), &permille, |b, _| {
+            group.bench_with_input(BenchmarkId::new(&name, &label), &permille, |b, _| {
                 b.iter(|| {
                     flip = !flip;
                     let from = if flip { &live } else { &shadow };
                     let mut at = 0;
                     for (p, l) in from.chunks_exact(ps).enumerate() {
-                        snapshot.copy_from_slice(l);
-                        let Some(changed) = part.compare_and_store(PageIndex(p as u64), &snapshot)
-                        else {
+                        // As the worker: copy and hash in one pass.
+                        // SAFETY: `l` is `ps` readable bytes, `snapshot` a
+                        // separate buffer of `ps`.
+                        let changed = unsafe {
+                            part.copy_compare_and_store(
+                                PageIndex(p as u64),
+                                l.as_ptr(),
+                                &mut snapshot,
+                            )
+                        };
+                        let Some(changed) = changed else {
                             continue;
                         };
                         let plan = enc.plan_blocks(&snapshot, changed);

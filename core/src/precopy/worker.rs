@@ -245,14 +245,23 @@ impl<T: StreamTx> Worker<T> {
                 let live = r.get_slice(MemoryRegionAddress(offset), ps).map_err(|e| {
                     Cause::Setup(format!("reading guest page {:#x}: {e}", base + offset))
                 })?;
-                live.copy_to(snapshot);
+                let fingerprinted = match self.fingerprints.as_mut() {
+                    // Copy and hash in one pass over the live page.
+                    // SAFETY: `live` is `ps` bytes of mapped guest memory
+                    // (get_slice checked the range), mapped while `memory`
+                    // is held; `snapshot` is this worker's own `ps`-byte
+                    // buffer, so the two do not overlap.
+                    Some(f) => unsafe {
+                        f.copy_compare_and_store(page, live.ptr_guard().as_ptr(), snapshot)
+                    },
+                    None => {
+                        live.copy_to(snapshot);
+                        None
+                    }
+                };
                 st.dirty_pages += 1;
                 em.pages += 1;
                 let gpa = base + offset;
-                let fingerprinted = self
-                    .fingerprints
-                    .as_mut()
-                    .and_then(|f| f.compare_and_store(page, snapshot));
                 let plan = match (fingerprinted, self.shadow.as_mut()) {
                     (Some(changed), _) => self.encoder.plan_blocks(snapshot, changed),
                     (None, shadow) => match shadow.map(|s| s.lookup(page, cmd.round > 0)) {

@@ -151,25 +151,34 @@ impl PageEncoder {
         let block = fingerprint::BLOCK as u32;
         let page_end = (self.page_size.min(snapshot.len()) / fingerprint::BLOCK) as u32 * block;
         let mut covered = 0u32;
+        // A run of marked blocks at a time (a whole page of them is one
+        // step, not 64): its first block, then its length in set bits.
         'words: for (w, &bits) in changed.iter().enumerate() {
             let mut bits = bits;
             while bits != 0 {
-                let b = (w * 64) as u32 + bits.trailing_zeros();
-                bits &= bits - 1;
+                let first = bits.trailing_zeros();
+                let len = (bits >> first).trailing_ones();
+                bits = bits
+                    .checked_shr(first + len)
+                    .map_or(0, |rest| rest << (first + len));
+                let b = ((w * 64) as u32).saturating_add(first);
                 let start = b.saturating_mul(block);
                 if start >= page_end {
                     break 'words;
                 }
-                let end = start + block;
+                let end = start.saturating_add(len * block).min(page_end);
                 match self.spans.last_mut() {
                     Some(last) if start - last.end <= self.cfg.merge_gap => {
                         covered += end - last.end;
                         last.end = end;
                     }
                     _ => {
-                        covered += block;
+                        covered += end - start;
                         self.spans.push(Span { start, end });
                     }
+                }
+                if end == page_end {
+                    break 'words;
                 }
             }
         }
@@ -368,6 +377,41 @@ mod tests {
                 for s in spans {
                     prop_assert!(s.start % 64 == 0 && s.end % 64 == 0, "whole blocks");
                 }
+            }
+        }
+
+        #[test]
+        fn block_runs_plan_as_block_by_block(
+            changed in proptest::collection::vec(any::<u64>(), 1..3),
+            thin in 0u32..4,
+            merge_gap in 0u32..300,
+        ) {
+            // Thinned masks have short runs; more words than the page has
+            // blocks test the cut at the page's end.
+            let changed: Vec<u64> = changed
+                .iter()
+                .map(|&w| (0..thin).fold(w, |m, i| m & w.rotate_left(7 * i + 3)))
+                .collect();
+            let mut cfg = EncoderConfig::new(Granularity::Segment);
+            cfg.merge_gap = merge_gap;
+            let mut enc = PageEncoder::new(cfg, P);
+            let page = vec![1u8; P];
+            let plan = enc.plan_blocks(&page, &changed);
+            // One block at a time, as the spans were first built.
+            let mut want: Vec<Span> = Vec::new();
+            for b in (0..changed.len() * 64).filter(|b| changed[b / 64] >> (b % 64) & 1 == 1) {
+                let (start, end) = ((b * 64) as u32, (b * 64 + 64) as u32);
+                if start as usize >= P {
+                    break;
+                }
+                match want.last_mut() {
+                    Some(last) if start - last.end <= merge_gap => last.end = end,
+                    _ => want.push(Span { start, end }),
+                }
+            }
+            prop_assert_eq!(plan == Plan::Unchanged, want.is_empty());
+            if !want.is_empty() {
+                prop_assert_eq!(enc.spans(), &want[..]);
             }
         }
 
