@@ -90,6 +90,8 @@ for c in d["cells"]:
         assert r["total_bytes"] == r["link_tx_bytes"] + r["link_rx_bytes"], r
         assert r["downtime_ms"] is not None and r["brownout"] is not None, r
         assert "shadow_bytes" in r and "xbzrle_cache_bytes" in r, r
+        # The run's peak memory: both ends' guests at least, and the shadow.
+        assert r["peak_rss_bytes"] >= 2 * c["memory_bytes"] + r["shadow_bytes"], r
 print("quick matrix complete: 12 cells x 3 runs, link-counted")
 PY
 # The quick matrix's guests are 64 MiB: one figure set, named for the size;

@@ -250,6 +250,8 @@ fn run_hpmig(
     choice: GuestChoice,
     link: Option<&ShapedLink>,
 ) -> Result<Run> {
+    // The peak resident memory from here on is this run's.
+    reset_peak_rss();
     let memory = SourceMemory::from_ranges(&hpmig_microvm::kvm::memory_ranges(cell.memory_bytes)?)?;
     guest::fill_guest(&memory, cell.contents);
     let spec = BootSpec {
@@ -324,6 +326,7 @@ fn run_hpmig(
     let mut arrival = arrival?;
     arrival.stop();
     let r = report?;
+    let peak_rss_bytes = peak_rss();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let split = match (blackout, r.switchover.paused_at, arrival.started_at()) {
         (Some(b), Some(paused), Some(started)) => Some(b.split(paused, started)),
@@ -368,6 +371,7 @@ fn run_hpmig(
         guest_writes_per_s_before: rate_before,
         // What segment keeps to diff against: a full copy of guest memory,
         // or 8 bytes of fingerprint per 64-byte block.
+        peak_rss_bytes,
         shadow_bytes: match (granularity, shadow) {
             (Granularity::Page, _) => 0,
             (_, ShadowMode::Full) => cell.memory_bytes,
@@ -381,6 +385,21 @@ fn run_hpmig(
         per_round: r.rounds.iter().map(hpmig_report::Round::from).collect(),
         ..Run::default()
     })
+}
+
+/// Resets this process's peak resident memory (`VmHWM`) to its current
+/// resident memory (Linux: `5` into /proc/self/clear_refs).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's peak resident memory since the last reset, bytes
+/// (`VmHWM` in /proc/self/status).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn run_qemu(cell: &Setting, mode: qemu::Mode, link: Option<&ShapedLink>) -> Result<Run> {

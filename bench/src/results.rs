@@ -57,7 +57,11 @@
 //!                            "link_peak_rate",  (bytes/s, best 200 ms)
 //!                            "cpu_bound",       (peak < 0.9x the shaped rate)
 //!                            "tool_downtime_ms", (each tool's own figure)
-//!                            "brownout" } ... ] }, ... ] }
+//!                            "brownout",
+//!                            "peak_rss_bytes" } ... ] }, ... ] }
+//!                                               (hpmig: the bench process's
+//!                                                peak during the run, both
+//!                                                ends; null for QEMU)
 //!                                               (guest progress during
 //!                                                pre-copy, pause excluded)
 //! ```
@@ -252,6 +256,12 @@ pub struct Run {
     /// source, over its rate before): 1 is no slowdown.
     #[serde(default = "nan", deserialize_with = "nan_if_null")]
     pub brownout: f64,
+    /// hpmig: the bench process's peak resident memory during the run (its
+    /// peak reset at the start): both ends — the source's guest and what it
+    /// keeps to diff against, the destination's guest — in one process.
+    /// `None` for QEMU (its processes are its own).
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Runs written before the shaped link ran on each tool's own cap.
