@@ -75,26 +75,18 @@ pub struct DiffStore {
 }
 
 impl DiffStore {
-    /// The store `cfg` keeps for a guest of `memory` bytes: a full shadow
-    /// (capped by `--shadow-budget`), 8 bytes of fingerprint per 64-byte
-    /// block, or none in page mode.
+    /// The store `cfg` keeps for a guest of `memory` bytes
+    /// ([`SourceConfig::diff_store_bytes`](hpmig_core::precopy::SourceConfig::diff_store_bytes)).
     pub fn of(cfg: &hpmig_core::precopy::SourceConfig, memory: u64) -> DiffStore {
         use hpmig_core::precopy::ShadowMode;
         use hpmig_core::protocol::Granularity;
-        use hpmig_core::segment::fingerprint::BLOCK;
-        match (cfg.encoder.granularity, cfg.shadow) {
-            (Granularity::Page, _) => DiffStore {
-                kind: "none",
-                bytes: 0,
+        DiffStore {
+            kind: match (cfg.encoder.granularity, cfg.shadow) {
+                (Granularity::Page, _) => "none",
+                (_, ShadowMode::Fingerprint) => "fingerprints",
+                (_, ShadowMode::Full) => "shadow",
             },
-            (_, ShadowMode::Fingerprint) => DiffStore {
-                kind: "fingerprints",
-                bytes: memory / BLOCK as u64 * 8,
-            },
-            (_, ShadowMode::Full) => DiffStore {
-                kind: "shadow",
-                bytes: cfg.shadow_budget.map_or(memory, |b| b.min(memory)),
-            },
+            bytes: cfg.diff_store_bytes(memory),
         }
     }
 }

@@ -242,14 +242,10 @@ impl ShapedLink {
 
     /// Bytes the host end sent (source to destination) and received.
     pub fn bytes(&self) -> Result<(u64, u64)> {
-        let read = |what: &str| -> Result<u64> {
-            let path = format!("/sys/class/net/{}/statistics/{what}", self.host_if);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-            text.trim()
-                .parse()
-                .with_context(|| format!("parsing {path}"))
-        };
-        Ok((read("tx_bytes")?, read("rx_bytes")?))
+        Ok((
+            counter(&self.host_if, "tx_bytes")?,
+            counter(&self.host_if, "rx_bytes")?,
+        ))
     }
 
     /// Starts counting: the link's bytes from now, and the best rate over a
@@ -278,6 +274,15 @@ impl Drop for ShapedLink {
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|n| *n != self.ns);
     }
+}
+
+/// One of interface `host_if`'s byte counters (`tx_bytes`, `rx_bytes`).
+fn counter(host_if: &str, what: &str) -> Result<u64> {
+    let path = format!("/sys/class/net/{host_if}/statistics/{what}");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("parsing {path}"))
 }
 
 /// Counting a link's bytes over a migration.
@@ -337,11 +342,9 @@ impl Drop for Counter {
 /// Samples tx_bytes every [`SAMPLE`] and returns the best rate over any
 /// [`RATE_WINDOW`] (over the whole run if it was shorter).
 fn sample(host_if: &str, stop: &AtomicBool) -> f64 {
-    let path = format!("/sys/class/net/{host_if}/statistics/tx_bytes");
-    let read = || -> Option<u64> { std::fs::read_to_string(&path).ok()?.trim().parse().ok() };
     let mut samples: Vec<(Instant, u64)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        if let Some(b) = read() {
+        if let Ok(b) = counter(host_if, "tx_bytes") {
             samples.push((Instant::now(), b));
         }
         std::thread::sleep(SAMPLE);

@@ -369,14 +369,10 @@ fn run_hpmig(
             1.0
         },
         guest_writes_per_s_before: rate_before,
+        peak_rss_bytes,
         // What segment keeps to diff against: a full copy of guest memory,
         // or 8 bytes of fingerprint per 64-byte block.
-        peak_rss_bytes,
-        shadow_bytes: match (granularity, shadow) {
-            (Granularity::Page, _) => 0,
-            (_, ShadowMode::Full) => cell.memory_bytes,
-            (_, ShadowMode::Fingerprint) => cell.memory_bytes / 8,
-        },
+        shadow_bytes: cfg.diff_store_bytes(cell.memory_bytes),
         xbzrle_cache_bytes: 0,
         blackout_ms: blackout.map_or(f64::NAN, |b| ms(b.blackout)),
         blackout_before_pause_ms: split.map_or(f64::NAN, |s| ms(s.before_pause)),
@@ -405,9 +401,9 @@ fn peak_rss() -> Option<u64> {
 fn run_qemu(cell: &Setting, mode: qemu::Mode, link: Option<&ShapedLink>) -> Result<Run> {
     // xbzrle's cache at hpmig's budget for the same guest: its full shadow,
     // or its fingerprints' 1/8.
-    let xbzrle_cache = match (mode, cell.variant) {
-        (qemu::Mode::Xbzrle, Variant::QemuXbzrleBounded) => cell.memory_bytes / 8,
-        (qemu::Mode::Xbzrle, _) => cell.memory_bytes,
+    let xbzrle_cache = match cell.variant {
+        Variant::QemuXbzrle => cell.memory_bytes,
+        Variant::QemuXbzrleBounded => cell.memory_bytes / 8,
         _ => 0,
     };
     let o = qemu::migrate(&qemu::Run {
@@ -510,7 +506,7 @@ pub fn run(o: &Options) -> Result<bool> {
     // Sizes binary (MiB, GiB), durations in ms below a second and in s
     // from one on (hpmig_report::text, as the round table).
     println!(
-        "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
+        "{:>9} {:<8} {:<16} {:<9} {:<15} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9}",
         "memory",
         "contents",
         "workload",
@@ -555,7 +551,7 @@ pub fn run(o: &Options) -> Result<bool> {
         let cell = Cell { setting, runs };
         let s = cell.summary();
         println!(
-            "{:>9} {:<8} {:<16} {:<9} {:<13} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>8.0}% {:>8.0}%{}",
+            "{:>9} {:<8} {:<16} {:<9} {:<15} {:>7} {:>11} {:>10} {:>10} {:>10} {:>9} {:>8.0}% {:>8.0}%{}",
             human(setting.memory_bytes),
             setting.contents,
             setting.load(),

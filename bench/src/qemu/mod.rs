@@ -44,7 +44,7 @@ use hpmig_core::memory::Contents;
 use hpmig_microvm::blackout::{Blackout, Observer, Split};
 use hpmig_microvm::Workload;
 use serde_json::{json, Value};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub mod multiboot;
 
@@ -488,9 +488,10 @@ fn ram_file(
     Ok((path, ram))
 }
 
-/// vCPU 0's heartbeat, at guest address 0 of a RAM file's mapping.
+/// vCPU 0's heartbeat in a RAM file's mapping (the multiboot guest keeps
+/// the micro-VM's layout).
 fn beat(ram: &GuestMemoryMmap<()>) -> u64 {
-    ram.read_obj::<u64>(GuestAddress(0)).unwrap_or(0)
+    hpmig_microvm::kvm::heartbeat(ram, 0)
 }
 
 /// Boots the workload in two QEMUs and migrates it from one to the other.

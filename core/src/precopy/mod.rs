@@ -127,6 +127,19 @@ impl SourceConfig {
             live: Arc::new(live::Live::new()),
         }
     }
+
+    /// The bytes the source keeps of what it sent, to find what changed,
+    /// for a guest of `memory` bytes once every page was sent: the full
+    /// shadow (at most `shadow_budget`), 8 bytes of fingerprint per 64-byte
+    /// block, or nothing at page granularity.
+    pub fn diff_store_bytes(&self, memory: u64) -> u64 {
+        use crate::segment::fingerprint::BLOCK;
+        match (self.encoder.granularity, self.shadow) {
+            (Granularity::Page, _) => 0,
+            (_, ShadowMode::Fingerprint) => memory / BLOCK as u64 * 8,
+            (_, ShadowMode::Full) => self.shadow_budget.map_or(memory, |b| b.min(memory)),
+        }
+    }
 }
 
 /// What the source keeps of the bytes it sent, to find a re-dirtied page's
