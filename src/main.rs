@@ -6,6 +6,7 @@ mod bench;
 mod control;
 mod demo;
 mod dest;
+mod limits;
 mod metrics;
 mod outcome;
 mod rdma;
@@ -52,6 +53,8 @@ enum Command {
     QemuImage(bench::ImageArgs),
     /// Ask or tell a running hpmig through its control socket.
     Ctl(control::CtlArgs),
+    /// Measure this host's memcpy and memcmp rates with N threads (scaling ceilings).
+    Limits(limits::LimitsArgs),
 }
 
 /// Sends the libraries' `tracing` events to stderr: warnings and errors by
@@ -93,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Model(a) => done(bench::model(&a)),
         Command::QemuImage(a) => done(bench::qemu_image(&a)),
         Command::Ctl(a) => done(control::run(&a)),
+        Command::Limits(a) => done(limits::run(&a)),
     };
     match result {
         Ok(outcome) => outcome.code(),

@@ -199,6 +199,32 @@ fn a_missed_downtime_target_is_said_and_exits_7() {
 }
 
 #[test]
+fn limits_prints_a_positive_memcpy_and_memcmp_rate_per_thread_count() {
+    let (ok, text) = hpmig(&["limits", "--threads", "1", "--size", "16M"]);
+    assert!(ok, "{text}");
+    for name in ["memcpy", "memcmp"] {
+        // The fields scripts/scaling.sh reads: $3 threads, $5 total, $9 per thread.
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} line in {text}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 10, "{line}");
+        assert_eq!(
+            (f[1], f[2], f[3], f[5], f[6], f[7], f[9]),
+            ("threads", "1", "total", "GiB/s", "per", "thread", "GiB/s"),
+            "{line}"
+        );
+        let total: f64 = f[4].parse().unwrap();
+        let per_thread: f64 = f[8].parse().unwrap();
+        assert!(total > 0.0 && total.is_finite(), "{line}");
+        assert!((per_thread - total).abs() < 0.02, "one thread: {line}");
+    }
+    let (code, text) = hpmig_status(&["limits", "--size", "64K"]);
+    assert_eq!(code, Some(2), "{text}");
+}
+
+#[test]
 fn bad_flags_are_refused_with_a_reason_and_exit_status_2() {
     let (code, text) = hpmig_status(&["demo", "--memory", "12X"]);
     assert_eq!(code, Some(2), "{text}");
