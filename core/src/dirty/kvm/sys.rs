@@ -95,6 +95,20 @@ impl DirtyRing {
         })
     }
 
+    /// Whether at least `n` (1..=entries) entries are published and not yet
+    /// collected. KVM publishes entries in ring order, so the `n`-th one
+    /// from the next to collect being published means all before it are.
+    pub fn holds_at_least(&self, n: u32) -> bool {
+        let n = n.clamp(1, self.entries);
+        let i = (self.next.wrapping_add(n - 1) % self.entries) as usize;
+        // SAFETY: i < entries, inside the mapping; `flags` is the entry's
+        // first field, u32-aligned, read atomically as `harvest` reads it.
+        let flags = unsafe {
+            &*(std::ptr::addr_of!((*self.base.as_ptr().add(i)).flags) as *const AtomicU32)
+        };
+        flags.load(Ordering::Acquire) & GFN_DIRTY != 0
+    }
+
     /// Collects the dirty entries published so far as `(slot, page offset)`,
     /// marking each for reset.
     pub fn harvest(&mut self, mut each: impl FnMut(u32, u64)) {
