@@ -92,7 +92,10 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     cfg.delay_commit = a.test_delay_commit;
     cfg.live = std::sync::Arc::clone(&watch.live);
     let dm = dest_memory.clone();
-    let observer = Observer::start(booted.memory.clone(), dest_memory.clone());
+    let live = std::sync::Arc::clone(&watch.live);
+    let observer = Observer::start(booted.memory.clone(), dest_memory.clone(), move || {
+        live.switchover_near()
+    });
 
     let (outcome, mut figures, dest) = match (rdma, a.wire) {
         #[cfg(feature = "rdma")]

@@ -64,6 +64,16 @@ fn demo_migrates_verifies_and_writes_json() {
     // documented, decisions and the stop reason in words.
     let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
     assert_eq!(v["schema"], hpmig_report::SCHEMA, "{doc}");
+    // The blackout comes with the observer's own figures: the rate it
+    // achieved around the switch-over and the CPU it took.
+    let summary = &v["summary"];
+    assert!(summary["blackout_ms"].is_f64(), "{doc}");
+    assert!(
+        summary["observer_sample_hz_switchover"].as_f64() > Some(0.0),
+        "{doc}"
+    );
+    let share = summary["observer_cpu_share"].as_f64().unwrap_or(-1.0);
+    assert!(share > 0.0 && share <= 1.0, "{doc}");
     let mut written = std::collections::BTreeSet::new();
     json_paths(&v, "", &mut written);
     let documented = documented_report_fields();

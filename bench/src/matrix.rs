@@ -288,8 +288,11 @@ fn run_hpmig(
         // Running on: the observer waits for its first beat.
         Ok(arrival)
     });
-    let observer = Observer::start(memory.clone(), dest_memory.clone());
     let mut cfg = SourceConfig::new(granularity);
+    let live = std::sync::Arc::clone(&cfg.live);
+    let observer = Observer::start(memory.clone(), dest_memory.clone(), move || {
+        live.switchover_near()
+    });
     // On a shaped link the link is the only limit, as for QEMU.
     cfg.bandwidth = cell.link.bytes_per_s().filter(|_| link.is_none());
     cfg.zstd = zstd;

@@ -266,6 +266,19 @@ pub struct Summary {
     pub heartbeat_after: Option<u64>,
     pub blackout_ms: Option<f64>,
     pub blackout_resolution_ms: Option<f64>,
+    /// The longest interval between two of the observer's samples from
+    /// 100 ms before the source's last beat to the destination's first.
+    #[serde(default)]
+    pub blackout_max_gap_ms: Option<f64>,
+    /// Samples per second the heartbeat observer achieved over the run, and
+    /// in that window around the switch-over.
+    #[serde(default)]
+    pub observer_sample_hz: Option<f64>,
+    #[serde(default)]
+    pub observer_sample_hz_switchover: Option<f64>,
+    /// The observer thread's CPU time over its wall time (1 = one core).
+    #[serde(default)]
+    pub observer_cpu_share: Option<f64>,
     pub blackout_before_pause_ms: Option<f64>,
     pub blackout_paused_ms: Option<f64>,
     pub blackout_after_start_ms: Option<f64>,

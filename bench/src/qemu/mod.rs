@@ -568,12 +568,21 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
     dst.cmd("migrate-incoming", json!({ "uri": uri }))?;
     let dst_ram = std::sync::Arc::new(dst_ram);
     let src_ram = std::sync::Arc::new(src_ram);
+    // Near the switch-over once QEMU's first pass ended (its second dirty
+    // sync, as hpmig's round 1) or it left "setup"/"active": it samples
+    // fast from then on, as for hpmig.
+    let near = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let observer = {
         let (s, d) = (
             std::sync::Arc::clone(&src_ram),
             std::sync::Arc::clone(&dst_ram),
         );
-        Observer::start_with(move || beat(&s), move || beat(&d))
+        let near = std::sync::Arc::clone(&near);
+        Observer::start_with(
+            move || beat(&s),
+            move || beat(&d),
+            move || near.load(std::sync::atomic::Ordering::Relaxed),
+        )
     };
     let (h1, t1) = (beat(&src_ram), Instant::now());
     src.cmd("migrate", json!({ "uri": uri }))?;
@@ -586,6 +595,9 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         let info = src.cmd("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("").to_string();
         let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+        if syncs >= 2 || !matches!(status.as_str(), "setup" | "active") {
+            near.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         match status.as_str() {
             "completed" | "failed" | "cancelled" => break (status, info),
             // Only while it is still iterating: a stop once completion began

@@ -353,6 +353,17 @@ impl Live {
             .unwrap_or(Stage::Setup)
     }
 
+    /// The round the source is in (0 until round 1 starts).
+    pub fn round(&self) -> u32 {
+        self.round.load(Relaxed)
+    }
+
+    /// Whether the switch-over is near: a round after round 0 runs, or the
+    /// guest is paused or gone (what a heartbeat observer samples fast for).
+    pub fn switchover_near(&self) -> bool {
+        self.round() >= 1 || !matches!(self.stage(), Stage::Setup | Stage::PreCopy)
+    }
+
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Relaxed)
     }
