@@ -1,19 +1,20 @@
 //! The pause as the guest sees it: a host thread that reads the guest's
 //! heartbeat in source and destination memory every 500 µs while the
-//! switch-over is far (round 0) and every 25 µs once it is near (the caller
-//! says when), from before the
-//! migration until the destination's copy beats past the source's last
-//! value. The blackout is the time from the source heartbeat's last change
-//! to the destination heartbeat's first change past it, on one clock (the
-//! demo and the benchmark run both ends in one process). The micro-VM's guest beats after
-//! every store, so the resolution is the observer's sample interval while
-//! the guest runs; the result reports it beside the blackout, with the rate
-//! the observer achieved over the run and around the switch-over and the
-//! CPU it took. Each sleep and wake-up costs about 18 µs of CPU on this
-//! nested-virtualization host (a C loop of `nanosleep`: 20 µs sleeps gave
-//! 23 kHz for 40 % of a core, 80 µs sleeps 9 kHz for 17 %), CPU the guest
-//! and the engine compete for during the long round 0: the slow pace there
-//! leaves it to them, and the fast one is kept for the moments measured.
+//! switch-over is far (most of round 0) and every 25 µs once it is near
+//! (the caller says when), from before the migration until the
+//! destination's copy beats past the source's last value. The blackout is
+//! the time from the source heartbeat's last change to the destination
+//! heartbeat's first change past it, on one clock (the demo and the
+//! benchmark run both ends in one process). The micro-VM's guest beats
+//! after every store, so the resolution is the observer's sample interval
+//! while the guest runs; the result reports it beside the blackout, with
+//! the rate the observer achieved over the run and around the switch-over
+//! and the CPU it took. Each sleep and wake-up costs about 18 µs of CPU on
+//! this nested-virtualization host (a C loop of `nanosleep`: 20 µs sleeps
+//! gave 23 kHz for 40 % of a core, 80 µs sleeps 9 kHz for 17 %), CPU the
+//! guest and the engine compete for during the long round 0: the slow pace
+//! there leaves it to them, and the fast one is kept for the moments
+//! measured.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -568,9 +568,10 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
     dst.cmd("migrate-incoming", json!({ "uri": uri }))?;
     let dst_ram = std::sync::Arc::new(dst_ram);
     let src_ram = std::sync::Arc::new(src_ram);
-    // Near the switch-over once QEMU's first pass ended (its second dirty
-    // sync, as hpmig's round 1) or it left "setup"/"active": it samples
-    // fast from then on, as for hpmig.
+    // Near the switch-over once QEMU's first pass has a tenth of RAM left or
+    // ended (its second dirty sync, as hpmig's round 1), or it left
+    // "setup"/"active": the observer samples fast from then on, as for hpmig
+    // (`Live::switchover_near`).
     let near = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let observer = {
         let (s, d) = (
@@ -595,7 +596,12 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         let info = src.cmd("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("").to_string();
         let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-        if syncs >= 2 || !matches!(status.as_str(), "setup" | "active") {
+        let (left, total) = (
+            info["ram"]["remaining"].as_u64(),
+            info["ram"]["total"].as_u64(),
+        );
+        let last_tenth = matches!((left, total), (Some(l), Some(t)) if t > 0 && l * 10 <= t);
+        if syncs >= 2 || last_tenth || !matches!(status.as_str(), "setup" | "active") {
             near.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         match status.as_str() {

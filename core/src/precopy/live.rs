@@ -358,10 +358,19 @@ impl Live {
         self.round.load(Relaxed)
     }
 
-    /// Whether the switch-over is near: a round after round 0 runs, or the
-    /// guest is paused or gone (what a heartbeat observer samples fast for).
+    /// Whether the switch-over is near: round 0 has sent 90 % of its pages
+    /// (the controller may stop after it), a later round runs, or the guest
+    /// is paused or gone. What a heartbeat observer samples fast for.
     pub fn switchover_near(&self) -> bool {
-        self.round() >= 1 || !matches!(self.stage(), Stage::Setup | Stage::PreCopy)
+        if self.round() >= 1 || !matches!(self.stage(), Stage::Setup | Stage::PreCopy) {
+            return true;
+        }
+        let round_pages = self.round_pages.load(Relaxed);
+        let done = (self.streams.iter())
+            .map(|c| c.pages.load(Relaxed))
+            .sum::<u64>()
+            .saturating_sub(self.round_base_pages.load(Relaxed));
+        self.stage() == Stage::PreCopy && round_pages > 0 && done * 10 >= round_pages * 9
     }
 
     pub fn cancelled(&self) -> bool {
@@ -581,5 +590,29 @@ mod tests {
         let s = live.status();
         assert_eq!((s.round, s.round_pages_done, s.round_bytes), (1, 0, 0));
         assert_eq!(s.remaining_bytes(), 8 * 4096);
+    }
+
+    #[test]
+    fn the_switchover_is_near_from_round_0s_last_tenth() {
+        let live = Live::new();
+        assert!(!live.switchover_near(), "not before it starts");
+        live.start(1 << 20, 4096, None, Duration::from_millis(300));
+        live.round_started(0, 100, false);
+        live.add(0, ByteKinds::default(), 89);
+        assert!(!live.switchover_near(), "89 of round 0's 100 pages");
+        live.add(1, ByteKinds::default(), 1);
+        assert!(live.switchover_near(), "90 of 100");
+        // A later round is near from its start, whatever its progress.
+        let live = Live::new();
+        live.start(1 << 20, 4096, None, Duration::from_millis(300));
+        live.round_started(0, 100, false);
+        live.add(0, ByteKinds::default(), 100);
+        live.round_started(1, 50, false);
+        assert!(live.switchover_near());
+        // The stop-and-copy round too, even if it is round 0.
+        let live = Live::new();
+        live.start(1 << 20, 4096, None, Duration::from_millis(300));
+        live.round_started(0, 100, true);
+        assert!(live.switchover_near());
     }
 }
