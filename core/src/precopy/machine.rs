@@ -630,11 +630,13 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             drop(done);
             answer
         });
-        let answer = match answer {
-            Ok(a) => a,
-            Err(_) if self.cfg.live.cancelled() => return Err(failed(Cause::Cancelled)),
-            Err(e) => return Err(failed(e.into())),
-        };
+        // A cancel that came with the answer still wins: the guest has
+        // not been paused yet (and the watcher may have interrupted the
+        // transport already).
+        if self.cfg.live.cancelled() {
+            return Err(failed(Cause::Cancelled));
+        }
+        let answer = answer.map_err(|e| failed(e.into()))?;
         match answer.header.kind {
             Kind::Drained if answer.header.arg == u64::from(round) => Ok(()),
             Kind::Drained => Err(failed(Cause::Peer(format!(
