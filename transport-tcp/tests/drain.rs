@@ -2,7 +2,8 @@
 //! through the fault proxy: the source pauses its guest only once the
 //! destination said it landed the last pre-copy round; a cancel while it
 //! waits leaves the guest running on the source; a version 2 source (which
-//! knows no drain) still migrates into this destination.
+//! knows no drain) still migrates into a version 3 destination, and a
+//! version 3 source into a version 2 destination.
 //!
 //! It lives here, not in core/tests, because hpmig-core cannot depend on
 //! its TCP transport.
@@ -21,7 +22,7 @@ use hpmig_core::land::{accept, receive_accepted, DestConfig, LandError, Received
 use hpmig_core::memory::{DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::controller::{OnStall, Policy};
 use hpmig_core::precopy::{migrate, MigrateError, MigrationReport, Phase, SourceConfig};
-use hpmig_core::protocol::{Granularity, Header, Kind, Records};
+use hpmig_core::protocol::{Granularity, Header, Kind, Records, VERSION};
 use hpmig_core::testing::conformance::config;
 use hpmig_core::testing::proxy::{Action, Capture, Plan, Proxy, RecordAt, Which};
 use hpmig_core::testing::{
@@ -84,12 +85,13 @@ impl Guest for Counted {
 /// its memory and its guest.
 type DestThread = thread::JoinHandle<(Result<Received, LandError>, DestMemory, LandedScribbler)>;
 
-fn start_dest() -> (SocketAddr, DestThread) {
+fn start_dest(max_version: u16) -> (SocketAddr, DestThread) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let dest = thread::spawn(move || {
         let mut t = TcpDest::accept(listener, opts()).unwrap();
-        let cfg = DestConfig::default();
+        let mut cfg = DestConfig::default();
+        cfg.terms.max_version = max_version;
         let mut guest = LandedScribbler::new();
         let accepted = accept(&mut t, &cfg, None, &mut guest).unwrap();
         let memory: DestMemory = accepted.hello.layout.allocate().unwrap();
@@ -109,15 +111,20 @@ struct Run {
     proxy: Proxy,
 }
 
-/// One migration of 8 MiB through a proxy with `plan` (capturing).
-fn migrate_through(cfg: &SourceConfig, plan: impl FnOnce(&SourceConfig) -> Option<Plan>) -> Run {
+/// One migration of 8 MiB through a proxy with `plan` (capturing), into a
+/// destination that speaks up to `dest_version`.
+fn migrate_through(
+    cfg: &SourceConfig,
+    dest_version: u16,
+    plan: impl FnOnce(&SourceConfig) -> Option<Plan>,
+) -> Run {
     let memory = pattern_memory(&[(0, 8 * MIB)]);
     let mut guest = Counted {
         inner: Scribbler::start(memory.clone(), 1, Some(50_000)),
         pauses: Arc::default(),
         paused_at: Arc::default(),
     };
-    let (addr, dest) = start_dest();
+    let (addr, dest) = start_dest(dest_version);
     let proxy = Proxy::start(addr, plan(cfg), true).unwrap();
     let mut t = TcpSource::connect(proxy.addr(), opts()).unwrap();
     let mut dirty = VmmBitmap::new(memory.clone(), Layout::of(&memory).unwrap()).unwrap();
@@ -159,8 +166,8 @@ fn the_source_pauses_only_after_the_destination_landed_the_last_precopy_round() 
     // passes. Without the drain the source pauses at once.
     let held_until: Arc<Mutex<Option<Instant>>> = Arc::default();
     let held = Arc::clone(&held_until);
-    let cfg = source_config(hpmig_core::protocol::VERSION);
-    let run = migrate_through(&cfg, move |_| {
+    let cfg = source_config(VERSION);
+    let run = migrate_through(&cfg, VERSION, move |_| {
         Some(Plan {
             which: last_precopy_round_end(),
             at: 0,
@@ -221,8 +228,8 @@ fn a_cancel_during_the_drain_leaves_the_guest_running_on_the_source() {
     // in (the source waits for Drained by then) the operator cancels.
     let cancelled_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let at = Arc::clone(&cancelled_at);
-    let cfg = source_config(hpmig_core::protocol::VERSION);
-    let run = migrate_through(&cfg, move |cfg| {
+    let cfg = source_config(VERSION);
+    let run = migrate_through(&cfg, VERSION, move |cfg| {
         let live = Arc::clone(&cfg.live);
         Some(Plan {
             which: last_precopy_round_end(),
@@ -265,7 +272,7 @@ fn a_cancel_during_the_drain_leaves_the_guest_running_on_the_source() {
 #[test]
 fn a_version_2_source_migrates_into_a_version_3_destination_without_a_drain() {
     let cfg = source_config(2);
-    let run = migrate_through(&cfg, |_| None);
+    let run = migrate_through(&cfg, VERSION, |_| None);
     let report = run.result.unwrap();
     let (received, dest_memory, mut landed) = run.dest.join().unwrap();
     assert!(received.unwrap().verified && report.verified);
@@ -277,6 +284,30 @@ fn a_version_2_source_migrates_into_a_version_3_destination_without_a_drain() {
         "{to_dest:?}"
     );
     assert!(to_dest.iter().any(|(k, _)| *k == Kind::Complete));
+    assert_same_memory(&run.memory, &dest_memory);
+    landed.release().unwrap();
+    assert_guest_runs(landed.running().unwrap());
+}
+
+#[test]
+fn a_version_3_source_migrates_into_a_version_2_destination_without_a_drain() {
+    let cfg = source_config(VERSION);
+    let run = migrate_through(&cfg, 2, |_| None);
+    let report = run.result.unwrap();
+    let (received, dest_memory, mut landed) = run.dest.join().unwrap();
+    assert!(received.unwrap().verified && report.verified);
+    assert_eq!(report.switchover.drain, Duration::ZERO);
+    let capture = run.proxy.captured();
+    let to_dest = control_records(&capture, true);
+    assert!(
+        !to_dest.iter().any(|(k, _)| *k == Kind::Drain),
+        "{to_dest:?}"
+    );
+    // The Welcome agreed on version 2 (its first payload bytes).
+    let welcome = capture.get(&(0, false)).unwrap();
+    let (h, p) = Records::new(welcome, 4096).next().unwrap().unwrap();
+    assert_eq!(h.kind, Kind::Welcome);
+    assert_eq!(u16::from_le_bytes([p[0], p[1]]), 2);
     assert_same_memory(&run.memory, &dest_memory);
     landed.release().unwrap();
     assert_guest_runs(landed.running().unwrap());
