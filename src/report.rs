@@ -136,11 +136,12 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     }
     let t = &r.switchover;
     println!(
-        "  switch-over:   harvest {}, final round {}, until the Ack {}, until the vCPUs run there {} (pausing the guest took {} before)",
+        "  switch-over:   harvest {}, final round {}, until the Ack {}, until the vCPUs run there {} (before: the destination drained the last pre-copy round in {}, the guest running; pausing the guest took {})",
         duration(t.harvest),
         duration(t.final_round),
         duration(t.acknowledge),
         duration(t.decision),
+        duration(t.drain),
         duration(t.pause)
     );
     println!(

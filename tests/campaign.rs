@@ -136,6 +136,8 @@ const TARGETS: &[Target] = &[
         Some(2),
         false,
     ),
+    t("drain", "Drain", (0, true), Kind::Drain, 0, None, true),
+    t("drain", "Drained", (0, false), Kind::Drained, 0, None, true),
     t(
         "stop-and-copy",
         "RoundEnd r4",

@@ -85,6 +85,9 @@ pub struct Terms {
     /// (`MemAvailable`): for a destination that allocates after the
     /// handshake.
     pub check_free_memory: bool,
+    /// The newest protocol version to agree to (normally
+    /// [`protocol::VERSION`]; a test may speak an older one).
+    pub max_version: u16,
 }
 
 impl Default for Terms {
@@ -95,6 +98,7 @@ impl Default for Terms {
             secret: Secret::none(),
             max_memory: 1 << 40,
             check_free_memory: false,
+            max_version: protocol::VERSION,
         }
     }
 }
@@ -229,8 +233,15 @@ pub fn answer<C: Control>(
     admit(&hello.guest).map_err(HandshakeError::Admit)?;
     let features = hello.features & terms.features;
     let nonce_d = auth::nonce();
+    let version = hello.agreed_version().min(terms.max_version);
+    if hello.min_version > version {
+        return Err(refused(ProtocolError::Version {
+            peer_min: hello.min_version,
+            peer_max: hello.version,
+        }));
+    }
     let welcome = Welcome {
-        version: hello.agreed_version(),
+        version,
         features,
         nonce: nonce_d,
         auth: terms.secret.welcome(&hello.nonce, &nonce_d),

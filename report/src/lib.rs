@@ -222,6 +222,10 @@ pub fn decision_text(x: &RoundReport) -> String {
 /// The switch-over, phase by phase, ms (see [`SwitchoverTimes`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SwitchoverMs {
+    /// Before the pause, the guest running: not part of the downtime
+    /// (absent from reports of builds before the drain: 0).
+    #[serde(default)]
+    pub drain: f64,
     pub pause: f64,
     pub harvest: f64,
     pub final_round: f64,
@@ -232,6 +236,7 @@ pub struct SwitchoverMs {
 impl From<&SwitchoverTimes> for SwitchoverMs {
     fn from(t: &SwitchoverTimes) -> SwitchoverMs {
         SwitchoverMs {
+            drain: ms(t.drain),
             pause: ms(t.pause),
             harvest: ms(t.harvest),
             final_round: ms(t.final_round),

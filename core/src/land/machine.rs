@@ -189,6 +189,7 @@ impl<'a, T: DestTransport> Dest<'a, T> {
                 let check = Check {
                     io,
                     alive,
+                    drain: accepted.agreed.version >= 3,
                     hasher: (accepted.hello.verify == VerifyMode::Incremental).then(|| {
                         let key = accepted.agreed.session.page_hash_key();
                         Arc::new(PageHasher::new(&key, layout.page_size()))

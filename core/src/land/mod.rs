@@ -15,6 +15,10 @@
 //!  any failure ──▶ the guest is discarded (DestGuest::discard), the source is told why
 //! ```
 //!
+//! While Receiving, a version 3 source's Drain for round r is answered with
+//! Drained once every stream landed (and hashed) round r, so the source
+//! pauses its guest only after that (see `receive`).
+//!
 //! [`StreamLander`] applies one stream: each record header is checked against the
 //! guest memory layout (inside one page of one region) and against the
 //! stream's own share of pages before its payload is read straight into the

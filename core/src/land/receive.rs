@@ -1,6 +1,13 @@
 //! Receiving: one lander thread per data stream, and the control exchange
 //! beside them, until the source's Complete and every stream's final round.
 //! The mirror image of the source's worker pool ([`crate::precopy`]).
+//!
+//! Drain (protocol version 3): each lander publishes the last round it
+//! landed whole (its RoundEnd and every record before it applied and
+//! hashed); a Drain for round r on the control connection is answered with
+//! Drained once every stream's published round is at least r, so the
+//! source pauses its guest only once the destination has nothing of the
+//! guest-running rounds left to land.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -10,7 +17,7 @@ use super::lander::{GuestPages, StreamLander};
 use super::{ApplyError, LandError, LandFault, LandStats};
 use crate::memory::{DestMemory, Layout};
 use crate::precopy::live::{ByteKinds, Live};
-use crate::protocol::{Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_INCREMENTAL};
+use crate::protocol::{self, Kind, ProtocolError, DIGEST_LEN, FLAG_HAS_DIGEST, FLAG_INCREMENTAL};
 use crate::transport::{
     with_keepalive, Control, Deadlines, DestTransport, Interrupt, StreamRx, TransportError,
 };
@@ -20,6 +27,8 @@ use std::sync::Arc;
 /// Records a stream lands between two publications of its progress (64
 /// whole pages: about one of the source's ring slots).
 const PUBLISH_EVERY: u32 = 64;
+/// How often a Drain looks whether every stream landed its round.
+const DRAIN_POLL: Duration = Duration::from_micros(100);
 
 /// The vCPU state record: the vCPU count it announces, and its bytes.
 pub(crate) type StateRecord = Option<(u32, Vec<u8>)>;
@@ -35,6 +44,8 @@ pub(crate) struct Check {
     pub io: Duration,
     /// Say Alive while digesting (version 2 peers).
     pub alive: Option<Deadlines>,
+    /// The source may ask for a drain (version 3 peers).
+    pub drain: bool,
     pub hasher: Option<Arc<PageHasher>>,
     pub full_digest: bool,
     pub fault: Option<LandFault>,
@@ -74,6 +85,9 @@ pub(crate) fn land_all<T: DestTransport>(
     // Steps each stream took, for the watch after Complete: one counter per
     // stream, each on its own cache line, so landers never share one.
     let progress: Vec<Padded> = (0..streams).map(|_| Padded::default()).collect();
+    // The rounds each stream landed whole, plus one (0: none yet), for the
+    // drain: one counter per stream on its own cache line as well.
+    let rounds: Vec<Padded> = (0..streams).map(|_| Padded::default()).collect();
     let landed = |p: &[Padded]| p.iter().map(|c| c.0.load(Ordering::Relaxed)).sum::<u64>();
     std::thread::scope(|scope| {
         let handles: Vec<_> = rxs
@@ -85,9 +99,11 @@ pub(crate) fn land_all<T: DestTransport>(
                     .with_fault(check.fault.filter(|_| i == 0));
                 let interrupt = interrupt.clone();
                 let progress = &progress[i].0;
+                let landed_round = &rounds[i].0;
                 let live = &*live;
                 scope.spawn(move || {
-                    run_stream(&mut lander, &mut rx, &interrupt, progress, live)
+                    let counters = (progress, landed_round);
+                    run_stream(&mut lander, &mut rx, &interrupt, counters, live)
                         .map(|last| (last, lander.stats))
                         .map_err(|e| (lander.next_round, e))
                 })
@@ -104,8 +120,15 @@ pub(crate) fn land_all<T: DestTransport>(
         let control = {
             let interrupt = interrupt.clone();
             let progress = &progress;
+            let drain = check.drain.then(|| Drain {
+                rounds: &rounds,
+                progress,
+                interrupt: interrupt.clone(),
+                io,
+                alive: alive.map(|d| d.alive_period()),
+            });
             scope.spawn(move || {
-                let mut r = control_until_complete(&mut *control, io);
+                let mut r = control_until_complete(&mut *control, io, drain.as_ref());
                 if r.is_err() {
                     interrupt.trigger();
                 } else {
@@ -217,16 +240,94 @@ pub(crate) fn land_all<T: DestTransport>(
     })
 }
 
+/// What answering a Drain watches: the streams' landed rounds and their
+/// progress.
+struct Drain<'a> {
+    /// Per stream: the last round it landed whole, plus one.
+    rounds: &'a [Padded],
+    /// Per stream: the steps it took (moving while it lands).
+    progress: &'a [Padded],
+    interrupt: Interrupt,
+    /// No stream may go this long without a step while one still lands
+    /// the round.
+    io: Duration,
+    /// Say Alive this often while waiting (version 2 and later).
+    alive: Option<Duration>,
+}
+
+impl Drain<'_> {
+    /// Whether every stream landed `round` whole.
+    fn landed(&self, round: u32) -> bool {
+        let want = u64::from(round) + 1;
+        self.rounds
+            .iter()
+            .all(|c| c.0.load(Ordering::Acquire) >= want)
+    }
+
+    /// Waits until every stream landed `round`, then sends Drained. While
+    /// a stream still lands, this end says Alive (the source's wait stays
+    /// alive); no step on any stream for `io` is a stuck stream, and a
+    /// stream's failure (the interrupt) ends the wait. The source's Alive
+    /// records meanwhile wait in the connection.
+    fn answer<C: Control + ?Sized>(&self, control: &mut C, round: u32) -> Result<(), LandError> {
+        let steps = || {
+            self.progress
+                .iter()
+                .map(|c| c.0.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        let (mut seen, mut moved) = (steps(), Instant::now());
+        let mut alive_due = self.alive.map(|p| Instant::now() + p);
+        while !self.landed(round) {
+            self.interrupt.check()?;
+            let now = steps();
+            if now != seen {
+                (seen, moved) = (now, Instant::now());
+            } else if moved.elapsed() >= self.io {
+                return Err(TransportError::TimedOut {
+                    what: "data of the round to drain",
+                    after: self.io,
+                }
+                .into());
+            }
+            if let (Some(due), Some(period)) = (alive_due, self.alive) {
+                if Instant::now() >= due {
+                    control.send(&protocol::switchover::alive())?;
+                    alive_due = Some(Instant::now() + period);
+                }
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
+        control.send(&protocol::drained(round))?;
+        Ok(())
+    }
+}
+
 /// Reads control records until Complete, each within `io`: keeps the
-/// State, stops on Error.
-fn control_until_complete<C: Control>(
+/// State, answers a Drain (`drain`, version 3), stops on Error.
+fn control_until_complete<C: Control + ?Sized>(
     control: &mut C,
     io: Duration,
+    drain: Option<&Drain<'_>>,
 ) -> Result<(StateRecord, CompleteRecord), LandError> {
     let mut state = None;
     loop {
         let r = control.recv_live(io)?;
         match r.header.kind {
+            Kind::Drain => {
+                let Some(drain) = drain else {
+                    return Err(ProtocolError::Unexpected {
+                        got: Kind::Drain,
+                        expected: "State, Complete or Error (Drain is version 3)",
+                    }
+                    .into());
+                };
+                let round = u32::try_from(r.header.arg).map_err(|_| ProtocolError::Unexpected {
+                    got: Kind::Drain,
+                    expected: "a round",
+                })?;
+                drain.answer(control, round)?;
+            }
             Kind::State => {
                 let vcpus = u32::try_from(r.header.arg).map_err(|_| ProtocolError::Unexpected {
                     got: Kind::State,
@@ -253,7 +354,7 @@ fn control_until_complete<C: Control>(
             got => {
                 return Err(ProtocolError::Unexpected {
                     got,
-                    expected: "State, Complete or Error",
+                    expected: "State, Drain, Complete or Error",
                 }
                 .into())
             }
@@ -271,7 +372,7 @@ fn run_stream(
     lander: &mut StreamLander<'_>,
     rx: &mut dyn StreamRx,
     interrupt: &Interrupt,
-    progress: &AtomicU64,
+    (progress, landed_round): (&AtomicU64, &AtomicU64),
     live: &Live,
 ) -> Result<u32, ApplyError> {
     // What this stream told the watchers, published every PUBLISH_EVERY
@@ -292,6 +393,9 @@ fn run_stream(
             Ok(Some(end)) => {
                 publish(lander);
                 live.round_landed(end.round);
+                // The round's records and hashes are done (the lander
+                // hashes its last page before it returns a RoundEnd).
+                landed_round.store(u64::from(end.round) + 1, Ordering::Release);
                 if end.last {
                     break Ok(end.round);
                 }
@@ -307,4 +411,144 @@ fn run_stream(
         interrupt.trigger();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Header, Records, HEADER_LEN};
+    use crate::transport::ControlRecord;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// Records sent, each with when it left.
+    type Sent = Arc<Mutex<Vec<(Instant, Header)>>>;
+
+    /// A control connection that hands out scripted records and notes
+    /// every record sent.
+    struct Scripted {
+        incoming: VecDeque<Vec<u8>>,
+        sent: Sent,
+    }
+
+    impl Control for Scripted {
+        fn send(&mut self, record: &[u8]) -> Result<(), TransportError> {
+            let head: &[u8; HEADER_LEN] = record[..HEADER_LEN].try_into().unwrap();
+            let h = Header::decode(head, 4096)?;
+            self.sent.lock().unwrap().push((Instant::now(), h));
+            Ok(())
+        }
+
+        fn recv(&mut self, _deadline: Instant) -> Result<ControlRecord, TransportError> {
+            let bytes = self
+                .incoming
+                .pop_front()
+                .ok_or(TransportError::Disconnected)?;
+            let (header, payload) = Records::new(&bytes, 4096).next().unwrap()?;
+            Ok(ControlRecord {
+                header,
+                payload: payload.to_vec(),
+            })
+        }
+    }
+
+    fn complete(round: u32) -> Vec<u8> {
+        protocol::encode_record(Kind::Complete, 0, round.into(), &[0; DIGEST_LEN])
+    }
+
+    fn counters(n: usize) -> Vec<Padded> {
+        (0..n).map(|_| Padded::default()).collect()
+    }
+
+    #[test]
+    fn drained_only_after_every_stream_landed_the_round() {
+        let (rounds, progress) = (counters(3), counters(3));
+        let sent = Sent::default();
+        let mut control = Scripted {
+            incoming: [protocol::drain(2).to_vec(), complete(3)].into(),
+            sent: Arc::clone(&sent),
+        };
+        let drain = Drain {
+            rounds: &rounds,
+            progress: &progress,
+            interrupt: Interrupt::default(),
+            io: Duration::from_secs(5),
+            alive: None,
+        };
+        // Streams 0 and 2 landed round 2 (2 landed rounds 3 too); stream 1
+        // is still in round 2 (it landed round 1) and lands it later.
+        rounds[0].0.store(3, Ordering::Release);
+        rounds[1].0.store(2, Ordering::Release);
+        rounds[2].0.store(4, Ordering::Release);
+        let last_landed = std::thread::scope(|s| {
+            let answer = s.spawn(|| control_until_complete(&mut control, drain.io, Some(&drain)));
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(5));
+                progress[1].0.fetch_add(1, Ordering::Relaxed);
+                assert!(
+                    sent.lock().unwrap().is_empty(),
+                    "Drained before stream 1 landed round 2"
+                );
+            }
+            let t = Instant::now();
+            rounds[1].0.store(3, Ordering::Release);
+            let (_, (round, ..)) = answer.join().unwrap().unwrap();
+            assert_eq!(round, 3);
+            t
+        });
+        let sent = sent.lock().unwrap();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let (at, h) = sent[0];
+        assert_eq!((h.kind, h.arg), (Kind::Drained, 2));
+        assert!(at >= last_landed);
+    }
+
+    #[test]
+    fn a_stuck_stream_fails_the_drain_and_nothing_is_drained() {
+        let (rounds, progress) = (counters(2), counters(2));
+        rounds[0].0.store(6, Ordering::Release);
+        let sent = Sent::default();
+        let mut control = Scripted {
+            incoming: [protocol::drain(5).to_vec(), complete(6)].into(),
+            sent: Arc::clone(&sent),
+        };
+        let drain = Drain {
+            rounds: &rounds,
+            progress: &progress,
+            interrupt: Interrupt::default(),
+            io: Duration::from_millis(50),
+            alive: Some(Duration::from_millis(10)),
+        };
+        let t = Instant::now();
+        let r = control_until_complete(&mut control, drain.io, Some(&drain));
+        assert!(
+            matches!(r, Err(LandError::Control(TransportError::TimedOut { .. }))),
+            "{:?}",
+            r.err()
+        );
+        assert!(t.elapsed() >= drain.io);
+        // It said Alive while it waited, never Drained.
+        let sent = sent.lock().unwrap();
+        assert!(!sent.is_empty() && sent.iter().all(|(_, h)| h.kind == Kind::Alive));
+    }
+
+    #[test]
+    fn a_drain_from_an_older_peer_is_refused() {
+        let mut control = Scripted {
+            incoming: [protocol::drain(0).to_vec(), complete(1)].into(),
+            sent: Sent::default(),
+        };
+        let r = control_until_complete(&mut control, Duration::from_secs(1), None);
+        assert!(
+            matches!(
+                r,
+                Err(LandError::Protocol(ProtocolError::Unexpected {
+                    got: Kind::Drain,
+                    ..
+                }))
+            ),
+            "{:?}",
+            r.err()
+        );
+    }
 }

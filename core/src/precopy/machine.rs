@@ -40,6 +40,10 @@ pub enum SourceState {
     Setup,
     /// Pre-copy round `round` runs while the guest runs.
     PreCopy { round: u32 },
+    /// The controller stopped after pre-copy round `round`: the guest
+    /// still runs while the destination finishes landing that round
+    /// (Drain sent, Drained awaited; version 3 peers).
+    Drain { round: u32 },
     /// The guest is paused; final round `round` sends what is left.
     StopAndCopy { round: u32 },
     /// The vCPU state and Complete (with the digest) go out; the Ack comes back.
@@ -58,6 +62,7 @@ impl SourceState {
             SourceState::Handshake => Phase::Handshake,
             SourceState::Setup => Phase::Setup,
             SourceState::PreCopy { .. } => Phase::PreCopy,
+            SourceState::Drain { .. } => Phase::Drain,
             SourceState::StopAndCopy { .. } => Phase::StopAndCopy,
             SourceState::SwitchOver { .. } => Phase::Acknowledge,
             SourceState::Decide { .. } | SourceState::Migrated => Phase::Decision,
@@ -196,6 +201,7 @@ impl<'a, T: SourceTransport> Source<'a, T> {
     fn cancelled(&self, state: SourceState) -> Failure {
         let round = match state {
             SourceState::PreCopy { round }
+            | SourceState::Drain { round }
             | SourceState::StopAndCopy { round }
             | SourceState::SwitchOver { round }
             | SourceState::Decide { round } => round,
@@ -206,6 +212,11 @@ impl<'a, T: SourceTransport> Source<'a, T> {
 
     fn v2(&self) -> bool {
         self.agreed.as_ref().is_some_and(|a| a.version >= 2)
+    }
+
+    /// The peer knows Drain.
+    fn v3(&self) -> bool {
+        self.agreed.as_ref().is_some_and(|a| a.version >= 3)
     }
 
     fn session(&self) -> Option<crate::auth::Session> {
@@ -226,12 +237,23 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             SourceState::PreCopy { round } => match self.precopy_round(round)? {
                 Decision::Continue => Ok(SourceState::PreCopy { round: round + 1 }),
                 Decision::Abort(reason) => Err(fail(Phase::PreCopy, round)(Cause::Aborted(reason))),
+                Decision::StopAndCopy(reason) if self.v3() => {
+                    self.stop = reason;
+                    Ok(SourceState::Drain { round })
+                }
                 Decision::StopAndCopy(reason) => {
                     self.stop = reason;
                     self.pause(round + 1)?;
                     Ok(SourceState::StopAndCopy { round: round + 1 })
                 }
             },
+            SourceState::Drain { round } => {
+                let t = Instant::now();
+                self.drain(round)?;
+                self.times.drain = t.elapsed();
+                self.pause(round + 1)?;
+                Ok(SourceState::StopAndCopy { round: round + 1 })
+            }
             SourceState::StopAndCopy { round } => {
                 let t = Instant::now();
                 self.final_round(round)?;
@@ -574,6 +596,62 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         (self.on_round)(&report);
         self.rounds.push(report);
         Ok(decision)
+    }
+
+    /// Asks the destination to land pre-copy round `round` whole and
+    /// waits for its Drained, the guest still running, so the pause does
+    /// not pay for that landing. The wait is bounded like any other (each
+    /// control record within the I/O deadline; the destination says Alive
+    /// while it still lands) and a cancel ends it within a poll, as it
+    /// ends a round.
+    fn drain(&mut self, round: u32) -> Result<(), Failure> {
+        let failed = |cause: Cause| fail(Phase::Drain, round)(cause);
+        let io = self.cfg.deadlines.io;
+        let live = Arc::clone(&self.cfg.live);
+        let interrupt = self.transport.interrupt();
+        let control = self.transport.control();
+        if let Err(e) = control.send(&protocol::drain(round)) {
+            return Err(failed(e.into()));
+        }
+        let answer = std::thread::scope(|s| {
+            let (done, finished) = crossbeam_channel::bounded::<()>(0);
+            s.spawn(move || {
+                // A cancel interrupts the wait below.
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    finished.recv_timeout(CANCEL_POLL)
+                {
+                    if live.cancelled() {
+                        interrupt.trigger();
+                        return;
+                    }
+                }
+            });
+            let answer = control.recv_live(io);
+            drop(done);
+            answer
+        });
+        // A cancel that came with the answer still wins: the guest has
+        // not been paused yet (and the watcher may have interrupted the
+        // transport already).
+        if self.cfg.live.cancelled() {
+            return Err(failed(Cause::Cancelled));
+        }
+        let answer = answer.map_err(|e| failed(e.into()))?;
+        match answer.header.kind {
+            Kind::Drained if answer.header.arg == u64::from(round) => Ok(()),
+            Kind::Drained => Err(failed(Cause::Peer(format!(
+                "drained round {}, not round {round}",
+                answer.header.arg
+            )))),
+            Kind::Error => Err(failed(peer_error(&answer.payload))),
+            got => Err(failed(
+                ProtocolError::Unexpected {
+                    got,
+                    expected: "Drained",
+                }
+                .into(),
+            )),
+        }
     }
 
     fn pause(&mut self, round: u32) -> Result<(), Failure> {

@@ -5,12 +5,12 @@
 //! image of the destination's ([`crate::land`]):
 //!
 //! ```text
-//!  Handshake ──▶ Setup ──▶ PreCopy(0) ──▶ PreCopy(r+1) ... ──▶ StopAndCopy(r)
-//!   offer         rings,     guest runs:      controller says      guest paused:
-//!   (handshake)   streams,   harvest, diff,   continue / stop      final harvest,
-//!                 shadow,    send                                  final round
-//!                 workers,                                              │
-//!                 Ready                                                 ▼
+//!  Handshake ──▶ Setup ──▶ PreCopy(0) ──▶ PreCopy(r+1) ... ──▶ Drain(r) ──▶ StopAndCopy(r+1)
+//!   offer         rings,     guest runs:      controller says    guest runs:   guest paused:
+//!   (handshake)   streams,   harvest, diff,   continue / stop    Drain sent,   final harvest,
+//!                 shadow,    send                                Drained back  final round
+//!                 workers,                                       (version 3)        │
+//!                 Ready                                                             ▼
 //!                                   Migrated ◀── Decide ◀────── SwitchOver
 //!                                   (guest is    Commit sent,    state, Complete
 //!                                    the dest's)  Outcome back   (digest), Ack
@@ -184,6 +184,9 @@ pub enum Phase {
     Setup,
     Handshake,
     PreCopy,
+    /// Waiting, the guest still running, for the destination to land the
+    /// last pre-copy round.
+    Drain,
     StopAndCopy,
     State,
     Acknowledge,
@@ -196,6 +199,7 @@ impl std::fmt::Display for Phase {
             Phase::Setup => "setup",
             Phase::Handshake => "handshake",
             Phase::PreCopy => "pre-copy",
+            Phase::Drain => "drain",
             Phase::StopAndCopy => "stop-and-copy",
             Phase::State => "state transfer",
             Phase::Acknowledge => "acknowledge",
@@ -327,9 +331,14 @@ pub struct MigrationReport {
 
 /// The switch-over on the source's clock, phase by phase. `downtime` is
 /// measured from the pause's end; the phases after it add up to it, up to
-/// the bookkeeping between them.
+/// the bookkeeping between them. `drain` comes before the pause and is not
+/// part of the downtime.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SwitchoverTimes {
+    /// Drain sent until the destination's Drained: it landed (and hashed)
+    /// the last pre-copy round. The guest still runs: NOT downtime (zero
+    /// with a version 1 or 2 destination, which knows no drain).
+    pub drain: Duration,
     /// When `Guest::pause` returned: the downtime's start, on this
     /// process's monotonic clock (for an observer in the same process).
     pub paused_at: Option<Instant>,

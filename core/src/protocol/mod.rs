@@ -12,7 +12,11 @@
 //!    | stream s (one per worker, each owns fixed pages):     |
 //!    |   round r: Segment | Zero | Page | PageZstd ...  ---> | bounds-check, write in place
 //!    |            RoundEnd {r, records, checksum}       ---> | verify count + checksum
-//!    |   ... rounds 0..n, the last one's RoundEnd FINAL      |
+//!    |   ... rounds 0..n-1 while the guest runs              |
+//!    | control: Drain {r = n-1}                         ---> | wait until every stream landed
+//!    | <--- Drained {r}                                      | (and hashed) round r
+//!    | source pauses its guest only now                      |
+//!    |   round n, its RoundEnd FINAL                    ---> |
 //!    | control: State {vCPU state}                      ---> |
 //!    | control: Complete {final round, source digest}   ---> | wait for every stream's FINAL,
 //!    | <--- Ack {destination digest, verified}  or Error     | digest guest memory, compare,
@@ -20,6 +24,14 @@
 //!    | control: Commit                                  ---> | only now may it run the guest
 //!    | source keeps its guest paused (moved)                 |
 //! ```
+//!
+//! Drain (version 3): before it pauses its guest, the source asks the
+//! destination to finish landing the last pre-copy round, so the pause
+//! does not also pay for that round's landing and hashing. The wait is
+//! bounded like every other (each control record within the I/O deadline;
+//! the destination says Alive while its streams still make progress); a
+//! failure there fails the migration with the guest still running on the
+//! source. A version 1 or 2 peer skips the drain.
 //!
 //! Switch-over: until the source sends Commit it may still resume its guest
 //! (a lost Ack makes it do so), so the destination must not run the guest
@@ -35,7 +47,7 @@
 //! ```
 //!
 //! Integers are little-endian. `arg` is the guest physical address for data
-//! records, the round for `RoundEnd`, the vCPU count for `State`, the final
+//! records, the round for `RoundEnd`, `Drain` and `Drained`, the vCPU count for `State`, the final
 //! round for `Complete`, the error code for `Error`. [`Header::decode`] caps
 //! `len` per kind before anyone allocates or reads a payload, so decoding
 //! never panics and never allocates more than [`MAX_STATE`] for any input.
@@ -67,8 +79,9 @@ pub const HEADER_LEN: usize = 16;
 /// First bytes of a Hello.
 pub const MAGIC: [u8; 8] = *b"HPMIG\r\n\x1a";
 /// The protocol version this build speaks best. Version 2 adds the
-/// authenticated switch-over (MACed Ack, Decision, Outcome) and Alive.
-pub const VERSION: u16 = 2;
+/// authenticated switch-over (MACed Ack, Decision, Outcome) and Alive;
+/// version 3 adds the drain before the pause (Drain, Drained).
+pub const VERSION: u16 = 3;
 /// The oldest version this build still speaks.
 pub const MIN_VERSION: u16 = 1;
 /// Largest vCPU state record.
@@ -214,6 +227,12 @@ pub enum Kind {
     Alive = 15,
     Decision = 16,
     Outcome = 17,
+    /// Version 3, source → destination: say when every stream landed the
+    /// round in `arg` (its records applied and hashed).
+    Drain = 18,
+    /// Version 3, destination → source: every stream landed the round in
+    /// `arg`.
+    Drained = 19,
 }
 
 impl Kind {
@@ -236,6 +255,8 @@ impl Kind {
             15 => Kind::Alive,
             16 => Kind::Decision,
             17 => Kind::Outcome,
+            18 => Kind::Drain,
+            19 => Kind::Drained,
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -255,7 +276,9 @@ impl Kind {
             Kind::Hello => (HELLO_FIXED as u32, MAX_HELLO),
             Kind::Welcome => (WELCOME_LEN, WELCOME_LEN),
             Kind::Segment => (1, page_size),
-            Kind::Zero | Kind::Ready | Kind::Commit | Kind::Alive => (0, 0),
+            Kind::Zero | Kind::Ready | Kind::Commit | Kind::Alive | Kind::Drain | Kind::Drained => {
+                (0, 0)
+            }
             Kind::Page => (page_size, page_size),
             Kind::PageZstd => (1, page_size),
             Kind::RoundEnd => (ROUND_END_LEN as u32, ROUND_END_LEN as u32),
@@ -473,6 +496,16 @@ pub fn switch_over_digest(memory: &[u8; DIGEST_LEN], state: &[u8]) -> [u8; DIGES
     *h.finalize().as_bytes()
 }
 
+/// The source's Drain: "say when every stream landed round `round`".
+pub fn drain(round: u32) -> [u8; HEADER_LEN] {
+    Header::new(Kind::Drain, 0, 0, round.into()).encode()
+}
+
+/// The destination's Drained: "every stream landed round `round`".
+pub fn drained(round: u32) -> [u8; HEADER_LEN] {
+    Header::new(Kind::Drained, 0, 0, round.into()).encode()
+}
+
 /// Encodes a control record with an arbitrary payload.
 pub fn encode_record(kind: Kind, flags: u8, arg: u64, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -562,6 +595,35 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn drain_and_drained_round_trip() {
+        for (bytes, kind) in [(drain(7), Kind::Drain), (drained(7), Kind::Drained)] {
+            let (h, p) = one_record(&bytes).unwrap();
+            assert_eq!((h.kind, h.flags, h.len, h.arg), (kind, 0, 0, 7));
+            assert!(p.is_empty());
+            assert_eq!(bytes[0], kind as u8);
+            // No payload and no flags: either is refused.
+            let long = Header::new(kind, 0, 1, 7).encode();
+            assert_eq!(
+                one_record(&[&long[..], &[0]].concat()),
+                Err(ProtocolError::Oversized {
+                    kind,
+                    len: 1,
+                    max: 0
+                })
+            );
+            let mut flagged = bytes;
+            flagged[1] = 1;
+            assert_eq!(one_record(&flagged), Err(ProtocolError::Reserved(kind)));
+        }
+        assert_eq!(Kind::Drain as u8, 18);
+        assert_eq!(Kind::Drained as u8, 19);
+        // The kind after the newest is still unknown.
+        let mut next = drained(0);
+        next[0] = 20;
+        assert_eq!(one_record(&next), Err(ProtocolError::UnknownKind(20)));
     }
 
     #[test]
