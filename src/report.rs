@@ -117,12 +117,12 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     );
     if let Some(b) = &g.blackout {
         println!(
-            "  blackout:      {} as the guest saw it (its heartbeat read on both ends at {:.0} kHz around the switch-over, {:.0} kHz over the run; resolution {:.2} ms, longest gap {:.2} ms; the observer took {:.0}% of a core)",
+            "  blackout:      {} (within {:.2} ms) as the guest saw it (its heartbeat read on both ends at {:.0} kHz around the switch-over, longest gap {:.2} ms, {:.0} kHz over the run; the observer took {:.0}% of a core)",
             duration(b.blackout),
+            b.error.as_secs_f64() * 1e3,
             b.sample_hz_switchover / 1e3,
-            b.sample_hz / 1e3,
-            b.tick.as_secs_f64() * 1e3,
             b.max_gap.as_secs_f64() * 1e3,
+            b.sample_hz / 1e3,
             b.cpu_share * 100.0
         );
         if let Some(s) = g.blackout_split(r) {
@@ -338,6 +338,7 @@ pub fn write_json(
                 blackout_ms: g.blackout.map(|b| ms(b.blackout)),
                 blackout_resolution_ms: g.blackout.map(|b| ms(b.tick)),
                 blackout_max_gap_ms: g.blackout.map(|b| ms(b.max_gap)),
+                blackout_error_ms: g.blackout.map(|b| ms(b.error)),
                 observer_sample_hz: g.blackout.map(|b| b.sample_hz),
                 observer_sample_hz_switchover: g.blackout.map(|b| b.sample_hz_switchover),
                 observer_cpu_share: g.blackout.map(|b| b.cpu_share),

@@ -51,12 +51,17 @@ pub struct Blackout {
     pub tick: Duration,
     /// Samples per second the observer achieved over the whole run.
     pub sample_hz: f64,
-    /// Samples per second from 100 ms before the source's last beat to the
-    /// destination's first: the rate the blackout was measured at.
+    /// Samples per second from the fast pace's start (at most 100 ms
+    /// before the source's last beat) to the destination's first beat: the
+    /// rate the blackout was measured at.
     pub sample_hz_switchover: f64,
-    /// The longest interval between two samples in that window: the
-    /// blackout's worst-case error at either end.
+    /// The longest interval between two samples in that window.
     pub max_gap: Duration,
+    /// How far the blackout can be off: the source's last beat came after
+    /// the sample before the one that saw it, the destination's first beat
+    /// likewise, so the true blackout is within the longer of those two
+    /// sample intervals of `blackout`.
+    pub error: Duration,
     /// The observer thread's CPU time over its wall time (1 = a whole core).
     pub cpu_share: f64,
     /// When the observer saw the source's last beat.
@@ -186,7 +191,10 @@ fn observe(
     let mut times = vec![start; KEPT];
     let mut last_src = source();
     let mut src_changed = start;
-    let mut fast = false;
+    let mut fast = None;
+    // The previous sample's time, and the interval before the sample that
+    // saw the source's last change.
+    let (mut prev, mut src_err) = (start, Duration::ZERO);
     // When the source's last 1,001 beats were seen, newest last.
     let mut src_beats: std::collections::VecDeque<Instant> = Default::default();
     loop {
@@ -197,6 +205,7 @@ fn observe(
         if s != last_src {
             last_src = s;
             src_changed = now;
+            src_err = now - prev;
             if src_beats.len() == 1001 {
                 src_beats.pop_front();
             }
@@ -213,17 +222,16 @@ fn observe(
                 .map(|(a, b)| *b - *a)
                 .collect();
             gaps.sort_unstable();
-            let (sample_hz_switchover, max_gap) = window_rate(
-                &times,
-                samples,
-                src_changed.checked_sub(WINDOW).unwrap_or(start),
-            );
+            let window = src_changed.checked_sub(WINDOW).unwrap_or(start);
+            let from = fast.map_or(window, |f: Instant| f.max(window));
+            let (sample_hz_switchover, max_gap) = window_rate(&times, samples, from);
             return Some(Blackout {
                 blackout: now - src_changed,
                 tick: gaps.get(gaps.len() / 2).copied().unwrap_or_default(),
                 sample_hz: samples as f64 / start.elapsed().as_secs_f64(),
                 sample_hz_switchover,
                 max_gap,
+                error: src_err.max(now - prev),
                 cpu_share: thread_cpu().as_secs_f64() / start.elapsed().as_secs_f64(),
                 source_last: src_changed,
                 dest_first: now,
@@ -233,9 +241,12 @@ fn observe(
         if stop.load(Ordering::Relaxed) {
             return None;
         }
+        prev = now;
         // Once near, near for good: the question is not asked again.
-        fast = fast || near();
-        std::thread::sleep(if fast { PERIOD } else { FAR_PERIOD });
+        if fast.is_none() && near() {
+            fast = Some(Instant::now());
+        }
+        std::thread::sleep(if fast.is_some() { PERIOD } else { FAR_PERIOD });
     }
 }
 
@@ -300,6 +311,33 @@ mod tests {
         // intervals in 90 us).
         let (hz, _) = window_rate(&ring, written.len() as u64, t0);
         assert!((hz - 7.0 / 90e-6).abs() < 1.0, "{hz}");
+    }
+
+    /// A source that beats every 10 µs until 20 ms and a destination that
+    /// beats past it from 30 ms: a 10 ms blackout, measured at the slow
+    /// pace (never near), must be within its stated error of the truth.
+    #[test]
+    fn the_blackout_is_within_its_error_of_the_truth() {
+        let t0 = Instant::now();
+        let source =
+            move || (t0.elapsed().min(Duration::from_millis(20)).as_micros() / 10) as u64 + 1;
+        let dest = move || {
+            if t0.elapsed() >= Duration::from_millis(30) {
+                u64::MAX
+            } else {
+                0
+            }
+        };
+        let stop = AtomicBool::new(false);
+        let b = observe(&source, &dest, &|| false, &stop).expect("the destination beat");
+        let truth = Duration::from_millis(10);
+        let off = b.blackout.abs_diff(truth);
+        // The sample time is taken just before the reads: allow for that.
+        let slack = Duration::from_micros(100);
+        assert!(off <= b.error + slack, "{b:?}");
+        // At the slow pace the samples are ~500 us apart: so is the error.
+        assert!(b.error >= FAR_PERIOD, "{b:?}");
+        assert!(b.sample_hz > 0.0 && b.cpu_share > 0.0, "{b:?}");
     }
 
     #[test]

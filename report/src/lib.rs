@@ -271,10 +271,16 @@ pub struct Summary {
     pub heartbeat_after: Option<u64>,
     pub blackout_ms: Option<f64>,
     pub blackout_resolution_ms: Option<f64>,
-    /// The longest interval between two of the observer's samples from
-    /// 100 ms before the source's last beat to the destination's first.
+    /// The longest interval between two of the observer's samples from its
+    /// fast pace's start (at most 100 ms before the source's last beat) to
+    /// the destination's first beat.
     #[serde(default)]
     pub blackout_max_gap_ms: Option<f64>,
+    /// The true blackout is within this of `blackout_ms`: the longer of the
+    /// sample intervals that ended at the source's last beat and at the
+    /// destination's first.
+    #[serde(default)]
+    pub blackout_error_ms: Option<f64>,
     /// Samples per second the heartbeat observer achieved over the run, and
     /// in that window around the switch-over.
     #[serde(default)]

@@ -64,6 +64,7 @@ fn everything() -> Report {
             blackout_ms: None,
             blackout_resolution_ms: None,
             blackout_max_gap_ms: None,
+            blackout_error_ms: None,
             observer_sample_hz: None,
             observer_sample_hz_switchover: None,
             observer_cpu_share: None,
