@@ -568,10 +568,12 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
     dst.cmd("migrate-incoming", json!({ "uri": uri }))?;
     let dst_ram = std::sync::Arc::new(dst_ram);
     let src_ram = std::sync::Arc::new(src_ram);
-    // Near the switch-over once QEMU's first pass has a tenth of RAM left or
-    // ended (its second dirty sync, as hpmig's round 1), or it left
-    // "setup"/"active": the observer samples fast from then on, as for hpmig
-    // (`Live::switchover_near`).
+    // Near the switch-over once QEMU's expected downtime fits its limit
+    // after its first pass (it stops at the end of that iteration), it is
+    // stopped, or it left "setup"/"active": the observer samples fast from
+    // then on, as for hpmig once its controller stops pre-copy
+    // (`Live::switchover_near`). This loop polls every 10 ms, so QEMU's
+    // signal can come that much later; each blackout states its error.
     let near = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let observer = {
         let (s, d) = (
@@ -596,12 +598,12 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         let info = src.cmd("query-migrate", json!({}))?;
         let status = info["status"].as_str().unwrap_or("").to_string();
         let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
-        let (left, total) = (
-            info["ram"]["remaining"].as_u64(),
-            info["ram"]["total"].as_u64(),
-        );
-        let last_tenth = matches!((left, total), (Some(l), Some(t)) if t > 0 && l * 10 <= t);
-        if syncs >= 2 || last_tenth || !matches!(status.as_str(), "setup" | "active") {
+        let limit = run.downtime_limit.as_millis() as u64;
+        let fits = syncs >= 2
+            && info["expected-downtime"]
+                .as_u64()
+                .is_some_and(|e| e <= limit);
+        if fits || !matches!(status.as_str(), "setup" | "active") {
             near.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         match status.as_str() {
@@ -609,6 +611,7 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
             // Only while it is still iterating: a stop once completion began
             // would mark a converged run as forced.
             "active" if !stopped && (syncs > run.max_rounds || t1.elapsed() > run.timeout) => {
+                near.store(true, std::sync::atomic::Ordering::Relaxed);
                 src.cmd("stop", json!({}))?;
                 stopped = true;
             }

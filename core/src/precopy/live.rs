@@ -270,6 +270,8 @@ pub struct Live {
     steered_target: AtomicBool,
     cancel: AtomicBool,
     landing: AtomicBool,
+    /// The controller decided to stop pre-copy: the pause is next.
+    stopping: AtomicBool,
     /// Held while deciding between cancelling and committing.
     gate: Mutex<()>,
 }
@@ -307,6 +309,7 @@ impl Live {
             steered_target: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             landing: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             gate: Mutex::new(()),
         }
     }
@@ -353,24 +356,13 @@ impl Live {
             .unwrap_or(Stage::Setup)
     }
 
-    /// The round the source is in (0 until round 1 starts).
-    pub fn round(&self) -> u32 {
-        self.round.load(Relaxed)
-    }
-
-    /// Whether the switch-over is near: round 0 has sent 90 % of its pages
-    /// (the controller may stop after it), a later round runs, or the guest
-    /// is paused or gone. What a heartbeat observer samples fast for.
+    /// Whether the switch-over is near: the controller decided to stop
+    /// pre-copy (the drain and the pause are next), or the guest is paused
+    /// or gone. What a heartbeat observer samples fast for: from earlier
+    /// on (round 1, say) it would take its CPU from the guest through every
+    /// round of a migration that takes many.
     pub fn switchover_near(&self) -> bool {
-        if self.round() >= 1 || !matches!(self.stage(), Stage::Setup | Stage::PreCopy) {
-            return true;
-        }
-        let round_pages = self.round_pages.load(Relaxed);
-        let done = (self.streams.iter())
-            .map(|c| c.pages.load(Relaxed))
-            .sum::<u64>()
-            .saturating_sub(self.round_base_pages.load(Relaxed));
-        self.stage() == Stage::PreCopy && round_pages > 0 && done * 10 >= round_pages * 9
+        self.stopping.load(Relaxed) || !matches!(self.stage(), Stage::Setup | Stage::PreCopy)
     }
 
     pub fn cancelled(&self) -> bool {
@@ -463,7 +455,13 @@ impl Live {
                 Relaxed,
             );
         }
+        self.stopping.store(false, Relaxed);
         self.set_stage(Stage::Setup);
+    }
+
+    /// The controller decided to stop pre-copy: the pause comes next.
+    pub(crate) fn stopping(&self) {
+        self.stopping.store(true, Relaxed);
     }
 
     pub(crate) fn set_stage(&self, stage: Stage) {
@@ -593,25 +591,18 @@ mod tests {
     }
 
     #[test]
-    fn the_switchover_is_near_from_round_0s_last_tenth() {
+    fn the_switchover_is_near_once_the_controller_stops() {
         let live = Live::new();
         assert!(!live.switchover_near(), "not before it starts");
         live.start(1 << 20, 4096, None, Duration::from_millis(300));
         live.round_started(0, 100, false);
-        live.add(0, ByteKinds::default(), 89);
-        assert!(!live.switchover_near(), "89 of round 0's 100 pages");
-        live.add(1, ByteKinds::default(), 1);
-        assert!(live.switchover_near(), "90 of 100");
-        // A later round is near from its start, whatever its progress.
-        let live = Live::new();
-        live.start(1 << 20, 4096, None, Duration::from_millis(300));
-        live.round_started(0, 100, false);
-        live.add(0, ByteKinds::default(), 100);
         live.round_started(1, 50, false);
-        assert!(live.switchover_near());
-        // The stop-and-copy round too, even if it is round 0.
-        let live = Live::new();
+        assert!(!live.switchover_near(), "pre-copy rounds go on");
+        live.stopping();
+        assert!(live.switchover_near(), "the controller stopped");
+        // The stop-and-copy round, and a new migration starts far again.
         live.start(1 << 20, 4096, None, Duration::from_millis(300));
+        assert!(!live.switchover_near());
         live.round_started(0, 100, true);
         assert!(live.switchover_near());
     }

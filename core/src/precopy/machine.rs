@@ -239,10 +239,12 @@ impl<'a, T: SourceTransport> Source<'a, T> {
                 Decision::Abort(reason) => Err(fail(Phase::PreCopy, round)(Cause::Aborted(reason))),
                 Decision::StopAndCopy(reason) if self.v3() => {
                     self.stop = reason;
+                    self.cfg.live.stopping();
                     Ok(SourceState::Drain { round })
                 }
                 Decision::StopAndCopy(reason) => {
                     self.stop = reason;
+                    self.cfg.live.stopping();
                     self.pause(round + 1)?;
                     Ok(SourceState::StopAndCopy { round: round + 1 })
                 }
