@@ -93,9 +93,12 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     cfg.live = std::sync::Arc::clone(&watch.live);
     let dm = dest_memory.clone();
     let live = std::sync::Arc::clone(&watch.live);
-    let observer = Observer::start(booted.memory.clone(), dest_memory.clone(), move || {
-        live.switchover_near()
-    });
+    let observer = Observer::start(
+        booted.memory.clone(),
+        dest_memory.clone(),
+        a.guest.vcpus,
+        move || live.switchover_near(),
+    );
 
     let (outcome, mut figures, dest) = match (rdma, a.wire) {
         #[cfg(feature = "rdma")]

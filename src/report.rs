@@ -117,7 +117,7 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     );
     if let Some(b) = &g.blackout {
         println!(
-            "  blackout:      {} (within {:.2} ms) as the guest saw it (its heartbeat read on both ends at {:.0} kHz around the switch-over, longest gap {:.2} ms, {:.0} kHz over the run; the observer took {:.0}% of a core)",
+            "  blackout:      {} (within {:.2} ms) as the guest saw it (its vCPUs' heartbeats read on both ends at {:.0} kHz around the switch-over, longest gap {:.2} ms, {:.0} kHz over the run; the observer took {:.0}% of a core)",
             duration(b.blackout),
             b.error.as_secs_f64() * 1e3,
             b.sample_hz_switchover / 1e3,

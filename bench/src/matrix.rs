@@ -290,7 +290,7 @@ fn run_hpmig(
     });
     let mut cfg = SourceConfig::new(granularity);
     let live = std::sync::Arc::clone(&cfg.live);
-    let observer = Observer::start(memory.clone(), dest_memory.clone(), move || {
+    let observer = Observer::start(memory.clone(), dest_memory.clone(), 1, move || {
         live.switchover_near()
     });
     // On a shaped link the link is the only limit, as for QEMU.

@@ -126,16 +126,20 @@ impl Drop for Observer {
 }
 
 impl Observer {
-    /// Watches vCPU 0's heartbeat in the micro-VM's memory on both ends;
-    /// `near` says when the switch-over is near (sample fast from then on).
+    /// Watches the heartbeats of the micro-VM's `vcpus` vCPUs in its
+    /// memory on both ends, as one: their sum, which moves when any vCPU
+    /// beats, so the blackout runs from the last beat of any vCPU on the
+    /// source to the first of any on the destination. `near` says when the
+    /// switch-over is near (sample fast from then on).
     pub fn start(
         source: SourceMemory,
         dest: DestMemory,
+        vcpus: u32,
         near: impl Fn() -> bool + Send + 'static,
     ) -> Observer {
         Observer::start_with(
-            move || heartbeat(&source, 0),
-            move || heartbeat(&dest, 0),
+            move || beats(&source, vcpus),
+            move || beats(&dest, vcpus),
             near,
         )
     }
@@ -251,6 +255,14 @@ fn observe(
         }
         std::thread::sleep(if fast.is_some() { PERIOD } else { FAR_PERIOD });
     }
+}
+
+/// The sum of the first `vcpus` vCPUs' heartbeats in `memory`.
+fn beats<B: vm_memory::bitmap::Bitmap + 'static>(
+    memory: &vm_memory::GuestMemoryMmap<B>,
+    vcpus: u32,
+) -> u64 {
+    (0..vcpus.max(1)).map(|v| heartbeat(memory, v)).sum()
 }
 
 /// The sample rate and the longest gap between samples from `from` to the
