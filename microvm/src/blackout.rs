@@ -356,6 +356,20 @@ mod tests {
     }
 
     #[test]
+    fn every_vcpus_beat_moves_the_sum() {
+        use vm_memory::{Bytes, GuestAddress};
+        let memory = DestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let at = |v: u64| GuestAddress(crate::kvm::program::HEARTBEAT + 8 * v);
+        memory.write_obj(5u64, at(0)).unwrap();
+        memory.write_obj(7u64, at(1)).unwrap();
+        assert_eq!(beats(&memory, 1), 5);
+        assert_eq!(beats(&memory, 2), 12);
+        // vCPU 1 beats alone: the sum moves.
+        memory.write_obj(8u64, at(1)).unwrap();
+        assert_eq!(beats(&memory, 2), 13);
+    }
+
+    #[test]
     fn thread_cpu_advances_with_work() {
         let a = thread_cpu();
         let mut x = 0u64;
