@@ -90,7 +90,8 @@ pub struct Plan {
     /// Pages per batch.
     pub pages: usize,
     pub page_size: usize,
-    /// Bytes of one ring slot: every page behind its header.
+    /// Bytes of one ring slot: every page behind its header, rounded up to
+    /// whole pages.
     pub slot_size: usize,
 }
 
@@ -110,8 +111,11 @@ impl Plan {
         }
         let pages =
             usize::try_from(size / ps).map_err(|_| format!("--size {size} is too large"))?;
+        // Ring slots are whole pages (Ring::new, the staging Offer); the
+        // batch leaves the rest of its slot unsent.
         let slot_size = pages
             .checked_mul(HEADER_LEN + page_size)
+            .and_then(|b| b.checked_next_multiple_of(page_size))
             .filter(|s| (HEADER_LEN + ROUND_END_LEN..=MAX_SLOT_BYTES).contains(s))
             .ok_or_else(|| {
                 format!("--size {size} is refused: a batch's slot must stay under {MAX_SLOT_BYTES} bytes")
@@ -126,6 +130,11 @@ impl Plan {
     /// Payload bytes of one batch.
     pub fn payload(&self) -> u64 {
         (self.pages * self.page_size) as u64
+    }
+
+    /// Bytes of one batch: every page behind its header.
+    pub fn batch_len(&self) -> usize {
+        self.record_at(self.pages)
     }
 
     /// The offset of record `i`'s header in a slot.
@@ -403,7 +412,7 @@ mod imp {
                 spare[at..at + HEADER_LEN]
                     .copy_from_slice(&Header::new(Kind::Page, 0, ps, *gpa).encode());
             }
-            b.advance(plan.record_at(plan.pages));
+            b.advance(plan.batch_len());
             tx.submit(b)?;
             n += 1;
         }
@@ -603,11 +612,12 @@ mod tests {
     fn a_batch_is_whole_pages_behind_their_headers_within_an_immediates_reach() {
         let p = Plan::new(64 << 10, 4096).expect("64 KiB");
         assert_eq!(p.pages, 16);
-        assert_eq!(p.slot_size, 16 * (4096 + 16));
+        assert_eq!(p.batch_len(), 16 * (4096 + 16));
+        // The ring's slots are whole pages: 17 of them.
+        assert_eq!(p.slot_size, 17 * 4096);
         assert_eq!(p.payload(), 65536);
         assert_eq!(p.record_at(0), 0);
         assert_eq!(p.record_at(2), 2 * 4112);
-        assert_eq!(p.record_at(16), p.slot_size);
         // A 64 KiB host page: one page per batch.
         assert_eq!(Plan::new(64 << 10, 65536).map(|p| p.pages), Ok(1));
         // Not whole pages, nothing, or past the 20-bit slot length: refused.
