@@ -485,11 +485,11 @@ mod imp {
             took = took.max(t);
         }
         println!(
-            "pump: landed {} from {} ({streams} streams, guest memory {} registered in {}): {:.3} Gbit/s",
+            "pump: landed {} from {} ({streams} streams, guest memory {} registered in {:.2} s): {:.3} Gbit/s",
             human(bytes),
             dest.peer(),
             human(layout.total_bytes()),
-            span(setup),
+            setup.as_secs_f64(),
             gbits(bytes, took)
         );
         Ok(())
