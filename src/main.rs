@@ -9,6 +9,7 @@ mod dest;
 mod limits;
 mod metrics;
 mod outcome;
+mod pump;
 mod rdma;
 mod report;
 mod source;
@@ -55,6 +56,8 @@ enum Command {
     Ctl(control::CtlArgs),
     /// Measure this host's memcpy and memcmp rates with N threads (scaling ceilings).
     Limits(limits::LimitsArgs),
+    /// Measure the RDMA transport alone: slots sent as a migration's workers send them, no engine work; or --register's ibv_reg_mr cost.
+    Pump(pump::PumpArgs),
 }
 
 /// Sends the libraries' `tracing` events to stderr: warnings and errors by
@@ -97,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Command::QemuImage(a) => done(bench::qemu_image(&a)),
         Command::Ctl(a) => done(control::run(&a)),
         Command::Limits(a) => done(limits::run(&a)),
+        Command::Pump(a) => done(pump::run(&a)),
     };
     match result {
         Ok(outcome) => outcome.code(),

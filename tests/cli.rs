@@ -397,6 +397,36 @@ fn rdma_without_the_feature_or_the_device_says_why_and_boots_nothing() {
     }
 }
 
+#[test]
+fn pump_without_the_feature_or_the_device_says_why_and_sends_nothing() {
+    // Sending, and timing registrations: both need the device first.
+    for extra in [&[][..], &["--register", "16M"][..]] {
+        let mut args = vec!["pump", "--rdma", "nosuchdev0", "--duration", "1s"];
+        args.extend_from_slice(extra);
+        let (code, text) = hpmig_status(&args);
+        assert!(code.is_some_and(|c| c != 0), "{code:?}: {text}");
+        if cfg!(feature = "rdma") {
+            assert!(text.contains("no RDMA device 'nosuchdev0'"), "{text}");
+        } else {
+            assert_eq!(code, Some(2), "a usage error: {text}");
+            assert!(
+                text.contains("--features rdma") && text.contains("libibverbs-dev"),
+                "the message says how to build with RDMA: {text}"
+            );
+        }
+        assert!(!text.contains("Gbit/s"), "nothing measured: {text}");
+    }
+    // No device named at all, or a batch of no whole pages: usage errors.
+    let (code, text) = hpmig_status(&["pump"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("needs --rdma DEVICE"), "{text}");
+    if cfg!(feature = "rdma") {
+        let (code, text) = hpmig_status(&["pump", "--rdma", "nosuchdev0", "--size", "6000B"]);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains("whole number of"), "{text}");
+    }
+}
+
 /// The first duration on the summary line that starts with `label`, in ms
 /// (printed as "412.7 ms" or, from a second on, "1.2 s").
 fn ms_on(text: &str, label: &str) -> f64 {
