@@ -88,7 +88,6 @@ pub(crate) fn land_all<T: DestTransport>(
     // The rounds each stream landed whole, plus one (0: none yet), for the
     // drain: one counter per stream on its own cache line as well.
     let rounds: Vec<Padded> = (0..streams).map(|_| Padded::default()).collect();
-    let landed = |p: &[Padded]| p.iter().map(|c| c.0.load(Ordering::Relaxed)).sum::<u64>();
     std::thread::scope(|scope| {
         let handles: Vec<_> = rxs
             .into_iter()
@@ -135,12 +134,9 @@ pub(crate) fn land_all<T: DestTransport>(
                     // The source sent all its data before Complete: a stream
                     // that lands nothing for `io` from here on is stuck.
                     let period = alive.map_or(io, |d| d.alive_period());
-                    let (mut seen, mut moved) = (landed(progress), Instant::now());
+                    let mut stall = Stall::new(progress);
                     while let Err(RecvTimeoutError::Timeout) = landing.recv_timeout(period) {
-                        let now = landed(progress);
-                        if now != seen {
-                            (seen, moved) = (now, Instant::now());
-                        } else if moved.elapsed() >= io {
+                        if stall.stuck(io) {
                             r = Err(LandError::Peer(format!(
                                 "the final round stopped arriving: no data for {io:?} after Complete"
                             )));
@@ -270,20 +266,11 @@ impl Drain<'_> {
     /// stream's failure (the interrupt) ends the wait. The source's Alive
     /// records meanwhile wait in the connection.
     fn answer<C: Control + ?Sized>(&self, control: &mut C, round: u32) -> Result<(), LandError> {
-        let steps = || {
-            self.progress
-                .iter()
-                .map(|c| c.0.load(Ordering::Relaxed))
-                .sum::<u64>()
-        };
-        let (mut seen, mut moved) = (steps(), Instant::now());
+        let mut stall = Stall::new(self.progress);
         let mut alive_due = self.alive.map(|p| Instant::now() + p);
         while !self.landed(round) {
             self.interrupt.check()?;
-            let now = steps();
-            if now != seen {
-                (seen, moved) = (now, Instant::now());
-            } else if moved.elapsed() >= self.io {
+            if stall.stuck(self.io) {
                 return Err(TransportError::TimedOut {
                     what: "data of the round to drain",
                     after: self.io,
@@ -367,6 +354,40 @@ fn control_until_complete<C: Control + ?Sized>(
 #[derive(Default)]
 #[repr(align(64))]
 struct Padded(AtomicU64);
+
+/// Watches the streams' step counters: stuck once none of them moved for a
+/// while (the watch after Complete, and a Drain's wait).
+struct Stall<'a> {
+    progress: &'a [Padded],
+    /// The steps last seen, and when they last changed.
+    seen: u64,
+    moved: Instant,
+}
+
+impl<'a> Stall<'a> {
+    fn new(progress: &'a [Padded]) -> Stall<'a> {
+        Stall {
+            progress,
+            seen: Stall::steps(progress),
+            moved: Instant::now(),
+        }
+    }
+
+    /// The steps all streams took so far.
+    fn steps(progress: &[Padded]) -> u64 {
+        progress.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Whether no stream took a step for `io` (looked at now).
+    fn stuck(&mut self, io: Duration) -> bool {
+        let now = Stall::steps(self.progress);
+        if now != self.seen {
+            (self.seen, self.moved) = (now, Instant::now());
+            return false;
+        }
+        self.moved.elapsed() >= io
+    }
+}
 
 fn run_stream(
     lander: &mut StreamLander<'_>,
