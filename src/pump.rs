@@ -242,6 +242,30 @@ mod imp {
     use super::{batch_start, gbits, ms_per_gib, Plan, PumpArgs};
     use crate::units::{human, span};
 
+    /// Runs `each` on every stream's item on a thread of its own; the
+    /// results in stream order (a thread that panicked is an error).
+    fn per_stream<I: Send, T: Send>(
+        items: Vec<I>,
+        each: impl Fn(I) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = items
+                .into_iter()
+                .map(|item| {
+                    let each = &each;
+                    s.spawn(move || each(item))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("a stream panicked")))
+                })
+                .collect()
+        })
+    }
+
     /// Largest guest memory a listening pump allocates for its peer.
     const MAX_PUMP_MEMORY: u64 = 64 << 30;
 
@@ -349,19 +373,8 @@ mod imp {
         let stats = src.stats();
         let start = Instant::now();
         let deadline = start + a.duration;
-        let results: Vec<Result<(u64, Instant)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = txs
-                .into_iter()
-                .zip(&shares)
-                .map(|(tx, pages)| s.spawn(move || pump_stream(tx, plan, pages, deadline)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow!("a stream panicked")))
-                })
-                .collect()
+        let results = per_stream(txs.into_iter().zip(&shares).collect(), |(tx, pages)| {
+            pump_stream(tx, plan, pages, deadline)
         });
         let mut bytes = 0;
         let mut end = start;
@@ -461,22 +474,7 @@ mod imp {
                 (host, r.len())
             })
             .collect();
-        let results: Vec<Result<(u64, Duration)>> = std::thread::scope(|s| {
-            let handles: Vec<_> = rxs
-                .into_iter()
-                .map(|rx| {
-                    let (layout, hosts) = (&layout, &hosts);
-                    s.spawn(move || land_stream(rx, layout, hosts))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow!("a stream panicked")))
-                })
-                .collect()
-        });
+        let results = per_stream(rxs, |rx| land_stream(rx, &layout, &hosts));
         let mut bytes = 0;
         let mut took = Duration::ZERO;
         for r in results {
