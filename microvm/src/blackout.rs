@@ -513,7 +513,8 @@ mod tests {
     #[test]
     fn near_it_samples_at_real_time_priority_where_allowed() {
         let t0 = Instant::now();
-        let source = move || (t0.elapsed().min(Duration::from_millis(20)).as_micros() / 10) as u64 + 1;
+        let source =
+            move || (t0.elapsed().min(Duration::from_millis(20)).as_micros() / 10) as u64 + 1;
         let dest = move || {
             if t0.elapsed() >= Duration::from_millis(30) {
                 u64::MAX

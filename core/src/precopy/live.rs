@@ -285,7 +285,11 @@ struct StageHook(std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>);
 
 impl std::fmt::Debug for StageHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() { "StageHook(set)" } else { "StageHook(none)" })
+        f.write_str(if self.0.get().is_some() {
+            "StageHook(set)"
+        } else {
+            "StageHook(none)"
+        })
     }
 }
 
