@@ -10,7 +10,7 @@ SIZES=${1:-256M 1G 4G}; RUNS=${2:-3}; OUT=${3:-target/downtime}; HPMIG=${4:-targ
 [ -x "$HPMIG" ] || { echo "no hpmig binary at $HPMIG (cargo build --release)" >&2; exit 1; }
 mkdir -p "$OUT"
 csv="$OUT/downtime.csv"
-echo "size,granularity,run,exit,downtime_ms,blackout_ms,blackout_resolution_ms,blackout_before_pause_ms,blackout_paused_ms,blackout_after_start_ms,final_round_ms,acknowledge_ms,decision_ms,converged,target_met,observer_khz_switchover,observer_max_gap_ms,observer_cpu_share,blackout_error_ms" > "$csv"
+echo "size,granularity,run,exit,downtime_ms,blackout_ms,blackout_resolution_ms,blackout_before_pause_ms,blackout_paused_ms,blackout_after_start_ms,final_round_ms,acknowledge_ms,decision_ms,converged,target_met,observer_khz_switchover,observer_max_gap_ms,observer_cpu_share,blackout_error_ms,observer_quiet_ms,observer_realtime" > "$csv"
 for size in $SIZES; do
     for g in segment page; do
         for run in $(seq "$RUNS"); do
@@ -26,7 +26,7 @@ path, size, g, run, rc = sys.argv[1:]
 try:
     s = json.load(open(path))["summary"]
 except Exception:
-    print(f"{size},{g},{run},{rc},,,,,,,,,,,,,,,")
+    print(f"{size},{g},{run},{rc},,,,,,,,,,,,,,,,,")
     sys.exit(0)
 t = s["switchover_ms"]
 f = lambda v: "" if v is None else f"{v:.2f}"
@@ -35,7 +35,8 @@ print(",".join([size, g, run, rc, f(s["downtime_ms"]), f(s.get("blackout_ms")),
                 f(s.get("blackout_paused_ms")), f(s.get("blackout_after_start_ms")), f(t["final_round"]), f(t["acknowledge"]),
                 f(t["decision"]), str(s["converged"]).lower(), str(s["downtime_target_met"]).lower(),
                 f(s.get("observer_sample_hz_switchover") and s["observer_sample_hz_switchover"] / 1e3),
-                f(s.get("blackout_max_gap_ms")), f(s.get("observer_cpu_share")), f(s.get("blackout_error_ms"))]))
+                f(s.get("blackout_max_gap_ms")), f(s.get("observer_cpu_share")), f(s.get("blackout_error_ms")),
+                f(s.get("observer_quiet_ms")), str(s.get("observer_realtime", "")).lower()]))
 PY
             tail -1 "$csv"
         done

@@ -21,7 +21,7 @@ use crate::report;
 use crate::source::{boot, describe, migrate_booted};
 use hpmig_core::precopy::MigrateError;
 use hpmig_core::verify::VerifyMode;
-use hpmig_microvm::blackout::Observer;
+use hpmig_microvm::blackout::{pace_of, Observer};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Wire {
@@ -97,8 +97,12 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
         booted.memory.clone(),
         dest_memory.clone(),
         a.guest.vcpus,
-        move || live.switchover_near(),
+        move || pace_of(&live),
     );
+    // A quiet sleep (the guest paused on both ends) ends at the Commit, not
+    // up to 500 us after it. A Live is fresh per migration: the hook is
+    // the first.
+    let _ = watch.live.on_stage_change(Box::new(observer.waker()));
 
     let (outcome, mut figures, dest) = match (rdma, a.wire) {
         #[cfg(feature = "rdma")]

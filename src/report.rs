@@ -117,13 +117,19 @@ pub fn summary(r: &MigrationReport, g: &GuestFigures) {
     );
     if let Some(b) = &g.blackout {
         println!(
-            "  blackout:      {} (within {:.2} ms) as the guest saw it (its vCPUs' heartbeats read on both ends at {:.0} kHz around the switch-over, longest gap {:.2} ms, {:.0} kHz over the run; the observer took {:.0}% of a core)",
+            "  blackout:      {} (within {:.2} ms) as the guest saw it (its vCPUs' heartbeats read on both ends at {:.0} kHz around the switch-over, longest gap {:.2} ms, asleep {:.1} ms while neither could beat, {:.0} kHz over the run; the observer took {:.0}% of a core{})",
             duration(b.blackout),
             b.error.as_secs_f64() * 1e3,
             b.sample_hz_switchover / 1e3,
             b.max_gap.as_secs_f64() * 1e3,
+            b.quiet.as_secs_f64() * 1e3,
             b.sample_hz / 1e3,
-            b.cpu_share * 100.0
+            b.cpu_share * 100.0,
+            if b.realtime {
+                ", at real-time priority near the switch-over"
+            } else {
+                ", at normal priority throughout"
+            }
         );
         if let Some(s) = g.blackout_split(r) {
             println!(
@@ -342,6 +348,8 @@ pub fn write_json(
                 observer_sample_hz: g.blackout.map(|b| b.sample_hz),
                 observer_sample_hz_switchover: g.blackout.map(|b| b.sample_hz_switchover),
                 observer_cpu_share: g.blackout.map(|b| b.cpu_share),
+                observer_realtime: g.blackout.map(|b| b.realtime),
+                observer_quiet_ms: g.blackout.map(|b| ms(b.quiet)),
                 blackout_before_pause_ms: split.map(|s| ms(s.before_pause)),
                 blackout_paused_ms: split.map(|s| ms(s.paused)),
                 blackout_after_start_ms: split.map(|s| ms(s.after_start)),

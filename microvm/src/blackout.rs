@@ -1,23 +1,22 @@
 //! The pause as the guest sees it: a host thread that reads the guest's
 //! heartbeat in source and destination memory every 500 µs while the
-//! switch-over is far (pre-copy) and every 25 µs once it is near
-//! (the caller says when), from before the migration until the
-//! destination's copy beats past the source's last value. The blackout is
-//! the time from the source heartbeat's last change to the destination
-//! heartbeat's first change past it, on one clock (the demo and the
-//! benchmark run both ends in one process). The micro-VM's guest beats
-//! after every store, so the resolution is the observer's sample interval
-//! while the guest runs; the result reports it beside the blackout, with
-//! the rate the observer achieved over the run and around the switch-over
-//! and the CPU it took. Each sleep and wake-up costs about 18 µs of CPU on
-//! this nested-virtualization host (a C loop of `nanosleep`: 20 µs sleeps
-//! gave 23 kHz for 40 % of a core, 80 µs sleeps 9 kHz for 17 %), CPU the
-//! guest and the engine compete for during pre-copy: the slow pace there
-//! leaves it to them, and the fast one is kept for the moments measured:
-//! from the controller's decision to stop, through the pause, to the
-//! destination's first beat (fast from round 1 on, the observer took 7 %
-//! of a core over a 1 GiB run at a million stores a second; from the
-//! decision, 3-4 %).
+//! switch-over is far (pre-copy) and every 80 µs (12.5 kHz) at real-time
+//! priority once it is near (the caller says when), from before the
+//! migration until the destination's copy beats past the source's last
+//! value. The blackout is the time from the source heartbeat's last change
+//! to the destination heartbeat's first change past it, on one clock (the
+//! demo and the benchmark run both ends in one process). The micro-VM's
+//! guest beats after every store, so the resolution is the observer's
+//! sample interval while the guest runs; the result reports it beside the
+//! blackout, with the rate the observer achieved over the run and around
+//! the switch-over, its longest gap there, and the CPU it took. Each sleep
+//! and wake-up costs about 18 µs of CPU on this nested-virtualization host
+//! (a C loop of `nanosleep`: 20 µs sleeps gave 23 kHz for 40 % of a core,
+//! 80 µs sleeps 9 kHz for 17 %), CPU the guest and the engine compete for
+//! during pre-copy: the slow pace there leaves it to them, and the fast one
+//! is kept for the moments measured: from the controller's decision to
+//! stop, through the pause, to the destination's first beat (over a run
+//! the observer takes 4-6 % of a core).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,11 +25,13 @@ use std::time::{Duration, Instant};
 
 use crate::kvm::heartbeat;
 use hpmig_core::memory::{DestMemory, SourceMemory};
+use hpmig_core::precopy::live::{Live, Stage};
 
 /// How often the observer samples both heartbeats once the switch-over is
-/// near: asked for 40 kHz, it gets what the scheduler gives (the result
-/// reports it).
-const PERIOD: Duration = Duration::from_micros(25);
+/// near: 12.5 kHz, on a grid of absolute wake-up times (a wake-up that
+/// comes late starts the grid again from then: no burst of catch-up
+/// samples that would lift the rate without closing the gap).
+const PERIOD: Duration = Duration::from_micros(80);
 
 /// How often it samples while the switch-over is far.
 const FAR_PERIOD: Duration = Duration::from_micros(500);
@@ -42,6 +43,33 @@ const WINDOW: Duration = Duration::from_millis(100);
 /// Sample times kept for the switch-over's rate: at up to 40 kHz, more than
 /// [`WINDOW`] plus a long pause.
 const KEPT: usize = 1 << 14;
+
+/// How fast to sample now: what the caller tells the observer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pace {
+    /// Pre-copy: the switch-over is far (every 500 µs).
+    Far,
+    /// The switch-over is near, or a heartbeat may move any moment: every
+    /// 80 µs, at real-time priority.
+    Near,
+    /// No heartbeat can move: the source's vCPUs are paused and the
+    /// destination's have not been told to run (until the Commit). The
+    /// observer takes one more sample, then sleeps until woken (see
+    /// [`Observer::waker`]) or 500 µs pass; the sleep is left out of the
+    /// switch-over's rate and gaps.
+    Quiet,
+}
+
+/// The pace for a migration that `live` shows: quiet from the final round
+/// (the guest is paused before it starts) until the Commit, near once the
+/// controller decided to stop, far before.
+pub fn pace_of(live: &Live) -> Pace {
+    match live.stage() {
+        Stage::StopAndCopy | Stage::SwitchOver => Pace::Quiet,
+        _ if live.switchover_near() => Pace::Near,
+        _ => Pace::Far,
+    }
+}
 
 /// What the observer saw.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +88,9 @@ pub struct Blackout {
     pub sample_hz_switchover: f64,
     /// The longest interval between two samples in that window.
     pub max_gap: Duration,
+    /// Time in that window the observer slept because no heartbeat could
+    /// move ([`Pace::Quiet`]): not in the rate or the gaps.
+    pub quiet: Duration,
     /// How far the blackout can be off: the source's last beat came after
     /// the sample before the one that saw it, the destination's first beat
     /// likewise, so the true blackout is within the longer of those two
@@ -67,6 +98,10 @@ pub struct Blackout {
     pub error: Duration,
     /// The observer thread's CPU time over its wall time (1 = a whole core).
     pub cpu_share: f64,
+    /// Whether the fast pace ran at real-time priority (SCHED_FIFO); false
+    /// where the process may not ask for it, or the switch-over came
+    /// without the caller saying it was near.
+    pub realtime: bool,
     /// When the observer saw the source's last beat.
     pub source_last: Instant,
     /// When it saw the destination's first beat past it.
@@ -129,19 +164,30 @@ impl Observer {
     /// Watches the heartbeats of the micro-VM's `vcpus` vCPUs in its
     /// memory on both ends, as one: their sum, which moves when any vCPU
     /// beats, so the blackout runs from the last beat of any vCPU on the
-    /// source to the first of any on the destination. `near` says when the
-    /// switch-over is near (sample fast from then on).
+    /// source to the first of any on the destination. `pace` says how
+    /// fast to sample now (see [`pace_of`]).
     pub fn start(
         source: SourceMemory,
         dest: DestMemory,
         vcpus: u32,
-        near: impl Fn() -> bool + Send + 'static,
+        pace: impl Fn() -> Pace + Send + 'static,
     ) -> Observer {
         Observer::start_with(
             move || beats(&source, vcpus),
             move || beats(&dest, vcpus),
-            near,
+            pace,
         )
+    }
+
+    /// Wakes the observer from a [`Pace::Quiet`] sleep: call it when the
+    /// pace may have changed (for a migration, [`Live::on_stage_change`]).
+    pub fn waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let thread = self.thread.as_ref().map(|t| t.thread().clone());
+        move || {
+            if let Some(t) = &thread {
+                t.unpark();
+            }
+        }
     }
 
     /// Watches a heartbeat read by `source` and `dest` (another VMM's
@@ -149,11 +195,11 @@ impl Observer {
     pub fn start_with(
         source: impl Fn() -> u64 + Send + 'static,
         dest: impl Fn() -> u64 + Send + 'static,
-        near: impl Fn() -> bool + Send + 'static,
+        pace: impl Fn() -> Pace + Send + 'static,
     ) -> Observer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || observe(&source, &dest, &near, &flag));
+        let thread = std::thread::spawn(move || observe(&source, &dest, &pace, &flag));
         Observer {
             stop,
             thread: Some(thread),
@@ -177,7 +223,7 @@ impl Observer {
 fn observe(
     source: &dyn Fn() -> u64,
     dest: &dyn Fn() -> u64,
-    near: &dyn Fn() -> bool,
+    pace: &dyn Fn() -> Pace,
     stop: &AtomicBool,
 ) -> Option<Blackout> {
     // The default 50 µs timer slack would stretch each 50 µs sleep to about
@@ -185,20 +231,33 @@ fn observe(
     // SAFETY: PR_SET_TIMERSLACK takes an integer and changes only this
     // thread's timer slack; no pointer is passed.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-    // It runs at normal priority (with 50 us sleeps throughout it sampled at
-    // 4-8 kHz on two busy cores: the scheduler wakes it late). Higher
-    // priority was measured and rejected: at nice -20 with 25 us sleeps it
-    // sampled at 14-15 kHz, but it took enough CPU from the vCPU threads to
-    // stretch the pause and the stalls around it by tens of milliseconds,
-    // and real-time priority starved the vCPU thread for hundreds; an
-    // observer must not move what it measures.
+    // While far it runs at normal priority. Once near it asks for
+    // SCHED_FIFO (see `realtime`) and sleeps to absolute 80 us deadlines:
+    // at normal priority, sleeping 25 us, it got 11.6 kHz on the median
+    // around the switch-over but under 10 kHz in 9 of 30 runs, with gaps
+    // of up to 6 ms (two cores busy with vCPUs, workers and landers; a C
+    // loop beside three busy threads: gaps of 8-14 ms whatever its
+    // sleep or EEVDF slice). Real-time, it is woken on time: the same loop
+    // kept 12.5 kHz with gaps under 0.5 ms, for 21-23 % of a core. The
+    // CPU it takes is bounded by the grid (one sample, ~18 us of sleep and
+    // wake-up on this nested host, per 80 us), less than the 25 us pace at
+    // normal priority took; nice -20 with 25 us sleeps (40 kHz asked) was
+    // measured in an earlier session to stretch the pause, and is not
+    // what this does.
     let start = Instant::now();
     let mut samples = 0u64;
-    // The last KEPT sample times, a ring (allocated once, before sampling).
+    // The last KEPT sample times, a ring (allocated once, before sampling),
+    // and whether each came after a quiet sleep.
     let mut times = vec![start; KEPT];
+    let mut woke = vec![false; KEPT];
+    // A sample was taken after the pace turned quiet (the next may sleep),
+    // and the sample about to be taken follows a quiet sleep.
+    let (mut quiet_sampled, mut after_quiet) = (false, false);
     let mut last_src = source();
     let mut src_changed = start;
     let mut fast = None;
+    // Whether the fast pace got real-time priority, and its next wake-up.
+    let (mut realtime, mut next) = (false, start);
     // The previous sample's time, and the interval before the sample that
     // saw the source's last change.
     let (mut prev, mut src_err) = (start, Duration::ZERO);
@@ -207,6 +266,8 @@ fn observe(
     loop {
         let now = Instant::now();
         times[(samples % KEPT as u64) as usize] = now;
+        woke[(samples % KEPT as u64) as usize] = after_quiet;
+        after_quiet = false;
         samples += 1;
         let s = source();
         if s != last_src {
@@ -231,15 +292,17 @@ fn observe(
             gaps.sort_unstable();
             let window = src_changed.checked_sub(WINDOW).unwrap_or(start);
             let from = fast.map_or(window, |f: Instant| f.max(window));
-            let (sample_hz_switchover, max_gap) = window_rate(&times, samples, from);
+            let (sample_hz_switchover, max_gap, quiet) = window_rate(&times, &woke, samples, from);
             return Some(Blackout {
                 blackout: now - src_changed,
                 tick: gaps.get(gaps.len() / 2).copied().unwrap_or_default(),
                 sample_hz: samples as f64 / start.elapsed().as_secs_f64(),
                 sample_hz_switchover,
                 max_gap,
+                quiet,
                 error: src_err.max(now - prev),
                 cpu_share: thread_cpu().as_secs_f64() / start.elapsed().as_secs_f64(),
+                realtime,
                 source_last: src_changed,
                 dest_first: now,
                 source_last_beat: last_src,
@@ -249,12 +312,78 @@ fn observe(
             return None;
         }
         prev = now;
-        // Once near, near for good: the question is not asked again.
-        if fast.is_none() && near() {
-            fast = Some(Instant::now());
+        let pace = pace();
+        // Once fast, fast for good (but for quiet sleeps).
+        if fast.is_none() && pace != Pace::Far {
+            let now = Instant::now();
+            fast = Some(now);
+            realtime = promote();
+            next = now;
         }
-        std::thread::sleep(if fast.is_some() { PERIOD } else { FAR_PERIOD });
+        match pace {
+            // This sample may have preceded the pause: one more on the
+            // grid, taken after the pace turned quiet, sees the source's
+            // final value at the grid's interval; then sleep until woken.
+            Pace::Quiet if quiet_sampled => {
+                std::thread::park_timeout(FAR_PERIOD);
+                after_quiet = true;
+                next = Instant::now();
+                continue;
+            }
+            Pace::Quiet => quiet_sampled = true,
+            Pace::Near | Pace::Far => quiet_sampled = false,
+        }
+        if fast.is_some() {
+            next += PERIOD;
+            let now = Instant::now();
+            if next <= now {
+                next = now + PERIOD;
+            }
+            sleep_until(next);
+        } else {
+            std::thread::sleep(FAR_PERIOD);
+        }
     }
+}
+
+/// Asks for real-time priority (SCHED_FIFO, the lowest level) for this
+/// thread; says whether it got it (it needs CAP_SYS_NICE or an RLIMIT_RTPRIO
+/// that allows it: without, it samples at normal priority and the report's
+/// rate and gap say what that gave).
+fn promote() -> bool {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
+    // is the calling thread, the only one whose policy this changes.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+}
+
+/// Sleeps until `deadline` on CLOCK_MONOTONIC (the clock `Instant` reads),
+/// to an absolute time so that the time to go to sleep does not add up.
+fn sleep_until(deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        std::thread::sleep(left);
+        return;
+    }
+    let total = ts.tv_nsec as u128 + left.as_nanos();
+    ts.tv_sec += (total / 1_000_000_000) as libc::time_t;
+    ts.tv_nsec = (total % 1_000_000_000) as libc::c_long;
+    // SAFETY: `ts` is a valid timespec; no remaining-time pointer is passed
+    // (an interrupted sleep returns early, which only takes one sample
+    // sooner).
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
 }
 
 /// The sum of the first `vcpus` vCPUs' heartbeats in `memory`.
@@ -267,25 +396,37 @@ fn beats<B: vm_memory::bitmap::Bitmap + 'static>(
 
 /// The sample rate and the longest gap between samples from `from` to the
 /// newest sample, out of the ring `times` that holds the last `samples`
-/// sample times (oldest overwritten first).
-fn window_rate(times: &[Instant], samples: u64, from: Instant) -> (f64, Duration) {
+/// sample times (oldest overwritten first), leaving out the gaps before
+/// samples marked in `woke` (quiet sleeps); and the time those took.
+fn window_rate(
+    times: &[Instant],
+    woke: &[bool],
+    samples: u64,
+    from: Instant,
+) -> (f64, Duration, Duration) {
     let kept = (samples as usize).min(times.len());
     let newest = (samples as usize + times.len() - 1) % times.len();
-    let (mut count, mut max_gap, mut oldest) = (0u64, Duration::ZERO, times[newest]);
-    let mut later = times[newest];
+    let (mut count, mut max_gap, mut quiet) = (0u64, Duration::ZERO, Duration::ZERO);
+    let (mut later, mut later_woke, mut oldest) = (times[newest], woke[newest], times[newest]);
     for back in 1..kept {
-        let t = times[(newest + times.len() - back) % times.len()];
+        let i = (newest + times.len() - back) % times.len();
+        let t = times[i];
         if t < from {
             break;
         }
-        max_gap = max_gap.max(later - t);
+        if later_woke {
+            quiet += later - t;
+        } else {
+            max_gap = max_gap.max(later - t);
+            count += 1;
+        }
         later = t;
+        later_woke = woke[i];
         oldest = t;
-        count += 1;
     }
-    let span = (times[newest] - oldest).as_secs_f64();
+    let span = (times[newest] - oldest).saturating_sub(quiet).as_secs_f64();
     let hz = if span > 0.0 { count as f64 / span } else { 0.0 };
-    (hz, max_gap)
+    (hz, max_gap, quiet)
 }
 
 /// This thread's CPU time so far.
@@ -318,14 +459,25 @@ mod tests {
         for (i, us) in written.iter().enumerate() {
             ring[i % 8] = at(*us);
         }
-        let (hz, gap) = window_rate(&ring, written.len() as u64, at(35));
+        let none = vec![false; 8];
+        let (hz, gap, quiet) = window_rate(&ring, &none, written.len() as u64, at(35));
         // From 40 to 100 us: 4 intervals in 60 us.
         assert_eq!(gap, Duration::from_micros(30));
+        assert_eq!(quiet, Duration::ZERO);
         assert!((hz - 4.0 / 60e-6).abs() < 1.0, "{hz}");
         // A window older than the ring: everything kept (10..100 us, 7
         // intervals in 90 us).
-        let (hz, _) = window_rate(&ring, written.len() as u64, t0);
+        let (hz, _, _) = window_rate(&ring, &none, written.len() as u64, t0);
         assert!((hz - 7.0 / 90e-6).abs() < 1.0, "{hz}");
+        // The sample at 90 us came after a quiet sleep: the 30 us before it
+        // is neither a gap nor time sampled (from 40 us: 3 intervals in
+        // 60 - 30 us).
+        let mut woke = none.clone();
+        woke[7] = true;
+        let (hz, gap, quiet) = window_rate(&ring, &woke, written.len() as u64, at(35));
+        assert_eq!(gap, Duration::from_micros(10));
+        assert_eq!(quiet, Duration::from_micros(30));
+        assert!((hz - 3.0 / 30e-6).abs() < 1.0, "{hz}");
     }
 
     /// A source that beats every 10 µs until 20 ms and a destination that
@@ -344,7 +496,7 @@ mod tests {
             }
         };
         let stop = AtomicBool::new(false);
-        let b = observe(&source, &dest, &|| false, &stop).expect("the destination beat");
+        let b = observe(&source, &dest, &|| Pace::Far, &stop).expect("the destination beat");
         let truth = Duration::from_millis(10);
         let off = b.blackout.abs_diff(truth);
         // The sample time is taken just before the reads: allow for that.
@@ -353,6 +505,73 @@ mod tests {
         // At the slow pace the samples are ~500 us apart: so is the error.
         assert!(b.error >= FAR_PERIOD, "{b:?}");
         assert!(b.sample_hz > 0.0 && b.cpu_share > 0.0, "{b:?}");
+    }
+
+    /// Near from the start: the observer asks for real-time priority and
+    /// says whether it got it, which is what the system allows (as root,
+    /// as in CI: it must get it), and samples on the fast grid.
+    #[test]
+    fn near_it_samples_at_real_time_priority_where_allowed() {
+        let t0 = Instant::now();
+        let source =
+            move || (t0.elapsed().min(Duration::from_millis(20)).as_micros() / 10) as u64 + 1;
+        let dest = move || {
+            if t0.elapsed() >= Duration::from_millis(30) {
+                u64::MAX
+            } else {
+                0
+            }
+        };
+        // What the system allows, asked in a thread of its own.
+        let allowed = std::thread::spawn(promote).join().expect("the probe ran");
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(allowed, "root may ask for SCHED_FIFO");
+        }
+        let stop = AtomicBool::new(false);
+        let b = std::thread::spawn(move || observe(&source, &dest, &|| Pace::Near, &stop))
+            .join()
+            .expect("the observer ran")
+            .expect("the destination beat");
+        assert_eq!(b.realtime, allowed, "{b:?}");
+        // Real-time, on the fast grid, not the slow pace: 30 ms at 80 us is
+        // ~375 samples; the test asks for twice the slow pace's rate.
+        if b.realtime {
+            assert!(b.sample_hz > 2.0 / FAR_PERIOD.as_secs_f64(), "{b:?}");
+        }
+    }
+
+    /// The source stops beating at 20 ms, the caller says quiet from 21 ms
+    /// to 29 ms (no heartbeat can move) and near around it, the destination
+    /// beats from 30 ms: the observer sleeps through the quiet time, leaves
+    /// it out of the rate and the gaps, and the blackout is still within
+    /// its error of the truth.
+    #[test]
+    fn it_sleeps_while_no_heartbeat_can_move() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let source = move || (t0.elapsed().min(ms(20)).as_micros() / 10) as u64 + 1;
+        let dest = move || if t0.elapsed() >= ms(30) { u64::MAX } else { 0 };
+        let pace = move || {
+            let e = t0.elapsed();
+            if e >= ms(21) && e < ms(29) {
+                Pace::Quiet
+            } else {
+                Pace::Near
+            }
+        };
+        let stop = AtomicBool::new(false);
+        let b = std::thread::spawn(move || observe(&source, &dest, &pace, &stop))
+            .join()
+            .expect("the observer ran")
+            .expect("the destination beat");
+        // Asleep for most of the 8 ms (not woken early: a 500 us timeout).
+        assert!(b.quiet >= ms(5) && b.quiet <= ms(9), "{b:?}");
+        // No gap spans the quiet time: each is at most a sleep's timeout
+        // (and a late wake-up) away from the grid.
+        assert!(b.max_gap < ms(5), "{b:?}");
+        let off = b.blackout.abs_diff(ms(10));
+        assert!(off <= b.error + Duration::from_micros(100), "{b:?}");
     }
 
     #[test]

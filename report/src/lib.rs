@@ -290,6 +290,15 @@ pub struct Summary {
     /// The observer thread's CPU time over its wall time (1 = one core).
     #[serde(default)]
     pub observer_cpu_share: Option<f64>,
+    /// Whether the observer sampled at real-time priority (SCHED_FIFO)
+    /// around the switch-over.
+    #[serde(default)]
+    pub observer_realtime: Option<bool>,
+    /// Time around the switch-over the observer slept because no heartbeat
+    /// could move (the source paused, the destination not yet told to
+    /// run): left out of `observer_sample_hz_switchover` and the gaps.
+    #[serde(default)]
+    pub observer_quiet_ms: Option<f64>,
     pub blackout_before_pause_ms: Option<f64>,
     pub blackout_paused_ms: Option<f64>,
     pub blackout_after_start_ms: Option<f64>,

@@ -68,6 +68,8 @@ fn everything() -> Report {
             observer_sample_hz: None,
             observer_sample_hz_switchover: None,
             observer_cpu_share: None,
+            observer_realtime: None,
+            observer_quiet_ms: None,
             blackout_before_pause_ms: None,
             blackout_paused_ms: None,
             blackout_after_start_ms: None,

@@ -41,7 +41,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{anyhow, bail, Context, Result};
 use hpmig_core::memory::Contents;
-use hpmig_microvm::blackout::{Blackout, Observer, Split};
+use hpmig_microvm::blackout::{Blackout, Observer, Pace, Split};
 use hpmig_microvm::Workload;
 use serde_json::{json, Value};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -584,7 +584,13 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
         Observer::start_with(
             move || beat(&s),
             move || beat(&d),
-            move || near.load(std::sync::atomic::Ordering::Relaxed),
+            move || {
+                if near.load(std::sync::atomic::Ordering::Relaxed) {
+                    Pace::Near
+                } else {
+                    Pace::Far
+                }
+            },
         )
     };
     let (h1, t1) = (beat(&src_ram), Instant::now());

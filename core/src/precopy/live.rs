@@ -274,6 +274,23 @@ pub struct Live {
     stopping: AtomicBool,
     /// Held while deciding between cancelling and committing.
     gate: Mutex<()>,
+    /// Called after every stage change (a heartbeat observer that sleeps
+    /// while the guest can run nowhere is woken by it).
+    on_stage: StageHook,
+}
+
+/// What [`Live::on_stage_change`] registered.
+#[derive(Default)]
+struct StageHook(std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>);
+
+impl std::fmt::Debug for StageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "StageHook(set)"
+        } else {
+            "StageHook(none)"
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -311,6 +328,7 @@ impl Live {
             landing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             gate: Mutex::new(()),
+            on_stage: StageHook::default(),
         }
     }
 
@@ -466,6 +484,19 @@ impl Live {
 
     pub(crate) fn set_stage(&self, stage: Stage) {
         self.stage.store(stage as u8, Relaxed);
+        if let Some(hook) = self.on_stage.0.get() {
+            hook();
+        }
+    }
+
+    /// Calls `hook` after every stage change from now on (once per
+    /// migration: a second hook is refused and returned). It runs on the
+    /// engine's thread: it must be quick (an unpark, a flag).
+    pub fn on_stage_change(
+        &self,
+        hook: Box<dyn Fn() + Send + Sync>,
+    ) -> Result<(), Box<dyn Fn() + Send + Sync>> {
+        self.on_stage.0.set(hook)
     }
 
     /// The Commit is about to go out: from now on a cancel is too late.
