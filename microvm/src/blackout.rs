@@ -179,8 +179,9 @@ impl Observer {
         )
     }
 
-    /// Wakes the observer from a [`Pace::Quiet`] sleep: call it when the
-    /// pace may have changed (for a migration, [`Live::on_stage_change`]).
+    /// Wakes the observer from a slow or [`Pace::Quiet`] sleep: call it
+    /// when the pace may have changed (for a migration,
+    /// [`Live::on_stage_change`], which also hears the decision to stop).
     pub fn waker(&self) -> impl Fn() + Send + Sync + 'static {
         let thread = self.thread.as_ref().map(|t| t.thread().clone());
         move || {
@@ -341,7 +342,10 @@ fn observe(
             }
             sleep_until(next);
         } else {
-            std::thread::sleep(FAR_PERIOD);
+            // Slow, but woken at once when the pace may have changed (the
+            // controller's decision can come less than a sleep before the
+            // pause).
+            std::thread::park_timeout(FAR_PERIOD);
         }
     }
 }
@@ -539,6 +543,27 @@ mod tests {
         if b.realtime {
             assert!(b.sample_hz > 2.0 / FAR_PERIOD.as_secs_f64(), "{b:?}");
         }
+    }
+
+    /// At the slow pace, a wake-up cuts the sleep short: the controller's
+    /// decision to stop (which wakes the observer) can come less than a
+    /// slow sleep before the pause. Woken every 50 us, it samples far more
+    /// often than the slow pace's 2 kHz.
+    #[test]
+    fn a_wake_up_cuts_the_slow_sleep_short() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let source = move || (t0.elapsed().min(ms(20)).as_micros() / 10) as u64 + 1;
+        let dest = move || if t0.elapsed() >= ms(30) { u64::MAX } else { 0 };
+        let observer = Observer::start_with(source, dest, || Pace::Far);
+        let wake = observer.waker();
+        while t0.elapsed() < ms(32) {
+            wake();
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let b = observer.finish(ms(100)).expect("the destination beat");
+        assert!(b.sample_hz > 2.0 / FAR_PERIOD.as_secs_f64(), "{b:?}");
+        assert!(!b.realtime, "never near: {b:?}");
     }
 
     /// The source stops beating at 20 ms, the caller says quiet from 21 ms

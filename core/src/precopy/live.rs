@@ -477,9 +477,14 @@ impl Live {
         self.set_stage(Stage::Setup);
     }
 
-    /// The controller decided to stop pre-copy: the pause comes next.
+    /// The controller decided to stop pre-copy: the pause comes next. The
+    /// stage hook hears it too (a heartbeat observer at its slow pace must
+    /// turn fast now: the drain and the pause can take less than its sleep).
     pub(crate) fn stopping(&self) {
         self.stopping.store(true, Relaxed);
+        if let Some(hook) = self.on_stage.0.get() {
+            hook();
+        }
     }
 
     pub(crate) fn set_stage(&self, stage: Stage) {
@@ -489,9 +494,10 @@ impl Live {
         }
     }
 
-    /// Calls `hook` after every stage change from now on (once per
-    /// migration: a second hook is refused and returned). It runs on the
-    /// engine's thread: it must be quick (an unpark, a flag).
+    /// Calls `hook` after every stage change, and when the controller
+    /// decides to stop ([`Live::switchover_near`] turns true), from now on
+    /// (once per migration: a second hook is refused and returned). It runs
+    /// on the engine's thread: it must be quick (an unpark, a flag).
     pub fn on_stage_change(
         &self,
         hook: Box<dyn Fn() + Send + Sync>,
@@ -629,8 +635,16 @@ mod tests {
         live.round_started(0, 100, false);
         live.round_started(1, 50, false);
         assert!(!live.switchover_near(), "pre-copy rounds go on");
+        let heard = Arc::new(AtomicU64::new(0));
+        let h = Arc::clone(&heard);
+        assert!(live
+            .on_stage_change(Box::new(move || {
+                h.fetch_add(1, Relaxed);
+            }))
+            .is_ok());
         live.stopping();
         assert!(live.switchover_near(), "the controller stopped");
+        assert_eq!(heard.load(Relaxed), 1, "the stage hook heard the decision");
         // The stop-and-copy round, and a new migration starts far again.
         live.start(1 << 20, 4096, None, Duration::from_millis(300));
         assert!(!live.switchover_near());
