@@ -14,9 +14,11 @@
 //! (a C loop of `nanosleep`: 20 µs sleeps gave 23 kHz for 40 % of a core,
 //! 80 µs sleeps 9 kHz for 17 %), CPU the guest and the engine compete for
 //! during pre-copy: the slow pace there leaves it to them, and the fast one
-//! is kept for the moments measured: from the controller's decision to
-//! stop, through the pause, to the destination's first beat (over a run
-//! the observer takes 4-6 % of a core).
+//! is kept for the moments measured: each pre-copy round's end (its
+//! harvest and the controller's decision: the guest's last beat can come
+//! before the decision, when the harvest's write protection stalls it),
+//! and from the decision to stop, through the pause, to the destination's
+//! first beat (over a run the observer takes 4-6 % of a core).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,9 +100,9 @@ pub struct Blackout {
     pub error: Duration,
     /// The observer thread's CPU time over its wall time (1 = a whole core).
     pub cpu_share: f64,
-    /// Whether the fast pace ran at real-time priority (SCHED_FIFO); false
-    /// where the process may not ask for it, or the switch-over came
-    /// without the caller saying it was near.
+    /// Whether the latest fast stretch ran at real-time priority
+    /// (SCHED_FIFO); false where the process may not ask for it, or the
+    /// switch-over came without the caller saying it was near.
     pub realtime: bool,
     /// When the observer saw the source's last beat.
     pub source_last: Instant,
@@ -314,12 +316,19 @@ fn observe(
         }
         prev = now;
         let pace = pace();
-        // Once fast, fast for good (but for quiet sleeps).
+        // Fast while near (but for quiet sleeps), from the start of the
+        // latest near stretch: a pre-copy round's end is near, and the
+        // rounds between are far again, at normal priority.
         if fast.is_none() && pace != Pace::Far {
             let now = Instant::now();
             fast = Some(now);
             realtime = promote();
             next = now;
+        } else if fast.is_some() && pace == Pace::Far {
+            fast = None;
+            if realtime {
+                demote();
+            }
         }
         match pace {
             // This sample may have preceded the pause: one more on the
@@ -359,6 +368,16 @@ fn promote() -> bool {
     // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
     // is the calling thread, the only one whose policy this changes.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 }
+}
+
+/// Back to normal priority after [`promote`] (a round's end that was not
+/// the last: the observer must not keep a real-time grid through the
+/// rounds). It cannot fail for want of privilege: lowering its own
+/// priority needs none.
+fn demote() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in `promote`: a valid sched_param, pid 0 is this thread.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
 }
 
 /// Sleeps until `deadline` on CLOCK_MONOTONIC (the clock `Instant` reads),
@@ -564,6 +583,37 @@ mod tests {
         let b = observer.finish(ms(100)).expect("the destination beat");
         assert!(b.sample_hz > 2.0 / FAR_PERIOD.as_secs_f64(), "{b:?}");
         assert!(!b.realtime, "never near: {b:?}");
+    }
+
+    /// Near for 10 ms, far for 15 ms (a round's end that was not the
+    /// last), then near again: between, the observer is back at the slow
+    /// pace, so over the run it samples well under the fast grid's rate
+    /// (about 7 kHz here, 12.5 kHz if it stayed fast).
+    #[test]
+    fn a_round_end_that_was_not_the_last_slows_it_again() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let source = move || (t0.elapsed().min(ms(28)).as_micros() / 10) as u64 + 1;
+        let dest = move || if t0.elapsed() >= ms(30) { u64::MAX } else { 0 };
+        let pace = move || {
+            let e = t0.elapsed();
+            if e >= ms(10) && e < ms(25) {
+                Pace::Far
+            } else {
+                Pace::Near
+            }
+        };
+        let stop = AtomicBool::new(false);
+        let b = std::thread::spawn(move || observe(&source, &dest, &pace, &stop))
+            .join()
+            .expect("the observer ran")
+            .expect("the destination beat");
+        let grid = 1.0 / PERIOD.as_secs_f64();
+        assert!(b.sample_hz < 0.8 * grid, "{b:?}");
+        // The switch-over's rate counts from the latest near stretch only.
+        if b.realtime {
+            assert!(b.sample_hz_switchover > 0.8 * grid, "{b:?}");
+        }
     }
 
     /// The source stops beating at 20 ms, the caller says quiet from 21 ms

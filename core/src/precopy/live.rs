@@ -272,6 +272,8 @@ pub struct Live {
     landing: AtomicBool,
     /// The controller decided to stop pre-copy: the pause is next.
     stopping: AtomicBool,
+    /// A pre-copy round's end: its harvest and the controller's decision.
+    round_end: AtomicBool,
     /// Held while deciding between cancelling and committing.
     gate: Mutex<()>,
     /// Called after every stage change (a heartbeat observer that sleeps
@@ -327,6 +329,7 @@ impl Live {
             cancel: AtomicBool::new(false),
             landing: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            round_end: AtomicBool::new(false),
             gate: Mutex::new(()),
             on_stage: StageHook::default(),
         }
@@ -374,13 +377,20 @@ impl Live {
             .unwrap_or(Stage::Setup)
     }
 
-    /// Whether the switch-over is near: the controller decided to stop
-    /// pre-copy (the drain and the pause are next), or the guest is paused
-    /// or gone. What a heartbeat observer samples fast for: from earlier
-    /// on (round 1, say) it would take its CPU from the guest through every
-    /// round of a migration that takes many.
+    /// Whether the switch-over is or may be near: a pre-copy round ends
+    /// (its harvest and the controller's decision, which may be to stop),
+    /// the controller decided to stop pre-copy (the drain and the pause are
+    /// next), or the guest is paused or gone. What a heartbeat observer
+    /// samples fast for. A round's end counts because the guest's last
+    /// beat can precede the decision: the harvest write-protects what the
+    /// guest dirtied, and under nested virtualization its next store can
+    /// stall until the pause. Through the rounds themselves it is not
+    /// near: a fast observer would take its CPU from the guest through
+    /// every round of a migration that takes many.
     pub fn switchover_near(&self) -> bool {
-        self.stopping.load(Relaxed) || !matches!(self.stage(), Stage::Setup | Stage::PreCopy)
+        self.stopping.load(Relaxed)
+            || self.round_end.load(Relaxed)
+            || !matches!(self.stage(), Stage::Setup | Stage::PreCopy)
     }
 
     pub fn cancelled(&self) -> bool {
@@ -474,6 +484,7 @@ impl Live {
             );
         }
         self.stopping.store(false, Relaxed);
+        self.round_end.store(false, Relaxed);
         self.set_stage(Stage::Setup);
     }
 
@@ -482,6 +493,17 @@ impl Live {
     /// turn fast now: the drain and the pause can take less than its sleep).
     pub(crate) fn stopping(&self) {
         self.stopping.store(true, Relaxed);
+        self.stage_hook();
+    }
+
+    /// A pre-copy round's end begins (`true`: its harvest is next) or the
+    /// controller decided to go on (`false`). The stage hook hears both.
+    pub(crate) fn round_ending(&self, ending: bool) {
+        self.round_end.store(ending, Relaxed);
+        self.stage_hook();
+    }
+
+    fn stage_hook(&self) {
         if let Some(hook) = self.on_stage.0.get() {
             hook();
         }
@@ -489,13 +511,11 @@ impl Live {
 
     pub(crate) fn set_stage(&self, stage: Stage) {
         self.stage.store(stage as u8, Relaxed);
-        if let Some(hook) = self.on_stage.0.get() {
-            hook();
-        }
+        self.stage_hook();
     }
 
-    /// Calls `hook` after every stage change, and when the controller
-    /// decides to stop ([`Live::switchover_near`] turns true), from now on
+    /// Calls `hook` after every stage change, and when
+    /// [`Live::switchover_near`] may have changed, from now on
     /// (once per migration: a second hook is refused and returned). It runs
     /// on the engine's thread: it must be quick (an unpark, a flag).
     pub fn on_stage_change(
@@ -642,9 +662,17 @@ mod tests {
                 h.fetch_add(1, Relaxed);
             }))
             .is_ok());
+        // A round's end may be the last: near through its harvest and
+        // decision, far again when the controller goes on.
+        live.round_ending(true);
+        assert!(live.switchover_near(), "round 1 ends");
+        live.round_ending(false);
+        assert!(!live.switchover_near(), "round 2 goes on");
+        assert_eq!(heard.load(Relaxed), 2, "the stage hook heard both");
+        live.round_ending(true);
         live.stopping();
         assert!(live.switchover_near(), "the controller stopped");
-        assert_eq!(heard.load(Relaxed), 1, "the stage hook heard the decision");
+        assert_eq!(heard.load(Relaxed), 4, "the stage hook heard the decision");
         // The stop-and-copy round, and a new migration starts far again.
         live.start(1 << 20, 4096, None, Duration::from_millis(300));
         assert!(!live.switchover_near());

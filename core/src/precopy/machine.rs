@@ -563,7 +563,14 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         if let Some(b) = Arc::get_mut(&mut self.bitmap) {
             b.clear();
         }
-        self.harvest(Phase::PreCopy, round)?;
+        // The round's end may be the switch-over's start (see
+        // `Live::switchover_near`).
+        self.cfg.live.round_ending(true);
+        let harvested = self.harvest(Phase::PreCopy, round);
+        if harvested.is_err() {
+            self.cfg.live.round_ending(false);
+        }
+        harvested?;
         let page_size = self.layout.page_size() as u64;
         // The operator may have changed the target since the last decision.
         let policy = Policy {
@@ -597,6 +604,9 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         });
         (self.on_round)(&report);
         self.rounds.push(report);
+        if !matches!(decision, Decision::StopAndCopy(_)) {
+            self.cfg.live.round_ending(false);
+        }
         Ok(decision)
     }
 
