@@ -503,14 +503,16 @@ mod tests {
         assert!((hz - 3.0 / 30e-6).abs() < 1.0, "{hz}");
     }
 
-    /// A source that beats every 10 µs until 20 ms and a destination that
-    /// beats past it from 30 ms: a 10 ms blackout, measured at the slow
-    /// pace (never near), must be within its stated error of the truth.
-    #[test]
-    fn the_blackout_is_within_its_error_of_the_truth() {
+    /// Runs the observer in a thread of its own on a scripted guest: the
+    /// source beats every 10 us until `source_until`, the destination beats
+    /// past it from 30 ms, and `pace` says the pace at each time since the
+    /// start.
+    fn scripted(
+        source_until: Duration,
+        pace: impl Fn(Duration) -> Pace + Send + 'static,
+    ) -> Blackout {
         let t0 = Instant::now();
-        let source =
-            move || (t0.elapsed().min(Duration::from_millis(20)).as_micros() / 10) as u64 + 1;
+        let source = move || (t0.elapsed().min(source_until).as_micros() / 10) as u64 + 1;
         let dest = move || {
             if t0.elapsed() >= Duration::from_millis(30) {
                 u64::MAX
@@ -519,7 +521,18 @@ mod tests {
             }
         };
         let stop = AtomicBool::new(false);
-        let b = observe(&source, &dest, &|| Pace::Far, &stop).expect("the destination beat");
+        std::thread::spawn(move || observe(&source, &dest, &move || pace(t0.elapsed()), &stop))
+            .join()
+            .expect("the observer ran")
+            .expect("the destination beat")
+    }
+
+    /// A source that beats every 10 µs until 20 ms and a destination that
+    /// beats past it from 30 ms: a 10 ms blackout, measured at the slow
+    /// pace (never near), must be within its stated error of the truth.
+    #[test]
+    fn the_blackout_is_within_its_error_of_the_truth() {
+        let b = scripted(Duration::from_millis(20), |_| Pace::Far);
         let truth = Duration::from_millis(10);
         let off = b.blackout.abs_diff(truth);
         // The sample time is taken just before the reads: allow for that.
@@ -535,27 +548,13 @@ mod tests {
     /// as in CI: it must get it), and samples on the fast grid.
     #[test]
     fn near_it_samples_at_real_time_priority_where_allowed() {
-        let t0 = Instant::now();
-        let source =
-            move || (t0.elapsed().min(Duration::from_millis(20)).as_micros() / 10) as u64 + 1;
-        let dest = move || {
-            if t0.elapsed() >= Duration::from_millis(30) {
-                u64::MAX
-            } else {
-                0
-            }
-        };
         // What the system allows, asked in a thread of its own.
         let allowed = std::thread::spawn(promote).join().expect("the probe ran");
         // SAFETY: geteuid has no arguments and cannot fail.
         if unsafe { libc::geteuid() } == 0 {
             assert!(allowed, "root may ask for SCHED_FIFO");
         }
-        let stop = AtomicBool::new(false);
-        let b = std::thread::spawn(move || observe(&source, &dest, &|| Pace::Near, &stop))
-            .join()
-            .expect("the observer ran")
-            .expect("the destination beat");
+        let b = scripted(Duration::from_millis(20), |_| Pace::Near);
         assert_eq!(b.realtime, allowed, "{b:?}");
         // Real-time, on the fast grid, not the slow pace: 30 ms at 80 us is
         // ~375 samples; the test asks for twice the slow pace's rate.
@@ -591,23 +590,14 @@ mod tests {
     /// (about 7 kHz here, 12.5 kHz if it stayed fast).
     #[test]
     fn a_round_end_that_was_not_the_last_slows_it_again() {
-        let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let source = move || (t0.elapsed().min(ms(28)).as_micros() / 10) as u64 + 1;
-        let dest = move || if t0.elapsed() >= ms(30) { u64::MAX } else { 0 };
-        let pace = move || {
-            let e = t0.elapsed();
+        let b = scripted(ms(28), move |e| {
             if e >= ms(10) && e < ms(25) {
                 Pace::Far
             } else {
                 Pace::Near
             }
-        };
-        let stop = AtomicBool::new(false);
-        let b = std::thread::spawn(move || observe(&source, &dest, &pace, &stop))
-            .join()
-            .expect("the observer ran")
-            .expect("the destination beat");
+        });
         let grid = 1.0 / PERIOD.as_secs_f64();
         assert!(b.sample_hz < 0.8 * grid, "{b:?}");
         // The switch-over's rate counts from the latest near stretch only.
@@ -623,23 +613,14 @@ mod tests {
     /// its error of the truth.
     #[test]
     fn it_sleeps_while_no_heartbeat_can_move() {
-        let t0 = Instant::now();
         let ms = Duration::from_millis;
-        let source = move || (t0.elapsed().min(ms(20)).as_micros() / 10) as u64 + 1;
-        let dest = move || if t0.elapsed() >= ms(30) { u64::MAX } else { 0 };
-        let pace = move || {
-            let e = t0.elapsed();
+        let b = scripted(ms(20), move |e| {
             if e >= ms(21) && e < ms(29) {
                 Pace::Quiet
             } else {
                 Pace::Near
             }
-        };
-        let stop = AtomicBool::new(false);
-        let b = std::thread::spawn(move || observe(&source, &dest, &pace, &stop))
-            .join()
-            .expect("the observer ran")
-            .expect("the destination beat");
+        });
         // Asleep for most of the 8 ms (not woken early: a 500 us timeout).
         assert!(b.quiet >= ms(5) && b.quiet <= ms(9), "{b:?}");
         // No gap spans the quiet time: each is at most a sleep's timeout
