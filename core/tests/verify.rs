@@ -118,11 +118,17 @@ fn incremental_refuses_a_lander_fault_the_round_crc_cannot_see() {
             "{fault:?}: refused before the Ack: {dest:?}"
         );
         // Without verification the same fault goes through: the round's
-        // CRC saw the records intact.
-        let m = memory();
-        let (report, dest, dm) = run(&m, EVERY_PAGE, VerifyMode::Off, Some(fault), &mut |_| {});
-        assert!(report.is_ok() && dest.is_ok(), "{fault:?} unverified");
-        assert!(differs(&m, &dm), "{fault:?}: the fault corrupted the copy");
+        // CRC saw the records intact. A later round may rewrite the
+        // corrupted bytes (the guest wrote there again) and so heal the
+        // copy: about one run in ten did. At least one of five runs must
+        // end corrupted, and every run must end "migrated".
+        let corrupted = (0..5).any(|_| {
+            let m = memory();
+            let (report, dest, dm) = run(&m, EVERY_PAGE, VerifyMode::Off, Some(fault), &mut |_| {});
+            assert!(report.is_ok() && dest.is_ok(), "{fault:?} unverified");
+            differs(&m, &dm)
+        });
+        assert!(corrupted, "{fault:?}: the fault corrupted the copy");
     }
 }
 
