@@ -8,6 +8,18 @@
 //! time and trims each differing word to its first and last differing
 //! byte. Either way a span is exact to the byte. Two spans whose gap is at most `merge_gap`
 //! bytes are merged: sending the gap costs less than a new segment header.
+//!
+//! A page that changed almost everywhere goes whole without a diff: when a
+//! diff may give up (a cost limit below the page's size), it first compares
+//! eight blocks spread evenly over the page, and if each differs in at
+//! least three quarters of its bytes the page goes whole. Such a page's
+//! spans nearly always cost more than the limit, and the rest of its shadow
+//! is not read: that read was most of the work at 100 % changed (the `diff`
+//! bench: 0.57x memcmp's rate with it, 0.79x without). The price, in the
+//! rare page whose changes hit exactly the sampled blocks and little else,
+//! is bytes, never correctness: a whole page is always a valid encoding,
+//! and at worst it costs a page where eight dense segments would have
+//! cost at least 8 x (48 + a header).
 
 /// A half-open byte range `[start, end)` inside one page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +39,11 @@ impl Span {
 }
 
 const BLOCK: usize = 64;
+/// Blocks sampled, evenly spread, to recognise a page that changed almost
+/// everywhere.
+const SAMPLES: usize = 8;
+/// Differing bytes (of 64) that make a sampled block dense.
+const DENSE: u32 = 48;
 const WORD: usize = 8;
 /// Gaps inside one word are never split.
 pub const MIN_MERGE_GAP: u32 = (WORD - 1) as u32;
@@ -83,7 +100,10 @@ impl Differ {
     /// Like [`Differ::diff`], but gives up with `None` as soon as the spans
     /// found so far cost more than `limit.max_cost` (each span costs
     /// `limit.span_cost` plus its length): such a page goes whole, and the
-    /// rest of it need not be scanned.
+    /// rest of it need not be scanned. Where the limit is below the page's
+    /// length it also gives up, before scanning, on a page whose eight
+    /// evenly spread sample blocks each differ in at least 48 of their 64
+    /// bytes (see the module's doc).
     pub fn diff_limited(
         &self,
         old: &[u8],
@@ -96,12 +116,34 @@ impl Differ {
         let merge_gap = merge_gap.max(MIN_MERGE_GAP);
         let len = old.len().min(new.len()) & !(BLOCK - 1);
         let (old, new) = (&old[..len], &new[..len]);
+        if limit.max_cost < len as u64 && len >= SAMPLES * BLOCK && self.dense_everywhere(old, new)
+        {
+            return None;
+        }
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2") said so.
             return unsafe { scan_avx2(old, new, merge_gap, limit, out) };
         }
         scan(old, new, merge_gap, limit, out, block_equal_words)
+    }
+
+    /// Whether each of [`SAMPLES`] blocks spread evenly over `old` and `new`
+    /// (equal lengths, a multiple of 64, at least `SAMPLES` blocks) differs
+    /// in at least [`DENSE`] bytes. Both comparators count exactly, so both
+    /// answer alike.
+    fn dense_everywhere(&self, old: &[u8], new: &[u8]) -> bool {
+        let stride = old.len() / SAMPLES / BLOCK * BLOCK;
+        (0..SAMPLES).all(|i| {
+            let (a, b) = (&old[i * stride..][..BLOCK], &new[i * stride..][..BLOCK]);
+            #[cfg(target_arch = "x86_64")]
+            if self.avx2 {
+                // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2")
+                // said so, and both slices are 64 bytes.
+                return unsafe { block_diff_mask_avx2(a, b) }.count_ones() >= DENSE;
+            }
+            block_diff_count_words(a, b) >= DENSE
+        })
     }
 
     /// True when every byte of `page` is zero.
@@ -261,6 +303,19 @@ fn load(b: &[u8], i: usize) -> u64 {
 }
 
 #[inline(always)]
+/// How many bytes of two 64-byte blocks differ, a word at a time.
+fn block_diff_count_words(a: &[u8], b: &[u8]) -> u32 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    (0..BLOCK / WORD)
+        .map(|i| {
+            let x = load(a, i) ^ load(b, i);
+            // A byte's top bit ends up set iff the byte is non-zero: its low
+            // seven bits plus 0x7f carry into it (never past it), or it was set.
+            ((((x & LOW7) + LOW7) | x) & !LOW7).count_ones()
+        })
+        .sum()
+}
+
 fn block_equal_words(a: &[u8], b: &[u8]) -> bool {
     let mut acc = 0u64;
     for i in 0..BLOCK / WORD {
@@ -398,6 +453,53 @@ mod tests {
         p[4095] = 9;
         assert!(!Differ::detect().is_zero(&p));
         assert!(!Differ::portable().is_zero(&p));
+    }
+
+    /// A page whose eight sampled blocks (one per 512 bytes) each changed
+    /// in 48 of their bytes goes whole at once, though its exact spans
+    /// would cost less than the limit; with one sample short of dense, or
+    /// with no limit, it is diffed exactly.
+    #[test]
+    fn a_page_dense_at_every_sample_goes_whole_without_a_diff() {
+        let old = vec![0u8; 4096];
+        let dense = |skip: Option<usize>| {
+            let mut new = old.clone();
+            for i in 0..SAMPLES {
+                let bytes = if Some(i) == skip { DENSE - 1 } else { DENSE };
+                new[i * 512..i * 512 + bytes as usize].fill(0xa5);
+            }
+            new
+        };
+        let limit = Limit {
+            span_cost: 16,
+            max_cost: 3700,
+        };
+        for d in [Differ::portable(), Differ::detect()] {
+            let mut out = Vec::new();
+            // Exact, it would be 8 spans costing 8 x (16 + 48) = 512.
+            assert_eq!(
+                d.diff_limited(&old, &dense(None), 16, limit, &mut out),
+                None,
+                "{d:?}"
+            );
+            let covered = d.diff_limited(&old, &dense(Some(3)), 16, limit, &mut out);
+            assert_eq!(covered, Some(7 * DENSE + DENSE - 1), "{d:?}");
+            assert_eq!(out.len(), 8);
+            assert_eq!(d.diff(&old, &dense(None), 16, &mut out), 8 * DENSE);
+        }
+    }
+
+    #[test]
+    fn the_word_count_of_differing_bytes_is_exact() {
+        let a = [0u8; BLOCK];
+        let mut b = [0u8; BLOCK];
+        assert_eq!(block_diff_count_words(&a, &b), 0);
+        for (i, v) in [0x01u8, 0x80, 0x7f, 0xff, 0x10].into_iter().enumerate() {
+            b[i * 13] = v;
+        }
+        assert_eq!(block_diff_count_words(&a, &b), 5);
+        b.fill(0xff);
+        assert_eq!(block_diff_count_words(&a, &b), 64);
     }
 
     proptest! {

@@ -120,7 +120,9 @@ impl PageEncoder {
         let covered =
             self.differ
                 .diff_limited(shadow, snapshot, self.cfg.merge_gap, limit, &mut self.spans);
-        if self.spans.is_empty() {
+        // `None`: the diff gave up (possibly before finding any span): the
+        // page changed, and goes whole or zero.
+        if covered.is_some() && self.spans.is_empty() {
             return Plan::Unchanged;
         }
         if self.differ.is_zero(snapshot) {
