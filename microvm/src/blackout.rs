@@ -329,6 +329,7 @@ fn observe(
             if realtime {
                 demote();
             }
+            realtime = false;
         }
         match pace {
             // This sample may have preceded the pause: one more on the

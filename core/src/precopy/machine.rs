@@ -579,6 +579,10 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         };
         let dirty_now = self.bitmap.count();
         let (decision, projection) = decide(&policy, &self.history, dirty_now, page_size);
+        if !matches!(decision, Decision::StopAndCopy(_)) {
+            // Far again (not after the round's callback: it may take long).
+            self.cfg.live.round_ending(false);
+        }
         report.decision = decision;
         report.projection = projection;
         let m = report.metrics;
@@ -604,9 +608,6 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         });
         (self.on_round)(&report);
         self.rounds.push(report);
-        if !matches!(decision, Decision::StopAndCopy(_)) {
-            self.cfg.live.round_ending(false);
-        }
         Ok(decision)
     }
 

@@ -302,7 +302,6 @@ fn load(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-#[inline(always)]
 /// How many bytes of two 64-byte blocks differ, a word at a time.
 fn block_diff_count_words(a: &[u8], b: &[u8]) -> u32 {
     const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
@@ -316,6 +315,7 @@ fn block_diff_count_words(a: &[u8], b: &[u8]) -> u32 {
         .sum()
 }
 
+#[inline(always)]
 fn block_equal_words(a: &[u8], b: &[u8]) -> bool {
     let mut acc = 0u64;
     for i in 0..BLOCK / WORD {
@@ -503,6 +503,32 @@ mod tests {
     }
 
     proptest! {
+        /// Pages dense or nearly dense at the sampled blocks (runs of
+        /// 40-64 changed bytes at each, across the 48-byte threshold):
+        /// both comparators give up alike, and agree on the spans where
+        /// they do not.
+        #[test]
+        fn both_comparators_agree_at_the_dense_threshold(
+            old in proptest::collection::vec(any::<u8>(), 1024),
+            runs in proptest::collection::vec((40usize..=64, 1u8..=255), SAMPLES),
+            max_cost in 0u64..1024,
+        ) {
+            let mut new = old.clone();
+            for (i, (len, x)) in runs.into_iter().enumerate() {
+                for b in &mut new[i * 128..i * 128 + len] {
+                    *b ^= x;
+                }
+            }
+            let limit = Limit { span_cost: 16, max_cost };
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let x = Differ::portable().diff_limited(&old, &new, 16, limit, &mut a);
+            let y = Differ::detect().diff_limited(&old, &new, 16, limit, &mut b);
+            prop_assert_eq!(x, y);
+            if x.is_some() {
+                prop_assert_eq!(a, b);
+            }
+        }
+
         #[test]
         fn matches_a_byte_by_byte_reference(
             old in proptest::collection::vec(any::<u8>(), 1024),
