@@ -21,7 +21,7 @@ use crate::report;
 use crate::source::{boot, describe, migrate_booted};
 use hpmig_core::precopy::MigrateError;
 use hpmig_core::verify::VerifyMode;
-use hpmig_microvm::blackout::{pace_of, Observer};
+use hpmig_microvm::blackout::Observer;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Wire {
@@ -92,17 +92,12 @@ pub fn run(a: &DemoArgs) -> Result<Outcome> {
     cfg.delay_commit = a.test_delay_commit;
     cfg.live = std::sync::Arc::clone(&watch.live);
     let dm = dest_memory.clone();
-    let live = std::sync::Arc::clone(&watch.live);
-    let observer = Observer::start(
+    let observer = Observer::for_migration(
         booted.memory.clone(),
         dest_memory.clone(),
         a.guest.vcpus,
-        move || pace_of(&live),
+        &watch.live,
     );
-    // A quiet sleep (the guest paused on both ends) ends at the Commit, not
-    // up to 500 us after it. A Live is fresh per migration: the hook is
-    // the first.
-    let _ = watch.live.on_stage_change(Box::new(observer.waker()));
 
     let (outcome, mut figures, dest) = match (rdma, a.wire) {
         #[cfg(feature = "rdma")]

@@ -20,7 +20,7 @@ use hpmig_core::memory::{Contents, DestMemory, Layout, SourceMemory};
 use hpmig_core::precopy::{migrate, ShadowMode, SourceConfig};
 use hpmig_core::protocol::Granularity;
 use hpmig_core::segment::compress::ZstdMode;
-use hpmig_microvm::blackout::{pace_of, Observer};
+use hpmig_microvm::blackout::Observer;
 use hpmig_microvm::kvm::heartbeat;
 use hpmig_microvm::{self as guest, BootSpec, GuestChoice, Workload};
 use hpmig_transport_tcp::{TcpDest, TcpOptions, TcpSource};
@@ -289,12 +289,7 @@ fn run_hpmig(
         Ok(arrival)
     });
     let mut cfg = SourceConfig::new(granularity);
-    let live = std::sync::Arc::clone(&cfg.live);
-    let observer = Observer::start(memory.clone(), dest_memory.clone(), 1, move || {
-        pace_of(&live)
-    });
-    // A quiet sleep ends at the Commit, not up to 500 us after it.
-    let _ = cfg.live.on_stage_change(Box::new(observer.waker()));
+    let observer = Observer::for_migration(memory.clone(), dest_memory.clone(), 1, &cfg.live);
     // On a shaped link the link is the only limit, as for QEMU.
     cfg.bandwidth = cell.link.bytes_per_s().filter(|_| link.is_none());
     cfg.zstd = zstd;

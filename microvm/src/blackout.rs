@@ -181,6 +181,24 @@ impl Observer {
         )
     }
 
+    /// Watches the micro-VM's heartbeats (as [`Observer::start`]) through
+    /// the migration that `live` shows: at [`pace_of`] its stage, woken
+    /// from a slow or quiet sleep whenever that pace may change (the
+    /// decision to stop, a round's end, the Commit) rather than up to
+    /// 500 us later. A `live` serves one migration: if it already has a
+    /// stage hook, that hook is kept and the sleeps end by their timeout.
+    pub fn for_migration(
+        source: SourceMemory,
+        dest: DestMemory,
+        vcpus: u32,
+        live: &Arc<Live>,
+    ) -> Observer {
+        let watched = Arc::clone(live);
+        let observer = Observer::start(source, dest, vcpus, move || pace_of(&watched));
+        let _ = live.on_stage_change(Box::new(observer.waker()));
+        observer
+    }
+
     /// Wakes the observer from a slow or [`Pace::Quiet`] sleep: call it
     /// when the pace may have changed (for a migration,
     /// [`Live::on_stage_change`], which also hears the decision to stop).

@@ -565,12 +565,10 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         }
         // The round's end may be the switch-over's start (see
         // `Live::switchover_near`).
+        // A failed harvest ends the migration, whose final stage is near
+        // anyway.
         self.cfg.live.round_ending(true);
-        let harvested = self.harvest(Phase::PreCopy, round);
-        if harvested.is_err() {
-            self.cfg.live.round_ending(false);
-        }
-        harvested?;
+        self.harvest(Phase::PreCopy, round)?;
         let page_size = self.layout.page_size() as u64;
         // The operator may have changed the target since the last decision.
         let policy = Policy {
