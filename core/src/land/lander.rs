@@ -9,7 +9,7 @@
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{ApplyError, LandFault, LandStats};
-use crate::memory::{DestMemory, Layout, MemoryError, PageBits, PageIndex, Share};
+use crate::memory::{DestMemory, Layout, MemoryError, PageBits, PageIndex, Share, PAGES_PER_WORD};
 use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
 use crate::segment::compress::PageDecompressor;
 use crate::transport::StreamRx;
@@ -52,6 +52,30 @@ impl GuestPages {
         })
     }
 
+    /// Backs `[offset, offset + len)` of region `region` with memory now,
+    /// in one call, where the kernel can (`MADV_POPULATE_WRITE`, Linux
+    /// 5.14): one syscall for many pages instead of a page fault each. A
+    /// kernel without it leaves the pages to fault in one by one as before.
+    fn populate(&self, region: usize, offset: u64, len: u64) {
+        let Some(&(base, rlen)) = self.regions.get(region) else {
+            return;
+        };
+        if base.is_null() || offset >= rlen {
+            return;
+        }
+        let len = len.min(rlen - offset);
+        // SAFETY: [offset, offset + len) lies inside the region's mapping (checked
+        // just above); MADV_POPULATE_WRITE only backs pages that are not yet
+        // backed, leaving every byte's value as it was.
+        unsafe {
+            libc::madvise(
+                base.add(offset as usize).cast(),
+                len as usize,
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
+    }
+
     pub(crate) fn new(memory: &DestMemory) -> Self {
         let regions = memory
             .iter()
@@ -88,6 +112,14 @@ pub struct StreamLander<'a> {
     /// record for a page never written needs no write (and no page fault),
     /// since destination memory starts zeroed.
     written: PageBits,
+    /// Data records in a row, with no zero record between, that landed on
+    /// pages never written (each a page fault). Past a bitmap word's worth
+    /// the memory is dense, and the next word's pages are populated at once.
+    first_writes: u64,
+    /// One bit per bitmap word of the share (64 pages of one region, one
+    /// contiguous range of memory): set once its memory was populated in one
+    /// call (see `first_writes`).
+    populated: PageBits,
     /// Incremental verification: the page hasher and this share's ledger
     /// of what landed.
     ledger: Option<(Arc<PageHasher>, Ledger)>,
@@ -113,6 +145,8 @@ impl<'a> StreamLander<'a> {
             layout,
             pages,
             written: PageBits::new(share.pages()),
+            first_writes: 0,
+            populated: PageBits::new(share.words.len()),
             share,
             zstd,
             decompressor: None,
@@ -240,6 +274,16 @@ impl<'a> StreamLander<'a> {
         } else {
             self.written.set(local)
         };
+        if h.kind == Kind::Zero {
+            self.first_writes = 0;
+        } else if !was_written {
+            self.first_writes += 1;
+            let word = local / PAGES_PER_WORD as usize;
+            if self.first_writes > PAGES_PER_WORD && !self.populated.set(word) {
+                let chunk = ps * PAGES_PER_WORD;
+                pages.populate(loc.region, loc.offset & !(chunk - 1), chunk);
+            }
+        }
         self.crc.update(&h.encode());
         match h.kind {
             Kind::Segment => {

@@ -74,7 +74,7 @@ mod tests {
     use crate::land::ApplyError;
     use crate::memory::RegionSpec;
     use crate::protocol::{Kind, RoundEnd};
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     const PS: u64 = 4096;
 
@@ -249,5 +249,65 @@ mod tests {
             "{e}"
         );
         assert!(untouched(&f));
+    }
+
+    /// Which of region 0's 128 pages are backed by memory now.
+    fn resident(f: &Fixture) -> Vec<bool> {
+        let base = f.memory.get_host_address(GuestAddress(0)).unwrap();
+        let mut vec = vec![0u8; 128];
+        // SAFETY: region 0 is one mapping of 128 pages from `base`, and
+        // `vec` holds one byte per page.
+        let rc = unsafe { libc::mincore(base.cast(), (128 * PS) as usize, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().map(|b| b & 1 == 1).collect()
+    }
+
+    fn page(n: u64) -> Vec<u8> {
+        [
+            &Header::page(n * PS, PS as u32).encode()[..],
+            &vec![n as u8 | 1; PS as usize],
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn dense_data_populates_the_next_pages_at_once_and_sparse_data_does_not() {
+        // 65 pages in a row, all data: past one bitmap word (64 pages) of
+        // first writes, the word the 65th lands in is backed in one call.
+        let f = fixture();
+        let bytes: Vec<u8> = (0..65).flat_map(page).collect();
+        land_stream(&f.memory, 0, 1, false, &bytes).unwrap();
+        let r = resident(&f);
+        assert!(r[..65].iter().all(|&b| b), "the pages written");
+        assert!(
+            r[65..].iter().all(|&b| b),
+            "the rest of the second word: {r:?}"
+        );
+        let mut got = vec![0u8; PS as usize];
+        f.memory
+            .read_slice(&mut got, GuestAddress(64 * PS))
+            .unwrap();
+        assert!(
+            got.iter().all(|&b| b == 64 | 1),
+            "the populated word's data landed"
+        );
+
+        // Data with a zero page in every 16: never a word of first writes in
+        // a row, so only the pages written are backed.
+        let f = fixture();
+        let bytes: Vec<u8> = (0..128)
+            .flat_map(|n| {
+                if n % 16 == 15 {
+                    Header::zero(n * PS).encode().to_vec()
+                } else {
+                    page(n)
+                }
+            })
+            .collect();
+        land_stream(&f.memory, 0, 1, false, &bytes).unwrap();
+        let r = resident(&f);
+        for (n, &b) in r.iter().enumerate() {
+            assert_eq!(b, n % 16 != 15, "page {n}");
+        }
     }
 }
