@@ -32,7 +32,9 @@
 //! a destination allocates it, with the access a destination gives it
 //! (local and remote write): once on fresh memory (never touched: the
 //! registration pins, and so faults in, every page) and once on resident
-//! memory (every page written first).
+//! memory (every page written first); then both again with transparent
+//! huge pages asked for (`MADV_HUGEPAGE`), saying how much of the memory
+//! the kernel backed with them.
 
 use std::time::Duration;
 
@@ -546,8 +548,38 @@ mod imp {
         }
     }
 
+    /// Asks for transparent huge pages on every region of `memory`, and
+    /// with `resident` backs all of it at once; the kernel may still use
+    /// small pages (its THP setting, or no free 2 MiB blocks).
+    fn advise_huge(memory: &DestMemory, resident: bool) {
+        for region in memory.iter() {
+            if let Ok(slice) = region.as_volatile_slice() {
+                let (host, len) = (slice.ptr_guard_mut().as_ptr(), region.len() as usize);
+                // SAFETY: [host, host + len) is the region's own mapping
+                // (vm-memory checked its bounds); MADV_HUGEPAGE and
+                // MADV_POPULATE_WRITE change how it is backed, never its
+                // contents.
+                unsafe {
+                    libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE);
+                    if resident {
+                        libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// This process's anonymous memory in transparent huge pages, from
+    /// /proc/self/smaps_rollup (`None` where it cannot be read).
+    fn anon_huge_bytes() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+        let line = text.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     /// `hpmig pump --register SIZE`: `ibv_reg_mr` on fresh and on resident
-    /// guest memory.
+    /// guest memory, each with and without transparent huge pages asked for.
     fn register(opts: &RdmaOptions, bytes: u64) -> Result<bool> {
         let ps = hpmig_core::memory::host_page_size() as u64;
         let bytes = bytes.div_ceil(ps) * ps;
@@ -582,17 +614,46 @@ mod imp {
         drop(fresh);
         let resident = hpmig_core::memory::allocate_prefaulted(&layout, 1)?;
         let (res_reg, res_dereg) = time(&resident)?;
+        drop(resident);
+        // The same two with transparent huge pages asked for (madvise), and
+        // how much of the memory the kernel did back with them.
+        let huge_fresh: DestMemory = layout.allocate()?;
+        advise_huge(&huge_fresh, false);
+        let (hf_reg, hf_dereg) = time(&huge_fresh)?;
+        let hf_huge = anon_huge_bytes();
+        drop(huge_fresh);
+        let huge_res: DestMemory = layout.allocate()?;
+        advise_huge(&huge_res, true);
+        let (hr_reg, hr_dereg) = time(&huge_res)?;
+        let hr_huge = anon_huge_bytes();
+        drop(huge_res);
         let wire = crate::rdma::wire(opts);
         println!(
             "register: {} on {wire}, local and remote write (as a destination registers guest memory)",
             human(bytes)
         );
-        for (what, reg, dereg) in [
-            ("fresh", fresh_reg, fresh_dereg),
-            ("resident", res_reg, res_dereg),
+        let huge_note = |h: Option<u64>| match h {
+            Some(h) => format!(", {} in huge pages", human(h)),
+            None => String::new(),
+        };
+        for (what, reg, dereg, note) in [
+            ("fresh", fresh_reg, fresh_dereg, String::new()),
+            ("resident", res_reg, res_dereg, String::new()),
+            (
+                "fresh, huge pages asked",
+                hf_reg,
+                hf_dereg,
+                huge_note(hf_huge),
+            ),
+            (
+                "resident, huge pages asked",
+                hr_reg,
+                hr_dereg,
+                huge_note(hr_huge),
+            ),
         ] {
             println!(
-                "register: {what:<8} ibv_reg_mr {:.1} ms ({:.1} ms/GiB), ibv_dereg_mr {:.1} ms",
+                "register: {what:<8} ibv_reg_mr {:.1} ms ({:.1} ms/GiB), ibv_dereg_mr {:.1} ms{note}",
                 reg.as_secs_f64() * 1e3,
                 ms_per_gib(reg, bytes),
                 dereg.as_secs_f64() * 1e3
