@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM=${1:-1G}; STREAMS=${2:-2}; shift 2 || shift $#
-HPMIG=target/release/hpmig
+HPMIG=${HPMIG:-target/release/hpmig}  # another build: HPMIG=path/to/hpmig
 [ -x "$HPMIG" ] || cargo build --release --quiet
 command -v iperf3 >/dev/null || { echo "needs iperf3 (apt-get install iperf3)" >&2; exit 1; }
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

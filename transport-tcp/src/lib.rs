@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use hpmig_core::auth::Session;
 use hpmig_core::protocol::{Header, ProtocolError, HEADER_LEN};
-use hpmig_core::ring::{Ring, SendBuf};
+use hpmig_core::ring::{Ring, RingShape, SendBuf};
 use hpmig_core::transport::{
     Control, ControlRecord, Interrupt, SourceTransport, StreamTx, TransportError,
 };
@@ -178,6 +178,12 @@ impl SourceTransport for TcpSource {
 
     fn control(&mut self) -> &mut TcpControl {
         &mut self.control
+    }
+
+    /// A slot is copied into the socket as it is written, so a small ring,
+    /// which stays in cache, is enough.
+    fn ring_shape(&self) -> RingShape {
+        RingShape::COPIED
     }
 
     fn open_streams(

@@ -20,7 +20,7 @@ use crate::handshake::{self, Agreed, Offer};
 use crate::memory::{Layout, SourceMemory};
 use crate::protocol::switchover::{Decision as DecisionRecord, OutcomeKind, Verdict};
 use crate::protocol::{self, Granularity, Kind, ProtocolError, HEADER_LEN};
-use crate::ring::Ring;
+use crate::ring::{Ring, RingShape};
 use crate::segment::compress::ZstdMode;
 use crate::segment::fingerprint::{BlockHasher, FingerprintStore, BLOCK};
 use crate::segment::shadow::ShadowStore;
@@ -345,12 +345,18 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         }
     }
 
+    /// The configuration's ring, or else the transport's.
+    fn ring_shape(&self) -> RingShape {
+        self.cfg.ring.unwrap_or_else(|| self.transport.ring_shape())
+    }
+
     fn handshake(&mut self) -> Result<(), Failure> {
         let page_size = self.layout.page_size();
-        if self.cfg.slot_size < 2 * (HEADER_LEN + page_size) {
+        let ring = self.ring_shape();
+        if ring.slot_size < 2 * (HEADER_LEN + page_size) {
             return Err(fail(Phase::Setup, 0)(Cause::Setup(format!(
                 "ring slot size {} is too small for page size {page_size}: it needs at least {}",
-                self.cfg.slot_size,
+                ring.slot_size,
                 2 * (HEADER_LEN + page_size)
             ))));
         }
@@ -395,9 +401,10 @@ impl<'a, T: SourceTransport> Source<'a, T> {
             .ok_or_else(|| setup("no handshake".into()))?;
         // Ring slots are whole pages (registrable memory); round the size up.
         let page = crate::memory::host_page_size();
-        let slot_size = self.cfg.slot_size.div_ceil(page) * page;
+        let ring = self.ring_shape();
+        let slot_size = ring.slot_size.div_ceil(page) * page;
         let rings = (0..self.workers)
-            .map(|_| Ring::new(self.cfg.ring_slots, slot_size))
+            .map(|_| Ring::new(ring.slots, slot_size))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| setup(e.to_string()))?;
         let streams = self

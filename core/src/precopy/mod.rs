@@ -48,6 +48,7 @@ use crate::handshake::HandshakeError;
 use crate::memory::{Layout, MemoryError, SourceMemory};
 use crate::protocol::switchover::OutcomeKind;
 use crate::protocol::{self, ErrorCode, Granularity, DIGEST_LEN};
+use crate::ring::RingShape;
 use crate::segment::compress::ZstdMode;
 use crate::segment::EncoderConfig;
 use crate::transport::{Control, Deadlines, SourceTransport, TransportError};
@@ -73,8 +74,9 @@ pub struct SourceConfig {
     /// Cap the shadow at this many bytes (segment mode, [`ShadowMode::Full`]
     /// only); `None` = full copy.
     pub shadow_budget: Option<u64>,
-    pub ring_slots: usize,
-    pub slot_size: usize,
+    /// Each worker's ring; `None`: the transport's own
+    /// ([`crate::transport::SourceTransport::ring_shape`]).
+    pub ring: Option<RingShape>,
     /// What the switch-over proves (see [`crate::verify`]).
     pub verify: VerifyMode,
     /// Feature bits to offer (protocol::FEATURE_*).
@@ -113,8 +115,7 @@ impl SourceConfig {
             policy: Policy::default(),
             shadow: ShadowMode::default(),
             shadow_budget: None,
-            ring_slots: 8,
-            slot_size: 256 << 10,
+            ring: None,
             verify: VerifyMode::default(),
             features: 0,
             secret: Secret::none(),

@@ -30,7 +30,7 @@ use thiserror::Error;
 use crate::auth::Session;
 use crate::memory::DestMemory;
 use crate::protocol::{Header, Kind, ProtocolError};
-use crate::ring::{Ring, SendBuf};
+use crate::ring::{Ring, RingShape, SendBuf};
 
 /// Errors of moving bytes.
 #[derive(Debug, Error)]
@@ -176,6 +176,11 @@ pub trait SourceTransport {
     type Control: Control;
     type Tx: StreamTx + 'static;
     fn control(&mut self) -> &mut Self::Control;
+    /// The ring each worker fills for this transport, unless the source's
+    /// configuration sets one ([`crate::precopy::SourceConfig::ring`]).
+    fn ring_shape(&self) -> RingShape {
+        RingShape::IN_FLIGHT
+    }
     /// Opens one data stream per ring (the ring's slots become the
     /// stream's), bound to the handshake's `session`.
     fn open_streams(

@@ -35,6 +35,7 @@ use crate::memory::{DestMemory, Layout, SourceMemory};
 use crate::precopy::controller::{OnStall, Policy};
 use crate::precopy::{migrate, MigrateError, MigrationReport, Phase, SourceConfig};
 use crate::protocol::Granularity;
+use crate::ring::RingShape;
 use crate::transport::{DestTransport, SourceTransport, TransportError};
 
 const MIB: usize = 1 << 20;
@@ -80,7 +81,10 @@ pub trait Wire: Sync {
 pub fn config(granularity: Granularity, workers: usize) -> SourceConfig {
     let mut cfg = SourceConfig::new(granularity);
     cfg.workers = workers;
-    cfg.slot_size = 64 << 10;
+    cfg.ring = Some(RingShape {
+        slots: 8,
+        slot_size: 64 << 10,
+    });
     cfg.policy = Policy {
         downtime_target: Duration::from_millis(5),
         min_work_set: 64 << 10,
