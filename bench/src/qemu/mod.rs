@@ -676,13 +676,13 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
     let split = blackout.map(|b| b.split(at(stop), at(resume)));
     let brownout = blackout.map_or(f64::NAN, |b| b.brownout(t1, h1, rate_before));
     let ram = &info["ram"];
-    let total_ms = info["total-time"].as_f64().unwrap_or(elapsed * 1e3);
+    let total_ms = qemu_figure(&info, "total-time").unwrap_or(elapsed * 1e3);
     Ok(Outcome {
         dirty_syncs: ram["dirty-sync-count"].as_u64().unwrap_or(0),
         transferred: ram["transferred"].as_u64().unwrap_or(0),
         total_ms,
         downtime_ms: (resume - stop) * 1e3,
-        tool_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        tool_downtime_ms: qemu_figure(&info, "downtime").unwrap_or(f64::NAN),
         converged: !stopped,
         progress: (h2 - h1) as f64 / elapsed / rate_before,
         brownout,
@@ -699,6 +699,15 @@ pub fn migrate(run: &Run) -> Result<Outcome> {
 }
 
 /// The host's real-time clock, seconds (the clock of QMP's event stamps).
+/// A time `query-migrate` reports for a completed migration, in ms; `None`
+/// where it is absent or zero. QEMU has answered a completed migration
+/// with `total-time` and `downtime` both 0 (one xbzrle run of 2026-12-03),
+/// which no migration that moved data can take: read as unknown, not as
+/// the fastest run.
+fn qemu_figure(info: &serde_json::Value, key: &str) -> Option<f64> {
+    info[key].as_f64().filter(|&ms| ms > 0.0)
+}
+
 fn real_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -713,4 +722,18 @@ fn tsc_hz() -> f64 {
     let (c0, t0) = (read(), Instant::now());
     std::thread::sleep(Duration::from_millis(50));
     (read() - c0) as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+mod figure_tests {
+    use super::qemu_figure;
+    use serde_json::json;
+
+    #[test]
+    fn a_zero_or_missing_time_from_qemu_reads_as_unknown() {
+        let info = json!({ "status": "completed", "total-time": 4481, "downtime": 0 });
+        assert_eq!(qemu_figure(&info, "total-time"), Some(4481.0));
+        assert_eq!(qemu_figure(&info, "downtime"), None);
+        assert_eq!(qemu_figure(&info, "setup-time"), None);
+    }
 }
