@@ -548,23 +548,17 @@ mod imp {
         }
     }
 
-    /// Asks for transparent huge pages on every region of `memory`, and
-    /// with `resident` backs all of it at once; the kernel may still use
-    /// small pages (its THP setting, or no free 2 MiB blocks).
-    fn advise_huge(memory: &DestMemory, resident: bool) {
+    /// Asks for transparent huge pages on every region of `memory`; the
+    /// kernel may still use small pages (its THP setting, or no free 2 MiB
+    /// blocks).
+    fn advise_huge(memory: &DestMemory) {
         for region in memory.iter() {
             if let Ok(slice) = region.as_volatile_slice() {
                 let (host, len) = (slice.ptr_guard_mut().as_ptr(), region.len() as usize);
                 // SAFETY: [host, host + len) is the region's own mapping
-                // (vm-memory checked its bounds); MADV_HUGEPAGE and
-                // MADV_POPULATE_WRITE change how it is backed, never its
-                // contents.
-                unsafe {
-                    libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE);
-                    if resident {
-                        libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE);
-                    }
-                }
+                // (vm-memory checked its bounds); MADV_HUGEPAGE changes how
+                // it is backed, never its contents.
+                unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
             }
         }
     }
@@ -609,49 +603,33 @@ mod imp {
             drop(mr);
             Ok((reg, t.elapsed()))
         };
-        let fresh: DestMemory = layout.allocate()?;
-        let (fresh_reg, fresh_dereg) = time(&fresh)?;
-        drop(fresh);
-        let resident = hpmig_core::memory::allocate_prefaulted(&layout, 1)?;
-        let (res_reg, res_dereg) = time(&resident)?;
-        drop(resident);
-        // The same two with transparent huge pages asked for (madvise), and
-        // how much of the memory the kernel did back with them.
-        let huge_fresh: DestMemory = layout.allocate()?;
-        advise_huge(&huge_fresh, false);
-        let (hf_reg, hf_dereg) = time(&huge_fresh)?;
-        let hf_huge = anon_huge_bytes();
-        drop(huge_fresh);
-        let huge_res: DestMemory = layout.allocate()?;
-        advise_huge(&huge_res, true);
-        let (hr_reg, hr_dereg) = time(&huge_res)?;
-        let hr_huge = anon_huge_bytes();
-        drop(huge_res);
         let wire = crate::rdma::wire(opts);
         println!(
             "register: {} on {wire}, local and remote write (as a destination registers guest memory)",
             human(bytes)
         );
-        let huge_note = |h: Option<u64>| match h {
-            Some(h) => format!(", {} in huge pages", human(h)),
-            None => String::new(),
-        };
-        for (what, reg, dereg, note) in [
-            ("fresh", fresh_reg, fresh_dereg, String::new()),
-            ("resident", res_reg, res_dereg, String::new()),
-            (
-                "fresh, huge pages asked",
-                hf_reg,
-                hf_dereg,
-                huge_note(hf_huge),
-            ),
-            (
-                "resident, huge pages asked",
-                hr_reg,
-                hr_dereg,
-                huge_note(hr_huge),
-            ),
+        // Each kind of memory in turn, the one before freed: with transparent
+        // huge pages asked for (madvise), it says how much of it the kernel
+        // did back with them.
+        for (what, huge, resident) in [
+            ("fresh", false, false),
+            ("resident", false, true),
+            ("fresh, huge pages asked", true, false),
+            ("resident, huge pages asked", true, true),
         ] {
+            let memory: DestMemory = layout.allocate()?;
+            if huge {
+                advise_huge(&memory);
+            }
+            if resident {
+                hpmig_core::memory::prefault(&layout, &memory, 1);
+            }
+            let (reg, dereg) = time(&memory)?;
+            let note = huge
+                .then(anon_huge_bytes)
+                .flatten()
+                .map(|h| format!(", {} in huge pages", human(h)))
+                .unwrap_or_default();
             println!(
                 "register: {what:<8} ibv_reg_mr {:.1} ms ({:.1} ms/GiB), ibv_dereg_mr {:.1} ms{note}",
                 reg.as_secs_f64() * 1e3,

@@ -285,13 +285,19 @@ impl Layout {
 /// page faults (like QEMU's `-mem-prealloc`). Costs the guest's full size in
 /// resident memory.
 pub fn allocate_prefaulted(layout: &Layout, threads: usize) -> Result<DestMemory, MemoryError> {
-    use vm_memory::Bytes;
     let memory: DestMemory = layout.allocate()?;
+    prefault(layout, &memory, threads);
+    Ok(memory)
+}
+
+/// Faults every page of `memory` (allocated zeroed for `layout`) in,
+/// writable, with `threads` threads.
+pub fn prefault(layout: &Layout, memory: &DestMemory, threads: usize) {
+    use vm_memory::Bytes;
     let ps = layout.page_size() as u64;
     let threads = threads.max(1) as u64;
     std::thread::scope(|s| {
         for t in 0..threads {
-            let memory = &memory;
             s.spawn(move || {
                 for r in memory.iter() {
                     let pages = r.len() / ps;
@@ -304,7 +310,6 @@ pub fn allocate_prefaulted(layout: &Layout, threads: usize) -> Result<DestMemory
             });
         }
     });
-    Ok(memory)
 }
 
 /// A BLAKE3 digest of all guest memory, regions in layout order.
