@@ -44,6 +44,16 @@ def page(gpa, fill):
     return header(5, PS, gpa) + bytes([fill]) * PS
 
 
+def words(gpa, mask_bits, payload_words):
+    """A Words record (version 4): a bit per 8-byte word of the page, then
+    the marked words in order."""
+    mask = bytearray(PS // 64)
+    for bit in mask_bits:
+        mask[bit // 8] |= 1 << (bit % 8)
+    body = bytes(mask) + b"".join(w.ljust(8, b"\0") for w in payload_words)
+    return header(20, len(body), gpa) + body
+
+
 def write(target, name, data):
     os.makedirs(f"corpus/{target}", exist_ok=True)
     with open(f"corpus/{target}/{name}", "wb") as f:
@@ -65,3 +75,4 @@ write("handshake", "kvm-state-empty", b"hpmig-kvm-v1" + struct.pack("<I", 0) + s
 write("apply", "rounds", b"\x00" + r0 + r1)
 write("apply", "rounds-zstd-flag", b"\x01" + r0)
 write("apply", "one-segment", b"\x00" + segment(PS, b"x"))
+write("apply", "words", b"\x00" + round_of([words(3 * PS, (0, 9), (b"hello", b"word!\n"))], 0))

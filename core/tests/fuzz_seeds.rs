@@ -57,11 +57,8 @@ fn record_seeds_decode_whole() {
     }
 }
 
-#[test]
-fn apply_seed_lands_two_rounds() {
-    if hpmig_core::memory::host_page_size() != 4096 {
-        return; // the seeds are written for 4 KiB pages
-    }
+/// The memory the apply seeds are written for: two regions of 64 pages.
+fn seed_memory() -> DestMemory {
     let layout = Layout::new(
         4096,
         vec![
@@ -76,7 +73,15 @@ fn apply_seed_lands_two_rounds() {
         ],
     )
     .unwrap();
-    let memory: DestMemory = layout.allocate().unwrap();
+    layout.allocate().unwrap()
+}
+
+#[test]
+fn apply_seed_lands_two_rounds() {
+    if hpmig_core::memory::host_page_size() != 4096 {
+        return; // the seeds are written for 4 KiB pages
+    }
+    let memory = seed_memory();
     let bytes = seed("apply", "rounds");
     assert_eq!(
         land_stream(&memory, 0, 2, bytes[0] & 1 != 0, &bytes[1..]).unwrap(),
@@ -87,4 +92,22 @@ fn apply_seed_lands_two_rounds() {
         .read_slice(&mut got, GuestAddress(3 * 4096 + 10))
         .unwrap();
     assert_eq!(&got, b"hello");
+}
+
+#[test]
+fn apply_seed_lands_a_words_record() {
+    if hpmig_core::memory::host_page_size() != 4096 {
+        return; // the seeds are written for 4 KiB pages
+    }
+    let memory = seed_memory();
+    let bytes = seed("apply", "words");
+    assert_eq!(land_stream(&memory, 0, 2, false, &bytes[1..]).unwrap(), 1);
+    // Words 0 and 9 of page 3.
+    let mut got = [0u8; 8];
+    memory.read_slice(&mut got, GuestAddress(3 * 4096)).unwrap();
+    assert_eq!(&got, b"hello\0\0\0");
+    memory
+        .read_slice(&mut got, GuestAddress(3 * 4096 + 72))
+        .unwrap();
+    assert_eq!(&got, b"word!\n\0\0");
 }

@@ -10,7 +10,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{ApplyError, LandFault, LandStats};
 use crate::memory::{DestMemory, Layout, MemoryError, PageBits, PageIndex, Share, PAGES_PER_WORD};
-use crate::protocol::{Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN};
+use crate::protocol::{
+    words_mask_len, Header, Kind, RoundEnd, HEADER_LEN, ROUND_END_LEN, WORD_LEN,
+};
 use crate::segment::compress::PageDecompressor;
 use crate::transport::StreamRx;
 use crate::verify::{Ledger, PageHasher};
@@ -197,7 +199,7 @@ impl<'a> StreamLander<'a> {
         let ps = self.layout.page_size() as u32;
         let h = rx.next_header(ps)?;
         match h.kind {
-            Kind::Segment | Kind::Page | Kind::Zero | Kind::PageZstd => {
+            Kind::Segment | Kind::Words | Kind::Page | Kind::Zero | Kind::PageZstd => {
                 self.data(h, rx).map(|()| None)
             }
             Kind::RoundEnd => {
@@ -240,7 +242,11 @@ impl<'a> StreamLander<'a> {
 
     fn data(&mut self, h: Header, rx: &mut dyn StreamRx) -> Result<(), ApplyError> {
         let ps = self.layout.page_size() as u64;
-        let whole = matches!(h.kind, Kind::Page | Kind::Zero | Kind::PageZstd);
+        // Records that address a whole page (Words: any word of it).
+        let whole = matches!(
+            h.kind,
+            Kind::Page | Kind::Words | Kind::Zero | Kind::PageZstd
+        );
         if whole && h.arg % ps != 0 {
             return Err(ApplyError::Unaligned {
                 kind: h.kind,
@@ -300,6 +306,21 @@ impl<'a> StreamLander<'a> {
                     }
                 }
             }
+            Kind::Words => {
+                let len = h.len as usize;
+                if self.scratch.len() < len {
+                    self.scratch.resize(len, 0);
+                }
+                let src = &mut self.scratch[..len];
+                rx.read_payload(src)?;
+                self.crc.update(src);
+                let words = scatter_words(src, dst)?;
+                self.stats.segments += 1;
+                self.stats.word_pages += 1;
+                self.stats.payload_bytes += words;
+                self.stats.bytes.segment += words;
+                self.stats.bytes.headers += u64::from(words_mask_len(ps as u32));
+            }
             Kind::Page => {
                 rx.read_payload(dst)?;
                 self.crc.update(dst);
@@ -343,6 +364,43 @@ impl<'a> StreamLander<'a> {
         self.stats.bytes.headers += HEADER_LEN as u64;
         Ok(())
     }
+}
+
+/// Writes a Words record's payload (`record`: the mask, one bit per 8-byte
+/// word of `page`, then the changed words in order) into `page`; returns the
+/// bytes of words written. The payload's length must be the mask's plus 8
+/// per set bit (checked before any byte is written).
+fn scatter_words(record: &[u8], page: &mut [u8]) -> Result<u64, ApplyError> {
+    let mask_len = words_mask_len(page.len() as u32) as usize;
+    let Some((mask, words)) = record.split_at_checked(mask_len) else {
+        return Err(ApplyError::Corrupt(
+            "Words record shorter than its mask".into(),
+        ));
+    };
+    let set: u32 = mask
+        .chunks_exact(8)
+        .map(|m| u64::from_le_bytes(m.try_into().unwrap_or_default()).count_ones())
+        .sum();
+    if set as usize * WORD_LEN != words.len() {
+        return Err(ApplyError::Corrupt(format!(
+            "Words record: its mask marks {set} words but it carries {} bytes",
+            words.len()
+        )));
+    }
+    let mut from = words.chunks_exact(WORD_LEN);
+    for (i, m) in mask.chunks_exact(8).enumerate() {
+        let mut bits = u64::from_le_bytes(m.try_into().unwrap_or_default());
+        while bits != 0 {
+            let at = (i * 64 + bits.trailing_zeros() as usize) * WORD_LEN;
+            bits &= bits - 1;
+            // The mask has one bit per word of the page, so `at` is inside
+            // it; the count check above gives every set bit its word.
+            if let (Some(word), Some(to)) = (from.next(), page.get_mut(at..at + WORD_LEN)) {
+                to.copy_from_slice(word);
+            }
+        }
+    }
+    Ok(words.len() as u64)
 }
 
 impl StreamLander<'_> {

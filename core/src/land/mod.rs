@@ -248,7 +248,10 @@ pub struct LandStats {
     pub zero_pages: u64,
     pub whole_pages: u64,
     pub zstd_pages: u64,
+    /// Segment and Words records.
     pub segments: u64,
+    /// Words records (counted in `segments` too).
+    pub word_pages: u64,
     pub rounds: u32,
     /// The sum of the stream's page-hash ledger (all streams' summed: the
     /// destination's ledger sum; 0 unless incremental).
@@ -267,6 +270,7 @@ impl std::ops::AddAssign for LandStats {
         self.whole_pages += o.whole_pages;
         self.zstd_pages += o.zstd_pages;
         self.segments += o.segments;
+        self.word_pages += o.word_pages;
         self.rounds = self.rounds.max(o.rounds);
         self.bytes += o.bytes;
         self.ledger_sum = self.ledger_sum.wrapping_add(o.ledger_sum);

@@ -155,6 +155,58 @@ mod tests {
         assert_eq!(&got, b"hello");
     }
 
+    fn words(gpa: u64, mask: &[u8; 64], words: &[u64]) -> Vec<u8> {
+        let payload: Vec<u8> = mask
+            .iter()
+            .copied()
+            .chain(words.iter().flat_map(|w| w.to_le_bytes()))
+            .collect();
+        crate::protocol::encode_record(Kind::Words, 0, gpa, &payload)
+    }
+
+    #[test]
+    fn a_words_record_writes_its_words_and_only_them() {
+        let f = fixture();
+        f.memory
+            .write_slice(&[7u8; PS as usize], GuestAddress(3 * PS))
+            .unwrap();
+        // Words 0, 9 and 511 of page 3.
+        let mut mask = [0u8; 64];
+        mask[0] = 1;
+        mask[1] = 2;
+        mask[63] = 0x80;
+        let w = words(3 * PS, &mask, &[1, 2, 3]);
+        let bytes = [w.clone(), round_end(0, 1, crc(&[&w]))].concat();
+        land(&f, 0, &bytes).unwrap();
+        let mut page = vec![0u8; PS as usize];
+        f.memory
+            .read_slice(&mut page, GuestAddress(3 * PS))
+            .unwrap();
+        let mut want = vec![7u8; PS as usize];
+        want[..8].copy_from_slice(&1u64.to_le_bytes());
+        want[72..80].copy_from_slice(&2u64.to_le_bytes());
+        want[4088..].copy_from_slice(&3u64.to_le_bytes());
+        assert_eq!(page, want);
+    }
+
+    #[test]
+    fn a_words_record_whose_mask_and_words_disagree_writes_nothing() {
+        let f = fixture();
+        let mut mask = [0u8; 64];
+        mask[5] = 0b11;
+        // Two bits, one word; and two bits, three words.
+        for w in [words(3 * PS, &mask, &[1]), words(3 * PS, &mask, &[1, 2, 3])] {
+            let e = land(&f, 0, &w).unwrap_err();
+            assert!(matches!(e, ApplyError::Corrupt(_)), "{e}");
+        }
+        // Unaligned, and for a page of the other stream.
+        let e = land(&f, 0, &words(3 * PS + 8, &mask, &[1, 2])).unwrap_err();
+        assert!(matches!(e, ApplyError::Unaligned { .. }), "{e}");
+        let e = land(&f, 1, &words(PS, &mask, &[1, 2])).unwrap_err();
+        assert!(matches!(e, ApplyError::NotOwned { stream: 1, .. }), "{e}");
+        assert!(untouched(&f));
+    }
+
     #[test]
     fn out_of_range_and_unowned_records_write_nothing() {
         let f = fixture();
