@@ -4,8 +4,13 @@
 //! identical copy, so it never stops early).
 //!
 //! Per page the measured path is the worker's: copy the live page into the
-//! snapshot, diff it against the shadow, write the records into a ring-sized
-//! buffer. 16 MiB of pages, larger than the caches, as in a real round.
+//! snapshot and diff it against the shadow (one pass, as the worker does),
+//! write the records into a buffer the size of a TCP worker's ring
+//! ([`RingShape::COPIED`], the default transport's), and bring the shadow
+//! up to date. 16 MiB of pages, larger than the caches, as in a real round.
+//! `segment-*` is the default plan (segments, Words records or the whole
+//! page, the cheapest); `segments-only-avx2` is what a version 3 peer gets
+//! (no Words records, the block scan), in the same run.
 //!
 //! `fingerprint`: the same path with block fingerprints instead of a
 //! shadow (`--shadow fingerprint`): copy the live page into the snapshot
@@ -25,6 +30,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use hpmig_core::memory::host_page_size;
 use hpmig_core::memory::PageIndex;
 use hpmig_core::protocol::Granularity;
+use hpmig_core::ring::RingShape;
 use hpmig_core::segment::diff::Differ;
 use hpmig_core::segment::fingerprint::{BlockHasher, FingerprintStore, HashPath, BLOCK};
 use hpmig_core::segment::{EncoderConfig, PageEncoder};
@@ -63,30 +69,69 @@ fn pages(permille: usize) -> (Vec<u8>, Vec<u8>) {
     (live, shadow)
 }
 
-/// The worker's path over every page: copy it into the snapshot, plan it
-/// against its shadow, write its records (the ring-sized `out` reused).
+/// Bytes of a TCP worker's ring: where the records are written.
+fn ring_bytes() -> usize {
+    RingShape::COPIED.slots * RingShape::COPIED.slot_size
+}
+
+/// The worker's path over every page: copy it into the snapshot and plan
+/// it against its shadow, write its records (the ring-sized `out` reused),
+/// update the shadow. A pass leaves the shadow holding what it sent, so the
+/// passes alternate what they send between `live` and `original` (the
+/// shadow's first contents): every pass finds the same bytes changed.
 fn shadow_pass(
     enc: &mut PageEncoder,
-    live: &[u8],
-    shadow: &[u8],
+    (live, original): (&[u8], &[u8]),
+    shadow: &mut [u8],
+    flip: &mut bool,
     snapshot: &mut [u8],
     out: &mut [u8],
 ) -> usize {
     let ps = snapshot.len();
+    *flip = !*flip;
+    let from = if *flip { live } else { original };
     let mut at = 0;
-    for (p, (l, s)) in live
+    for (p, (l, s)) in from
         .chunks_exact(ps)
-        .zip(shadow.chunks_exact(ps))
+        .zip(shadow.chunks_exact_mut(ps))
         .enumerate()
     {
-        snapshot.copy_from_slice(l);
-        let plan = enc.plan(snapshot, Some(s));
+        // SAFETY: `l` is a page of `from`, as long as `snapshot`, which is
+        // a buffer of its own.
+        let plan = unsafe { enc.copy_and_plan(l.as_ptr(), snapshot, s) };
         if out.len() - at < 2 * ps {
             at = 0;
         }
         at += enc.write(plan, (p * ps) as u64, snapshot, &mut out[at..]);
+        enc.update_shadow(plan, snapshot, s);
     }
     black_box(at)
+}
+
+/// Times [`shadow_pass`] with `enc` over `pages` (live, shadow) as `name`
+/// at `label`, on a shadow of its own.
+fn bench_shadow(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    label: &str,
+    mut enc: PageEncoder,
+    (live, shadow): (&[u8], &[u8]),
+    out: &mut [u8],
+) {
+    let mut snapshot = vec![0u8; host_page_size()];
+    let (mut current, mut flip) = (shadow.to_vec(), false);
+    group.bench_function(BenchmarkId::new(name, label), |b| {
+        b.iter(|| {
+            shadow_pass(
+                &mut enc,
+                (live, shadow),
+                &mut current,
+                &mut flip,
+                &mut snapshot,
+                out,
+            )
+        })
+    });
 }
 
 /// The baseline: a full-length compare of each page with an identical copy.
@@ -107,19 +152,24 @@ fn bench_diff(c: &mut Criterion) {
         let label = format!("{:.1}%", permille as f64 / 10.0);
         let (live, shadow) = pages(permille);
         let copy = live.clone();
-        let mut snapshot = vec![0u8; ps];
-        let mut out = vec![0u8; 4 << 20];
-        for differ in [Differ::detect(), Differ::portable()] {
-            let name = if differ.uses_avx2() {
-                "segment-avx2"
-            } else {
-                "segment-portable"
+        let mut out = vec![0u8; ring_bytes()];
+        // The default, the portable comparator, and the segments-only plan
+        // a version 3 peer gets (no Words records; the block scan).
+        for (differ, words) in [
+            (Differ::detect(), true),
+            (Differ::portable(), true),
+            (Differ::detect(), false),
+        ] {
+            let name = match (differ.uses_avx2(), words) {
+                (true, true) => "segment-avx2",
+                (false, true) => "segment-portable",
+                (true, false) => "segments-only-avx2",
+                (false, false) => "segments-only-portable",
             };
-            let mut enc =
-                PageEncoder::with_differ(EncoderConfig::new(Granularity::Segment), ps, differ);
-            group.bench_with_input(BenchmarkId::new(name, &label), &permille, |b, _| {
-                b.iter(|| shadow_pass(&mut enc, &live, &shadow, &mut snapshot, &mut out))
-            });
+            let mut cfg = EncoderConfig::new(Granularity::Segment);
+            cfg.words = words;
+            let enc = PageEncoder::with_differ(cfg, ps, differ);
+            bench_shadow(&mut group, name, &label, enc, (&live, &shadow), &mut out);
         }
         group.bench_with_input(
             BenchmarkId::new("memcmp-baseline", &label),
@@ -166,7 +216,7 @@ fn bench_fingerprint(c: &mut Criterion) {
         let (live, shadow) = pages_by_block(permille);
         let copy = live.clone();
         let mut snapshot = vec![0u8; ps];
-        let mut out = vec![0u8; 4 << 20];
+        let mut out = vec![0u8; ring_bytes()];
         let best = BlockHasher::with_key(key).expect("a nonzero key");
         // The default path at every level; the slower ones (where the CPU
         // has them) at one level, to show how much slower.
@@ -229,11 +279,14 @@ fn bench_fingerprint(c: &mut Criterion) {
                 black_box(x)
             })
         });
-        let mut enc = PageEncoder::new(EncoderConfig::new(Granularity::Segment), ps);
-        group.bench_with_input(
-            BenchmarkId::new("shadow-diff", &label),
-            &permille,
-            |b, _| b.iter(|| shadow_pass(&mut enc, &live, &shadow, &mut snapshot, &mut out)),
+        let enc = PageEncoder::new(EncoderConfig::new(Granularity::Segment), ps);
+        bench_shadow(
+            &mut group,
+            "shadow-diff",
+            &label,
+            enc,
+            (&live, &shadow),
+            &mut out,
         );
         group.bench_with_input(
             BenchmarkId::new("memcmp-baseline", &label),

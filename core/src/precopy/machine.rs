@@ -24,6 +24,7 @@ use crate::ring::{Ring, RingShape};
 use crate::segment::compress::ZstdMode;
 use crate::segment::fingerprint::{BlockHasher, FingerprintStore, BLOCK};
 use crate::segment::shadow::ShadowStore;
+use crate::segment::EncoderConfig;
 use crate::transport::TransportError;
 use crate::transport::{Control, SourceTransport};
 use crate::verify::{PageHasher, SentLedger, VerifyMode};
@@ -442,7 +443,10 @@ impl<'a, T: SourceTransport> Source<'a, T> {
         let spec = PoolSpec {
             memory: self.memory,
             layout,
-            encoder: self.cfg.encoder,
+            encoder: EncoderConfig {
+                words: self.cfg.encoder.words && agreed.version >= 4,
+                ..self.cfg.encoder
+            },
             shadow: shadow.map(|s| s.parts(self.workers)),
             fingerprints,
             zstd: agreed.zstd() && self.cfg.zstd != ZstdMode::Off,

@@ -46,8 +46,12 @@ pub struct WorkerStats {
     pub whole_pages: u64,
     /// Whole pages that went zstd-compressed.
     pub zstd_pages: u64,
+    /// Pages sent as segments or as one Words record.
     pub segment_pages: u64,
+    /// Segment and Words records.
     pub segments: u64,
+    /// Pages sent as one Words record (counted in the two above too).
+    pub word_pages: u64,
     pub work_set_bytes: u64,
     pub wire_bytes: u64,
     /// Page bytes fed to zstd and seconds spent compressing them.
@@ -69,6 +73,7 @@ impl std::ops::AddAssign for WorkerStats {
         self.zstd_pages += o.zstd_pages;
         self.segment_pages += o.segment_pages;
         self.segments += o.segments;
+        self.word_pages += o.word_pages;
         self.work_set_bytes += o.work_set_bytes;
         self.wire_bytes += o.wire_bytes;
         self.zstd_bytes_in += o.zstd_bytes_in;
@@ -245,33 +250,35 @@ impl<T: StreamTx> Worker<T> {
                 let live = r.get_slice(MemoryRegionAddress(offset), ps).map_err(|e| {
                     Cause::Setup(format!("reading guest page {:#x}: {e}", base + offset))
                 })?;
-                let fingerprinted = match self.fingerprints.as_mut() {
-                    // Copy and hash in one pass over the live page.
-                    // SAFETY: `live` is `ps` bytes of mapped guest memory
-                    // (get_slice checked the range), mapped while `memory`
-                    // is held; `snapshot` is this worker's own `ps`-byte
-                    // buffer, so the two do not overlap.
-                    Some(f) => unsafe {
-                        f.copy_compare_and_store(page, live.ptr_guard().as_ptr(), snapshot)
-                    },
-                    None => {
-                        live.copy_to(snapshot);
-                        None
-                    }
-                };
                 st.dirty_pages += 1;
                 em.pages += 1;
                 let gpa = base + offset;
-                let plan = match (fingerprinted, self.shadow.as_mut()) {
-                    (Some(changed), _) => self.encoder.plan_blocks(snapshot, changed),
-                    (None, shadow) => match shadow.map(|s| s.lookup(page, cmd.round > 0)) {
+                let guard = live.ptr_guard();
+                let src = guard.as_ptr();
+                let plan = if let Some(f) = self.fingerprints.as_mut() {
+                    // Copy and hash in one pass over the live page.
+                    // SAFETY: `src` is `ps` bytes of mapped guest memory
+                    // (get_slice checked the range), mapped while `memory`
+                    // is held; `snapshot` is this worker's own `ps`-byte
+                    // buffer, so the two do not overlap.
+                    match unsafe { f.copy_compare_and_store(page, src, snapshot) } {
+                        Some(changed) => self.encoder.plan_blocks(snapshot, changed),
+                        None => self.encoder.plan(snapshot, None),
+                    }
+                } else {
+                    match self.shadow.as_mut().map(|s| s.lookup(page, cmd.round > 0)) {
                         Some(Shadow::Known(sh)) => {
-                            let plan = self.encoder.plan(snapshot, Some(sh));
+                            // Copy and diff in one pass over the live page.
+                            // SAFETY: as above; the shadow is this worker's
+                            // own page of its shadow part.
+                            let plan = unsafe { self.encoder.copy_and_plan(src, snapshot, sh) };
                             self.encoder.update_shadow(plan, snapshot, sh);
                             plan
                         }
                         Some(Shadow::Zero(slot)) => {
-                            let plan = self.encoder.plan(snapshot, Some(zero_page));
+                            // SAFETY: as above; `zero_page` is the worker's own.
+                            let plan =
+                                unsafe { self.encoder.copy_and_plan(src, snapshot, zero_page) };
                             if plan != Plan::Unchanged {
                                 self.encoder
                                     .update_shadow(plan, snapshot, slot.into_bytes());
@@ -279,11 +286,15 @@ impl<T: StreamTx> Worker<T> {
                             plan
                         }
                         Some(Shadow::Fresh(sh)) => {
+                            live.copy_to(snapshot);
                             sh.copy_from_slice(snapshot);
                             self.encoder.plan(snapshot, None)
                         }
-                        Some(Shadow::None) | None => self.encoder.plan(snapshot, None),
-                    },
+                        Some(Shadow::None) | None => {
+                            live.copy_to(snapshot);
+                            self.encoder.plan(snapshot, None)
+                        }
+                    }
                 };
                 let compressed = self.emit(em, plan, gpa, snapshot, cmd.compress)?;
                 // "Unchanged" proves the destination holds the snapshot only
@@ -316,6 +327,12 @@ impl<T: StreamTx> Worker<T> {
                     Plan::Segments { count, .. } => {
                         st.segment_pages += 1;
                         st.segments += u64::from(count);
+                    }
+                    // The page's dirty words, in one record.
+                    Plan::Words { .. } => {
+                        st.segment_pages += 1;
+                        st.segments += 1;
+                        st.word_pages += 1;
                     }
                 }
             }
@@ -369,19 +386,21 @@ impl<T: StreamTx> Worker<T> {
                 compressed = true;
             }
         }
-        let records = match plan {
-            Plan::Segments { count, .. } => u64::from(count),
-            _ => 1,
-        };
+        let records = self.encoder.records(plan);
         if !compressed {
             let n = self.encoder.write(plan, gpa, snapshot, em.buf.spare());
             em.buf.advance(n);
         }
-        let headers = records * HEADER_LEN as u64;
+        // Headers, and a Words record's mask (a compressed page: its header).
+        let headers = if compressed {
+            HEADER_LEN as u64
+        } else {
+            self.encoder.overhead(plan)
+        };
         let payload = ((em.buf.len() - before) as u64).saturating_sub(headers);
         em.kinds.headers += headers;
         match plan {
-            Plan::Segments { .. } => em.kinds.segment += payload,
+            Plan::Segments { .. } | Plan::Words { .. } => em.kinds.segment += payload,
             Plan::Whole if compressed => em.kinds.zstd += payload,
             Plan::Whole => em.kinds.whole += payload,
             Plan::Zero | Plan::Unchanged => {}

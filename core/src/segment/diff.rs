@@ -47,6 +47,138 @@ const DENSE: u32 = 48;
 const WORD: usize = 8;
 /// Gaps inside one word are never split.
 pub const MIN_MERGE_GAP: u32 = (WORD - 1) as u32;
+/// Distance between the sampled blocks of a page of `len` bytes.
+fn sample_stride(len: usize) -> usize {
+    len / SAMPLES / BLOCK * BLOCK
+}
+
+/// Bytes one word of a word mask covers: 64 words.
+const MASK_SPAN: usize = 64 * WORD;
+/// The smallest merge gap with which [`spans_from_words`] gives the spans
+/// [`Differ::diff`] gives: two neighbouring changed words leave at most 14
+/// unchanged bytes between their changes, and such a gap always merges.
+pub const WORD_RUN_MERGE_GAP: u32 = 2 * (WORD as u32 - 1);
+
+/// How [`spans_from_words`] merges spans and when it gives up.
+#[derive(Clone, Copy, Debug)]
+pub struct SpanRule {
+    /// Spans whose gap is at most this many bytes are merged.
+    pub merge_gap: u32,
+    /// What a span costs beyond its bytes (a record header).
+    pub span_cost: u64,
+    /// Give up once the spans cost this much.
+    pub give_up: u64,
+}
+
+/// The spans of a page from its word mask ([`Differ::word_mask`] of the
+/// same `old` and `new`): each run of changed words is one span, trimmed
+/// to its first and last changed byte, and spans whose gap is at most
+/// `rule.merge_gap` bytes are merged. With a merge gap of at least
+/// [`WORD_RUN_MERGE_GAP`] these are exactly [`Differ::diff`]'s spans, found
+/// with one step per run instead of a scan of the page. Gives up with
+/// `None` once the spans cost at least `rule.give_up` (each
+/// `rule.span_cost` plus its bytes); otherwise returns the bytes they cover.
+#[inline(always)]
+pub fn spans_from_words(
+    old: &[u8],
+    new: &[u8],
+    mask: &[u64],
+    rule: SpanRule,
+    out: &mut Vec<Span>,
+) -> Option<u32> {
+    let SpanRule {
+        merge_gap,
+        span_cost,
+        give_up,
+    } = rule;
+    out.clear();
+    let (mut cost, mut covered) = (0u64, 0u32);
+    for (w, &bits) in mask.iter().enumerate() {
+        let mut bits = bits;
+        while bits != 0 {
+            let first = bits.trailing_zeros();
+            let run = (bits >> first).trailing_ones();
+            let done = first + run;
+            bits = if done >= 64 {
+                0
+            } else {
+                bits & (!0u64 << done)
+            };
+            let (a, b) = (w * 64 + first as usize, w * 64 + done as usize - 1);
+            // Little-endian loads: the lowest-addressed byte is the lowest bits.
+            let head = load(old, a) ^ load(new, a);
+            let tail = load(old, b) ^ load(new, b);
+            let start = (a * WORD) as u32 + head.trailing_zeros() / 8;
+            let end = ((b + 1) * WORD) as u32 - tail.leading_zeros() / 8;
+            match out.last_mut() {
+                Some(last) if start - last.end <= merge_gap => {
+                    cost += u64::from(end - last.end);
+                    covered += end - last.end;
+                    last.end = end;
+                }
+                _ => {
+                    cost += span_cost + u64::from(end - start);
+                    covered += end - start;
+                    out.push(Span { start, end });
+                }
+            }
+            if cost >= give_up {
+                return None;
+            }
+        }
+    }
+    Some(covered)
+}
+
+/// [`spans_from_words`] with single-instruction bit scans.
+///
+/// # Safety
+/// The CPU must have BMI1, LZCNT and POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi1,lzcnt,popcnt")]
+unsafe fn spans_from_words_fast(
+    old: &[u8],
+    new: &[u8],
+    mask: &[u64],
+    rule: SpanRule,
+    out: &mut Vec<Span>,
+) -> Option<u32> {
+    spans_from_words(old, new, mask, rule, out)
+}
+
+/// How many runs of set bits `mask` (bits in order across its words) has
+/// once every gap of one or two clear bits between set bits is filled: with
+/// a merge gap below 24 bytes, no fewer spans than this can cover the
+/// changed words it marks (words three apart are at least 24 bytes apart).
+#[inline(always)]
+pub fn word_runs_lower_bound(mask: &[u64]) -> u32 {
+    let get = |i: usize| mask.get(i).copied().unwrap_or(0);
+    let mut runs = 0;
+    let mut carry = 0u64;
+    for (w, &m) in mask.iter().enumerate() {
+        let before = if w == 0 { 0 } else { get(w - 1) };
+        let after = get(w + 1);
+        // Bit i of `prev_k` is bit i - k of the whole mask; `next_k`, i + k.
+        let prev1 = (m << 1) | (before >> 63);
+        let prev2 = (m << 2) | (before >> 62);
+        let next1 = (m >> 1) | (after << 63);
+        let next2 = (m >> 2) | (after << 62);
+        let filled = m | (prev1 & (next1 | next2)) | (prev2 & next1);
+        runs += (filled & !((filled << 1) | carry)).count_ones();
+        carry = filled >> 63;
+    }
+    runs
+}
+
+/// [`word_runs_lower_bound`] with the POPCNT instruction.
+///
+/// # Safety
+/// The CPU must have POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "popcnt")]
+unsafe fn word_runs_fast(mask: &[u64]) -> u32 {
+    word_runs_lower_bound(mask)
+}
 
 /// The block comparator chosen once for this host.
 #[derive(Clone, Copy, Debug)]
@@ -61,12 +193,17 @@ impl Default for Differ {
 }
 
 impl Differ {
-    /// Uses AVX2 when this CPU has it.
+    /// Uses AVX2 when this CPU has it (with POPCNT, BMI1 and LZCNT, which
+    /// every AVX2 CPU has: the bit counts of the word path are single
+    /// instructions then, not the baseline target's emulation).
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             Differ {
-                avx2: std::is_x86_feature_detected!("avx2"),
+                avx2: std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("popcnt")
+                    && std::is_x86_feature_detected!("bmi1")
+                    && std::is_x86_feature_detected!("lzcnt"),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -122,10 +259,126 @@ impl Differ {
         }
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2") said so.
+            // SAFETY: `avx2` is true only when is_x86_feature_detected! said so.
             return unsafe { scan_avx2(old, new, merge_gap, limit, out) };
         }
         scan(old, new, merge_gap, limit, out, block_equal_words)
+    }
+
+    /// Sets in `mask` one bit per 8-byte word (bit `i % 64` of `mask[i /
+    /// 64]`) where `new` differs from `old`, clears the rest, and returns how
+    /// many bits it set. `old` and `new` have the same length, a multiple of
+    /// 64; `mask` has at least one entry per 512 bytes. One pass of vector
+    /// compares with AVX2: no per-block branch, whatever the density.
+    pub fn word_mask(&self, old: &[u8], new: &[u8], mask: &mut [u64]) -> u32 {
+        let len = old.len().min(new.len()) & !(BLOCK - 1);
+        let (old, new) = (&old[..len], &new[..len]);
+        mask.fill(0);
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is true only when is_x86_feature_detected! said
+            // so for AVX2 and POPCNT; the lengths are equal, a multiple of 64.
+            return unsafe { word_mask_avx2(old, new, mask) };
+        }
+        let chunks = old.chunks(MASK_SPAN).zip(new.chunks(MASK_SPAN));
+        let mut set = 0;
+        for (m, (o, n)) in mask.iter_mut().zip(chunks) {
+            *m = (0..o.len() / WORD).fold(0u64, |acc, i| {
+                acc | u64::from(load(o, i) != load(n, i)) << i
+            });
+            set += m.count_ones();
+        }
+        set
+    }
+
+    /// Copies `snapshot.len()` bytes from `src` into `snapshot` and sets
+    /// `mask` as [`Differ::word_mask`] of `old` and the copy would, in one
+    /// pass: each 32 bytes is loaded once, stored, and compared from the
+    /// register, so the mask describes exactly the bytes copied even if
+    /// `src` changes meanwhile, and the live page and the shadow stream
+    /// from memory side by side (as a memcmp's two inputs do) instead of
+    /// one after the other. Returns the mask's count.
+    ///
+    /// With `dense_check`, returns `None` instead when the copy is
+    /// [`Differ::dense`] against `old` (the mask is then not set): on a
+    /// page of 4 KiB the sampled blocks are the first of each 512 bytes,
+    /// and while every one so far is dense the pass copies the rest of
+    /// the 512 without reading `old`, so a page that changed everywhere
+    /// costs a copy and eight blocks of its shadow.
+    ///
+    /// # Safety
+    /// `src` must be readable for `snapshot.len()` bytes, which must not
+    /// overlap `snapshot`.
+    pub unsafe fn copy_word_mask(
+        &self,
+        src: *const u8,
+        snapshot: &mut [u8],
+        old: &[u8],
+        mask: &mut [u64],
+        dense_check: bool,
+    ) -> Option<u32> {
+        let len = snapshot.len().min(old.len()) & !(BLOCK - 1);
+        let in_pass = len == SAMPLES * MASK_SPAN && snapshot.len() == len;
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is true only when is_x86_feature_detected! said
+            // so for AVX2 and POPCNT; `src` is the caller's contract.
+            let (set, dense) =
+                unsafe { copy_word_mask_avx2(src, snapshot, old, mask, dense_check && in_pass) };
+            if dense {
+                return None;
+            }
+            if !dense_check || in_pass {
+                return Some(set);
+            }
+            // Another page size: check the samples of the copy now.
+            return (!self.dense(old, snapshot)).then_some(set);
+        }
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, snapshot.as_mut_ptr(), snapshot.len()) };
+        if dense_check && self.dense(old, snapshot) {
+            return None;
+        }
+        Some(self.word_mask(old, snapshot, mask))
+    }
+
+    /// [`word_runs_lower_bound`], with POPCNT where the CPU has it.
+    pub fn word_runs_lower_bound(&self, mask: &[u64]) -> u32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is true only when is_x86_feature_detected! said
+            // so for POPCNT too.
+            return unsafe { word_runs_fast(mask) };
+        }
+        word_runs_lower_bound(mask)
+    }
+
+    /// [`spans_from_words`], with single-instruction bit scans where the
+    /// CPU has them.
+    pub fn spans_from_words(
+        &self,
+        old: &[u8],
+        new: &[u8],
+        mask: &[u64],
+        rule: SpanRule,
+        out: &mut Vec<Span>,
+    ) -> Option<u32> {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is true only when is_x86_feature_detected! said
+            // so for BMI1, LZCNT and POPCNT too.
+            return unsafe { spans_from_words_fast(old, new, mask, rule, out) };
+        }
+        spans_from_words(old, new, mask, rule, out)
+    }
+
+    /// Whether each of [`SAMPLES`] blocks spread evenly over `old` and `new`
+    /// (equal lengths, a multiple of 64, at least `SAMPLES` blocks) differs
+    /// in at least [`DENSE`] bytes: a page that changed almost everywhere,
+    /// recognised without reading the rest of it. False for a shorter page.
+    pub fn dense(&self, old: &[u8], new: &[u8]) -> bool {
+        let len = old.len().min(new.len()) & !(BLOCK - 1);
+        len >= SAMPLES * BLOCK && self.dense_everywhere(&old[..len], &new[..len])
     }
 
     /// Whether each of [`SAMPLES`] blocks spread evenly over `old` and `new`
@@ -133,17 +386,20 @@ impl Differ {
     /// in at least [`DENSE`] bytes. Both comparators count exactly, so both
     /// answer alike.
     fn dense_everywhere(&self, old: &[u8], new: &[u8]) -> bool {
-        let stride = old.len() / SAMPLES / BLOCK * BLOCK;
-        (0..SAMPLES).all(|i| {
-            let (a, b) = (&old[i * stride..][..BLOCK], &new[i * stride..][..BLOCK]);
-            #[cfg(target_arch = "x86_64")]
-            if self.avx2 {
-                // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2")
-                // said so, and both slices are 64 bytes.
-                return unsafe { block_diff_mask_avx2(a, b) }.count_ones() >= DENSE;
-            }
-            block_diff_count_words(a, b) >= DENSE
-        })
+        let stride = sample_stride(old.len());
+        (0..SAMPLES)
+            .all(|i| self.block_dense(&old[i * stride..][..BLOCK], &new[i * stride..][..BLOCK]))
+    }
+
+    /// Whether two 64-byte blocks differ in at least [`DENSE`] bytes.
+    fn block_dense(&self, a: &[u8], b: &[u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is true only when is_x86_feature_detected!
+            // said so, and both slices are 64 bytes.
+            return unsafe { block_diff_mask_avx2(a, b) }.count_ones() >= DENSE;
+        }
+        block_diff_count_words(a, b) >= DENSE
     }
 
     /// True when every byte of `page` is zero.
@@ -154,7 +410,7 @@ impl Differ {
         }
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
-            // SAFETY: `avx2` is true only when is_x86_feature_detected!("avx2") said so.
+            // SAFETY: `avx2` is true only when is_x86_feature_detected! said so.
             return unsafe { zero_avx2(blocks) };
         }
         blocks
@@ -294,6 +550,213 @@ unsafe fn zero_avx2(blocks: &[u8]) -> bool {
 }
 
 static ZERO_BLOCK: [u8; BLOCK] = [0; BLOCK];
+
+/// [`Differ::word_mask`] with AVX2: four words per compare.
+///
+/// # Safety
+/// The CPU must have AVX2 and POPCNT; `old` and `new` have the same length,
+/// a multiple of 64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn word_mask_avx2(old: &[u8], new: &[u8], mask: &mut [u64]) -> u32 {
+    let mut set = 0;
+    let chunks = old.chunks(MASK_SPAN).zip(new.chunks(MASK_SPAN));
+    for (m, (o, n)) in mask.iter_mut().zip(chunks) {
+        // SAFETY: AVX2 is enabled here (this function's contract); the
+        // chunks have the same length, a multiple of 64.
+        *m = unsafe { word_mask_span_avx2(o, n) };
+        set += m.count_ones();
+    }
+    set
+}
+
+/// One mask word: a bit per 8-byte word of `old` and `new` (the same
+/// length, at most 512 bytes, a multiple of 32), set where they differ.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn word_mask_span_avx2(o: &[u8], n: &[u8]) -> u64 {
+    use std::arch::x86_64::*;
+    // Four bits per 32 bytes at `at`, set where a word is equal.
+    #[inline(always)]
+    fn equal4(o: &[u8], n: &[u8], at: usize) -> u64 {
+        assert!(at + 32 <= o.len() && at + 32 <= n.len());
+        // SAFETY: both reads are in bounds (asserted just above; the
+        // callers' loops make it true, so it folds away); loadu has no
+        // alignment requirement; AVX2 is enabled in the caller.
+        unsafe {
+            let e = _mm256_cmpeq_epi64(
+                _mm256_loadu_si256(o.as_ptr().add(at) as *const __m256i),
+                _mm256_loadu_si256(n.as_ptr().add(at) as *const __m256i),
+            );
+            _mm256_movemask_pd(_mm256_castsi256_pd(e)) as u64
+        }
+    }
+    let mut equal = 0u64;
+    if o.len() == MASK_SPAN && n.len() == MASK_SPAN {
+        // A whole span, unrolled: constant shifts.
+        for i in 0..MASK_SPAN / 32 {
+            equal |= equal4(o, n, 32 * i) << (4 * i);
+        }
+    } else {
+        let len = o.len().min(n.len()).min(MASK_SPAN);
+        for i in 0..len / 32 {
+            equal |= equal4(o, n, 32 * i) << (4 * i);
+        }
+        // Words past a short span (fewer than 64) are not there: not changed.
+        equal |= !0u64 << (len / WORD);
+    }
+    !equal
+}
+
+/// [`Differ::copy_word_mask`] with AVX2; returns the mask's count and,
+/// with `dense_check` (only for a page of [`SAMPLES`] mask spans), whether
+/// the page is dense at every sample (then the mask is not set).
+///
+/// # Safety
+/// The CPU must have AVX2 and POPCNT; `src` must be readable for
+/// `snapshot.len()` bytes, which must not overlap `snapshot`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn copy_word_mask_avx2(
+    src: *const u8,
+    snapshot: &mut [u8],
+    old: &[u8],
+    mask: &mut [u64],
+    dense_check: bool,
+) -> (u32, bool) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    fn check(at: usize, n: usize, dst: &[u8], old: &[u8]) {
+        assert!(at + n <= dst.len() && at + n <= old.len());
+    }
+    // The helpers have AVX2 enabled themselves: without it, an __m256i
+    // passed or returned goes through memory (a memcpy call per store).
+    // Copies the 32 bytes at `at` and returns them (what was stored).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn copy32(src: *const u8, dst: &mut [u8], at: usize) -> __m256i {
+        // SAFETY: the callers checked `at + 32 <= dst.len()`; `src` is
+        // readable as far as `dst` is long (the caller's contract);
+        // loadu/storeu have no alignment requirement; AVX2 is enabled in
+        // the caller.
+        unsafe {
+            let v = _mm256_loadu_si256(src.add(at) as *const __m256i);
+            _mm256_storeu_si256(dst.as_mut_ptr().add(at) as *mut __m256i, v);
+            v
+        }
+    }
+    // Four bits, set where a word of `v` equals `old`'s at `at`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn equal4(v: __m256i, old: &[u8], at: usize) -> u64 {
+        // SAFETY: the callers checked `at + 32 <= old.len()`; AVX2 as above.
+        unsafe {
+            let e = _mm256_cmpeq_epi64(
+                v,
+                _mm256_loadu_si256(old.as_ptr().add(at) as *const __m256i),
+            );
+            _mm256_movemask_pd(_mm256_castsi256_pd(e)) as u64
+        }
+    }
+    // Differing bytes of 32.
+    #[target_feature(enable = "avx2,popcnt")]
+    #[inline]
+    unsafe fn differ32(v: __m256i, old: &[u8], at: usize) -> u32 {
+        // SAFETY: as for `equal4`.
+        unsafe {
+            let e = _mm256_cmpeq_epi8(
+                v,
+                _mm256_loadu_si256(old.as_ptr().add(at) as *const __m256i),
+            );
+            32 - (_mm256_movemask_epi8(e) as u32).count_ones()
+        }
+    }
+    let len = snapshot.len().min(old.len()) & !(BLOCK - 1);
+    mask.fill(0);
+    // While every sampled block so far is dense, spans after their first
+    // block are copied without a compare: `unmasked` of them so far.
+    let mut dense = dense_check;
+    let mut unmasked = 0;
+    for k in 0..mask.len() {
+        let base = k * MASK_SPAN;
+        if base >= len {
+            break;
+        }
+        let span = (len - base).min(MASK_SPAN);
+        if dense && span == MASK_SPAN {
+            check(base, BLOCK, snapshot, old);
+            // SAFETY: checked just above.
+            let (lo, hi) = unsafe {
+                (
+                    copy32(src, snapshot, base),
+                    copy32(src, snapshot, base + 32),
+                )
+            };
+            // SAFETY: as above.
+            let differ = unsafe { differ32(lo, old, base) + differ32(hi, old, base + 32) };
+            if differ >= DENSE {
+                for at in (base + BLOCK..base + MASK_SPAN).step_by(32) {
+                    check(at, 32, snapshot, old);
+                    // SAFETY: checked just above.
+                    unsafe { copy32(src, snapshot, at) };
+                }
+                unmasked = k + 1;
+                continue;
+            }
+            // Not dense after all: mask the spans copied unmasked, from the
+            // copy, then this one as any other (its first block again).
+            dense = false;
+            for (m, (o, n)) in mask[..unmasked]
+                .iter_mut()
+                .zip(old.chunks(MASK_SPAN).zip(snapshot.chunks(MASK_SPAN)))
+            {
+                // SAFETY: AVX2 and POPCNT are enabled here (this function's
+                // contract); the chunks are whole spans of equal length.
+                *m = unsafe { word_mask_span_avx2(o, n) };
+            }
+        }
+        let mut equal = 0u64;
+        if span == MASK_SPAN {
+            check(base, MASK_SPAN, snapshot, old);
+            for i in 0..MASK_SPAN / 32 {
+                // SAFETY: checked just above.
+                equal |=
+                    unsafe { equal4(copy32(src, snapshot, base + 32 * i), old, base + 32 * i) }
+                        << (4 * i);
+            }
+        } else {
+            for i in 0..span / 32 {
+                check(base + 32 * i, 32, snapshot, old);
+                // SAFETY: checked just above.
+                equal |=
+                    unsafe { equal4(copy32(src, snapshot, base + 32 * i), old, base + 32 * i) }
+                        << (4 * i);
+            }
+            // Words past a short span (fewer than 64) are not there.
+            equal |= !0u64 << (span / WORD);
+        }
+        mask[k] = !equal;
+    }
+    // Bytes past the masked length (none for a page) are copied too.
+    if len < snapshot.len() {
+        // SAFETY: `src` is readable for snapshot.len() bytes (the contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.add(len),
+                snapshot.as_mut_ptr().add(len),
+                snapshot.len() - len,
+            )
+        };
+    }
+    if dense {
+        return (0, true);
+    }
+    (mask.iter().map(|m| m.count_ones()).sum(), false)
+}
 
 #[inline(always)]
 fn load(b: &[u8], i: usize) -> u64 {
@@ -446,6 +909,20 @@ mod tests {
     }
 
     #[test]
+    fn the_run_bound_fills_gaps_of_one_or_two_words_only() {
+        // Bits 0, 2 (gap 1), 5 (gap 2), 9 (gap 3), across a word: 63 and 65.
+        let mut mask = [0u64; 2];
+        for b in [0usize, 2, 5, 9, 63, 65] {
+            mask[b / 64] |= 1 << (b % 64);
+        }
+        assert_eq!(word_runs_lower_bound(&mask), 3);
+        assert_eq!(word_runs_lower_bound(&[0, 0]), 0);
+        assert_eq!(word_runs_lower_bound(&[!0, !0]), 1);
+        assert_eq!(word_runs_lower_bound(&[0x5555_5555_5555_5555; 2]), 1);
+        assert_eq!(word_runs_lower_bound(&[0x1111_1111_1111_1111; 2]), 32);
+    }
+
+    #[test]
     fn zero_detection() {
         let mut p = vec![0u8; 4096];
         assert!(Differ::detect().is_zero(&p));
@@ -543,6 +1020,114 @@ mod tests {
                 let covered = d.diff(&old, &new, gap, &mut out);
                 prop_assert_eq!(&out, &want);
                 prop_assert_eq!(covered, want.iter().map(Span::len).sum::<u32>());
+            }
+        }
+
+        /// The word mask marks exactly the words with a changed byte,
+        /// with either comparator, on a page of more than one mask word.
+        #[test]
+        fn word_mask_marks_exactly_the_changed_words(
+            old in proptest::collection::vec(any::<u8>(), 1536),
+            edits in proptest::collection::vec((0usize..1536, 1u8..=255), 0..300),
+            len in 0usize..3,
+        ) {
+            let mut new = old.clone();
+            for (i, x) in edits { new[i] ^= x; }
+            // Whole mask words, and a short last one (576 = 512 + 64).
+            let len = [64, 576, 1536][len];
+            let (old, new) = (&old[..len], &new[..len]);
+            let mut want = [0u64; 3];
+            for w in 0..len / 8 {
+                if old[w * 8..w * 8 + 8] != new[w * 8..w * 8 + 8] {
+                    want[w / 64] |= 1 << (w % 64);
+                }
+            }
+            for d in [Differ::portable(), Differ::detect()] {
+                let mut mask = [!0u64; 3];
+                let set = d.word_mask(old, new, &mut mask);
+                prop_assert_eq!(mask, want);
+                prop_assert_eq!(set, want.iter().map(|m| m.count_ones()).sum::<u32>());
+            }
+        }
+
+        /// Spans read off the word mask are the byte scan's spans, and
+        /// give up exactly when their cost reaches the limit; the run
+        /// bound never exceeds their count.
+        #[test]
+        fn spans_from_words_are_the_scans_spans(
+            old in proptest::collection::vec(any::<u8>(), 1024),
+            edits in proptest::collection::vec((0usize..1024, 1u8..=255, 1usize..20), 0..60),
+            gap in WORD_RUN_MERGE_GAP..40,
+            give_up in 0u64..3000,
+        ) {
+            let mut new = old.clone();
+            for (at, x, len) in edits {
+                for b in &mut new[at..(at + len).min(1024)] { *b ^= x; }
+            }
+            let want = naive(&old, &new, gap);
+            let mut mask = [0u64; 2];
+            Differ::detect().word_mask(&old, &new, &mut mask);
+            let mut out = Vec::new();
+            let cost: u64 = want.iter().map(|s| 16 + u64::from(s.len())).sum();
+            for d in [Differ::portable(), Differ::detect()] {
+                let rule = |give_up| SpanRule { merge_gap: gap, span_cost: 16, give_up };
+                let all = d.spans_from_words(&old, &new, &mask, rule(u64::MAX), &mut out);
+                prop_assert_eq!(&out, &want);
+                prop_assert_eq!(all, Some(want.iter().map(Span::len).sum::<u32>()));
+                let limited = d.spans_from_words(&old, &new, &mask, rule(give_up), &mut out);
+                prop_assert_eq!(limited.is_none(), cost >= give_up);
+                prop_assert_eq!(d.word_runs_lower_bound(&mask), word_runs_lower_bound(&mask));
+            }
+            prop_assert_eq!(
+                spans_from_words(
+                    &old,
+                    &new,
+                    &mask,
+                    SpanRule { merge_gap: gap, span_cost: 16, give_up: u64::MAX },
+                    &mut out
+                ),
+                Some(want.iter().map(Span::len).sum::<u32>())
+            );
+            if gap < 24 {
+                prop_assert!(word_runs_lower_bound(&mask) as usize <= want.len());
+            }
+        }
+
+        /// Copying and masking in one pass gives the copy, and what
+        /// `dense` then `word_mask` of the copy give, with either
+        /// comparator: on 4 KiB pages (the in-pass dense check; samples
+        /// dense or nearly, in every pattern) and on other lengths.
+        #[test]
+        fn copy_word_mask_is_a_copy_then_the_mask(
+            old in proptest::collection::vec(any::<u8>(), 4096),
+            samples in proptest::collection::vec((40usize..=64, 1u8..=255), SAMPLES),
+            edits in proptest::collection::vec((0usize..4096, 1u8..=255), 0..200),
+            len in 0usize..3,
+            dense_check in any::<bool>(),
+        ) {
+            let len = [4096, 1024, 576][len];
+            let old = &old[..len];
+            let mut new = old.to_vec();
+            let stride = sample_stride(len);
+            for (i, (n, x)) in samples.into_iter().enumerate() {
+                for b in &mut new[i * stride..i * stride + n] { *b ^= x; }
+            }
+            for (at, x) in edits { if at < len { new[at] ^= x; } }
+            for d in [Differ::portable(), Differ::detect()] {
+                let mut want_mask = [0u64; 8];
+                let want_set = d.word_mask(old, &new, &mut want_mask);
+                let want = if dense_check && d.dense(old, &new) { None } else { Some(want_set) };
+                let mut snapshot = vec![0u8; len];
+                let mut mask = [!0u64; 8];
+                // SAFETY: `new` is `len` bytes, `snapshot` a buffer of its own.
+                let got = unsafe {
+                    d.copy_word_mask(new.as_ptr(), &mut snapshot, old, &mut mask, dense_check)
+                };
+                prop_assert_eq!(&snapshot, &new);
+                prop_assert_eq!(got, want);
+                if got.is_some() {
+                    prop_assert_eq!(mask, want_mask);
+                }
             }
         }
 

@@ -38,22 +38,27 @@ pub fn byte_exact_under_dirtying<W: Wire>(w: &W) {
     }
 }
 
-/// Pages rewritten between every two rounds end with their last bytes.
-pub fn rounds_land_in_order<W: Wire>(w: &W) {
-    let memory = pattern_memory(&[(0, 2 * MIB)]);
-    let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
-    let mut cfg = config(Granularity::Segment, 2);
-    cfg.policy = Policy {
+/// A policy that runs exactly `rounds` pre-copy rounds, then stops.
+fn fixed_rounds(rounds: u32) -> Policy {
+    Policy {
         downtime_target: Duration::ZERO,
         min_work_set: 0,
-        max_rounds: 6,
+        max_rounds: rounds,
         stall_rounds: 100,
         on_stall: OnStall::ForceStop,
         // Transports are under test, not the controller's estimate of the
         // switch-over's fixed cost: rounds run as the target alone says.
         switchover_cost: Duration::ZERO,
         ..Policy::default()
-    };
+    }
+}
+
+/// Pages rewritten between every two rounds end with their last bytes.
+pub fn rounds_land_in_order<W: Wire>(w: &W) {
+    let memory = pattern_memory(&[(0, 2 * MIB)]);
+    let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
+    let mut cfg = config(Granularity::Segment, 2);
+    cfg.policy = fixed_rounds(6);
     // After each round, the same 64 pages get new bytes (the round's
     // number in one half of each page, then the other): each page has a
     // record in every round, and only the last may stand.
@@ -81,6 +86,69 @@ pub fn rounds_land_in_order<W: Wire>(w: &W) {
         7,
         "six pre-copy rounds and the final one"
     );
+}
+
+/// With a full shadow, pages whose rewrites are scattered over them go as
+/// Words records (version 4) and land byte for byte, in every round, beside
+/// pages with one changed word (segments); a version 3 source sends the same
+/// rewrites as segments only.
+pub fn scattered_rewrites_go_as_words<W: Wire>(w: &W) {
+    for version in [crate::protocol::VERSION, 3] {
+        let memory = pattern_memory(&[(0, 2 * MIB)]);
+        let mut guest = Scribbler::start(memory.clone(), 1, Some(50_000));
+        let mut cfg = config(Granularity::Segment, 2);
+        cfg.shadow = ShadowMode::Full;
+        cfg.max_version = version;
+        cfg.policy = fixed_rounds(4);
+        // After each round: every third word of pages 1..=32 gets the
+        // round's value (scattered: one Words record beats ~170
+        // segments), and one word of pages 33..=64 (one segment).
+        let ps = host_page_size();
+        let mut rewrite = |r: &crate::precopy::RoundReport| {
+            use vm_memory::Bytes;
+            if r.last {
+                return;
+            }
+            let v = (r.metrics.round as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            for p in 1..=64usize {
+                let words: Vec<usize> = if p <= 32 {
+                    (0..ps / 8).step_by(3).collect()
+                } else {
+                    vec![p % (ps / 8)]
+                };
+                for i in words {
+                    let at = (p * ps + i * 8) as u64;
+                    memory
+                        .write_obj(v ^ i as u64, vm_memory::GuestAddress(at))
+                        .expect("in memory");
+                }
+            }
+        };
+        let link = w.link(None);
+        let side = DestSide::FromHello(DestConfig::default());
+        let run = run_hooked(w, &memory, &mut guest, &cfg, side, link, &mut rewrite);
+        let dest_words = run.dest.result.as_ref().map(|r| r.stats.word_pages).ok();
+        let report = assert_migrated(&memory, guest, run);
+        let words: u64 = report.rounds.iter().map(|r| r.stats.word_pages).sum();
+        let segments: u64 = report.rounds.iter().skip(1).map(|r| r.stats.segments).sum();
+        assert_eq!(
+            dest_words,
+            Some(words),
+            "both ends count the same Words records"
+        );
+        if version >= 4 {
+            assert!(
+                words >= 32 * 3,
+                "version {version}: the scattered pages go as Words in each of rounds 1-3, got {words}"
+            );
+        } else {
+            assert_eq!(words, 0, "version {version}: no Words records");
+        }
+        assert!(
+            segments > 0,
+            "version {version}: the one-word pages go as segments"
+        );
+    }
 }
 
 /// zstd on (both granularities) and auto land byte for byte; `on` compresses.

@@ -9,7 +9,9 @@
 //!   instead of a shadow, and the guest runs on at the destination from its
 //!   heartbeats;
 //! - ordering: pages rewritten in every one of several rounds end with their
-//!   last bytes (each page's records travel on one ordered stream);
+//!   last bytes (each page's records travel on one ordered stream), and
+//!   pages rewritten at scattered words go as Words records (a version 3
+//!   source: as segments);
 //! - failure: a link cut in round 0 fails both ends with the guest running
 //!   on at the source, and a retry succeeds; a cut during stop-and-copy
 //!   resumes the paused guest; a pause that fails halfway is undone;
@@ -299,6 +301,13 @@ macro_rules! conformance_suite {
                 return;
             }
             $crate::testing::conformance::rounds_land_in_order(&$wire)
+        }
+        #[test]
+        fn scattered_rewrites_go_as_words() {
+            if !$crate::testing::conformance::Wire::available(&$wire) {
+                return;
+            }
+            $crate::testing::conformance::scattered_rewrites_go_as_words(&$wire)
         }
         #[test]
         fn zstd_is_byte_exact() {
