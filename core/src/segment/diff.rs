@@ -9,6 +9,13 @@
 //! byte. Either way a span is exact to the byte. Two spans whose gap is at most `merge_gap`
 //! bytes are merged: sending the gap costs less than a new segment header.
 //!
+//! The encoder's default path against a full shadow works on words
+//! instead: [`Differ::copy_word_mask`] copies the live page and sets one
+//! bit per 8-byte word that changed, in one pass (AVX2: a 256-bit compare
+//! per four words); [`spans_from_words`] reads byte-exact spans off the
+//! mask's runs, one step per run; and the mask itself is what a Words
+//! record carries. The block scan below serves a version 3 peer.
+//!
 //! A page that changed almost everywhere goes whole without a diff: when a
 //! diff may give up (a cost limit below the page's size), it first compares
 //! eight blocks spread evenly over the page, and if each differs in at
@@ -372,9 +379,9 @@ impl Differ {
         spans_from_words(old, new, mask, rule, out)
     }
 
-    /// Whether each of [`SAMPLES`] blocks spread evenly over `old` and `new`
+    /// Whether each of eight blocks spread evenly over `old` and `new`
     /// (equal lengths, a multiple of 64, at least `SAMPLES` blocks) differs
-    /// in at least [`DENSE`] bytes: a page that changed almost everywhere,
+    /// in at least 48 bytes (of 64): a page that changed almost everywhere,
     /// recognised without reading the rest of it. False for a shorter page.
     pub fn dense(&self, old: &[u8], new: &[u8]) -> bool {
         let len = old.len().min(new.len()) & !(BLOCK - 1);

@@ -15,7 +15,7 @@
 //! ## The hash and its bound
 //!
 //! A block is eight little-endian 64-bit words `m₀ … m₇`, read as elements
-//! of GF(2⁶⁴) = GF(2)[x]/(x⁶⁴ + x⁴ + x³ + x + 1) (irreducible: Rabin's
+//! of GF(2⁶⁴) = GF(2)\[x\]/(x⁶⁴ + x⁴ + x³ + x + 1) (irreducible: Rabin's
 //! test, see the tests). With a key `k ≠ 0` drawn from the OS's random source once
 //! per migration,
 //!
@@ -648,7 +648,7 @@ impl FingerprintStore {
     }
 
     /// Cuts the store into the parts of `n` workers (see [`Share`]). Each
-    /// part's memory is populated now, before round 0 (see [`populated`]).
+    /// part's memory is populated now, before round 0 (see `populated`).
     pub fn parts(self, n: usize) -> Vec<FingerprintPart> {
         let blocks = self.page_size / BLOCK;
         (0..n)

@@ -18,8 +18,9 @@
 //! - the whole page ("wide"), when the cheaper of those would cost at least
 //!   `wide_percent` % of a whole-page record: then one record beats many.
 //!
-//! Against a full shadow the diff makes one vector pass over the page for
-//! its mask of changed words ([`diff::Differ::word_mask`]), prices the Words
+//! Against a full shadow the worker copies the live page and finds its
+//! changed words in one vector pass ([`PageEncoder::copy_and_plan`],
+//! [`diff::Differ::copy_word_mask`]), prices the Words
 //! record from the mask's count, and reads the segments off the mask's runs
 //! only while they can still be cheaper ([`diff::spans_from_words`], stopped
 //! early by [`diff::word_runs_lower_bound`]): no per-span work on a page
@@ -452,10 +453,6 @@ impl PageEncoder {
                     shadow[r.clone()].copy_from_slice(&snapshot[r]);
                 }
             }
-            // A line at a time: the mask marks every word where the two
-            // differ, so a 64-byte line with a marked word may as well be
-            // copied whole (one fixed-size copy), and a line without one
-            // is not written at all (not dirtied, not written back).
             // A stretch of 512 bytes at a time: the mask marks every word
             // where the two differ, so a stretch with a marked word may as
             // well be copied whole (one copy of a fixed size; in the `diff`
