@@ -297,10 +297,11 @@ impl Kind {
             Kind::Hello => (HELLO_FIXED as u32, MAX_HELLO),
             Kind::Welcome => (WELCOME_LEN, WELCOME_LEN),
             Kind::Segment => (1, page_size),
-            // The mask and at least one word, at most every word.
+            // The mask and at least one word, at most every word (saturated:
+            // before the handshake the page size may be anything).
             Kind::Words => (
-                words_mask_len(page_size) + WORD_LEN as u32,
-                words_mask_len(page_size) + page_size,
+                words_mask_len(page_size).saturating_add(WORD_LEN as u32),
+                words_mask_len(page_size).saturating_add(page_size),
             ),
             Kind::Zero | Kind::Ready | Kind::Commit | Kind::Alive | Kind::Drain | Kind::Drained => {
                 (0, 0)
@@ -688,6 +689,11 @@ mod tests {
             one_record(&flagged),
             Err(ProtocolError::Reserved(Kind::Words))
         );
+        // Any page size decodes without overflow (before the handshake the
+        // page size is whatever the caller passes; found by the fuzzer).
+        for ps in [0, 1, 63, u32::MAX - 1, u32::MAX] {
+            let _ = Header::decode(&Header::new(Kind::Words, 0, u32::MAX, 0).encode(), ps);
+        }
     }
 
     #[test]
